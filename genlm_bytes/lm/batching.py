@@ -1,0 +1,136 @@
+"""The request batcher: many coroutines ask, one worker answers in batches.
+
+``await batcher.submit(key, request)`` queues a request and waits for its
+result. A worker task drains the queue in batches of at most
+``max_batch_size`` and runs ``process(requests) -> results`` in a dedicated
+thread (so the event loop keeps collecting requests, and keeps running other
+coroutines, while the model computes). Identical keys in flight are computed
+once.
+
+Guarantees:
+- every waiting caller gets its result or the exception ``process`` raised
+  for its batch; the next batch starts fresh;
+- a lone request is not delayed by a sleep: the worker yields to the event
+  loop once, so requests made in the same loop iteration join the batch;
+- a cancelled caller does not disturb the others (the shared future is
+  shielded);
+- the batcher follows the running event loop: it can be used from successive
+  ``asyncio.run`` calls.
+
+Not handled here: caching of finished results (the backend does that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from typing import Any, Callable, Hashable, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    # Mark an exception as retrieved, so a future whose waiters all left does not
+    # log "Future exception was never retrieved".
+    if not fut.cancelled():
+        fut.exception()
+
+
+class Batcher:
+    """Batch concurrent requests into calls of ``process``.
+
+    Args:
+        process: ``process(list_of_requests) -> list_of_results``, same length; runs in a
+            worker thread. An exception fails every request of that batch.
+        max_batch_size: the largest batch handed to ``process``.
+        name: used in log messages and the worker thread's name.
+    """
+
+    def __init__(self, process: Callable[[Sequence[Any]], Sequence[Any]], max_batch_size: int = 32,
+                 name: str = "batcher"):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        self.process = process
+        self.max_batch_size = max_batch_size
+        self.name = name
+        self.n_batches = 0  # number of process() calls: for tests and benchmarks
+        self.n_requests = 0
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._lock = threading.Lock()
+        self._loop = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._queue: list[tuple[Hashable, Any, asyncio.Future]] = []
+        self._pending: dict[Hashable, asyncio.Future] = {}
+        self._worker: asyncio.Task | None = None
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # A new event loop (e.g. a later asyncio.run): nothing of the old one can be awaited here.
+            self._loop = loop
+            self._reset()
+        return loop
+
+    async def submit(self, key: Hashable, request: Any) -> Any:
+        """Queue ``request`` (deduplicated by ``key``) and wait for its result."""
+        loop = self._bind_loop()
+        fut = self._pending.get(key)
+        if fut is None:
+            fut = loop.create_future()
+            fut.add_done_callback(_retrieve)
+            self._pending[key] = fut
+            self._queue.append((key, request, fut))
+            if self._worker is None or self._worker.done():
+                self._worker = loop.create_task(self._run(), name=f"{self.name}-worker")
+        return await asyncio.shield(fut)
+
+    async def _run(self) -> None:
+        # Let every coroutine that is ready in this iteration add its request first.
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            batch = self._queue[: self.max_batch_size]
+            del self._queue[: len(batch)]
+            requests = [r for _, r, _ in batch]
+            try:
+                results = await loop.run_in_executor(self._executor, self._call, requests)
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{self.name}: process returned {len(results)} results "
+                                       f"for {len(batch)} requests")
+            except BaseException as e:  # noqa: BLE001 - every waiter must hear about it
+                if isinstance(e, asyncio.CancelledError):
+                    err: BaseException = RuntimeError(f"{self.name}: the worker was cancelled")
+                else:
+                    err = e
+                    logger.debug("%s: batch of %d failed: %r", self.name, len(batch), e)
+                for key, _, fut in batch:
+                    self._pending.pop(key, None)
+                    if not fut.done():
+                        fut.set_exception(err)
+                if isinstance(e, asyncio.CancelledError):
+                    for key, _, fut in self._queue:
+                        self._pending.pop(key, None)
+                        if not fut.done():
+                            fut.set_exception(err)
+                    self._queue.clear()
+                    raise
+                continue
+            for (key, _, fut), res in zip(batch, results):
+                self._pending.pop(key, None)
+                if not fut.done():
+                    fut.set_result(res)
+            await asyncio.sleep(0)
+
+    def _call(self, requests):
+        with self._lock:
+            self.n_batches += 1
+            self.n_requests += len(requests)
+            return self.process(requests)
+
+    def run_sync(self, requests):
+        """Run ``process`` directly (no event loop), under the same lock."""
+        return self._call(requests)
