@@ -1,0 +1,288 @@
+"""AsyncTransformer: any transformers causal LM as an AsyncLM, batched, with automatic KV reuse.
+
+How a request is served:
+1. a cache hit (the exact context was computed before) returns at once;
+2. otherwise the request joins the batcher's queue; the worker runs the queued
+   contexts as one ragged forward pass: each row starts from the longest
+   cached prefix of its context (its *past*) and runs only the remaining
+   tokens. Pasts are left-padded to a common length, new tokens right-padded,
+   and a 2-D attention mask plus per-row ``position_ids`` keep every row exact.
+3. the keys/values of the pass are kept (one :class:`KVBlock`) and every new
+   prefix points into it, so the next request extending any of them runs
+   only its own new tokens.
+
+``prefetch(ids)`` computes the distributions after every prefix of ``ids`` in
+one pass (in chunks), which is what prefill and scoring of a known text need.
+
+Not handled: models whose cache layers are not plain full-attention layers
+(sliding windows, recurrent states). For those, KV reuse is switched off and
+every request runs its whole context (results are still cached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import torch
+
+from genlm_bytes.lm.base import AsyncLM
+from genlm_bytes.lm.batching import Batcher
+from genlm_bytes.lm.cache import KVBlock, KVRef, PrefixCache
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BUDGET = 1 << 30  # 1 GiB of cached log-probs and KV
+PREFETCH_CHUNK = 512  # tokens per forward pass when prefetching a long text
+
+
+class AsyncTransformer(AsyncLM):
+    """A transformers causal LM behind the AsyncLM interface.
+
+    Args:
+        hf_model: a loaded ``AutoModelForCausalLM`` (put in eval mode here).
+        hf_tokenizer: its tokenizer (gives the byte vocabulary).
+        batch_size: the most contexts in one forward pass.
+        cache_budget_bytes: memory for cached log-probs and KV blocks (LRU eviction).
+        initial_context: token ids byte-level states start from (default: the BOS token,
+            else the first EOS token).
+        eos_token_ids: end-of-sequence ids (default: from the tokenizer and generation config).
+        kv_reuse: run only the new tokens of a context whose prefix was computed before.
+    """
+
+    _trusted_output = True
+
+    def __init__(self, hf_model, hf_tokenizer, *, batch_size: int = 32,
+                 cache_budget_bytes: int = DEFAULT_CACHE_BUDGET, initial_context=None,
+                 eos_token_ids=None, kv_reuse: bool = True, byte_vocab=None):
+        if byte_vocab is None:
+            from genlm_bytes.lm.vocab import byte_vocab_from_tokenizer
+
+            byte_vocab = byte_vocab_from_tokenizer(hf_tokenizer)
+        if eos_token_ids is None:
+            eos_token_ids = _eos_ids(hf_model, hf_tokenizer)
+        if initial_context is None:
+            bos = hf_tokenizer.bos_token_id
+            initial_context = [bos] if bos is not None else list(eos_token_ids[:1])
+        n_out = hf_model.get_output_embeddings().weight.shape[0]
+        if len(byte_vocab) < n_out:  # the output layer is padded beyond the tokenizer
+            byte_vocab = list(byte_vocab) + [b""] * (n_out - len(byte_vocab))
+        elif len(byte_vocab) > n_out:
+            raise ValueError(f"the tokenizer has {len(byte_vocab)} tokens but the model outputs {n_out} logits")
+        super().__init__(byte_vocab=byte_vocab, initial_context=initial_context, eos_token_ids=eos_token_ids)
+        self.model = hf_model.eval()
+        self.tokenizer = hf_tokenizer
+        self.device = next(hf_model.parameters()).device
+        self.cache = PrefixCache(cache_budget_bytes)
+        self.batcher = Batcher(self._process, max_batch_size=batch_size, name="AsyncTransformer")
+        self.kv_reuse = bool(kv_reuse) and _plain_cache(hf_model)
+        self.max_positions = getattr(hf_model.config, "max_position_embeddings", None)
+        self._softcap = getattr(hf_model.config, "final_logit_softcapping", None)
+        self.n_forward_tokens = 0  # tokens run through the model: for tests and benchmarks
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_name(cls, path_or_id: str, *, device: str | None = None, dtype=torch.float32, **kwargs):
+        """Load a transformers causal LM from a local folder (or a hub id already in the local cache)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not isinstance(path_or_id, (str, os.PathLike)):
+            raise TypeError(f"path_or_id must be a string, got {type(path_or_id).__name__}")
+        path = os.fspath(path_or_id)
+        local = os.path.isdir(path)
+        if not local and (os.path.sep in path and not path.count("/") == 1 or os.path.exists(path)):
+            raise ValueError(f"model folder {path!r} does not exist or is not a folder")
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=not local or None)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=not local or None)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load a causal LM from {path!r}: {str(e).splitlines()[0]}") from e
+        if device:
+            model = model.to(device)
+        return cls(model, tok, **kwargs)
+
+    # ---------------------------------------------------------------- queries
+    async def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        key = tuple(token_ids)
+        hit = self.cache.get_logp(key)
+        if hit is not None:
+            return hit
+        self._check_length(len(key))
+        return await self.batcher.submit(key, key)
+
+    def encode_bytes(self, data: bytes) -> list[int] | None:
+        from genlm_bytes.lm.vocab import encode_bytes
+
+        return encode_bytes(self.tokenizer, self.byte_vocab, data)
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+
+    async def prefetch(self, token_ids: list[int], alternatives=None) -> None:
+        """Compute and cache the distribution after every prefix of ``token_ids`` (one pass, chunked)."""
+        from genlm_bytes.lm.base import check_token_ids
+
+        ids = tuple(check_token_ids(token_ids, self.vocab_size))
+        self._check_length(len(ids))
+        path = self.cache.walk(ids)
+        if len(path) == len(ids) and all(n.logp is not None for n in path):
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.batcher._executor, self._locked, self._prefetch, ids)
+
+    def _locked(self, fn, *args):
+        with self.batcher._lock:
+            return fn(*args)
+
+    def _check_length(self, n: int) -> None:
+        if self.max_positions and n > self.max_positions:
+            raise ValueError(f"a context of {n} tokens is longer than the model's window of "
+                             f"{self.max_positions} tokens; use max_context_length to truncate")
+
+    # ---------------------------------------------------------------- compute
+    @torch.inference_mode()
+    def _process(self, requests: list[tuple]) -> list[torch.Tensor]:
+        """Run a batch of contexts (worker thread). Returns one (V,) log-prob tensor each."""
+        rows = []
+        for ids in requests:
+            hit = self.cache.get_logp(ids)
+            if hit is not None:  # computed by an earlier batch while this one waited
+                rows.append((ids, None, 0, hit))
+                continue
+            past_len, ref = (self.cache.deepest_kv(ids, len(ids) - 1) if self.kv_reuse else (0, None))
+            rows.append((ids, ref, past_len, None))
+        todo = [r for r in rows if r[3] is None]
+        if todo:
+            logps = self._forward([(ids, ref, p) for ids, ref, p, _ in todo], all_positions=False)
+            out = iter(logps)
+            rows = [r if r[3] is not None else (*r[:3], next(out)) for r in rows]
+        return [r[3] for r in rows]
+
+    def _forward(self, rows, all_positions: bool):
+        """One ragged forward. ``rows``: (ids, past ref or None, past length).
+
+        Returns per row the (V,) log-probs after the whole context, or with
+        ``all_positions`` the (k, V) log-probs after each of its k new tokens.
+        Caches log-probs and KV of every new prefix.
+        """
+        B = len(rows)
+        P = max(p for _, _, p in rows)  # common past length (left-padded)
+        ks = [len(ids) - p for ids, _, p in rows]
+        Kn = max(ks)  # common new length (right-padded)
+        input_ids = torch.zeros((B, Kn), dtype=torch.long)
+        attn = torch.zeros((B, P + Kn), dtype=torch.long)
+        pos = torch.zeros((B, Kn), dtype=torch.long)
+        for b, (ids, _, p) in enumerate(rows):
+            input_ids[b, : ks[b]] = torch.tensor(ids[p:])
+            attn[b, P - p: P + ks[b]] = 1
+            pos[b] = p + torch.arange(Kn)
+        cache = self._make_cache(rows, P)
+        dev = self.device
+        body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+        out = body(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
+                   past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state  # (B, Kn, H)
+        self.n_forward_tokens += sum(ks)
+        if all_positions:
+            sel = [hidden[b, : ks[b]] for b in range(B)]  # each (k_b, H)
+        else:
+            sel = [hidden[b, ks[b] - 1: ks[b]] for b in range(B)]  # each (1, H)
+        logps = self._logprobs(torch.cat(sel)).split([s.shape[0] for s in sel])
+        # Cache: every new prefix points into this pass's KV; log-probs where computed.
+        block = None
+        if self.kv_reuse:
+            layers = out.past_key_values.layers
+            block = KVBlock([lay.keys for lay in layers], [lay.values for lay in layers])
+        results = []
+        for b, (ids, _, p) in enumerate(rows):
+            path = self.cache.walk(ids, create=True)
+            new_nodes = path[p:]
+            if block is not None:
+                start = P - p
+                self.cache.put_kv(new_nodes, lambda node, b=b, start=start: KVRef(block, b, start))
+            lp = logps[b]
+            if all_positions:
+                for j, node in enumerate(new_nodes):
+                    self.cache.put_logp(ids[: p + j + 1], lp[j], node=node)
+                results.append(lp)
+            else:
+                self.cache.put_logp(ids, lp[0], node=path[-1])
+                results.append(lp[0])
+        return results
+
+    def _make_cache(self, rows, P: int):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        if P == 0:
+            return cache
+        n_layers = len(cache.layers)
+        B = len(rows)
+        for i in range(n_layers):
+            k0, v0 = next(r for r in rows if r[2] > 0)[1].layer(i, 1)
+            K = k0.new_zeros((B, k0.shape[0], P, k0.shape[-1]))
+            V = v0.new_zeros((B, v0.shape[0], P, v0.shape[-1]))
+            for b, (_, ref, p) in enumerate(rows):
+                if p:
+                    kb, vb = ref.layer(i, p)
+                    K[b, :, P - p:] = kb
+                    V[b, :, P - p:] = vb
+            layer = cache.layers[i]
+            layer.lazy_initialization(K, V)
+            layer.keys, layer.values = K, V
+        return cache
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden).float()  # (N, V)
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return torch.log_softmax(logits, dim=-1)
+
+    @torch.inference_mode()
+    def _prefetch(self, ids: tuple) -> None:
+        """Distributions after every prefix of ``ids``, chunk by chunk on the cached past."""
+        n = len(ids)
+        done = 0
+        path = self.cache.walk(ids)
+        while done < len(path) and path[done].logp is not None and path[done].kv is not None:
+            done += 1
+        blocks_nodes = []
+        while done < n:
+            end = min(n, done + PREFETCH_CHUNK)
+            sub = ids[:end]
+            p, ref = self.cache.deepest_kv(sub, min(done, end - 1)) if self.kv_reuse else (0, None)
+            if not self.kv_reuse:
+                p = 0
+            self._forward([(sub, ref, p)], all_positions=True)
+            blocks_nodes.append(end)
+            done = end
+        logger.debug("prefetched %d tokens", n)
+        if self.kv_reuse and len(blocks_nodes) > 1:
+            # Point the whole path at the last block (it holds every position), freeing the others.
+            path = self.cache.walk(ids)
+            last = path[-1].kv
+            if last is not None:
+                self.cache.repoint_kv(path, lambda node: KVRef(last.block, last.row, last.start))
+
+
+def _plain_cache(hf_model) -> bool:
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=hf_model.config)
+        return bool(cache.layers) and all(type(lay) is DynamicLayer for lay in cache.layers)
+    except Exception:  # noqa: BLE001 - unknown architectures simply run without KV reuse
+        return False
+
+
+def _eos_ids(hf_model, hf_tokenizer) -> list[int]:
+    ids = []
+    for src in (getattr(hf_tokenizer, "eos_token_id", None),
+                getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None),
+                getattr(hf_model.config, "eos_token_id", None)):
+        for t in (src if isinstance(src, (list, tuple)) else [src]):
+            if t is not None and t not in ids:
+                ids.append(int(t))
+    return ids
