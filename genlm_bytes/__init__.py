@@ -6,10 +6,32 @@ an HF backend is built.
 
 import logging
 
+from genlm_bytes.byte_lm import BeamParams, ByteBeamState, LazyTrieState, StatefulByteLM, StatefulTokenizedLM
+from genlm_bytes.dist import Chart, LazyByteProbs
 from genlm_bytes.lm.base import AsyncLM
+from genlm_bytes.lm.default import load_model
 from genlm_bytes.lm.mock import MockLM
 from genlm_bytes.symbols import EOS, EOT, N_SYMBOLS
+from genlm_bytes.trie import AsyncTokenByteTrie, TokenByteTrie
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["AsyncLM", "MockLM", "EOS", "EOT", "N_SYMBOLS"]
+
+def __getattr__(name):
+    # Heavier pieces load on first use.
+    if name == "AsyncTransformer":
+        from genlm_bytes.lm.transformer import AsyncTransformer
+
+        return AsyncTransformer
+    if name in ("SamplingParams", "generate", "generate_tokens"):
+        from genlm_bytes import sampling
+
+        return getattr(sampling, name)
+    raise AttributeError(f"module 'genlm_bytes' has no attribute {name!r}")
+
+
+__all__ = [
+    "AsyncLM", "AsyncTransformer", "MockLM", "load_model", "StatefulTokenizedLM", "StatefulByteLM",
+    "LazyTrieState", "ByteBeamState", "BeamParams", "TokenByteTrie", "AsyncTokenByteTrie",
+    "LazyByteProbs", "Chart", "SamplingParams", "generate_tokens", "generate", "EOS", "EOT", "N_SYMBOLS",
+]

@@ -1,0 +1,283 @@
+"""ByteBeamState: a byte-level LM state that sums over a beam of covers.
+
+``P(x) = Σ_covers weight``. Each step ``beam << a`` moves every cover along
+byte ``a`` inside its token, and also ends the token of every cover that can
+(EOT: one batched LM call for all of them), then moves the new covers along
+``a``. ``prune()`` keeps the ``K`` heaviest covers whose weight is at least
+``prune_threshold`` × the total. With ``prune_threshold=0`` and ``K`` large
+enough to hold every cover, ``logZ`` is exactly ``log P(x)``; otherwise it is
+a lower bound.
+
+Two things make prefill of a known text fast and safe:
+- the tokenizer's own encoding of the text is computed in one forward pass
+  up front (``lm.prefetch``), so the covers along it cost no extra LM call;
+- the cover that follows that encoding is never pruned during prefill, so
+  ``logZ`` is never below the log-probability of the tokenizer's encoding.
+
+An extension whose weight bound already rules it out of the next prune (below
+the threshold, or beaten by ``K`` covers) is not computed at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from genlm_bytes.byte_lm.lm_state import StatefulByteLM, check_prompt
+from genlm_bytes.byte_lm.trie_state import LazyTrieState, TrieSpace
+from genlm_bytes.dist import LazyByteProbs
+from genlm_bytes.lm.base import AsyncLM
+from genlm_bytes.symbols import EOS, N_SYMBOLS, check_symbol
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BeamParams:
+    """Beam settings, validated on construction.
+
+    Args:
+        K: the most covers kept by :meth:`ByteBeamState.prune`.
+        prune_threshold: drop covers whose weight is below this fraction of the total (0 keeps all).
+        eos_tokens: byte strings (or ids) of tokens that end a sequence (symbol EOS = 257).
+        heal: re-split the partial token when every cover would die on the next byte.
+        max_context_length: keep only the last this many tokens of each context (None: all).
+    """
+
+    K: int
+    prune_threshold: float = 0.0
+    eos_tokens: tuple = ()
+    heal: bool = True
+    max_context_length: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.K, bool) or not isinstance(self.K, numbers.Integral) or self.K < 1:
+            raise ValueError(f"K must be a positive int (the beam width), got {self.K!r}")
+        thr = self.prune_threshold
+        if isinstance(thr, bool) or not isinstance(thr, numbers.Real) or not 0 <= thr < 1 or math.isnan(thr):
+            raise ValueError(f"prune_threshold must be a number in [0, 1), got {thr!r}")
+        if isinstance(self.eos_tokens, (str, bytes)):
+            raise TypeError("eos_tokens must be a tuple of byte strings, e.g. (b'<|endoftext|>',), "
+                            "not a single string")
+        eos = tuple(bytes(e) if isinstance(e, bytearray) else e for e in self.eos_tokens)
+        for e in eos:
+            if not isinstance(e, (bytes, numbers.Integral)) or isinstance(e, bool):
+                raise TypeError(f"an EOS token must be a byte string (or a token id), got {e!r}")
+        object.__setattr__(self, "eos_tokens", eos)
+        if not isinstance(self.heal, bool):
+            raise TypeError(f"heal must be a bool, got {self.heal!r}")
+        m = self.max_context_length
+        if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1):
+            raise ValueError(f"max_context_length must be a positive int or None, got {m!r}")
+
+
+def eos_token_ids(lm: AsyncLM, eos_tokens) -> list[int]:
+    """Token ids of ``lm`` named by ``eos_tokens`` (byte strings match every token spelling them)."""
+    wanted = {e for e in eos_tokens if isinstance(e, bytes)}
+    ids = {int(e) for e in eos_tokens if not isinstance(e, bytes)}
+    for t in ids:
+        if not 0 <= t < lm.vocab_size:
+            raise ValueError(f"EOS token id {t} is out of range for {lm.vocab_size} tokens")
+    found = set()
+    for t, b in enumerate(lm.byte_vocab):
+        if b in wanted:
+            ids.add(t)
+            found.add(b)
+    if wanted - found:
+        raise ValueError(f"EOS token(s) {sorted(wanted - found)!r} are not in the model's vocabulary")
+    return sorted(ids)
+
+
+def _logsumexp(ws) -> float:
+    ws = [w for w in ws if w > -math.inf]
+    if not ws:
+        return -math.inf
+    m = max(ws)
+    return m + math.log(sum(math.exp(w - m) for w in ws))
+
+
+class ByteBeamState(StatefulByteLM):
+    """A beam of covers; immutable (every operation returns a new beam).
+
+    Attributes:
+        states: the covers (:class:`LazyTrieState`), heaviest first.
+        params: the :class:`BeamParams`.
+        logZ: log of the summed weight: the log-probability of the bytes so far (a lower bound
+            when pruned).
+    """
+
+    def __init__(self, states, params: BeamParams, *, canon: tuple | None = None):
+        if not isinstance(params, BeamParams):
+            raise TypeError(f"params must be a BeamParams, got {type(params).__name__}")
+        self.states: list[LazyTrieState] = sorted(states, key=lambda s: -s.weight)
+        self.params = params
+        self.logZ: float = _logsumexp([s.weight for s in self.states])
+        self._canon = canon  # the tokenizer's encoding of the text being prefilled
+        self._ext: dict[tuple[int, int], LazyTrieState] = {}  # (state index, token) -> extension
+
+    @classmethod
+    async def initial(cls, lm: AsyncLM, params: BeamParams, initial_context=None) -> ByteBeamState:
+        """The beam of the empty byte string: one cover at the root of the initial context."""
+        if not isinstance(lm, AsyncLM):
+            raise TypeError(f"lm must be an AsyncLM, got {type(lm).__name__}")
+        if not isinstance(params, BeamParams):
+            raise TypeError(f"params must be a BeamParams, got {type(params).__name__}")
+        space = TrieSpace(lm.trie, eos_token_ids(lm, params.eos_tokens))
+        state = await LazyTrieState.initial(lm, space, initial_context, params.max_context_length)
+        return cls([state], params)
+
+    # ---------------------------------------------------------------- basics
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __iter__(self):
+        return iter(self.states)
+
+    @property
+    def lm(self) -> AsyncLM | None:
+        return self.states[0].lm_state.lm if self.states else None
+
+    @property
+    def terminated(self) -> bool:
+        """True when every cover has produced EOS."""
+        return bool(self.states) and all(s.terminated for s in self.states)
+
+    def __repr__(self) -> str:
+        return f"ByteBeamState(logZ={self.logZ:.4f}, {len(self.states)} covers)"
+
+    def _pinned(self) -> int:
+        """Index of the cover following the tokenizer's encoding (prefill only), else -1."""
+        if self._canon is None:
+            return -1
+        for i, s in enumerate(self.states):
+            if s.canon >= 0:
+                return i
+        return -1
+
+    def prune(self) -> ByteBeamState:
+        """The ``K`` heaviest covers with weight >= ``prune_threshold`` × total."""
+        K, thr = self.params.K, self.params.prune_threshold
+        keep = self.states
+        if thr > 0 and keep:
+            cut = self.logZ + math.log(thr)
+            keep = [s for s in keep if s.weight >= cut]
+        keep = keep[:K]
+        pin = self._pinned()
+        if pin >= 0 and self.states[pin] not in keep:
+            keep = keep[: K - 1] + [self.states[pin]]
+        if len(keep) == len(self.states):
+            return self
+        return ByteBeamState(keep, self.params, canon=self._canon)
+
+    # ------------------------------------------------------------- extensions
+    def _candidates(self, others: list[float], ref_logZ: float | None):
+        """Extension candidates ``(i, token, bound)`` that could survive the next prune.
+
+        ``others``: weights of covers certainly in the next beam; ``ref_logZ``: a lower bound of
+        the next total. A candidate's final weight is at most its bound.
+        """
+        K, thr = self.params.K, self.params.prune_threshold
+        cut = ref_logZ + math.log(thr) if (thr > 0 and ref_logZ is not None and ref_logZ > -math.inf) else None
+        ranked = sorted(others, reverse=True)
+        kth = ranked[K - 1] if len(ranked) >= K else -math.inf
+        out = []
+        for i, s in enumerate(self.states):
+            for t, w in s.end_tokens():
+                pinned = s.canon >= 0 and self._canon is not None and s.canon < len(self._canon) \
+                    and self._canon[s.canon] == t
+                if not pinned and ((cut is not None and w < cut) or w < kth or w == -math.inf):
+                    continue
+                out.append((i, t, w))
+        return out
+
+    async def _extend(self, cands) -> list[LazyTrieState]:
+        todo = [(i, t) for i, t, _ in cands if (i, t) not in self._ext]
+        if todo:
+            new = await asyncio.gather(*(self.states[i].extend(t, self._canon) for i, t in todo))
+            self._ext.update(zip(todo, new))
+        return [self._ext[(i, t)] for i, t, _ in cands]
+
+    # ------------------------------------------------------------------ steps
+    async def __lshift__(self, sym) -> ByteBeamState:
+        """The beam after one more symbol (a byte 0-255, or EOS=257). Impossible: an empty beam."""
+        sym = check_symbol(sym)
+        if not self.states:
+            return self
+        if sym == EOS:
+            exts = await self._extend(self._candidates([], None))
+            ended = [e for s in (*self.states, *exts) if (e := s.end_sequence()) is not None]
+            return ByteBeamState(ended, self.params)
+        cont = [c for s in self.states if (c := s.consume(sym)) is not None]
+        ws = [c.weight for c in cont]
+        for e in await self._extend(self._candidates(ws, _logsumexp(ws))):
+            c = e.consume(sym)
+            if c is not None:
+                cont.append(c)
+        if not cont and self.params.heal and not self.terminated:
+            from genlm_bytes.byte_lm.heal import heal
+
+            cont = await heal(self, sym)
+        return ByteBeamState(cont, self.params, canon=self._canon)
+
+    async def logp_next(self) -> LazyByteProbs:
+        """Next-symbol log-probs (bytes and EOS; EOT is always -inf for a beam)."""
+        if not self.states:
+            raise ValueError("logp_next() on an empty beam: no cover survived the last byte "
+                             "(the bytes so far have probability 0 under this beam)")
+        if self.terminated:
+            raise ValueError("this beam has ended (EOS) and accepts nothing")
+        exts = await self._extend(self._candidates([s.weight for s in self.states], self.logZ))
+        covers = [s for s in (*self.states, *exts) if not s.terminated]
+        ref = max(s.weight for s in covers)
+        acc = np.zeros(N_SYMBOLS)
+        for s in covers:
+            s.add_next_masses(acc, ref, include_end=False)
+        z = acc.sum()
+        if not z > 0:
+            raise ValueError("no next symbol has positive probability under this beam")
+        with np.errstate(divide="ignore"):
+            return LazyByteProbs(np.log(acc / z))
+
+    async def prefill(self, data: bytes) -> ByteBeamState:
+        """Consume ``data`` (EOS tokens count as ordinary text), pruning after every byte.
+
+        The tokenizer's encoding of ``data`` is computed in one pass and its cover is kept
+        through every prune, so ``logZ`` >= the log-probability of that encoding.
+        """
+        data = check_prompt(data)
+        if not data or not self.states:
+            return self
+        lm = self.lm
+        canon = None
+        states = [s.with_mode(True) for s in self.states]
+        anchor = next((i for i, s in enumerate(states) if s is not None and s.node == 0 and not s.terminated),
+                      None)
+        if anchor is not None:
+            enc = lm.encode_bytes(data)
+            if enc:
+                canon = tuple(enc)
+                a = states[anchor]
+                states[anchor] = LazyTrieState(a.lm_state, 0, a.ctx_weight, a.dist, text=True, canon=0)
+                ctx = list(a.lm_state.context) + list(canon)
+                m = self.params.max_context_length
+                if m is None or len(ctx) <= m:
+                    await lm.prefetch(ctx[:-1])
+        beam = ByteBeamState([s for s in states if s is not None], self.params, canon=canon)
+        for b in data:
+            beam = await (beam.prune() << b)
+            if not beam.states:
+                logger.debug("prefill: no cover survived byte %r", bytes([b]))
+                break
+        states = [g for s in beam.states if (g := s.with_mode(False)) is not None]
+        return ByteBeamState(states, self.params)
+
+    async def cleanup(self) -> None:
+        """Drop the covers (and their distributions); the beam is empty afterwards."""
+        self.states = []
+        self._ext.clear()
+        self.logZ = -math.inf

@@ -1,0 +1,278 @@
+"""LazyTrieState: one cover of a byte prefix (a token context plus a position in the token trie).
+
+A cover's weight is ``ctx_weight + log mass(node)``: the log-probability of its
+token context, plus the log of the probability that the next token starts
+with the bytes from the root to ``node`` (a range sum over the tokens sorted
+by bytes, see :mod:`genlm_bytes.trie`). Moving along a byte changes the node
+and needs no LM call; ending the token (EOT) extends the context and needs one.
+
+Modes: in *text* mode (prefill) EOS tokens are ordinary text. In *generation*
+mode they are taken out of the byte paths and reachable only as the EOS
+symbol at a token boundary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from genlm_bytes.byte_lm.lm_state import StatefulTokenizedLM
+from genlm_bytes.dist import LazyByteProbs
+from genlm_bytes.symbols import EOS, EOT, N_SYMBOLS, check_symbol
+from genlm_bytes.trie import TokenByteTrie
+
+_TINY = 1e-9  # below this (relative) a cumulative-sum difference is recomputed as a direct sum
+
+
+class TrieSpace:
+    """What the covers of one beam share: the trie and which tokens are EOS."""
+
+    __slots__ = ("trie", "eos_ids", "eos_pos", "n_sorted")
+
+    def __init__(self, trie: TokenByteTrie, eos_ids=()):
+        self.trie = trie
+        self.eos_ids = np.asarray(sorted(set(int(t) for t in eos_ids)), dtype=np.int64)
+        self.eos_pos = np.nonzero(np.isin(trie.order, self.eos_ids))[0]
+        self.n_sorted = len(trie.order)
+
+
+class ContextDist:
+    """The LM's next-token distribution after one context, prepared for range sums.
+
+    ``logp``: ``(V,)`` log-probs. Probabilities are taken in byte order as float64
+    with a cumulative sum, so a node mass is ``cum[hi] - cum[lo]`` (recomputed
+    directly when small, to keep relative precision).
+    """
+
+    __slots__ = ("logp", "space", "_p", "_c", "_pg", "_cg", "_p_eos")
+
+    def __init__(self, logp: torch.Tensor, space: TrieSpace, p_sorted: np.ndarray | None = None):
+        self.logp = logp
+        self.space = space
+        self._p = p_sorted
+        self._c = self._pg = self._cg = self._p_eos = None
+
+    def arrays(self, text: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, cumulative sums with a leading 0) in byte order."""
+        if self._p is None:
+            lp = self.logp.detach().to("cpu", torch.float64).numpy()
+            self._p = np.exp(lp[self.space.trie.order])
+        if text or not len(self.space.eos_pos):
+            if self._c is None:
+                self._c = _cumsum0(self._p)
+            return self._p, self._c
+        if self._pg is None:
+            self._pg = self._p.copy()
+            self._pg[self.space.eos_pos] = 0.0
+            self._cg = _cumsum0(self._pg)
+        return self._pg, self._cg
+
+    def mass(self, lo: int, hi: int, text: bool) -> float:
+        p, c = self.arrays(text)
+        m = c[hi] - c[lo]
+        if hi - lo <= 32 or m < _TINY * c[-1]:
+            m = p[lo:hi].sum()
+        return float(m)
+
+    def masses(self, lo: np.ndarray, hi: np.ndarray, text: bool) -> np.ndarray:
+        p, c = self.arrays(text)
+        m = c[hi] - c[lo]
+        for i in np.nonzero((hi - lo <= 32) | (m < _TINY * c[-1]))[0]:
+            m[i] = p[lo[i]:hi[i]].sum()
+        return m
+
+    def p_eos(self) -> float:
+        if self._p_eos is None:
+            ids = self.space.eos_ids
+            self._p_eos = float(self.logp[torch.from_numpy(ids)].double().exp().sum()) if len(ids) else 0.0
+        return self._p_eos
+
+
+def _cumsum0(p: np.ndarray) -> np.ndarray:
+    c = np.empty(len(p) + 1)
+    c[0] = 0.0
+    np.cumsum(p, out=c[1:])
+    return c
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+class LazyTrieState:
+    """One cover: a token context, a trie node, and the distribution of the next token.
+
+    Immutable: ``await (s << b)`` returns a new state, or None when ``b`` cannot follow.
+
+    Attributes:
+        lm_state: the token context (:class:`StatefulTokenizedLM`).
+        node: the trie node of the partial token.
+        ctx_weight: log-probability of the token context (from the initial context).
+        weight: ``ctx_weight + log mass(node)`` (+ EOS mass at the root in generation mode).
+        terminated: the cover has produced EOS and accepts nothing.
+        text: text mode (EOS tokens are ordinary text).
+        canon: during prefill, the number of canonical tokens this cover has completed if it
+            follows the tokenizer's own encoding, else -1.
+    """
+
+    __slots__ = ("lm_state", "node", "ctx_weight", "dist", "terminated", "text", "canon", "weight")
+
+    def __init__(self, lm_state: StatefulTokenizedLM, node: int, ctx_weight: float, dist: ContextDist,
+                 *, terminated: bool = False, text: bool = False, canon: int = -1, weight: float | None = None):
+        self.lm_state = lm_state
+        self.node = node
+        self.ctx_weight = ctx_weight
+        self.dist = dist
+        self.terminated = terminated
+        self.text = text
+        self.canon = canon
+        self.weight = self._weight() if weight is None else weight
+
+    @classmethod
+    async def initial(cls, lm, space: TrieSpace | None = None, initial_context=None,
+                      max_context_length=None, text: bool = False) -> LazyTrieState:
+        """The cover at the root of the initial context (one LM call)."""
+        lm_state = StatefulTokenizedLM.initial(lm, initial_context, max_context_length)
+        space = space or TrieSpace(lm.trie)
+        dist = ContextDist(await lm_state.logp_next(), space)
+        return cls(lm_state, TokenByteTrie.root, 0.0, dist, text=text)
+
+    # ------------------------------------------------------------------ masses
+    @property
+    def space(self) -> TrieSpace:
+        return self.dist.space
+
+    def _node_mass(self, node: int) -> float:
+        t = self.dist.space.trie
+        m = self.dist.mass(int(t.lo[node]), int(t.hi[node]), self.text)
+        if node == 0 and not self.text:
+            m += self.dist.p_eos()
+        return m
+
+    def _weight(self) -> float:
+        if self.terminated:
+            return self.ctx_weight
+        return self.ctx_weight + _log(self._node_mass(self.node))
+
+    def with_mode(self, text: bool) -> LazyTrieState | None:
+        """The same cover in text or generation mode (None if it has no mass there)."""
+        if text == self.text:
+            return self
+        s = LazyTrieState(self.lm_state, self.node, self.ctx_weight, self.dist, terminated=self.terminated,
+                          text=text, canon=-1)
+        return s if s.weight > -math.inf else None
+
+    # -------------------------------------------------------------- transitions
+    def consume(self, b: int) -> LazyTrieState | None:
+        """Move along byte ``b`` inside the current token (no LM call)."""
+        if self.terminated:
+            return None
+        trie = self.dist.space.trie
+        child = trie.edges.get((self.node << 8) | b, -1)
+        if child < 0:
+            return None
+        m = self.dist.mass(int(trie.lo[child]), int(trie.hi[child]), self.text)
+        if m <= 0.0:
+            return None
+        return LazyTrieState(self.lm_state, child, self.ctx_weight, self.dist, text=self.text,
+                             canon=self.canon, weight=self.ctx_weight + math.log(m))
+
+    def end_tokens(self) -> list[tuple[int, float]]:
+        """``(token id, ctx_weight + log p(token))`` for each token ending exactly here."""
+        if self.terminated or self.node == 0:
+            return []
+        trie = self.dist.space.trie
+        lo, end = int(trie.lo[self.node]), int(trie.end[self.node])
+        if lo == end:
+            return []
+        out = []
+        eos = self.dist.space.eos_ids
+        for t in trie.order[lo:end].tolist():
+            if not self.text and len(eos) and t in eos:
+                continue
+            out.append((t, self.ctx_weight + float(self.dist.logp[t])))
+        return out
+
+    async def extend(self, token: int, canon_tokens=None) -> LazyTrieState:
+        """End the current token as ``token`` and start a new one (one LM call)."""
+        new_lm = self.lm_state << token
+        logp = await new_lm.logp_next()
+        canon = -1
+        if canon_tokens is not None and 0 <= self.canon < len(canon_tokens) and canon_tokens[self.canon] == token:
+            canon = self.canon + 1
+        return LazyTrieState(new_lm, 0, self.ctx_weight + float(self.dist.logp[token]),
+                             ContextDist(logp, self.dist.space), text=self.text, canon=canon)
+
+    def end_sequence(self) -> LazyTrieState | None:
+        """Take EOS here (only at a token boundary, in generation mode)."""
+        if self.terminated or self.node != 0 or self.text:
+            return None
+        p = self.dist.p_eos()
+        if p <= 0:
+            return None
+        return LazyTrieState(self.lm_state, 0, self.ctx_weight + math.log(p), self.dist, terminated=True)
+
+    async def __lshift__(self, sym) -> LazyTrieState | None:
+        """Byte: move inside the token; EOT: end the most likely token ending here; EOS: end the sequence."""
+        sym = check_symbol(sym, allow_eot=True)
+        if sym == EOS:
+            return self.end_sequence()
+        if sym == EOT:
+            ends = self.end_tokens()
+            if not ends:
+                return None
+            token = max(ends, key=lambda tw: tw[1])[0]
+            return await self.extend(token)
+        return self.consume(sym)
+
+    # ------------------------------------------------------------ distributions
+    def add_next_masses(self, acc: np.ndarray, ref: float, include_end: bool) -> None:
+        """Add this cover's next-symbol masses, scaled by ``exp(ctx_weight - ref)``, into ``acc`` (258,).
+
+        Bytes get the masses of the children; EOS (at the root, generation mode) the EOS mass;
+        EOT the mass of the tokens ending here when ``include_end``.
+        """
+        if self.terminated:
+            return
+        scale = math.exp(self.ctx_weight - ref)
+        if scale == 0.0:
+            return
+        trie = self.dist.space.trie
+        n = self.node
+        k0, k1 = trie.kid_start[n], trie.kid_start[n + 1]
+        if k1 > k0:
+            kids = trie.kids[k0:k1]
+            acc[trie.byte[kids]] += scale * self.dist.masses(trie.lo[kids], trie.hi[kids], self.text)
+        if include_end and n != 0:
+            lo, end = int(trie.lo[n]), int(trie.end[n])
+            if end > lo:
+                p, _ = self.dist.arrays(self.text)
+                acc[EOT] += scale * p[lo:end].sum()
+        if n == 0 and not self.text:
+            acc[EOS] += scale * self.dist.p_eos()
+
+    async def logp_next(self) -> LazyByteProbs:
+        """Next symbols of this one cover: bytes inside the token, EOT, and EOS at the root."""
+        if self.terminated:
+            raise ValueError("this state has ended (EOS) and accepts nothing")
+
+        def compute():
+            acc = np.zeros(N_SYMBOLS)
+            self.add_next_masses(acc, self.ctx_weight, include_end=True)
+            z = acc.sum()
+            with np.errstate(divide="ignore"):
+                return np.log(acc / z) if z > 0 else np.full(N_SYMBOLS, -np.inf)
+
+        return LazyByteProbs(compute)
+
+    @property
+    def partial(self) -> bytes:
+        """The bytes of the unfinished token."""
+        return self.dist.space.trie.path(self.node)
+
+    def __repr__(self) -> str:
+        end = " EOS" if self.terminated else ""
+        return (f"LazyTrieState(w={self.weight:.4f}, ctx=...{list(self.lm_state.context[-4:])}, "
+                f"partial={self.partial!r}{end})")
