@@ -36,6 +36,8 @@ from genlm_bytes.symbols import EOS, N_SYMBOLS, check_symbol
 
 logger = logging.getLogger(__name__)
 
+BRANCH_LOOKAHEAD = 64  # the most tokens computed ahead for a surviving branch during prefill
+
 
 @dataclass(frozen=True)
 class BeamParams:
@@ -118,7 +120,9 @@ class ByteBeamState(StatefulByteLM):
         self.params = params
         self.logZ: float = _logsumexp([s.weight for s in self.states])
         self._canon = canon  # the tokenizer's encoding of the text being prefilled
+        self._canon_ctx: tuple = ()  # the full context along it (prefill only)
         self._ext: dict[tuple[int, int], LazyTrieState] = {}  # (state index, token) -> extension
+        self._miss: dict[tuple[int, int], tuple[int, int]] = {}  # prefill look-ahead bookkeeping
 
     @classmethod
     async def initial(cls, lm: AsyncLM, params: BeamParams, initial_context=None) -> ByteBeamState:
@@ -199,13 +203,17 @@ class ByteBeamState(StatefulByteLM):
         todo = [(i, t) for i, t, _ in cands if (i, t) not in self._ext]
         if todo:
             new = await asyncio.gather(*(self.states[i].extend(t, self._canon) for i, t in todo))
+            for key, e in zip(todo, new):
+                e.miss, e.ahead = self._miss.get(key, (0, 0))
             self._ext.update(zip(todo, new))
         return [self._ext[(i, t)] for i, t, _ in cands]
 
     # ------------------------------------------------------------------ steps
     async def __lshift__(self, sym) -> ByteBeamState:
         """The beam after one more symbol (a byte 0-255, or EOS=257). Impossible: an empty beam."""
-        sym = check_symbol(sym)
+        return await self._step(check_symbol(sym))
+
+    async def _step(self, sym: int, lookahead: tuple[bytes, int] | None = None) -> ByteBeamState:
         if not self.states:
             return self
         if sym == EOS:
@@ -214,7 +222,10 @@ class ByteBeamState(StatefulByteLM):
             return ByteBeamState(ended, self.params)
         cont = [c for s in self.states if (c := s.consume(sym)) is not None]
         ws = [c.weight for c in cont]
-        for e in await self._extend(self._candidates(ws, _logsumexp(ws))):
+        cands = self._candidates(ws, _logsumexp(ws))
+        if lookahead is not None:
+            await self._prefetch_branches(cands, *lookahead)
+        for e in await self._extend(cands):
             c = e.consume(sym)
             if c is not None:
                 cont.append(c)
@@ -243,17 +254,24 @@ class ByteBeamState(StatefulByteLM):
         with np.errstate(divide="ignore"):
             return LazyByteProbs(np.log(acc / z))
 
-    async def prefill(self, data: bytes) -> ByteBeamState:
+    async def prefill(self, data: bytes, progress=None) -> ByteBeamState:
         """Consume ``data`` (EOS tokens count as ordinary text), pruning after every byte.
 
         The tokenizer's encoding of ``data`` is computed in one pass and its cover is kept
         through every prune, so ``logZ`` >= the log-probability of that encoding.
+
+        Args:
+            data: the bytes.
+            progress: optional callable receiving the number of bytes consumed so far
+                (called after each byte; for progress bars).
         """
         data = check_prompt(data)
         if not data or not self.states:
             return self
         lm = self.lm
         canon = None
+        ctx = ()
+        spec = None
         states = [s.with_mode(True) for s in self.states]
         anchor = next((i for i, s in enumerate(states) if s is not None and s.node == 0 and not s.terminated),
                       None)
@@ -263,18 +281,71 @@ class ByteBeamState(StatefulByteLM):
                 canon = tuple(enc)
                 a = states[anchor]
                 states[anchor] = LazyTrieState(a.lm_state, 0, a.ctx_weight, a.dist, text=True, canon=0)
-                ctx = list(a.lm_state.context) + list(canon)
+                ctx = tuple(a.lm_state.context) + canon
                 m = self.params.max_context_length
-                if m is None or len(ctx) <= m:
-                    await lm.prefetch(ctx[:-1])
+                if (m is None or len(ctx) <= m) and type(lm).prefetch is not AsyncLM.prefetch:
+                    spec = await self._prefetch_path(tuple(a.lm_state.context), canon, data)
         beam = ByteBeamState([s for s in states if s is not None], self.params, canon=canon)
-        for b in data:
-            beam = await (beam.prune() << b)
+        lookahead = canon is not None and hasattr(lm, "has_logprobs")
+        for pos, b in enumerate(data):
+            beam = beam.prune()
+            if lookahead:
+                beam._canon_ctx = ctx
+            if spec is not None:
+                pin = beam._pinned()
+                if pin >= 0:
+                    await spec.ensure(beam.states[pin].canon)
+            beam = await beam._step(b, (data, pos) if lookahead else None)
+            if progress is not None:
+                progress(pos + 1)
             if not beam.states:
                 logger.debug("prefill: no cover survived byte %r", bytes([b]))
                 break
         states = [g for s in beam.states if (g := s.with_mode(False)) is not None]
         return ByteBeamState(states, self.params)
+
+    async def _prefetch_branches(self, cands, data: bytes, pos: int) -> None:
+        """Prefill only: look ahead for branches off the tokenizer's encoding that keep surviving.
+
+        A branch's first uncached extension costs one token. If the branch survives and needs
+        another uncached extension, it will likely go on along the encoding of the rest of the
+        text, so the next tokens of that are computed in one pass; the look-ahead doubles
+        along a lineage (4, 8, ... ``BRANCH_LOOKAHEAD`` tokens).
+        """
+        lm = self.lm
+        for i, t, _ in cands:
+            if (i, t) in self._ext:
+                continue
+            s = self.states[i]
+            ctx = s.lm_state.context + (t,)
+            if lm.has_logprobs(ctx):
+                self._miss[(i, t)] = (0, s.ahead)
+                continue
+            self._miss[(i, t)] = (s.miss + 1, s.ahead)
+            if s.miss < 1:
+                continue
+            ahead = min(BRANCH_LOOKAHEAD, max(4, 2 * s.ahead))
+            window = data[pos: pos + 8 * ahead]
+            enc = lm.encode_bytes(window) or []
+            if pos + len(window) < len(data):
+                enc = enc[:-1]  # the window may cut the last token
+            enc = enc[:ahead]
+            m = self.params.max_context_length
+            if enc and (m is None or len(ctx) + len(enc) <= m):
+                spec = await self._prefetch_path(ctx, tuple(enc), b"".join(lm.byte_vocab[u] for u in enc))
+                await spec.ensure(len(enc))
+                self._miss[(i, t)] = (0, ahead)
+
+    async def _prefetch_path(self, ctx: tuple, enc: tuple, data: bytes):
+        """Compute the distributions along ``ctx + enc`` (one pass) and those of the one-token
+        branches off it that could survive pruning (tree-masked passes, window by window).
+        Returns the speculator, to be advanced as the beam moves along."""
+        from genlm_bytes.byte_lm.speculate import PathSpeculator
+
+        spec = PathSpeculator(self.lm, self.states[0].space, ctx, enc, data, self.params.prune_threshold)
+        await spec.start()
+        await spec.ensure(0)
+        return spec
 
     async def cleanup(self) -> None:
         """Drop the covers (and their distributions); the beam is empty afterwards."""

@@ -14,6 +14,7 @@ symbol at a token boundary.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -29,64 +30,109 @@ _TINY = 1e-9  # below this (relative) a cumulative-sum difference is recomputed 
 class TrieSpace:
     """What the covers of one beam share: the trie and which tokens are EOS."""
 
-    __slots__ = ("trie", "eos_ids", "eos_pos", "n_sorted")
+    __slots__ = ("trie", "eos_ids", "eos_pos", "n_sorted", "_dists")
+
+    MAX_DISTS = 256  # prepared distributions kept for reuse (keyed by the LM's cached tensor)
 
     def __init__(self, trie: TokenByteTrie, eos_ids=()):
         self.trie = trie
         self.eos_ids = np.asarray(sorted(set(int(t) for t in eos_ids)), dtype=np.int64)
         self.eos_pos = np.nonzero(np.isin(trie.order, self.eos_ids))[0]
         self.n_sorted = len(trie.order)
+        self._dists: OrderedDict[int, ContextDist] = OrderedDict()
+
+    def dists_for(self, logps: list[torch.Tensor]) -> list[ContextDist]:
+        """:meth:`dist_for` of many distributions, prepared together (one batched gather/exp/cumsum)."""
+        out = [self.dist_for(lp) for lp in logps]
+        todo = [d for d in out if d._c is None]
+        if len(todo) > 1 and all(d.logp.device.type == "cpu" for d in todo):
+            order = torch.from_numpy(self.trie.order)
+            for k in range(0, len(todo), 64):
+                part = todo[k:k + 64]
+                P = torch.stack([d.logp for d in part]).index_select(1, order).double().exp_()  # (B, n)
+                C = torch.zeros((len(part), P.shape[1] + 1), dtype=torch.float64)
+                torch.cumsum(P, dim=1, out=C[:, 1:])
+                for j, d in enumerate(part):
+                    d._c = C[j].numpy()
+        return out
+
+    def dist_for(self, logp: torch.Tensor) -> ContextDist:
+        """The :class:`ContextDist` of ``logp``, shared when a backend returns the same cached tensor."""
+        d = self._dists.get(id(logp))
+        if d is not None and d.logp is logp:
+            self._dists.move_to_end(id(logp))
+            return d
+        d = ContextDist(logp, self)
+        self._dists[id(logp)] = d
+        if len(self._dists) > self.MAX_DISTS:
+            self._dists.popitem(last=False)
+        return d
 
 
 class ContextDist:
     """The LM's next-token distribution after one context, prepared for range sums.
 
-    ``logp``: ``(V,)`` log-probs. Probabilities are taken in byte order as float64
-    with a cumulative sum, so a node mass is ``cum[hi] - cum[lo]`` (recomputed
-    directly when small, to keep relative precision).
+    ``logp``: ``(V,)`` log-probs. The probabilities in byte order are kept only as a
+    float64 cumulative sum (with a leading 0), so a node mass is ``cum[hi] - cum[lo]``;
+    small ranges and small differences are summed directly from ``logp`` instead, to
+    keep relative precision. Memory: 8 bytes per token (16 with EOS tokens in generation mode).
     """
 
-    __slots__ = ("logp", "space", "_p", "_c", "_pg", "_cg", "_p_eos")
+    __slots__ = ("logp", "space", "_lp", "_c", "_cg", "_p_eos")
 
-    def __init__(self, logp: torch.Tensor, space: TrieSpace, p_sorted: np.ndarray | None = None):
+    def __init__(self, logp: torch.Tensor, space: TrieSpace):
         self.logp = logp
         self.space = space
-        self._p = p_sorted
-        self._c = self._pg = self._cg = self._p_eos = None
+        self._lp = self._c = self._cg = self._p_eos = None
 
-    def arrays(self, text: bool) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities, cumulative sums with a leading 0) in byte order."""
-        if self._p is None:
-            lp = self.logp.detach().to("cpu", torch.float64).numpy()
-            self._p = np.exp(lp[self.space.trie.order])
+    def _logp_np(self) -> np.ndarray:
+        if self._lp is None:
+            lp = self.logp.detach()
+            self._lp = lp.numpy() if lp.device.type == "cpu" else lp.cpu().numpy()
+        return self._lp
+
+    def direct(self, lo: int, hi: int, text: bool) -> float:
+        """Sum of the probabilities of sorted tokens ``[lo, hi)``, directly."""
+        order = self.space.trie.order
+        p = np.exp(self._logp_np()[order[lo:hi]].astype(np.float64))
+        if not text and len(self.space.eos_pos):
+            eos = self.space.eos_pos
+            inside = eos[(eos >= lo) & (eos < hi)]
+            p[inside - lo] = 0.0
+        return float(p.sum())
+
+    def cum(self, text: bool) -> np.ndarray:
+        """Cumulative sums ``(n_sorted + 1,)`` of the probabilities in byte order."""
+        if self._c is None:
+            self._c = _cumsum0(np.exp(self._logp_np()[self.space.trie.order].astype(np.float64)))
         if text or not len(self.space.eos_pos):
-            if self._c is None:
-                self._c = _cumsum0(self._p)
-            return self._p, self._c
-        if self._pg is None:
-            self._pg = self._p.copy()
-            self._pg[self.space.eos_pos] = 0.0
-            self._cg = _cumsum0(self._pg)
-        return self._pg, self._cg
+            return self._c
+        if self._cg is None:
+            p = np.diff(self._c)
+            p[self.space.eos_pos] = 0.0
+            self._cg = _cumsum0(p)
+        return self._cg
 
     def mass(self, lo: int, hi: int, text: bool) -> float:
-        p, c = self.arrays(text)
+        if hi - lo <= 32:
+            return self.direct(lo, hi, text)
+        c = self.cum(text)
         m = c[hi] - c[lo]
-        if hi - lo <= 32 or m < _TINY * c[-1]:
-            m = p[lo:hi].sum()
+        if m < _TINY * c[-1]:
+            return self.direct(lo, hi, text)
         return float(m)
 
     def masses(self, lo: np.ndarray, hi: np.ndarray, text: bool) -> np.ndarray:
-        p, c = self.arrays(text)
+        c = self.cum(text)
         m = c[hi] - c[lo]
         for i in np.nonzero((hi - lo <= 32) | (m < _TINY * c[-1]))[0]:
-            m[i] = p[lo[i]:hi[i]].sum()
+            m[i] = self.direct(int(lo[i]), int(hi[i]), text)
         return m
 
     def p_eos(self) -> float:
         if self._p_eos is None:
             ids = self.space.eos_ids
-            self._p_eos = float(self.logp[torch.from_numpy(ids)].double().exp().sum()) if len(ids) else 0.0
+            self._p_eos = float(np.exp(self._logp_np()[ids].astype(np.float64)).sum()) if len(ids) else 0.0
         return self._p_eos
 
 
@@ -117,10 +163,12 @@ class LazyTrieState:
             follows the tokenizer's own encoding, else -1.
     """
 
-    __slots__ = ("lm_state", "node", "ctx_weight", "dist", "terminated", "text", "canon", "weight")
+    __slots__ = ("lm_state", "node", "ctx_weight", "dist", "terminated", "text", "canon", "weight", "miss",
+                 "ahead")
 
     def __init__(self, lm_state: StatefulTokenizedLM, node: int, ctx_weight: float, dist: ContextDist,
-                 *, terminated: bool = False, text: bool = False, canon: int = -1, weight: float | None = None):
+                 *, terminated: bool = False, text: bool = False, canon: int = -1, weight: float | None = None,
+                 miss: int = 0, ahead: int = 0):
         self.lm_state = lm_state
         self.node = node
         self.ctx_weight = ctx_weight
@@ -129,6 +177,10 @@ class LazyTrieState:
         self.text = text
         self.canon = canon
         self.weight = self._weight() if weight is None else weight
+        # Prefill bookkeeping of the beam's look-ahead: consecutive uncached extensions along this
+        # cover's lineage, and the length of its last look-ahead.
+        self.miss = miss
+        self.ahead = ahead
 
     @classmethod
     async def initial(cls, lm, space: TrieSpace | None = None, initial_context=None,
@@ -136,7 +188,7 @@ class LazyTrieState:
         """The cover at the root of the initial context (one LM call)."""
         lm_state = StatefulTokenizedLM.initial(lm, initial_context, max_context_length)
         space = space or TrieSpace(lm.trie)
-        dist = ContextDist(await lm_state.logp_next(), space)
+        dist = space.dist_for(await lm_state.logp_next())
         return cls(lm_state, TokenByteTrie.root, 0.0, dist, text=text)
 
     # ------------------------------------------------------------------ masses
@@ -177,7 +229,8 @@ class LazyTrieState:
         if m <= 0.0:
             return None
         return LazyTrieState(self.lm_state, child, self.ctx_weight, self.dist, text=self.text,
-                             canon=self.canon, weight=self.ctx_weight + math.log(m))
+                             canon=self.canon, weight=self.ctx_weight + math.log(m), miss=self.miss,
+                             ahead=self.ahead)
 
     def end_tokens(self) -> list[tuple[int, float]]:
         """``(token id, ctx_weight + log p(token))`` for each token ending exactly here."""
@@ -203,7 +256,7 @@ class LazyTrieState:
         if canon_tokens is not None and 0 <= self.canon < len(canon_tokens) and canon_tokens[self.canon] == token:
             canon = self.canon + 1
         return LazyTrieState(new_lm, 0, self.ctx_weight + float(self.dist.logp[token]),
-                             ContextDist(logp, self.dist.space), text=self.text, canon=canon)
+                             self.dist.space.dist_for(logp), text=self.text, canon=canon)
 
     def end_sequence(self) -> LazyTrieState | None:
         """Take EOS here (only at a token boundary, in generation mode)."""
@@ -248,8 +301,7 @@ class LazyTrieState:
         if include_end and n != 0:
             lo, end = int(trie.lo[n]), int(trie.end[n])
             if end > lo:
-                p, _ = self.dist.arrays(self.text)
-                acc[EOT] += scale * p[lo:end].sum()
+                acc[EOT] += scale * self.dist.direct(lo, end, self.text)
         if n == 0 and not self.text:
             acc[EOS] += scale * self.dist.p_eos()
 

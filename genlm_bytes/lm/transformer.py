@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BUDGET = 1 << 30  # 1 GiB of cached log-probs and KV
 PREFETCH_CHUNK = 512  # tokens per forward pass when prefetching a long text
+ALT_CHUNK = 256  # alternative tokens per tree-masked forward pass
 
 
 class AsyncTransformer(AsyncLM):
@@ -111,6 +112,10 @@ class AsyncTransformer(AsyncLM):
         self._check_length(len(key))
         return await self.batcher.submit(key, key)
 
+    def has_logprobs(self, token_ids) -> bool:
+        """Whether the distribution after ``token_ids`` is cached."""
+        return self.cache.get_logp(tuple(token_ids)) is not None
+
     def encode_bytes(self, data: bytes) -> list[int] | None:
         from genlm_bytes.lm.vocab import encode_bytes
 
@@ -124,12 +129,21 @@ class AsyncTransformer(AsyncLM):
         from genlm_bytes.lm.base import check_token_ids
 
         ids = tuple(check_token_ids(token_ids, self.vocab_size))
-        self._check_length(len(ids))
+        self._check_length(len(ids) + 1)
+        alts = []
+        for i, t in alternatives or ():
+            if not (0 < i <= len(ids) and 0 <= t < self.vocab_size):
+                raise ValueError(f"alternative ({i}, {t}) does not fit a context of {len(ids)} tokens "
+                                 f"and {self.vocab_size} token ids")
+            if i == len(ids) or ids[i] != t:
+                alts.append((int(i), int(t)))
         path = self.cache.walk(ids)
-        if len(path) == len(ids) and all(n.logp is not None for n in path):
-            return
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.batcher._executor, self._locked, self._prefetch, ids)
+        if not (len(path) == len(ids) and all(n.logp is not None for n in path)):
+            await loop.run_in_executor(self.batcher._executor, self._locked, self._prefetch, ids)
+        alts = [(i, t) for i, t in dict.fromkeys(alts) if self.cache.get_logp(ids[:i] + (t,)) is None]
+        if alts and self.kv_reuse:
+            await loop.run_in_executor(self.batcher._executor, self._locked, self._prefetch_alts, ids, alts)
 
     def _locked(self, fn, *args):
         with self.batcher._lock:
@@ -264,6 +278,41 @@ class AsyncTransformer(AsyncLM):
             last = path[-1].kv
             if last is not None:
                 self.cache.repoint_kv(path, lambda node: KVRef(last.block, last.row, last.start))
+
+
+    @torch.inference_mode()
+    def _prefetch_alts(self, ids: tuple, alts: list[tuple[int, int]]) -> None:
+        """Distributions after ``ids[:i] + (t,)`` for each alternative, in tree-masked passes.
+
+        Every alternative token sits at position ``i`` and attends to the cached past
+        ``ids[:i]`` and to itself only, so one pass scores many one-token branches.
+        """
+        n = len(ids)
+        past_len, ref = self.cache.deepest_kv(ids, n)
+        if ref is None:
+            return
+        body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+        dev = self.device
+        for c in range(0, len(alts), ALT_CHUNK):
+            chunk = [(i, t) for i, t in alts[c:c + ALT_CHUNK] if i <= past_len]
+            if not chunk:
+                continue
+            A = len(chunk)
+            cache = self._make_cache([(ids[:past_len], ref, past_len)], past_len)
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.full((1, 1, A, past_len + A), float("-inf"), dtype=dtype)  # additive: 0 = attend
+            for q, (i, _) in enumerate(chunk):
+                mask[0, 0, q, :i] = 0.0  # the shared past ids[:i]
+                mask[0, 0, q, past_len + q] = 0.0  # itself
+            inp = torch.tensor([[t for _, t in chunk]])
+            pos = torch.tensor([[i for i, _ in chunk]])
+            out = body(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                       past_key_values=cache, use_cache=True)
+            self.n_forward_tokens += A
+            logps = self._logprobs(out.last_hidden_state[0])  # (A, V)
+            for q, (i, t) in enumerate(chunk):
+                self.cache.put_logp(ids[:i] + (t,), logps[q])
+        logger.debug("prefetched %d one-token alternatives", len(alts))
 
 
 def _plain_cache(hf_model) -> bool:
