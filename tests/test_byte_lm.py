@@ -1,0 +1,372 @@
+"""The byte-level LM: exactness against brute force, invariants, EOS, healing, bad input."""
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from genlm_bytes import (
+    EOS,
+    EOT,
+    BeamParams,
+    ByteBeamState,
+    LazyTrieState,
+    MockLM,
+    StatefulTokenizedLM,
+)
+
+# --------------------------------------------------------------------------- brute force
+
+
+class BruteForce:
+    """Exact byte-level probabilities by enumerating every token sequence (small vocabularies only)."""
+
+    def __init__(self, lm: MockLM, eos_ids=()):
+        self.lm = lm
+        self.vocab = lm.byte_vocab
+        self.eos = set(eos_ids)
+        self._memo = {}
+
+    def p(self, ctx):
+        key = tuple(ctx)
+        if key not in self._memo:
+            self._memo[key] = self.lm.logprobs(list(ctx)).double().exp().numpy()
+        return self._memo[key]
+
+    def prefix(self, ctx, rest: bytes, gen: bool) -> float:
+        """P(next bytes start with ``rest``); in generation mode EOS tokens spell nothing."""
+        if not rest:
+            return 1.0
+        p = self.p(ctx)
+        total = 0.0
+        for t, b in enumerate(self.vocab):
+            if not b or (gen and t in self.eos):
+                continue
+            if b.startswith(rest):
+                total += p[t]
+            elif rest.startswith(b):
+                total += p[t] * self.prefix(ctx + (t,), rest[len(b):], gen)
+        return total
+
+    def then_eos(self, ctx, rest: bytes) -> float:
+        """P(the next bytes are exactly ``rest`` and then EOS)."""
+        p = self.p(ctx)
+        if not rest:
+            return float(sum(p[t] for t in self.eos))
+        total = 0.0
+        for t, b in enumerate(self.vocab):
+            if b and t not in self.eos and rest.startswith(b):
+                total += p[t] * self.then_eos(ctx + (t,), rest[len(b):])
+        return total
+
+    def next_byte(self, ctx, x: bytes) -> np.ndarray:
+        """(258,) probabilities of the next symbol after ``x`` (generation mode)."""
+        z = self.prefix(ctx, x, True)
+        out = np.zeros(258)
+        for a in range(256):
+            out[a] = self.prefix(ctx, x + bytes([a]), True) / z
+        out[EOS] = self.then_eos(ctx, x) / z
+        return out
+
+
+ALPHABET = b"abc$"
+
+
+@st.composite
+def vocab_and_text(draw):
+    """A small vocabulary over ``abc$`` (all single bytes + multi-byte tokens + maybe duplicates),
+    an EOS token, and a short text."""
+    singles = [bytes([c]) for c in ALPHABET]
+    multi = draw(st.lists(st.binary(min_size=2, max_size=4).map(lambda b: bytes(ALPHABET[x % 4] for x in b)),
+                          min_size=1, max_size=8, unique=True))
+    dups = draw(st.lists(st.sampled_from(singles + multi), max_size=2))
+    vocab = [b"<eos>"] + singles + multi + dups
+    text = bytes(ALPHABET[x % 4] for x in draw(st.binary(min_size=1, max_size=5)))
+    seed = draw(st.integers(0, 10_000))
+    return vocab, text, seed
+
+
+EXACT = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@EXACT
+@given(vocab_and_text())
+async def test_beam_matches_brute_force(case):
+    vocab, text, seed = case
+    lm = MockLM(vocab, seed=seed, initial_context=[0], eos_token_ids=[0])
+    bf = BruteForce(lm, eos_ids=[0])
+    params = BeamParams(K=10_000, prune_threshold=0.0, eos_tokens=(b"<eos>",))
+    beam = await ByteBeamState.initial(lm, params)
+
+    # Prefill (EOS tokens are text): log P(text).
+    filled = await beam.prefill(text)
+    assert filled.logZ == pytest.approx(math.log(bf.prefix((0,), text, False)), abs=1e-6)
+
+    # Generation mode, byte by byte: the chain rule, and every next-symbol distribution.
+    state, total = beam, 0.0
+    for i, b in enumerate(text):
+        logp = await state.logp_next()
+        expected = bf.next_byte((0,), text[:i])
+        np.testing.assert_allclose(np.exp(logp.ps), expected, atol=1e-6)
+        total += logp[b]
+        state = await (state << b)
+    assert state.logZ == pytest.approx(math.log(bf.prefix((0,), text, True)), abs=1e-6)
+    assert total == pytest.approx(state.logZ, abs=1e-6)
+    logp = await state.logp_next()
+    np.testing.assert_allclose(np.exp(logp.ps), bf.next_byte((0,), text), atol=1e-6)
+    ended = await (state << EOS)
+    assert ended.logZ == pytest.approx(math.log(bf.then_eos((0,), text)), abs=1e-6)
+    assert ended.terminated
+
+
+async def test_distributions_sum_to_one_and_states_do_not_change(mock_lm):
+    beam = await ByteBeamState.initial(mock_lm, BeamParams(K=5, prune_threshold=0.01, eos_tokens=(b"<eos>",)))
+    beam = await beam.prefill(b"the apple")
+    for b in b" of the day":
+        logp = await beam.logp_next()
+        assert np.exp(logp.ps).sum() == pytest.approx(1.0, abs=1e-6)
+        assert logp.ps[EOT] == -np.inf
+        before = [(s.weight, s.node, s.lm_state.context) for s in beam.states]
+        logz = beam.logZ
+        nxt = await (beam.prune() << b)
+        assert [(s.weight, s.node, s.lm_state.context) for s in beam.states] == before
+        assert beam.logZ == logz
+        beam = nxt
+    cover = beam.states[0]
+    logp = await cover.logp_next()
+    assert np.exp(logp.ps).sum() == pytest.approx(1.0, abs=1e-6)
+
+
+async def test_tokenized_state_is_immutable_and_truncates(mock_lm):
+    s = StatefulTokenizedLM.initial(mock_lm, max_context_length=3)
+    t = s << 5
+    u = t << 6 << 7 << 8
+    assert s.context == (0,) and t.context == (0, 5)
+    assert u.context == (6, 7, 8)
+    lp = await u.logp_next()
+    torch.testing.assert_close(lp, mock_lm.logprobs([6, 7, 8]))
+    with pytest.raises(ValueError, match="out of range"):
+        s << 10_000
+    with pytest.raises(TypeError):
+        s << "a"
+    with pytest.raises(ValueError, match="max_context_length"):
+        StatefulTokenizedLM.initial(mock_lm, max_context_length=0)
+
+
+async def test_impossible_byte_gives_no_state():
+    lm = MockLM([b"<eos>", b"a", b"b", b"ab"], seed=1)
+    cover = await LazyTrieState.initial(lm)
+    assert await (cover << ord("z")) is None
+    beam = await ByteBeamState.initial(lm, BeamParams(K=3))
+    empty = await (beam << ord("z"))
+    assert len(empty) == 0 and empty.logZ == -math.inf
+    with pytest.raises(ValueError, match="empty beam"):
+        await empty.logp_next()
+
+
+async def test_single_cover_symbols():
+    lm = MockLM([b"<eos>", b"a", b"ab", b"b"], seed=2)
+    cover = await LazyTrieState.initial(lm)
+    a = await (cover << ord("a"))
+    logp = await a.logp_next()
+    p = lm.logprobs([0]).double().exp()
+    # inside "a": continue with b (token "ab") or end the token "a"
+    assert math.exp(logp[ord("b")]) == pytest.approx(float(p[2] / (p[1] + p[2])), abs=1e-6)
+    assert math.exp(logp[EOT]) == pytest.approx(float(p[1] / (p[1] + p[2])), abs=1e-6)
+    ended = await (a << EOT)
+    assert ended.lm_state.context == (0, 1) and ended.node == 0
+
+
+async def test_eos_ends_and_prefill_reads_eos_as_text():
+    vocab = [b"<eos>", b"a", b"b", b"<", b"e", b"o", b"s", b">"]
+    lm = MockLM(vocab, seed=4)
+    params = BeamParams(K=50, eos_tokens=(b"<eos>",))
+    beam = await ByteBeamState.initial(lm, params)
+    as_text = await beam.prefill(b"a<eos>b")
+    assert len(as_text) > 0 and as_text.logZ > -math.inf
+    # In generation the EOS token is not text: "<eos>" is spelled only by the single-byte tokens.
+    logp = await (await beam.prefill(b"a")).logp_next()
+    assert logp[EOS] > -math.inf
+    ended = await ((await beam.prefill(b"a")) << EOS)
+    assert ended.terminated
+    assert len(await (ended << ord("a"))) == 0
+    with pytest.raises(ValueError, match="ended"):
+        await ended.logp_next()
+
+
+async def test_healing_recovers_when_every_cover_dies():
+    # K=1 commits to the likely long token "abc"; the text goes on "abd", which only "ab"+"d" spells.
+    vocab = [b"<eos>", b"a", b"b", b"c", b"d", b"ab", b"abc", b"abcx"]
+    lm = MockLM(vocab, seed=0, temperature=0.3)
+    healed = await ByteBeamState.initial(lm, BeamParams(K=1, heal=True))
+    plain = await ByteBeamState.initial(lm, BeamParams(K=1, heal=False))
+    for b in b"abd":
+        healed = await (healed.prune() << b)
+        plain = await (plain.prune() << b)
+    assert len(healed) > 0
+    assert healed.logZ > -math.inf
+    assert b"".join(lm.byte_vocab[t] for t in healed.states[0].lm_state.context[1:]) + healed.states[0].partial \
+        == b"abd"
+
+
+async def test_concurrent_beams_equal_sequential(mock_lm):
+    params = BeamParams(K=4, prune_threshold=0.01, eos_tokens=(b"<eos>",))
+    texts = [bytes(f"the {i} apple and {i * 7} day", "ascii") for i in range(32)]
+
+    async def run(text):
+        beam = await ByteBeamState.initial(mock_lm, params)
+        beam = await beam.prefill(text[:5])
+        for b in text[5:]:
+            beam = await (beam.prune() << b)
+        return beam.logZ, (await beam.logp_next()).ps
+
+    sequential = [await run(t) for t in texts]
+    concurrent = await asyncio.gather(*(run(t) for t in texts))
+    for (z1, p1), (z2, p2) in zip(sequential, concurrent):
+        assert z1 == z2
+        np.testing.assert_array_equal(p1, p2)
+
+
+async def test_sample_is_reproducible_and_greedy_deterministic(mock_lm):
+    beam = await ByteBeamState.initial(mock_lm, BeamParams(K=3, prune_threshold=0.05, eos_tokens=(b"<eos>",)))
+    a = await beam.sample(b"the ", 20, rng=7)
+    b = await beam.sample(b"the ", 20, rng=7)
+    assert a == b and a.startswith(b"the ")
+    g1 = await beam.greedy(b"the ", 10)
+    g2 = await beam.greedy(b"the ", 10)
+    assert g1 == g2
+    t = await beam.sample(b"the ", 10, temperature=0.5, top_k=3, rng=np.random.default_rng(1))
+    assert t.startswith(b"the ")
+
+
+async def test_bad_input(mock_lm):
+    with pytest.raises(ValueError, match="K"):
+        BeamParams(K=0)
+    with pytest.raises(ValueError, match="prune_threshold"):
+        BeamParams(K=2, prune_threshold=-0.1)
+    with pytest.raises(TypeError, match="eos_tokens"):
+        BeamParams(K=2, eos_tokens=b"<eos>")
+    with pytest.raises(ValueError, match="not in the model's vocabulary"):
+        await ByteBeamState.initial(mock_lm, BeamParams(K=2, eos_tokens=(b"<nope>",)))
+    beam = await ByteBeamState.initial(mock_lm, BeamParams(K=2))
+    with pytest.raises(ValueError, match="outside"):
+        await (beam << 300)
+    with pytest.raises(ValueError, match="outside"):
+        await (beam << -1)
+    with pytest.raises(ValueError, match="EOT"):
+        await (beam << EOT)
+    with pytest.raises(TypeError, match="bytes"):
+        await beam.prefill("text")
+    with pytest.raises(TypeError):
+        await beam.greedy(123, 3)
+    with pytest.raises(ValueError, match="steps"):
+        await beam.greedy(b"a", -1)
+    with pytest.raises(TypeError, match="AsyncLM"):
+        await ByteBeamState.initial("model", BeamParams(K=2))
+    await beam.cleanup()
+    with pytest.raises(ValueError, match="empty"):
+        await beam.logp_next()
+
+
+async def test_async_context_manager(mock_lm):
+    async with await ByteBeamState.initial(mock_lm, BeamParams(K=2)) as beam:
+        beam2 = await beam.prefill(b"ab")
+        assert len(beam2) > 0
+    assert len(beam) == 0
+
+
+async def test_user_model_subclass_runs_a_beam():
+    from genlm_bytes import AsyncLM
+
+    class Uniform(AsyncLM):
+        def __init__(self):
+            super().__init__(byte_vocab=[b"<s>", b"a", b"b", b"ab"], initial_context=[0], eos_token_ids=[0])
+
+        async def next_token_logprobs(self, token_ids):
+            return torch.full((4,), -math.log(4))
+
+    beam = await ByteBeamState.initial(Uniform(), BeamParams(K=10))
+    beam = await beam.prefill(b"ab")
+    # covers: [a][b] = 1/16 and [ab...] = 1/4 ("ab" as one token)
+    assert beam.logZ == pytest.approx(math.log(1 / 16 + 1 / 4), abs=1e-6)  # float32 log-probs
+
+
+# --------------------------------------------------------------------------- embedded model
+
+
+BENCH = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "bench"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["prose.txt", "mixed.txt"])
+async def test_never_loses_the_canonical_path(embedded_lm, name):
+    path = BENCH / name
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    text = path.read_bytes()
+    lm = embedded_lm
+    enc = lm.encode_bytes(text)
+    assert enc is not None
+    ctx = list(lm.initial_context) + enc
+    await lm.prefetch(ctx)  # one pass; the rows below are cache hits
+    rows = await asyncio.gather(*(lm.next_token_logprobs(ctx[:i]) for i in range(1, len(ctx))))
+    canonical = sum(float(rows[i - 1][ctx[i]]) for i in range(1, len(ctx)))
+    beam = await ByteBeamState.initial(lm, BeamParams(K=5, prune_threshold=0.05))
+    beam = await beam.prefill(text)
+    assert beam.logZ >= canonical - 1e-4
+    logp = await beam.logp_next()
+    assert np.exp(logp.ps).sum() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.slow
+async def test_prefill_fast_path_matches_plain_steps(embedded_lm):
+    """prefill (one pass + speculation) and byte-by-byte stepping agree within 1e-4."""
+    from genlm_bytes import AsyncTransformer
+
+    text = b"An apple a day keeps the doctor away. Stock markets signalled caution."
+    params = BeamParams(K=5, prune_threshold=0.05)
+    fast = await (await ByteBeamState.initial(embedded_lm, params)).prefill(text)
+    # A separate backend on the same weights with no prefetch at all: plain batched steps.
+    plain_lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0])
+    plain_lm.prefetch = lambda *a, **k: asyncio.sleep(0)
+    plain_lm.has_logprobs = None
+    del plain_lm.has_logprobs
+    slow = await ByteBeamState.initial(plain_lm, params)
+    slow = await slow.prefill(text)
+    assert fast.logZ == pytest.approx(slow.logZ, abs=1e-4)
+    np.testing.assert_allclose(np.exp((await fast.logp_next()).ps), np.exp((await slow.logp_next()).ps),
+                               atol=1e-4)
+
+
+@pytest.mark.slow
+async def test_greedy_paris_and_seeded_sampling(embedded_lm):
+    beam = await ByteBeamState.initial(embedded_lm, BeamParams(K=5, prune_threshold=0.05))
+    out = await beam.greedy(b"The capital of France is", steps=20)
+    assert b"Paris" in out
+    s1 = await beam.sample(b"Once upon a time", steps=15, rng=0)
+    s2 = await beam.sample(b"Once upon a time", steps=15, rng=0)
+    assert s1 == s2
+
+
+@pytest.mark.slow
+async def test_next_byte_after_prompt_ending_mid_word(embedded_lm):
+    # After <|im_start|> this model completes the proverb (after <|endoftext|> it prefers " clock").
+    beam = await ByteBeamState.initial(embedded_lm, BeamParams(K=5, prune_threshold=0.05), initial_context=[1])
+    beam = await beam.prefill(b"An apple a day keeps the ")
+    logp = await beam.logp_next()
+    assert logp.argmax() == ord("d")
+    # The prompt ends with a space: the byte distribution is the token distribution after "...the"
+    # restricted to tokens starting with " ", regrouped by their second byte.
+    lm = embedded_lm
+    lp = await lm.next_token_logprobs([1] + lm.encode_bytes(b"An apple a day keeps the"))
+    p = lp.double().exp()
+    space = [t for t, b in enumerate(lm.byte_vocab) if b.startswith(b" ") and len(b) > 1]
+    p_d = sum(float(p[t]) for t in space if lm.byte_vocab[t][1:2] == b"d") / sum(float(p[t]) for t in space)
+    assert math.exp(logp[ord("d")]) == pytest.approx(p_d, abs=0.02)
+    beam = await (beam.prune() << ord("d"))
+    beam = await beam.prefill(b"oct")
+    assert (await beam.logp_next()).argmax() == ord("o")
