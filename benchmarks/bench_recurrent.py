@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import time
@@ -113,6 +114,13 @@ async def main(args) -> dict:
         "llama": AsyncLlama(llama, vocab, initial_context=[0], eos_token_ids=[0]),
     }
     params = {name: sum(p.numel() for p in lm.model.parameters()) for name, lm in backends.items()}
+    # The first few dozen small matmuls of a process are several times slower (thread pool and
+    # kernel warm-up): run every path once on a short context before timing anything.
+    warm = [0] + [b + 1 for b in text_bytes(64)[:63]]
+    for lm in backends.values():
+        state = seed_context(lm, warm)
+        time_token_step(lm.model, state, warm[-1], 50)
+        await time_beam(lm, warm, b" warm-up", 1)
     rows = []
     for n in args.lengths:
         text = text_bytes(n)
@@ -133,7 +141,8 @@ async def main(args) -> dict:
         "settings": {"embedding_dim": args.dim, "num_blocks": args.blocks, "vocab_size": len(vocab),
                      "parameters": params, "beam": {"K": 5, "prune_threshold": 0.05},
                      "bytes_timed": args.bytes, "repeats": args.repeats, "threads": args.threads,
-                     "torch": torch.__version__, "machine": platform.machine()},
+                     "torch": torch.__version__, "machine": platform.machine(),
+                     "load_average_1min_at_end": os.getloadavg()[0]},
         "rows": rows,
     }
 

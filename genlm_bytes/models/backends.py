@@ -22,7 +22,9 @@ Why not :class:`genlm_bytes.lm.cache.PrefixCache`: its past is a ``KVRef`` into 
 transformers KV block; here a state is any immutable object (a ``KVCache`` or an
 ``MLSTMState``), so the trie below stores it as is.
 
-Not handled: a memory budget in bytes (the cache is bounded by its number of entries),
+Not handled: a memory budget in bytes (the cache is bounded by its number of entries);
+sharing KV storage between contexts: extending a transformer context copies its KV cache
+(O(context) memory traffic per step, where ``AsyncTransformer`` appends into shared blocks);
 devices other than the model's.
 """
 
@@ -183,6 +185,9 @@ class _CachedModelLM(AsyncLM):
         await self.next_token_logprobs(token_ids)
         if alternatives:
             ids = list(token_ids)
+            for i, _ in alternatives:
+                if not 0 < i <= len(ids):
+                    raise ValueError(f"alternative position {i} does not fit a context of {len(ids)} tokens")
             await asyncio.gather(*(self.next_token_logprobs(ids[:i] + [t]) for i, t in alternatives))
 
     def clear_cache(self) -> None:
