@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from genlm_bytes.byte_lm import BeamParams, ByteBeamState
 from genlm_bytes.lm.mock import default_mock_vocab
 from genlm_bytes.models import (
     MLSTMLM,
@@ -270,11 +271,10 @@ async def test_async_mlstm_bad_arguments(recurrent_pair):
 
 
 async def test_byte_beam_on_recurrent_backend_matches_uncached_model(recurrent_pair):
-    byte_lm = pytest.importorskip("genlm_bytes.byte_lm")
     cached, uncached = recurrent_pair
-    params = byte_lm.BeamParams(K=8, prune_threshold=0.0)
+    params = BeamParams(K=8, prune_threshold=0.0)
     text = b"the apple day"
-    beams = await asyncio.gather(*(byte_lm.ByteBeamState.initial(lm, params) for lm in (cached, uncached)))
+    beams = await asyncio.gather(*(ByteBeamState.initial(lm, params) for lm in (cached, uncached)))
     for cut in (0, 4, len(text)):
         b_cached, b_plain = await asyncio.gather(*(beam.prefill(text[:cut]) for beam in beams))
         p_cached, p_plain = await asyncio.gather(b_cached.logp_next(), b_plain.logp_next())
