@@ -36,7 +36,6 @@ from genlm_bytes.symbols import EOS, N_SYMBOLS, check_symbol
 
 logger = logging.getLogger(__name__)
 
-BRANCH_LOOKAHEAD = 64  # the most tokens computed ahead for a surviving branch during prefill
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,6 @@ class ByteBeamState(StatefulByteLM):
         self.params = params
         self.logZ: float = _logsumexp([s.weight for s in self.states])
         self._canon = canon  # the tokenizer's encoding of the text being prefilled
-        self._canon_ctx: tuple = ()  # the full context along it (prefill only)
         self._ext: dict[tuple[int, int], LazyTrieState] = {}  # (state index, token) -> extension
         self._miss: dict[tuple[int, int], tuple[int, int]] = {}  # prefill look-ahead bookkeeping
 
@@ -213,7 +211,7 @@ class ByteBeamState(StatefulByteLM):
         """The beam after one more symbol (a byte 0-255, or EOS=257). Impossible: an empty beam."""
         return await self._step(check_symbol(sym))
 
-    async def _step(self, sym: int, lookahead: tuple[bytes, int] | None = None) -> ByteBeamState:
+    async def _step(self, sym: int, planner=None, pos: int = 0) -> ByteBeamState:
         if not self.states:
             return self
         if sym == EOS:
@@ -223,8 +221,8 @@ class ByteBeamState(StatefulByteLM):
         cont = [c for s in self.states if (c := s.consume(sym)) is not None]
         ws = [c.weight for c in cont]
         cands = self._candidates(ws, _logsumexp(ws))
-        if lookahead is not None:
-            await self._prefetch_branches(cands, *lookahead)
+        if planner is not None:
+            await planner.before_extensions(self, cands, pos)
         for e in await self._extend(cands):
             c = e.consume(sym)
             if c is not None:
@@ -270,32 +268,29 @@ class ByteBeamState(StatefulByteLM):
             return self
         lm = self.lm
         canon = None
-        ctx = ()
-        spec = None
         states = [s.with_mode(True) for s in self.states]
         anchor = next((i for i, s in enumerate(states) if s is not None and s.node == 0 and not s.terminated),
                       None)
+        planner = None
         if anchor is not None:
             enc = lm.encode_bytes(data)
             if enc:
                 canon = tuple(enc)
                 a = states[anchor]
                 states[anchor] = LazyTrieState(a.lm_state, 0, a.ctx_weight, a.dist, text=True, canon=0)
-                ctx = tuple(a.lm_state.context) + canon
-                m = self.params.max_context_length
-                if (m is None or len(ctx) <= m) and type(lm).prefetch is not AsyncLM.prefetch:
-                    spec = await self._prefetch_path(tuple(a.lm_state.context), canon, data)
         beam = ByteBeamState([s for s in states if s is not None], self.params, canon=canon)
-        lookahead = canon is not None and hasattr(lm, "has_logprobs")
+        if canon is not None and type(lm).prefetch is not AsyncLM.prefetch and hasattr(lm, "has_logprobs"):
+            from genlm_bytes.byte_lm.speculate import PrefillPlanner
+
+            planner = PrefillPlanner(beam, data)
+            ctx0 = tuple(states[anchor].lm_state.context)
+            if planner.fits(len(ctx0) + len(canon)):
+                await planner.add_path(ctx0, canon, 0)
         for pos, b in enumerate(data):
             beam = beam.prune()
-            if lookahead:
-                beam._canon_ctx = ctx
-            if spec is not None:
-                pin = beam._pinned()
-                if pin >= 0:
-                    await spec.ensure(beam.states[pin].canon)
-            beam = await beam._step(b, (data, pos) if lookahead else None)
+            if planner is not None:
+                await planner.advance(pos)
+            beam = await beam._step(b, planner, pos)
             if progress is not None:
                 progress(pos + 1)
             if not beam.states:
@@ -303,49 +298,6 @@ class ByteBeamState(StatefulByteLM):
                 break
         states = [g for s in beam.states if (g := s.with_mode(False)) is not None]
         return ByteBeamState(states, self.params)
-
-    async def _prefetch_branches(self, cands, data: bytes, pos: int) -> None:
-        """Prefill only: look ahead for branches off the tokenizer's encoding that keep surviving.
-
-        A branch's first uncached extension costs one token. If the branch survives and needs
-        another uncached extension, it will likely go on along the encoding of the rest of the
-        text, so the next tokens of that are computed in one pass; the look-ahead doubles
-        along a lineage (4, 8, ... ``BRANCH_LOOKAHEAD`` tokens).
-        """
-        lm = self.lm
-        for i, t, _ in cands:
-            if (i, t) in self._ext:
-                continue
-            s = self.states[i]
-            ctx = s.lm_state.context + (t,)
-            if lm.has_logprobs(ctx):
-                self._miss[(i, t)] = (0, s.ahead)
-                continue
-            self._miss[(i, t)] = (s.miss + 1, s.ahead)
-            if s.miss < 1:
-                continue
-            ahead = min(BRANCH_LOOKAHEAD, max(4, 2 * s.ahead))
-            window = data[pos: pos + 8 * ahead]
-            enc = lm.encode_bytes(window) or []
-            if pos + len(window) < len(data):
-                enc = enc[:-1]  # the window may cut the last token
-            enc = enc[:ahead]
-            m = self.params.max_context_length
-            if enc and (m is None or len(ctx) + len(enc) <= m):
-                spec = await self._prefetch_path(ctx, tuple(enc), b"".join(lm.byte_vocab[u] for u in enc))
-                await spec.ensure(len(enc))
-                self._miss[(i, t)] = (0, ahead)
-
-    async def _prefetch_path(self, ctx: tuple, enc: tuple, data: bytes):
-        """Compute the distributions along ``ctx + enc`` (one pass) and those of the one-token
-        branches off it that could survive pruning (tree-masked passes, window by window).
-        Returns the speculator, to be advanced as the beam moves along."""
-        from genlm_bytes.byte_lm.speculate import PathSpeculator
-
-        spec = PathSpeculator(self.lm, self.states[0].space, ctx, enc, data, self.params.prune_threshold)
-        await spec.start()
-        await spec.ensure(0)
-        return spec
 
     async def cleanup(self) -> None:
         """Drop the covers (and their distributions); the beam is empty afterwards."""

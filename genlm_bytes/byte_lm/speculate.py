@@ -40,8 +40,10 @@ class PathSpeculator:
         prune_threshold: the beam's threshold; 0 lists every matching branch.
     """
 
-    def __init__(self, lm, space: TrieSpace, ctx0: tuple, path: tuple, data: bytes, prune_threshold: float):
+    def __init__(self, lm, space: TrieSpace, ctx0: tuple, path: tuple, data: bytes, prune_threshold: float,
+                 base: int = 0):
         self.lm, self.space, self.ctx0, self.path, self.data = lm, space, ctx0, path, data
+        self.base = base  # where ``data`` starts in the text being prefilled
         self.log_thr = math.log(prune_threshold) if prune_threshold > 0 else -math.inf
         off = [0]
         for t in path:
@@ -53,9 +55,9 @@ class PathSpeculator:
         """Compute the distributions along the whole path (one pass, chunked by the backend)."""
         await self.lm.prefetch(list(self.ctx0 + self.path))
 
-    async def ensure(self, j: int) -> None:
-        """Make sure the branches at boundaries up to ``j`` (+ a margin) are computed."""
-        while self.done < len(self.path) and j + WINDOW // 4 >= self.done:
+    async def ensure_bytes(self, pos: int) -> None:
+        """Make sure the branches at boundaries up to text position ``pos`` (+ a margin) are computed."""
+        while self.done < len(self.path) and self.base + self.off[self.done] <= pos + 4 * WINDOW:
             j0, j1 = self.done, min(len(self.path), self.done + WINDOW)
             self.done = j1
             branches = await self.branches(j0, j1)
@@ -103,3 +105,70 @@ class PathSpeculator:
                     if t != path[j] and float(lp[t]) + W[k] >= bar:
                         out.append((n0 + j, t))
         return out
+
+
+class PrefillPlanner:
+    """Plans the LM work of one prefill: the paths whose distributions are computed ahead.
+
+    The first path is the tokenizer's encoding of the whole text. A branch off any path
+    that survives two uncached extensions gets a path of its own: the encoding of the rest
+    of the text, from where it is. A strong branch (within ``DOMINANT`` of the heaviest
+    cover) gets the whole rest; a weak one a short look-ahead that doubles along its
+    lineage, so a branch that dies soon wastes little.
+    """
+
+    DOMINANT = math.log(0.1)
+    MAX_AHEAD = 32
+
+    def __init__(self, beam, data: bytes):
+        self.beam0 = beam
+        self.lm = beam.lm
+        self.space = beam.states[0].space
+        self.data = data
+        self.params = beam.params
+        self.paths: list[PathSpeculator] = []
+
+    def fits(self, n_tokens: int) -> bool:
+        m = self.params.max_context_length
+        return m is None or n_tokens <= m
+
+    async def add_path(self, ctx: tuple, enc: tuple, base: int) -> None:
+        data = self.data[base: base + sum(len(self.lm.byte_vocab[t]) for t in enc)]
+        spec = PathSpeculator(self.lm, self.space, ctx, enc, data, self.params.prune_threshold, base=base)
+        await spec.start()
+        await spec.ensure_bytes(base)
+        self.paths.append(spec)
+
+    async def advance(self, pos: int) -> None:
+        for spec in self.paths:
+            await spec.ensure_bytes(pos)
+
+    async def before_extensions(self, beam, cands, pos: int) -> None:
+        """Called by a beam step at text position ``pos`` before it computes extensions."""
+        lm, data = self.lm, self.data
+        top = max((s.weight for s in beam.states), default=-math.inf)
+        for i, t, w in cands:
+            if (i, t) in beam._ext:
+                continue
+            s = beam.states[i]
+            ctx = s.lm_state.context + (t,)
+            if lm.has_logprobs(ctx):
+                beam._miss[(i, t)] = (0, s.ahead)
+                continue
+            # A first miss starts a new branch (its look-ahead starts small again).
+            beam._miss[(i, t)] = (s.miss + 1, s.ahead if s.miss else 0)
+            if s.miss < 1:
+                continue
+            if w >= top + self.DOMINANT:
+                enc = lm.encode_bytes(data[pos:]) or []
+                ahead = len(enc)
+            else:
+                ahead = min(self.MAX_AHEAD, max(4, 2 * s.ahead))
+                window = data[pos: pos + 8 * ahead]
+                enc = lm.encode_bytes(window) or []
+                if pos + len(window) < len(data):
+                    enc = enc[:-1]  # the window may cut the last token
+                enc = enc[:ahead]
+            if enc and self.fits(len(ctx) + len(enc)):
+                await self.add_path(ctx, tuple(enc), pos)
+                beam._miss[(i, t)] = (0, ahead)
