@@ -16,6 +16,8 @@ from genlm_bytes.trie import AsyncTokenByteTrie, TokenByteTrie
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+_MODELS = ("LlamaConfig", "LlamaTransformer", "MLSTMConfig", "MLSTMLM", "AsyncLlama", "AsyncMLSTM")
+
 
 def __getattr__(name):
     # Heavier pieces load on first use.
@@ -27,6 +29,10 @@ def __getattr__(name):
         from genlm_bytes import sampling
 
         return getattr(sampling, name)
+    if name in _MODELS:
+        from genlm_bytes import models
+
+        return getattr(models, name)
     raise AttributeError(f"module 'genlm_bytes' has no attribute {name!r}")
 
 
@@ -34,4 +40,5 @@ __all__ = [
     "AsyncLM", "AsyncTransformer", "MockLM", "load_model", "StatefulTokenizedLM", "StatefulByteLM",
     "LazyTrieState", "ByteBeamState", "BeamParams", "TokenByteTrie", "AsyncTokenByteTrie",
     "LazyByteProbs", "Chart", "SamplingParams", "generate_tokens", "generate", "EOS", "EOT", "N_SYMBOLS",
+    *_MODELS,
 ]
