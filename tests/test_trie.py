@@ -1,0 +1,126 @@
+"""TokenByteTrie: structure, sparse node masses against brute force, batching, dist helpers."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from genlm_bytes import AsyncTokenByteTrie, Chart, LazyByteProbs, TokenByteTrie
+from genlm_bytes.symbols import EOS, symbol_name
+
+
+def brute_masses(trie, vocab, p, eos):
+    """Mass of each node = sum of p over non-EOS tokens whose bytes start with the node's path."""
+    out = np.zeros(trie.n_nodes + 1)
+    for n in range(trie.n_nodes):
+        path = trie.path(n)
+        out[n] = sum(p[t] for t, b in enumerate(vocab) if b and b.startswith(path) and t not in eos)
+    out[trie.eos_node] = sum(p[t] for t in eos)
+    return out
+
+
+def brute_max(trie, vocab, p, eos):
+    out = np.zeros(trie.n_nodes + 1)
+    for n in range(trie.n_nodes):
+        path = trie.path(n)
+        vals = [p[t] for t, b in enumerate(vocab) if b and b.startswith(path) and t not in eos]
+        out[n] = max(vals, default=0.0)
+    out[trie.eos_node] = max((p[t] for t in eos), default=0.0)
+    return out
+
+
+vocabs = st.lists(st.binary(min_size=0, max_size=4).map(lambda b: bytes(97 + x % 3 for x in b)),
+                  min_size=1, max_size=25)
+
+
+@settings(max_examples=60, deadline=None)
+@given(vocabs, st.integers(0, 2**31 - 1), st.booleans())
+def test_weight_sum_and_max_match_brute_force(vocab, seed, with_eos):
+    vocab = vocab + [b"<e>"] if with_eos else vocab
+    eos_tokens = (b"<e>",) if with_eos else ()
+    trie = TokenByteTrie(vocab, eos_tokens=eos_tokens)
+    eos = set(trie.eos_ids.tolist())
+    rng = np.random.default_rng(seed)
+    P = rng.dirichlet(np.ones(len(vocab)), size=3)
+    sums = trie.batch_weight_sum(torch.from_numpy(P)).numpy()
+    maxes = trie.batch_weight_max(torch.from_numpy(P)).numpy()
+    for b in range(3):
+        np.testing.assert_allclose(sums[b], brute_masses(trie, vocab, P[b], eos), atol=1e-12)
+        np.testing.assert_allclose(maxes[b], brute_max(trie, vocab, P[b], eos), atol=1e-12)
+    np.testing.assert_allclose(trie.weight_sum(P[0]).numpy(), sums[0], atol=1e-12)
+    # Structure: every non-empty token ends at the node of its bytes; ranges nest.
+    for t, b in enumerate(vocab):
+        if b:
+            node = trie.walk(b)
+            assert node >= 0 and t in trie.end_tokens(node).tolist()
+            assert trie.path(node) == b
+    for n in range(1, trie.n_nodes):
+        par = trie.parent[n]
+        assert trie.lo[par] <= trie.lo[n] < trie.hi[n] <= trie.hi[par]
+
+
+def test_duplicates_and_empty_tokens():
+    vocab = [b"a", b"", b"a", b"ab"]
+    trie = TokenByteTrie(vocab)
+    assert sorted(trie.end_tokens(trie.walk(b"a")).tolist()) == [0, 2]
+    assert 1 not in trie.order.tolist()  # the empty token is in no node
+    p = torch.tensor([0.1, 0.5, 0.2, 0.2], dtype=torch.float64)
+    assert trie.weight_sum(p)[0].item() == pytest.approx(0.5)
+    assert trie.child(0, ord("z")) == -1 and trie.walk(b"abc") == -1
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="byte string"):
+        TokenByteTrie(["a", "b"])
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        TokenByteTrie([b"a"], eos_tokens=(b"</s>",))
+    with pytest.raises(TypeError):
+        TokenByteTrie([b"a"], eos_tokens=b"a")
+    trie = TokenByteTrie([b"a", b"b"])
+    with pytest.raises(ValueError, match="last dimension"):
+        trie.weight_sum(torch.ones(3))
+
+
+async def test_async_trie_batches_concurrent_requests():
+    vocab = [bytes([97 + i % 5]) * (1 + i % 3) for i in range(15)]
+    vocab = list(dict.fromkeys(vocab))
+    atrie = AsyncTokenByteTrie.from_vocab(vocab)
+    rng = np.random.default_rng(0)
+    P = torch.from_numpy(rng.dirichlet(np.ones(len(vocab)), size=20))
+    outs = await asyncio.gather(*(atrie.weight_sum(p) for p in P))
+    expected = atrie.trie.batch_weight_sum(P)
+    torch.testing.assert_close(torch.stack(outs), expected)
+    assert atrie._sum.n_batches < 20
+    mx = await atrie.weight_max(P[0])
+    torch.testing.assert_close(mx, atrie.trie.weight_max(P[0]))
+
+
+def test_lazy_byte_probs_and_chart():
+    ps = np.full(258, -np.inf)
+    ps[ord("d")] = np.log(0.6)
+    ps[ord("\n")] = np.log(0.3)
+    ps[EOS] = np.log(0.1)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return ps
+
+    lazy = LazyByteProbs(compute)
+    assert not calls
+    assert lazy[b"d"] == pytest.approx(np.log(0.6))
+    assert lazy[EOS] == pytest.approx(np.log(0.1))
+    assert len(calls) == 1
+    assert lazy.top(2) == [(ord("d"), pytest.approx(0.6)), (ord("\n"), pytest.approx(0.3))]
+    assert repr(lazy.pretty().top(1)) == "Chart({b'd': 0.6})"
+    assert set(lazy.materialize()) == {ord("d"), ord("\n"), EOS}
+    assert lazy.argmax() == ord("d")
+    assert symbol_name(EOS) == "EOS" and symbol_name(10) == "b'\\n'"
+    assert Chart({"a": 1.0, "b": 3.0}).normalize()["b"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="258"):
+        LazyByteProbs(np.zeros(10))
+    with pytest.raises(ValueError, match="outside"):
+        lazy[999]
