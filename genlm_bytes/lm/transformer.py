@@ -91,13 +91,14 @@ class AsyncTransformer(AsyncLM):
         if not isinstance(path_or_id, (str, os.PathLike)):
             raise TypeError(f"path_or_id must be a string, got {type(path_or_id).__name__}")
         path = os.fspath(path_or_id)
-        local = os.path.isdir(path)
-        if not local and (os.path.sep in path and not path.count("/") == 1 or os.path.exists(path)):
+        if not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/", "~"))
+                                        or path.count("/") > 1):
             raise ValueError(f"model folder {path!r} does not exist or is not a folder")
         try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=not local or None)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=not local or None)
-        except (OSError, ValueError) as e:
+            # Offline: a folder, or a hub id already in the local cache; never a download.
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot load a causal LM from {path!r}: {str(e).splitlines()[0]}") from e
         if device:
             model = model.to(device)
