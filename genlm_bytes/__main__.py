@@ -1,7 +1,8 @@
 """Command line: ``python -m genlm_bytes`` or ``genlm-bytes``, with three subcommands.
 
 - ``next TEXT``: the most likely next bytes after TEXT, and TEXT's log-probability;
-- ``generate TEXT``: stream a continuation of TEXT to stdout (greedy or sampled);
+- ``generate TEXT``: stream a continuation of TEXT to stdout (greedy or sampled;
+  ``--regex`` constrains it to a pattern, ``--smc N`` samples it with N particles);
 - ``score [FILE]``: log-probability and bits per byte of a file (or stdin).
 
 TEXT is taken as the UTF-8 bytes of the argument, or read from stdin when it is
@@ -17,9 +18,9 @@ reports that as ``logp_nats: null`` and exits 0); 130 interrupted (Ctrl-C:
 on stderr; ``-v`` logs the traceback too. Output of ``generate`` is the
 continuation only, as UTF-8 text; bytes that are not valid UTF-8 appear as
 ``\\xNN``, and a multi-byte character is printed once it is complete. The
-progress bar of ``score`` shows only when stderr is a terminal.
+progress bar of ``score`` (inputs over 256 bytes) goes to stderr.
 
-Not handled: chat templates, constrained generation, several texts per call,
+Not handled: chat templates, constraints other than one regex, several texts per call,
 appending EOS when scoring (a score is that of the bytes as a prefix).
 """
 
@@ -49,7 +50,7 @@ from genlm_bytes.sampling import SamplingParams
 from genlm_bytes.symbols import symbol_name
 
 PROG = "genlm-bytes"
-PROGRESS_MIN_BYTES = 256  # score shows a progress bar (on a terminal) for longer inputs
+PROGRESS_MIN_BYTES = 256  # score shows a progress bar on stderr for longer inputs
 # Not getLogger(__name__): under ``python -m`` that would be "__main__".
 logger = logging.getLogger("genlm_bytes.cli")
 
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random seed: the same seed gives the same bytes")
     p.add_argument("--stop", metavar="STR", default=None,
                    help="stop once the generated text contains STR (it is printed)")
+    p.add_argument("--regex", metavar="PATTERN", default=None,
+                   help="the generated text (after TEXT) must fully match PATTERN, a Python regex; "
+                        "bytes that cannot lead to a match are never chosen, and EOS only where it matches")
+    p.add_argument("--smc", metavar="N", type=int_at_least(1), default=None,
+                   help="with --regex: run N particles (sequential Monte Carlo), which follow the model's "
+                        "distribution given the pattern, and print one of their texts (not streamed)")
 
     p = sub.add_parser("score", parents=[common], help="log-probability and bits per byte of a file",
                        description="Log-probability (nats) and bits per byte of FILE's bytes (as a prefix: "
@@ -281,14 +288,64 @@ def sampling_params(args: argparse.Namespace):
         raise CliError(str(e)) from None
 
 
+def regex_constraint(args: argparse.Namespace):
+    """The ``--regex`` constraint (None without it), checked with ``--smc`` before the model loads."""
+    if args.smc is not None:
+        if args.regex is None:
+            raise CliError("--smc needs --regex (the pattern the particles are conditioned on)")
+        given = ["--greedy"] * args.greedy + [flag for flag, v in (
+            ("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
+            ("--stop", args.stop)) if v is not None]
+        if given:
+            raise CliError(f"--smc cannot be combined with {', '.join(given)} (the particles sample from the "
+                           f"model's own distribution and print once at the end)")
+    if args.regex is None:
+        return None
+    try:
+        from genlm_bytes.constraints import Regex
+    except ImportError as e:
+        raise CliError(f"--regex needs the `regex` package ({e}): pip install regex") from None
+    try:
+        return Regex(args.regex)
+    except ValueError as e:
+        raise CliError(f"--regex: {e}") from None
+
+
+async def _generate_constrained(lm, args, prompt: bytes, params, constraint, on_byte, run: GenerationRun) -> None:
+    """``--regex`` (and ``--smc``): generation that must match the pattern."""
+    from genlm_bytes.constraints import ConstrainedState, ConstraintError
+    from genlm_bytes.sampling import as_generator
+    from genlm_bytes.smc import smc
+
+    beam = _alive(*await prefill(lm, args, prompt), prompt)
+    run.t_start = time.perf_counter()
+    try:
+        if args.smc is None:
+            final, _ = await ConstrainedState(beam, constraint).generate(
+                args.max_bytes, params, rng=args.seed, greedy=params is None, stream=on_byte)
+            if final.finished:
+                run.reason = "EOS" if final.ended else "--regex (complete, nothing more allowed)"
+            else:
+                run.reason = "--max-bytes (the text does not match --regex yet)"
+            return
+        gen = as_generator(args.seed)
+        res = await smc(beam, constraint, args.smc, args.max_bytes, rng=gen)
+    except ConstraintError as e:
+        raise CliError(str(e), code=1) from None
+    i = int(gen.choice(len(res.particles), p=res.weights))  # one text, drawn by weight
+    for byte in res.particles[i].text:
+        on_byte(byte)
+    run.reason = (f"{'EOS' if res.particles[i].state.ended else '--regex'}; {args.smc} particles, "
+                  f"{len(res.posterior())} distinct texts, log P(match) ~ {res.log_ml:.2f} nats")
+
+
 class _StopString(Exception):
     """Raised from the stream callback once the output contains ``--stop``."""
 
 
 async def _generate(lm, args, prompt: bytes, params, stop: bytes | None, writer: Utf8Writer,
-                    run: GenerationRun) -> None:
+                    run: GenerationRun, constraint=None) -> None:
     """Generate after ``prompt`` with :meth:`StatefulByteLM.sample`, writing each byte as it comes."""
-    beam = _alive(*await prefill(lm, args, prompt), prompt)
     out = bytearray()
 
     def on_byte(byte: int) -> None:
@@ -298,8 +355,12 @@ async def _generate(lm, args, prompt: bytes, params, stop: bytes | None, writer:
         if stop is not None and out.endswith(stop):
             raise _StopString
 
-    run.t_start = time.perf_counter()
     try:
+        if constraint is not None:
+            await _generate_constrained(lm, args, prompt, params, constraint, on_byte, run)
+            return
+        beam = _alive(*await prefill(lm, args, prompt), prompt)
+        run.t_start = time.perf_counter()
         await beam.sample(b"", args.max_bytes, params, rng=args.seed, greedy=params is None, stream=on_byte)
     except _StopString:
         run.reason = "--stop"
@@ -313,13 +374,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stop == "":
         raise CliError("--stop must not be empty")
     stop = args.stop.encode("utf-8", "surrogateescape") if args.stop is not None else None
+    constraint = regex_constraint(args)
     prompt = read_text(args.text)
     lm = load_lm(args)
     writer = Utf8Writer(sys.stdout)
     run = GenerationRun()
     code = 0
     try:
-        asyncio.run(_generate(lm, args, prompt, params, stop, writer, run))
+        asyncio.run(_generate(lm, args, prompt, params, stop, writer, run, constraint))
     except KeyboardInterrupt:
         run.reason, code = "Ctrl-C", 130
     writer.close()
@@ -335,12 +397,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     data = read_file(args.file)
     lm = load_lm(args)
-    show_bar = len(data) > PROGRESS_MIN_BYTES and sys.stderr.isatty()
+    show_bar = len(data) > PROGRESS_MIN_BYTES
     bar = None
     if show_bar:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(data), unit="B", unit_scale=True, desc="scoring", file=sys.stderr, leave=False)
+        # On a terminal the bar redraws in place; piped, it writes a line every few seconds.
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=len(data), unit="B", unit_scale=True, desc="scoring", file=sys.stderr, leave=False,
+                   mininterval=0.1 if tty else 5.0, ascii=not tty)
 
     def progress(n_done: int) -> None:
         bar.update(n_done - bar.n)

@@ -212,17 +212,20 @@ def test_score_of_bytes_the_model_cannot_produce_is_probability_0(capsys, monkey
 
 
 @pytest.mark.slow
-def test_score_shows_a_progress_bar_on_a_terminal(capsys, monkeypatch, cli_lm, tmp_path):
+def test_score_shows_a_progress_bar_for_long_inputs(capsys, monkeypatch, cli_lm, tmp_path):
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
     path = tmp_path / "in.txt"
     path.write_bytes(b"A progress bar for this short text.")
-    monkeypatch.setattr(cli, "PROGRESS_MIN_BYTES", 8)
-    assert cli.main(["score", str(path)]) == 0  # not a terminal: no bar
+    assert cli.main(["score", str(path)]) == 0  # short input: no bar
     out, err = capsys.readouterr()
     assert "bits per byte" in out and err == ""
+    monkeypatch.setattr(cli, "PROGRESS_MIN_BYTES", 8)
+    assert cli.main(["score", str(path)]) == 0  # piped stderr: a bar too
+    out, err = capsys.readouterr()
+    assert "bits per byte" in out and "scoring" in err
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert cli.main(["score", str(path)]) == 0
     assert "scoring" in sys.stderr.getvalue()
