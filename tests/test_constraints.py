@@ -303,7 +303,42 @@ async def test_embedded_json(embedded_lm, eos_params):
 # --------------------------------------------------------------------------- CLI
 
 
-def cli(*args, timeout=240):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "genlm_bytes", *args], capture_output=True, timeout=timeout, check=False,
-                          env=env)
+def start(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONIOENCODING="utf-8")
+    return subprocess.Popen([sys.executable, "-m", "genlm_bytes", "generate", *args], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(proc, timeout=240):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out.decode("utf-8"), err.decode("utf-8", "backslashreplace")
+
+
+def test_cli_bad_input_fails_before_the_model_loads():
+    cases = {
+        ("Hi", "--regex", "[a-"): "--regex: invalid regular expression '[a-'",
+        ("Hi", "--regex", "a", "--smc", "0"): "argument --smc: must be an integer >= 1, got 0",
+        ("Hi", "--smc", "3"): "--smc needs --regex",
+        ("Hi", "--regex", "a", "--smc", "2", "--temperature", "0.5"): "--smc cannot be combined with --temperature",
+    }
+    procs = {args: start(*args, "--model", "/nonexistent-model-folder") for args in cases}
+    for args, proc in procs.items():
+        code, out, err = finish(proc, timeout=120)
+        assert code == 2 and cases[args] in err and out == "", (args, err)
+        assert "Traceback" not in err and "nonexistent" not in err  # rejected before loading
+
+
+@pytest.mark.slow
+def test_cli_regex_and_smc_on_the_embedded_model():
+    phone = start("Call me at ", "--regex", "[0-9]{3}-[0-9]{4}", "--smc", "2", "--seed", "0", "--max-bytes", "12")
+    pattern = r'\{"name": "[A-Za-z ]+"\}'
+    record = start("A JSON record of a person: ", "--regex", pattern, "--greedy", "--max-bytes", "40")
+    never = start("Hi", "--regex", "(?!)")
+    code, out, err = finish(phone)
+    assert code == 0 and regex.fullmatch(r"[0-9]{3}-[0-9]{4}", out), (out, err)
+    assert "stopped by EOS; 2 particles" in err and "log P(match)" in err
+    code, out, err = finish(record)
+    assert code == 0 and regex.fullmatch(pattern, out) and json.loads(out)["name"], (out, err)
+    assert "stopped by EOS" in err
+    code, out, err = finish(never)
+    assert code == 1 and "cannot be satisfied by any text" in err and "Traceback" not in err, err
