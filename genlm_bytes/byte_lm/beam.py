@@ -174,7 +174,14 @@ class ByteBeamState(StatefulByteLM):
             keep = keep[: K - 1] + [self.states[pin]]
         if len(keep) == len(self.states):
             return self
-        return ByteBeamState(keep, self.params, canon=self._canon)
+        new = ByteBeamState(keep, self.params, canon=self._canon)
+        if self._ext:  # extensions already computed (e.g. by logp_next) stay valid for kept covers
+            where = {id(s): i for i, s in enumerate(new.states)}
+            for (i, t), e in self._ext.items():
+                j = where.get(id(self.states[i]))
+                if j is not None:
+                    new._ext[(j, t)] = e
+        return new
 
     # ------------------------------------------------------------- extensions
     def _candidates(self, others: list[float], ref_logZ: float | None):
