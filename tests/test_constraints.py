@@ -314,17 +314,30 @@ def finish(proc, timeout=240):
     return proc.returncode, out.decode("utf-8"), err.decode("utf-8", "backslashreplace")
 
 
-def test_cli_bad_input_fails_before_the_model_loads():
-    cases = {
-        ("Hi", "--regex", "[a-"): "--regex: invalid regular expression '[a-'",
-        ("Hi", "--regex", "a", "--smc", "0"): "argument --smc: must be an integer >= 1, got 0",
-        ("Hi", "--smc", "3"): "--smc needs --regex",
-        ("Hi", "--regex", "a", "--smc", "2", "--temperature", "0.5"): "--smc cannot be combined with --temperature",
-    }
-    procs = {args: start(*args, "--model", "/nonexistent-model-folder") for args in cases}
+CLI_BAD_INPUT = {
+    ("Hi", "--regex", "[a-"): "--regex: invalid regular expression '[a-'",
+    ("Hi", "--regex", "a", "--smc", "0"): "argument --smc: must be an integer >= 1, got 0",
+    ("Hi", "--smc", "3"): "--smc needs --regex",
+    ("Hi", "--regex", "a", "--smc", "2", "--temperature", "0.5"): "--smc cannot be combined with --temperature",
+}
+
+
+def test_cli_bad_input_fails_before_the_model_loads(monkeypatch, capsys):
+    import genlm_bytes.__main__ as cli_main
+
+    def no_load(args):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(cli_main, "load_lm", no_load)
+    for args, message in CLI_BAD_INPUT.items():
+        assert cli_main.main(["generate", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+    # the same, as a user runs it (two of them: each subprocess imports torch)
+    procs = {args: start(*args, "--model", "/nonexistent-model-folder") for args in list(CLI_BAD_INPUT)[:2]}
     for args, proc in procs.items():
         code, out, err = finish(proc, timeout=120)
-        assert code == 2 and cases[args] in err and out == "", (args, err)
+        assert code == 2 and CLI_BAD_INPUT[args] in err and out == "", (args, err)
         assert "Traceback" not in err and "nonexistent" not in err  # rejected before loading
 
 

@@ -14,9 +14,10 @@ How bytes become text (``str`` patterns):
   character starting with it continues the match. The probes are the
   non-ASCII characters written in the pattern (literally or as ``\\xHH``,
   ``\\uHHHH``, ``\\UHHHHHHHH``, ``\\x{...}``, ``\\N{...}``, with their case
-  variants), one character per lead byte (and per second byte of 4-byte
-  characters), and a built-in list of common letters, punctuation, CJK
-  characters and emoji. The byte before the last one
+  variants), one letter per lead byte and a few dozen common characters
+  (:data:`LEAD_CHARS`); below the lead byte, also a longer list of common
+  letters, punctuation, CJK characters and emoji (:data:`COMMON_CHARS`) and one
+  character per second byte of 4-byte characters. The byte before the last one
   of a 3- or 4-byte character is checked exactly against all its 64
   completions. So every allowed byte has a completion (the probes are
   witnesses) but a pattern that accepts only rare non-ASCII characters that
@@ -64,6 +65,9 @@ COMMON_CHARS = (
     "가나다라마바사아자차카타파하한국어는을이에" "，。！？：；（）「」『』、・～"
     "😀😂😊😍🙂🤔👍👋🎉🔥🚀✨💡📌✅❌⭐🙏💯👀"
 )
+
+#: Probes tried for lead bytes (with the pattern's own characters and one letter per lead byte).
+LEAD_CHARS = "éüñßçøåœ€£°–—‘’“”•…→✓★❤αβжяאبकก中的日本あア한😀👍🎉🚀"
 
 _ESCAPES = regex.compile(r"\\(?:x\{([0-9A-Fa-f]{1,8})\}|x([0-9A-Fa-f]{2})|u([0-9A-Fa-f]{4})"
                          r"|U([0-9A-Fa-f]{8})|N\{([^}]*)\})")
@@ -150,12 +154,15 @@ def _pattern_chars(source: str) -> set[str]:
 
 
 def _lead_samples() -> list[str]:
-    """One character per multi-byte lead byte (its first valid encoding, e.g. U+0080 for 0xC2)."""
+    """One character per multi-byte lead byte: its first letter if it has one, else its first character."""
     out = []
     for lead in range(0xC2, 0xF5):
-        n, lo, _ = utf8_lead(lead)
-        c = bytes([lead, lo] + [0x80] * (n - 2)).decode("utf-8")
-        out.append(c)
+        n, lo, hi = utf8_lead(lead)
+        first = bytes([lead, lo] + [0x80] * (n - 2)).decode("utf-8")
+        last = bytes([lead, hi] + [0xBF] * (n - 2)).decode("utf-8")
+        letter = next((chr(u) for u in range(ord(first), min(ord(last), ord(first) + 4096) + 1)
+                       if unicodedata.category(chr(u)).startswith("L")), first)
+        out.append(letter)
     return out
 
 
@@ -166,6 +173,10 @@ def _second_byte_samples() -> list[str]:
         _, lo, hi = utf8_lead(lead)
         out.extend(bytes([lead, b, 0x80, 0x80]).decode("utf-8") for b in range(lo, hi + 1))
     return out
+
+
+_LEAD_SAMPLES = _lead_samples()
+_SECOND_BYTE_SAMPLES = _second_byte_samples()
 
 
 class Regex(Constraint):
@@ -197,17 +208,17 @@ class Regex(Constraint):
         self.is_bytes = isinstance(self.pattern.pattern, bytes)
         self._probes: dict[bytes, list[str]] = {}
         if not self.is_bytes:
-            chars = sorted(_pattern_chars(self.pattern.pattern)) + _lead_samples() + list(COMMON_CHARS)
+            # Lead bytes are tried at every step, so only a few probes each; more below the lead.
+            lead_level = sorted(_pattern_chars(self.pattern.pattern)) + list(LEAD_CHARS) + _LEAD_SAMPLES
+            deeper = list(COMMON_CHARS) + _SECOND_BYTE_SAMPLES
             seen = set()
-            for c in chars:  # pattern characters first: the likeliest witnesses
+            for c, first in [(c, 1) for c in lead_level] + [(c, 2) for c in deeper]:
                 if c in seen:
                     continue
                 seen.add(c)
                 enc = c.encode("utf-8")
-                for k in range(1, len(enc)):
+                for k in range(first, len(enc)):
                     self._probes.setdefault(enc[:k], []).append(c)
-            for c in _second_byte_samples():  # below the lead only: not tried for every lead byte
-                self._probes.setdefault(c.encode("utf-8")[:2], []).append(c)
 
     def _ok(self, text) -> bool:
         return self.pattern.fullmatch(text, partial=True) is not None

@@ -6,7 +6,7 @@ Every allowed byte leads to a node below which some string ends, so a
 Example:
     >>> c = StringSet(["yes", "no", "not sure"])
     >>> [chr(b) for b in c.mask(b"no").nonzero()[0] if b < 256], c.is_complete(b"no")
-    ([' '], True)
+    (['t'], True)
 
 Not handled: case folding, Unicode normalization (pass every spelling you accept).
 """
