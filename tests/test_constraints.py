@@ -342,16 +342,21 @@ def test_cli_bad_input_fails_before_the_model_loads(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_cli_regex_and_smc_on_the_embedded_model():
+def test_cli_regex_and_smc_on_the_embedded_model(embedded_lm, monkeypatch, capsys):
+    import genlm_bytes.__main__ as cli_main
+
+    # One run as a user makes it (loads its own model) while the others run in-process.
     phone = start("Call me at ", "--regex", "[0-9]{3}-[0-9]{4}", "--smc", "2", "--seed", "0", "--max-bytes", "12")
+    monkeypatch.setattr(cli_main, "load_lm", lambda args: embedded_lm)
     pattern = r'\{"name": "[A-Za-z ]+"\}'
-    record = start("A JSON record of a person: ", "--regex", pattern, "--greedy", "--max-bytes", "40")
-    never = start("Hi", "--regex", "(?!)")
+    assert cli_main.main(["generate", "A JSON record of a person: ", "--regex", pattern, "--greedy",
+                          "--max-bytes", "40"]) == 0
+    out, err = capsys.readouterr()
+    assert regex.fullmatch(pattern, out) and json.loads(out)["name"], (out, err)
+    assert "stopped by EOS" in err
+    assert cli_main.main(["generate", "Hi", "--regex", "(?!)"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be satisfied by any text" in err and "Traceback" not in err, err
     code, out, err = finish(phone)
     assert code == 0 and regex.fullmatch(r"[0-9]{3}-[0-9]{4}", out), (out, err)
     assert "stopped by EOS; 2 particles" in err and "log P(match)" in err
-    code, out, err = finish(record)
-    assert code == 0 and regex.fullmatch(pattern, out) and json.loads(out)["name"], (out, err)
-    assert "stopped by EOS" in err
-    code, out, err = finish(never)
-    assert code == 1 and "cannot be satisfied by any text" in err and "Traceback" not in err, err

@@ -110,6 +110,7 @@ async def test_without_eos_the_target_is_the_prefix_probability_of_finished_text
     # with max_bytes=2, "ab" is finished at the limit too
     Z2 = sum((await brute_force(beam, lambda x: x in {b"ab", b"cc", b"b"}, 2, eos=False)).values())
     r2 = await smc(beam, c, 1000, 2, rng=1)
+    assert any(p.text == b"ab" and p.finished for p in r2.particles)
     assert math.exp(r2.log_ml) == pytest.approx(Z2, rel=0.15)
 
 
