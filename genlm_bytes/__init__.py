@@ -16,6 +16,7 @@ from genlm_bytes.trie import AsyncTokenByteTrie, TokenByteTrie
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+_CONSTRAINTS = ("Regex", "StringSet", "Predicate", "ConstrainedState", "ConstraintError", "Constraint")
 _MODELS = ("LlamaConfig", "LlamaTransformer", "MLSTMConfig", "MLSTMLM", "AsyncLlama", "AsyncMLSTM")
 
 
@@ -29,6 +30,14 @@ def __getattr__(name):
         from genlm_bytes import sampling
 
         return getattr(sampling, name)
+    if name in _CONSTRAINTS:
+        from genlm_bytes import constraints
+
+        return getattr(constraints, name)
+    if name == "smc":
+        from genlm_bytes.smc import smc
+
+        return smc
     if name in _MODELS:
         from genlm_bytes import models
 
@@ -40,5 +49,5 @@ __all__ = [
     "AsyncLM", "AsyncTransformer", "MockLM", "load_model", "StatefulTokenizedLM", "StatefulByteLM",
     "LazyTrieState", "ByteBeamState", "BeamParams", "TokenByteTrie", "AsyncTokenByteTrie",
     "LazyByteProbs", "Chart", "SamplingParams", "generate_tokens", "generate", "EOS", "EOT", "N_SYMBOLS",
-    *_MODELS,
+    *_MODELS, *_CONSTRAINTS, "smc",
 ]
