@@ -3,7 +3,8 @@
 A user model subclasses :class:`AsyncLM`, calls ``super().__init__(byte_vocab=...,
 initial_context=..., eos_token_ids=...)`` and implements only
 ``async def next_token_logprobs(self, token_ids) -> torch.Tensor`` returning
-normalized log-probabilities of shape ``(V,)``.
+normalized log-probabilities of shape ``(V,)`` (a plain ``def`` is accepted
+too, but it blocks the event loop while it runs).
 
 The base class wraps that method (in ``__init_subclass__``) so every model,
 ours and the user's, gets the same input checks (empty context, ids out of
@@ -19,8 +20,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
+import inspect
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -68,6 +70,9 @@ def _check_logprobs(out, token_ids: list[int], vocab_size: int, cls_name: str) -
     if torch.isnan(out).any():
         raise ValueError(f"{cls_name}.next_token_logprobs returned NaN for context "
                          f"{_short(token_ids)}")
+    if torch.isposinf(out).any():
+        raise ValueError(f"{cls_name}.next_token_logprobs returned +inf for context {_short(token_ids)}; "
+                         f"it must return normalized log-probabilities (e.g. torch.log_softmax(logits, -1))")
     if not torch.isfinite(out).any():
         raise ValueError(f"{cls_name}.next_token_logprobs returned no finite log-probability "
                          f"(every token -inf) for context {_short(token_ids)}")
@@ -123,7 +128,9 @@ class AsyncLM(abc.ABC):
         @functools.wraps(impl)
         async def next_token_logprobs(self, token_ids):
             ids = check_token_ids(token_ids, self.vocab_size)
-            out = await impl(self, ids)
+            out = impl(self, ids)
+            if inspect.isawaitable(out):
+                out = await out
             if self._trusted_output:
                 return out
             return _check_logprobs(out, ids, self.vocab_size, type(self).__name__)
@@ -141,6 +148,11 @@ class AsyncLM(abc.ABC):
             raise TypeError(f"contexts must be a list of token-id lists, got {type(contexts).__name__}")
         if not contexts:
             return torch.empty((0, self.vocab_size))
+        for i, c in enumerate(contexts):  # all checked before any work starts
+            try:
+                check_token_ids(c, self.vocab_size)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"contexts[{i}]: {e}") from None
         rows = await asyncio.gather(*(self.next_token_logprobs(c) for c in contexts))
         return torch.stack(rows)
 
@@ -161,7 +173,7 @@ class AsyncLM(abc.ABC):
         cache them; the default does nothing. ``alternatives`` optionally lists
         ``(i, t)`` pairs: the context ``token_ids[:i] + [t]`` will probably be needed too.
         """
-        return None
+        return
 
     def encode_bytes(self, data: bytes) -> list[int] | None:
         """The tokenizer's own encoding of ``data`` (no special tokens), or None if unknown."""

@@ -15,7 +15,9 @@ Guarantees:
 - a cancelled caller does not disturb the others (the shared future is
   shielded);
 - the batcher follows the running event loop: it can be used from successive
-  ``asyncio.run`` calls.
+  ``asyncio.run`` calls, and from several threads each running its own loop
+  (e.g. the synchronous wrappers called concurrently): every loop has its own
+  queue and worker; their ``process`` calls take turns in the one worker thread.
 
 Not handled here: caching of finished results (the backend does that).
 """
@@ -26,7 +28,8 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from typing import Any, Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,17 @@ def _retrieve(fut: asyncio.Future) -> None:
     # log "Future exception was never retrieved".
     if not fut.cancelled():
         fut.exception()
+
+
+class _LoopState:
+    """What one event loop's callers share: the queue, in-flight futures by key, the worker task."""
+
+    __slots__ = ("pending", "queue", "worker")
+
+    def __init__(self):
+        self.queue: list[tuple[Hashable, Any, asyncio.Future]] = []
+        self.pending: dict[Hashable, asyncio.Future] = {}
+        self.worker: asyncio.Task | None = None
 
 
 class Batcher:
@@ -58,69 +72,68 @@ class Batcher:
         self.n_batches = 0  # number of process() calls: for tests and benchmarks
         self.n_requests = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._lock = threading.Lock()
-        self._loop = None
-        self._reset()
+        self._lock = threading.Lock()  # serializes process() calls
+        self._states_lock = threading.Lock()
+        # Per event loop: its queue, in-flight futures and worker (futures belong to one loop).
+        self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
 
-    def _reset(self) -> None:
-        self._queue: list[tuple[Hashable, Any, asyncio.Future]] = []
-        self._pending: dict[Hashable, asyncio.Future] = {}
-        self._worker: asyncio.Task | None = None
-
-    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+    def _state(self) -> tuple[asyncio.AbstractEventLoop, _LoopState]:
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            # A new event loop (e.g. a later asyncio.run): nothing of the old one can be awaited here.
-            self._loop = loop
-            self._reset()
-        return loop
+        with self._states_lock:
+            st = self._states.get(loop)
+            if st is None:
+                # A new loop (e.g. a later asyncio.run): forget the loops that have closed.
+                for old in [lp for lp in self._states if lp.is_closed()]:
+                    del self._states[old]
+                st = self._states[loop] = _LoopState()
+        return loop, st
 
     async def submit(self, key: Hashable, request: Any) -> Any:
         """Queue ``request`` (deduplicated by ``key``) and wait for its result."""
-        loop = self._bind_loop()
-        fut = self._pending.get(key)
+        loop, st = self._state()
+        fut = st.pending.get(key)
         if fut is None:
             fut = loop.create_future()
             fut.add_done_callback(_retrieve)
-            self._pending[key] = fut
-            self._queue.append((key, request, fut))
-            if self._worker is None or self._worker.done():
-                self._worker = loop.create_task(self._run(), name=f"{self.name}-worker")
+            st.pending[key] = fut
+            st.queue.append((key, request, fut))
+            if st.worker is None or st.worker.done():
+                st.worker = loop.create_task(self._run(st), name=f"{self.name}-worker")
         return await asyncio.shield(fut)
 
-    async def _run(self) -> None:
+    async def _run(self, st: _LoopState) -> None:
         # Let every coroutine that is ready in this iteration add its request first.
         await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
-        while self._queue:
-            batch = self._queue[: self.max_batch_size]
-            del self._queue[: len(batch)]
+        while st.queue:
+            batch = st.queue[: self.max_batch_size]
+            del st.queue[: len(batch)]
             requests = [r for _, r, _ in batch]
             try:
                 results = await loop.run_in_executor(self._executor, self._call, requests)
                 if len(results) != len(batch):
                     raise RuntimeError(f"{self.name}: process returned {len(results)} results "
                                        f"for {len(batch)} requests")
-            except BaseException as e:  # noqa: BLE001 - every waiter must hear about it
+            except BaseException as e:
                 if isinstance(e, asyncio.CancelledError):
                     err: BaseException = RuntimeError(f"{self.name}: the worker was cancelled")
                 else:
                     err = e
                     logger.debug("%s: batch of %d failed: %r", self.name, len(batch), e)
                 for key, _, fut in batch:
-                    self._pending.pop(key, None)
+                    st.pending.pop(key, None)
                     if not fut.done():
                         fut.set_exception(err)
                 if isinstance(e, asyncio.CancelledError):
-                    for key, _, fut in self._queue:
-                        self._pending.pop(key, None)
+                    for key, _, fut in st.queue:
+                        st.pending.pop(key, None)
                         if not fut.done():
                             fut.set_exception(err)
-                    self._queue.clear()
+                    st.queue.clear()
                     raise
                 continue
             for (key, _, fut), res in zip(batch, results):
-                self._pending.pop(key, None)
+                st.pending.pop(key, None)
                 if not fut.done():
                     fut.set_result(res)
             await asyncio.sleep(0)

@@ -12,6 +12,10 @@ of :class:`Node` (one per token position). A node may hold
 Memory: every payload is charged to the budget (a block once, however many
 nodes point into it). When the total goes over ``budget_bytes``, the least
 recently used payloads are dropped; a block is freed when no node refers to it.
+A node left with neither payload nor children is unlinked from the trie and
+marked ``pruned``; an insert through a node walked before that eviction goes to
+the live node of the same prefix instead (else its payload would be charged
+but unreachable, and evicting it later could unlink a live sibling).
 
 Thread safety: all methods take ``self.lock``; the backend calls them from the
 event loop (lookups) and from its worker thread (inserts).
@@ -28,7 +32,7 @@ import torch
 class KVBlock:
     """Keys and values of one forward pass: per layer ``(B, kv_heads, T, head_dim)``."""
 
-    __slots__ = ("keys", "values", "nbytes", "refs", "__weakref__")
+    __slots__ = ("__weakref__", "keys", "nbytes", "refs", "values")
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
         self.keys = keys
@@ -55,7 +59,7 @@ class KVRef:
 
 
 class Node:
-    __slots__ = ("parent", "token", "depth", "children", "logp", "kv")
+    __slots__ = ("children", "depth", "kv", "logp", "parent", "pruned", "token")
 
     def __init__(self, parent, token: int, depth: int):
         self.parent = parent
@@ -64,6 +68,7 @@ class Node:
         self.children: dict[int, Node] = {}
         self.logp: torch.Tensor | None = None
         self.kv: KVRef | None = None
+        self.pruned = False  # taken out of the trie by eviction: never given a payload again
 
 
 class PrefixCache:
@@ -129,7 +134,7 @@ class PrefixCache:
     # ------------------------------------------------------------------ inserts
     def put_logp(self, ids, logp: torch.Tensor, node: Node | None = None) -> None:
         with self.lock:
-            if node is None:
+            if node is None or node.pruned:  # a node an eviction took out since it was walked
                 node = self.walk(ids, create=True)[-1]
             if node.logp is None:
                 self.nbytes += logp.numel() * logp.element_size()
@@ -146,7 +151,7 @@ class PrefixCache:
         """Point each of ``nodes`` without a past at ``ref_of(node)`` (a KVRef)."""
         with self.lock:
             for node in nodes:
-                if node.kv is not None:
+                if node.kv is not None or node.pruned:
                     continue
                 ref = ref_of(node)
                 node.kv = ref
@@ -197,5 +202,7 @@ class PrefixCache:
         while (node.parent is not None and not node.children and node.logp is None
                and node.kv is None):
             parent = node.parent
-            parent.children.pop(node.token, None)
+            if parent.children.get(node.token) is node:
+                del parent.children[node.token]
+            node.pruned = True
             node = parent
