@@ -120,7 +120,7 @@ class ByteBeamState(StatefulByteLM):
         self.logZ: float = _logsumexp([s.weight for s in self.states])
         self._canon = canon  # the tokenizer's encoding of the text being prefilled
         self._ext: dict[tuple[int, int], LazyTrieState] = {}  # (state index, token) -> extension
-        self._miss: dict[tuple[int, int], tuple[int, int]] = {}  # prefill look-ahead bookkeeping
+        self._miss: dict[tuple[int, int], tuple[int, int, int]] = {}  # prefill look-ahead bookkeeping
 
     @classmethod
     async def initial(cls, lm: AsyncLM, params: BeamParams, initial_context=None) -> ByteBeamState:
@@ -209,7 +209,7 @@ class ByteBeamState(StatefulByteLM):
         if todo:
             new = await asyncio.gather(*(self.states[i].extend(t, self._canon) for i, t in todo))
             for key, e in zip(todo, new):
-                e.miss, e.ahead = self._miss.get(key, (0, 0))
+                e.miss, e.ahead, e.path_end = self._miss.get(key, (0, 0, 0))
             self._ext.update(zip(todo, new))
         return [self._ext[(i, t)] for i, t, _ in cands]
 

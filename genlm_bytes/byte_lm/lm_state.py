@@ -26,7 +26,7 @@ class StatefulTokenizedLM:
     ``max_context_length`` is set, the context keeps only its last that many tokens.
     """
 
-    __slots__ = ("lm", "context", "max_context_length")
+    __slots__ = ("context", "lm", "max_context_length")
 
     def __init__(self, lm: AsyncLM, context: tuple, max_context_length: int | None = None):
         self.lm = lm

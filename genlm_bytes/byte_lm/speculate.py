@@ -111,14 +111,16 @@ class PrefillPlanner:
     """Plans the LM work of one prefill: the paths whose distributions are computed ahead.
 
     The first path is the tokenizer's encoding of the whole text. A branch off any path
-    that survives two uncached extensions gets a path of its own: the encoding of the rest
-    of the text, from where it is. A strong branch (within ``DOMINANT`` of the heaviest
-    cover) gets the whole rest; a weak one a short look-ahead that doubles along its
-    lineage, so a branch that dies soon wastes little.
+    that survives two uncached extensions gets a path of its own: the encoding of the next
+    part of the text, from where it is. The look-ahead doubles along a lineage; a weak
+    branch starts at 4 tokens and stops growing at ``MAX_AHEAD``, a strong one (within
+    ``DOMINANT`` of the heaviest cover) starts at ``MAX_AHEAD`` and doubles up to ``MAX_STRONG``, so a
+    branch that dies soon wastes little and one that carries the beam is computed in few passes.
     """
 
-    DOMINANT = math.log(0.1)
+    DOMINANT = math.log(0.5)
     MAX_AHEAD = 32
+    MAX_STRONG = 128
 
     def __init__(self, beam, data: bytes):
         self.beam0 = beam
@@ -145,7 +147,7 @@ class PrefillPlanner:
 
     async def before_extensions(self, beam, cands, pos: int) -> None:
         """Called by a beam step at text position ``pos`` before it computes extensions."""
-        lm, data = self.lm, self.data
+        lm = self.lm
         top = max((s.weight for s in beam.states), default=-math.inf)
         for i, t, w in cands:
             if (i, t) in beam._ext:
@@ -153,22 +155,58 @@ class PrefillPlanner:
             s = beam.states[i]
             ctx = s.lm_state.context + (t,)
             if lm.has_logprobs(ctx):
-                beam._miss[(i, t)] = (0, s.ahead)
+                beam._miss[(i, t)] = (0, s.ahead, s.path_end)
                 continue
-            # A first miss starts a new branch (its look-ahead starts small again).
-            beam._miss[(i, t)] = (s.miss + 1, s.ahead if s.miss else 0)
-            if s.miss < 1:
+            strong = w >= top + self.DOMINANT
+            # A first miss starts a new branch (its look-ahead starts small again), unless the
+            # branch just ran past the end of its look-ahead: then it goes on doubling at once.
+            first = s.miss == 0
+            going_on = first and s.ahead > 0 and len(s.lm_state.context) >= s.path_end
+            base = s.ahead if (going_on or not first) else 0
+            beam._miss[(i, t)] = (s.miss + 1, base, 0)
+            if first and not going_on:
                 continue
-            if w >= top + self.DOMINANT:
-                enc = lm.encode_bytes(data[pos:]) or []
-                ahead = len(enc)
+            if strong:
+                ahead = min(self.MAX_STRONG, max(self.MAX_AHEAD, 2 * base))
             else:
-                ahead = min(self.MAX_AHEAD, max(4, 2 * s.ahead))
-                window = data[pos: pos + 8 * ahead]
-                enc = lm.encode_bytes(window) or []
-                if pos + len(window) < len(data):
-                    enc = enc[:-1]  # the window may cut the last token
-                enc = enc[:ahead]
+                ahead = min(self.MAX_AHEAD, max(4, 2 * base))
+            enc = self.encode_ahead(pos, ahead)
             if enc and self.fits(len(ctx) + len(enc)):
                 await self.add_path(ctx, tuple(enc), pos)
-                beam._miss[(i, t)] = (0, ahead)
+                beam._miss[(i, t)] = (0, ahead, len(ctx) + len(enc))
+
+    def encode_ahead(self, pos: int, n_tokens: int) -> list[int]:
+        """About ``n_tokens`` tokens spelling the text from ``pos`` on: the tokenizer's encoding
+        when the window is valid text, else the longest-match split along the trie."""
+        data, lm = self.data, self.lm
+        end = min(len(data), pos + 8 * n_tokens)
+        window = data[pos:end]
+        enc = None
+        for cut in range(4):  # the window may end inside a multi-byte character
+            if cut and end == len(data):
+                break
+            enc = lm.encode_bytes(window[: len(window) - cut] if cut else window)
+            if enc is not None:
+                break
+        if enc is None:
+            enc = self.longest_match(window)
+        if end < len(data) and enc:
+            enc = enc[:-1]  # the window may cut the last token
+        return enc[:n_tokens]
+
+    def longest_match(self, window: bytes) -> list[int]:
+        """Split ``window`` greedily into the longest tokens (stops where no token matches)."""
+        trie, out, i = self.space.trie, [], 0
+        while i < len(window):
+            node, best = 0, None
+            for j in range(i, len(window)):
+                node = trie.edges.get((node << 8) | window[j], -1)
+                if node < 0:
+                    break
+                if trie.end[node] > trie.lo[node]:
+                    best = (j + 1, int(trie.order[trie.lo[node]]))
+            if best is None:
+                break
+            i, t = best
+            out.append(t)
+        return out

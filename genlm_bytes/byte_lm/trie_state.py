@@ -30,7 +30,7 @@ _TINY = 1e-9  # below this (relative) a cumulative-sum difference is recomputed 
 class TrieSpace:
     """What the covers of one beam share: the trie and which tokens are EOS."""
 
-    __slots__ = ("trie", "eos_ids", "eos_pos", "n_sorted", "_dists")
+    __slots__ = ("_dists", "eos_ids", "eos_pos", "n_sorted", "trie")
 
     MAX_DISTS = 256  # prepared distributions kept for reuse (keyed by the LM's cached tensor)
 
@@ -78,7 +78,7 @@ class ContextDist:
     keep relative precision. Memory: 8 bytes per token (16 with EOS tokens in generation mode).
     """
 
-    __slots__ = ("logp", "space", "_lp", "_c", "_cg", "_p_eos")
+    __slots__ = ("_c", "_cg", "_lp", "_p_eos", "logp", "space")
 
     def __init__(self, logp: torch.Tensor, space: TrieSpace):
         self.logp = logp
@@ -163,12 +163,23 @@ class LazyTrieState:
             follows the tokenizer's own encoding, else -1.
     """
 
-    __slots__ = ("lm_state", "node", "ctx_weight", "dist", "terminated", "text", "canon", "weight", "miss",
-                 "ahead")
+    __slots__ = (
+        "ahead",
+        "canon",
+        "ctx_weight",
+        "dist",
+        "lm_state",
+        "miss",
+        "node",
+        "path_end",
+        "terminated",
+        "text",
+        "weight",
+    )
 
     def __init__(self, lm_state: StatefulTokenizedLM, node: int, ctx_weight: float, dist: ContextDist,
                  *, terminated: bool = False, text: bool = False, canon: int = -1, weight: float | None = None,
-                 miss: int = 0, ahead: int = 0):
+                 miss: int = 0, ahead: int = 0, path_end: int = 0):
         self.lm_state = lm_state
         self.node = node
         self.ctx_weight = ctx_weight
@@ -181,6 +192,7 @@ class LazyTrieState:
         # cover's lineage, and the length of its last look-ahead.
         self.miss = miss
         self.ahead = ahead
+        self.path_end = path_end  # context length where that look-ahead ends
 
     @classmethod
     async def initial(cls, lm, space: TrieSpace | None = None, initial_context=None,
@@ -230,7 +242,7 @@ class LazyTrieState:
             return None
         return LazyTrieState(self.lm_state, child, self.ctx_weight, self.dist, text=self.text,
                              canon=self.canon, weight=self.ctx_weight + math.log(m), miss=self.miss,
-                             ahead=self.ahead)
+                             ahead=self.ahead, path_end=self.path_end)
 
     def end_tokens(self) -> list[tuple[int, float]]:
         """``(token id, ctx_weight + log p(token))`` for each token ending exactly here."""
