@@ -6,7 +6,13 @@ an HF backend is built.
 
 import logging
 
-from genlm_bytes.byte_lm import BeamParams, ByteBeamState, LazyTrieState, StatefulByteLM, StatefulTokenizedLM
+from genlm_bytes.byte_lm import (
+    BeamParams,
+    ByteBeamState,
+    LazyTrieState,
+    StatefulByteLM,
+    StatefulTokenizedLM,
+)
 from genlm_bytes.dist import Chart, LazyByteProbs
 from genlm_bytes.lm.base import AsyncLM
 from genlm_bytes.lm.default import load_model
@@ -49,5 +55,6 @@ __all__ = [
     "AsyncLM", "AsyncTransformer", "MockLM", "load_model", "StatefulTokenizedLM", "StatefulByteLM",
     "LazyTrieState", "ByteBeamState", "BeamParams", "TokenByteTrie", "AsyncTokenByteTrie",
     "LazyByteProbs", "Chart", "SamplingParams", "generate_tokens", "generate", "EOS", "EOT", "N_SYMBOLS",
-    *_MODELS, *_CONSTRAINTS, "smc",
+    "LlamaConfig", "LlamaTransformer", "MLSTMConfig", "MLSTMLM", "AsyncLlama", "AsyncMLSTM",
+    "Regex", "StringSet", "Predicate", "ConstrainedState", "ConstraintError", "Constraint", "smc",
 ]

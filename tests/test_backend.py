@@ -496,9 +496,6 @@ def held_bytes(cache: PrefixCache) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="transformer.py caches each log-prob row as a view of the whole "
-                   "(rows, V) output of its pass: the budget charges V*4 bytes per row, but the memory "
-                   "held is rows*V*4 until every row of that pass is evicted (fix: clone the row)")
 async def test_budget_bounds_the_memory_actually_held(embedded_lm, embedded_hf):
     _, tok = embedded_hf
     budget = 2_000_000

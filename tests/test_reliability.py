@@ -625,11 +625,6 @@ async def test_transformer_rejects_contexts_beyond_its_window(embedded_lm, embed
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="AsyncTransformer.prefetch checks len(ids) + 1 against the window, so a context "
-                   "that fills the window exactly is refused by prefetch although next_token_logprobs "
-                   "accepts it; a beam with max_context_length equal to the window then fails on a long "
-                   "prompt (its look-ahead prefetches paths of exactly max_context_length tokens)")
 async def test_context_filling_the_window_is_accepted_and_truncation_works(embedded_lm):
     lm = transformer(embedded_lm)
     lm.max_positions = 16

@@ -130,13 +130,13 @@ class AsyncTransformer(AsyncLM):
         from genlm_bytes.lm.base import check_token_ids
 
         ids = tuple(check_token_ids(token_ids, self.vocab_size))
-        self._check_length(len(ids) + 1)
+        self._check_length(len(ids))
         alts = []
         for i, t in alternatives or ():
             if not (0 < i <= len(ids) and 0 <= t < self.vocab_size):
                 raise ValueError(f"alternative ({i}, {t}) does not fit a context of {len(ids)} tokens "
                                  f"and {self.vocab_size} token ids")
-            if i == len(ids) or ids[i] != t:
+            if (i == len(ids) or ids[i] != t) and not (self.max_positions and i + 1 > self.max_positions):
                 alts.append((int(i), int(t)))
         path = self.cache.walk(ids)
         loop = asyncio.get_running_loop()
@@ -219,11 +219,13 @@ class AsyncTransformer(AsyncLM):
             lp = logps[b]
             if all_positions:
                 for j, node in enumerate(new_nodes):
-                    self.cache.put_logp(ids[: p + j + 1], lp[j], node=node)
+                    # A copy per row: a view would keep the whole pass's output alive.
+                    self.cache.put_logp(ids[: p + j + 1], lp[j].clone(), node=node)
                 results.append(lp)
             else:
-                self.cache.put_logp(ids, lp[0], node=path[-1])
-                results.append(lp[0])
+                row = lp[0].clone()
+                self.cache.put_logp(ids, row, node=path[-1])
+                results.append(row)
         return results
 
     def _make_cache(self, rows, P: int):
@@ -312,7 +314,7 @@ class AsyncTransformer(AsyncLM):
             self.n_forward_tokens += A
             logps = self._logprobs(out.last_hidden_state[0])  # (A, V)
             for q, (i, t) in enumerate(chunk):
-                self.cache.put_logp(ids[:i] + (t,), logps[q])
+                self.cache.put_logp(ids[:i] + (t,), logps[q].clone())
         logger.debug("prefetched %d one-token alternatives", len(alts))
 
 
