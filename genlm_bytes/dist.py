@@ -9,7 +9,7 @@ small dict view for reading and printing.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class LazyByteProbs:
         ps: ``(258,)`` float64 log-probs (slots: bytes 0-255, EOT 256, EOS 257).
     """
 
-    __slots__ = ("_ps", "_fn")
+    __slots__ = ("_fn", "_ps")
 
     def __init__(self, ps_or_fn: np.ndarray | Callable[[], np.ndarray]):
         if callable(ps_or_fn):
@@ -117,4 +117,4 @@ class _Name(str):
         return str(self)
 
 
-__all__ = ["Chart", "LazyByteProbs", "EOS", "EOT"]
+__all__ = ["EOS", "EOT", "Chart", "LazyByteProbs"]

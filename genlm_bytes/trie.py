@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
