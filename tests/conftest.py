@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(2)
 
-from genlm_bytes import MockLM  # noqa: E402
+from genlm_bytes import MockLM
 
 
 @pytest.fixture

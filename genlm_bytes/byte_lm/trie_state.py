@@ -36,7 +36,7 @@ class TrieSpace:
 
     def __init__(self, trie: TokenByteTrie, eos_ids=()):
         self.trie = trie
-        self.eos_ids = np.asarray(sorted(set(int(t) for t in eos_ids)), dtype=np.int64)
+        self.eos_ids = np.asarray(sorted({int(t) for t in eos_ids}), dtype=np.int64)
         self.eos_pos = np.nonzero(np.isin(trie.order, self.eos_ids))[0]
         self.n_sorted = len(trie.order)
         self._dists: OrderedDict[int, ContextDist] = OrderedDict()
