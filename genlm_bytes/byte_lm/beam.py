@@ -296,7 +296,7 @@ class ByteBeamState(StatefulByteLM):
         for pos, b in enumerate(data):
             beam = beam.prune()
             if planner is not None:
-                await planner.advance(pos)
+                await planner.advance(pos, beam)
             beam = await beam._step(b, planner, pos)
             if progress is not None:
                 progress(pos + 1)

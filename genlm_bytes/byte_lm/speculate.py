@@ -55,9 +55,19 @@ class PathSpeculator:
         """Compute the distributions along the whole path (one pass, chunked by the backend)."""
         await self.lm.prefetch(list(self.ctx0 + self.path))
 
+    def due(self, pos: int) -> bool:
+        """Whether :meth:`ensure_bytes` at ``pos`` has work to do."""
+        return self.done < len(self.path) and self.base + self.off[self.done] <= pos + 4 * WINDOW
+
+    def followed_by(self, states) -> bool:
+        """Whether some cover's context starts with this path's context (the path is still in use)."""
+        n = len(self.ctx0)
+        return any(len(c) >= n and c[n - 1] == self.ctx0[-1] and c[:n] == self.ctx0
+                   for c in (s.lm_state.context for s in states))
+
     async def ensure_bytes(self, pos: int) -> None:
         """Make sure the branches at boundaries up to text position ``pos`` (+ a margin) are computed."""
-        while self.done < len(self.path) and self.base + self.off[self.done] <= pos + 4 * WINDOW:
+        while self.due(pos):
             j0, j1 = self.done, min(len(self.path), self.done + WINDOW)
             self.done = j1
             branches = await self.branches(j0, j1)
@@ -141,9 +151,16 @@ class PrefillPlanner:
         await spec.ensure_bytes(base)
         self.paths.append(spec)
 
-    async def advance(self, pos: int) -> None:
-        for spec in self.paths:
-            await spec.ensure_bytes(pos)
+    async def advance(self, pos: int, beam) -> None:
+        """Speculate the next windows of the paths the beam still follows; forget the others."""
+        live = []
+        for k, spec in enumerate(self.paths):
+            if spec.due(pos):
+                if k > 0 and not spec.followed_by(beam.states):
+                    continue
+                await spec.ensure_bytes(pos)
+            live.append(spec)
+        self.paths = live
 
     async def before_extensions(self, beam, cands, pos: int) -> None:
         """Called by a beam step at text position ``pos`` before it computes extensions."""
