@@ -52,8 +52,8 @@ class PathSpeculator:
         self.done = 0  # boundaries [0, done) speculated
 
     async def start(self) -> None:
-        """Compute the distributions along the whole path (one pass, chunked by the backend)."""
-        await self.lm.prefetch(list(self.ctx0 + self.path))
+        """Compute the first window of the path (later windows follow the beam, see ensure_bytes)."""
+        await self.ensure_bytes(self.base)
 
     def due(self, pos: int) -> bool:
         """Whether :meth:`ensure_bytes` at ``pos`` has work to do."""
@@ -70,9 +70,13 @@ class PathSpeculator:
         while self.due(pos):
             j0, j1 = self.done, min(len(self.path), self.done + WINDOW)
             self.done = j1
+            # The path up to the window's end in one pass (on the cached past), then its branches.
+            # Window by window, so the cache holds what the beam is about to use, not the whole text.
+            upto = list(self.ctx0 + self.path[: j1 + 1])
+            await self.lm.prefetch(upto)
             branches = await self.branches(j0, j1)
             if branches:
-                await self.lm.prefetch(list(self.ctx0 + self.path), alternatives=branches)
+                await self.lm.prefetch(upto, alternatives=branches)
 
     async def branches(self, j0: int, j1: int) -> list[tuple[int, int]]:
         """``(i, t)`` pairs for boundaries ``[j0, j1)``: the context ``(ctx0 + path)[:i] + (t,)``."""
@@ -148,7 +152,6 @@ class PrefillPlanner:
         data = self.data[base: base + sum(len(self.lm.byte_vocab[t]) for t in enc)]
         spec = PathSpeculator(self.lm, self.space, ctx, enc, data, self.params.prune_threshold, base=base)
         await spec.start()
-        await spec.ensure_bytes(base)
         self.paths.append(spec)
 
     async def advance(self, pos: int, beam) -> None:
