@@ -1,0 +1,307 @@
+"""Shared helpers of the issue-5 benchmarks: settings, texts, the token-level floor, timing, output.
+
+Every benchmark measures our byte-level code and its token-level floor in the
+same process, alternating them repetition by repetition, so that load from
+other processes hits both alike; what counts is the ratio of the medians.
+
+Not handled here: anything model-specific beyond the embedded SmolLM2-135M
+(``genlm_bytes.load_model()``) and its ``<|endoftext|>`` (id 0) initial context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DATA = HERE / "data"
+SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
+
+K = 5
+PRUNE_THRESHOLD = 0.05
+THREADS = 2
+MODEL_NAME = "SmolLM2-135M-Instruct (embedded), float32, CPU"
+
+
+# ------------------------------------------------------------------ set-up
+def setup(threads: int = THREADS, **lm_kwargs):
+    """Set the thread count and load the embedded model as an AsyncTransformer."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+    from genlm_bytes import load_model
+
+    lm = load_model(**lm_kwargs)
+    lm.model.eval()
+    return lm
+
+
+def beam_params():
+    from genlm_bytes import BeamParams
+
+    return BeamParams(K=K, prune_threshold=PRUNE_THRESHOLD)
+
+
+# ------------------------------------------------------------------- texts
+def shared_text(name: str) -> bytes:
+    """A text of ``../shared/bench`` (prose.txt, mixed.txt)."""
+    path = SHARED_BENCH / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the benchmarks expect ../shared/bench next to the repo")
+    return path.read_bytes()
+
+
+def varied_text() -> bytes:
+    """Our own ~9.8 KB of varied English prose, code and configuration (benchmarks/data/varied.txt)."""
+    return (DATA / "varied.txt").read_bytes()
+
+
+def prefix(data: bytes, n: int) -> bytes:
+    """The first ``n`` bytes of ``data``, shortened to end on a UTF-8 character boundary.
+
+    >>> prefix("café".encode(), 4)
+    b'caf'
+    """
+    if n >= len(data):
+        return data
+    while n > 0 and (data[n] & 0xC0) == 0x80:  # data[n] continues a character: cut before it
+        n -= 1
+    return data[:n]
+
+
+def canonical_ids(lm, data: bytes) -> list[int]:
+    """``initial_context`` + the tokenizer's own encoding of ``data``: what the floor runs."""
+    ids = lm.tokenizer.encode(data.decode("utf-8"), add_special_tokens=False)
+    return list(lm.initial_context) + list(ids)
+
+
+# ------------------------------------------------------- the token-level floor
+@torch.inference_mode()
+def forward_seconds(lm, ids: list[int]) -> float:
+    """Wall time of one token-level forward pass (logits at every position) over ``ids``."""
+    x = torch.tensor([ids])  # (1, T)
+    t0 = time.perf_counter()
+    lm.model(input_ids=x)  # logits (1, T, V)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def canonical_logp(lm, ids: list[int]) -> float:
+    """log P(ids[1:] | ids[0]) in nats: the log-probability of the canonical tokenization."""
+    x = torch.tensor([ids])  # (1, T)
+    logits = lm.model(input_ids=x).logits[0, :-1].float()  # (T-1, V)
+    lp = torch.log_softmax(logits, dim=-1)
+    return float(lp.gather(1, x[0, 1:, None]).sum())
+
+
+# ------------------------------------------------------------- byte level
+class PrefillTimeout(Exception):
+    """Raised when a prefill runs past its time limit."""
+
+
+class _Deadline:
+    """Makes every model pass of ``lm`` raise :class:`PrefillTimeout` once ``time.perf_counter()``
+    passes ``at`` (the backend hands the error to every caller waiting on that pass)."""
+
+    NAMES = ("_forward", "_prefetch_alts")
+
+    def __init__(self, lm, at: float):
+        self.lm, self.at = lm, at
+        self.saved = {name: lm.__dict__.get(name) for name in self.NAMES}
+        for name in self.NAMES:
+            inner = getattr(lm, name)
+
+            def checked(*args, _inner=inner, **kwargs):
+                if time.perf_counter() > self.at:
+                    raise PrefillTimeout
+                return _inner(*args, **kwargs)
+
+            setattr(lm, name, checked)
+
+    async def close(self) -> None:
+        self.at = -1.0  # let LM calls still queued or in flight fail fast, then restore
+        await asyncio.sleep(0.2)
+        for name, prev in self.saved.items():
+            if prev is None:
+                delattr(self.lm, name)
+            else:
+                setattr(self.lm, name, prev)
+
+
+async def prefill_run(lm, data: bytes, params=None, time_limit: float | None = None) -> dict:
+    """Score ``data`` from a cold cache: ``ByteBeamState.initial`` + ``prefill``, timed together.
+
+    Returns seconds, logZ and the LM work it took (tokens run through the model,
+    forward batches of the batcher, number of covers left). With ``time_limit``
+    (seconds) a prefill that runs longer is abandoned: between two bytes, or when
+    the next model pass would start (a pass already running is finished first, so
+    the overshoot is at most one pass). Then ``completed`` is False and
+    ``bytes_done`` says how far it got.
+    """
+    from genlm_bytes import ByteBeamState
+
+    params = params or beam_params()
+    lm.clear_cache()
+    tok0, bat0, req0 = lm.n_forward_tokens, lm.batcher.n_batches, lm.batcher.n_requests
+    done = [0]
+
+    def progress(n: int) -> None:
+        done[0] = n
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            raise PrefillTimeout
+
+    t0 = time.perf_counter()
+    deadline = _Deadline(lm, t0 + time_limit) if time_limit is not None else None
+    logz, covers, completed = None, 0, True
+    try:
+        beam = await ByteBeamState.initial(lm, params)
+        beam = await beam.prefill(data, progress=progress)
+        logz, covers = beam.logZ, len(beam)
+    except PrefillTimeout:
+        completed = False
+    seconds = time.perf_counter() - t0
+    if deadline is not None:
+        await deadline.close()
+    return {
+        "seconds": seconds,
+        "completed": completed,
+        "bytes_done": done[0],
+        "logZ": logz,
+        "forward_tokens": lm.n_forward_tokens - tok0,
+        "batches": lm.batcher.n_batches - bat0,
+        "requests": lm.batcher.n_requests - req0,
+        "covers": covers,
+    }
+
+
+# ------------------------------------------------------------------ timers
+class Timers:
+    """Wall-time accounting for wrapped functions; nested wrapped calls count once (outermost).
+
+    With ``describe`` given to :meth:`wrap`, every outermost call is also logged in
+    ``log`` as ``{"call": name, "seconds": s, **describe(*args, **kwargs)}``.
+    """
+
+    def __init__(self):
+        self.depth = 0
+        self.seconds = 0.0
+        self.calls = 0
+        self.log: list[dict] = []
+
+    def wrap(self, owner, name: str, describe=None) -> None:
+        inner = getattr(owner, name)
+
+        @functools.wraps(inner)
+        def timed(*args, **kwargs):
+            if self.depth:
+                return inner(*args, **kwargs)
+            self.depth += 1
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                self.seconds += dt
+                self.calls += 1
+                self.depth -= 1
+                if describe is not None:
+                    self.log.append({"call": name, "seconds": round(dt, 4), **describe(*args, **kwargs)})
+
+        setattr(owner, name, timed)
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+        self.log = []
+
+
+def _describe_forward(rows, all_positions=False):
+    new = [len(ids) - p for ids, _, p in rows]  # rows: (ids, past ref, past length)
+    return {"rows": len(rows), "past": max(p for _, _, p in rows), "new_tokens": sum(new),
+            "padded_tokens": len(rows) * max(new), "all_positions": all_positions}
+
+
+def _describe_alts(ids, alts):
+    return {"rows": 1, "past": len(ids), "new_tokens": len(alts), "padded_tokens": len(alts),
+            "all_positions": True}
+
+
+def time_model(lm) -> Timers:
+    """Timers around every model pass of the backend (they run in its worker thread):
+    ``_forward`` (batched requests, prefetch chunks) and ``_prefetch_alts`` (tree-masked
+    one-token branches), each call logged with its shape."""
+    model = Timers()
+    model.wrap(lm, "_forward", _describe_forward)
+    model.wrap(lm, "_prefetch_alts", _describe_alts)
+    return model
+
+
+# ------------------------------------------------------------------ output
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def library_commit() -> str:
+    """The repo's commit, with ``+dirty`` when the library's files have uncommitted changes."""
+    root = HERE.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "genlm_bytes"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+COMMIT_AT_START = library_commit()  # the library may change while a benchmark runs
+
+
+def environment(threads: int = THREADS, **extra) -> dict:
+    """What the numbers depend on, for the JSON files."""
+    end = library_commit()
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": COMMIT_AT_START if COMMIT_AT_START == end else f"{COMMIT_AT_START} -> {end}",
+        "model": MODEL_NAME,
+        "K": K,
+        "prune_threshold": PRUNE_THRESHOLD,
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        **extra,
+    }
+
+
+def write_json(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path.relative_to(HERE.parent)}")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Print ``rows`` as a table; ``columns``: (key, header, format spec such as ``'.3f'``)."""
+    cells = [[format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h, _) in enumerate(columns)]
+    print(" | ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for c in cells:
+        print(" | ".join(x.rjust(w) for x, w in zip(c, widths)))
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
