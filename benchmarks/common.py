@@ -251,11 +251,11 @@ def median(xs) -> float:
 
 
 def library_commit() -> str:
-    """The repo's commit, with ``+dirty`` when the library's files have uncommitted changes."""
+    """The last commit that changed ``genlm_bytes/``, with ``+dirty`` for uncommitted changes there."""
     root = HERE.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "log", "-1", "--format=%h", "--", "genlm_bytes"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "genlm_bytes"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
