@@ -346,6 +346,17 @@ class SamplingParams:
         """Parameters for argmax decoding (``do_sample=False``)."""
         return cls(do_sample=False)
 
+    @classmethod
+    def resolve(cls, params, **sampling_kwargs) -> SamplingParams:
+        """``params`` (a SamplingParams) or one built from keywords; both at once is a TypeError."""
+        if params is None:
+            return cls(**sampling_kwargs)
+        if sampling_kwargs:
+            raise TypeError("pass either params= or sampling keywords, not both")
+        if not isinstance(params, cls):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        return params
+
     @property
     def is_greedy(self) -> bool:
         """True when the choice is the argmax (``do_sample=False`` or ``temperature == 0``)."""

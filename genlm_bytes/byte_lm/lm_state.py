@@ -135,12 +135,7 @@ class StatefulByteLM(abc.ABC):
         if not greedy:
             from genlm_bytes.sampling import SamplingParams, as_generator, sample_symbol
 
-            if params is None:
-                params = SamplingParams(**sampling_kwargs)
-            elif sampling_kwargs:
-                raise TypeError("pass either params= or sampling keywords, not both")
-            elif not isinstance(params, SamplingParams):
-                raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+            params = SamplingParams.resolve(params, **sampling_kwargs)
             gen = as_generator(rng)
         state = await self.prefill(context)
         out = bytearray(context)

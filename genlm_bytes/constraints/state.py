@@ -219,12 +219,7 @@ class ConstrainedState(StatefulByteLM):
             (EOS, or complete with nothing more allowed) rather than hitting the step limit.
         """
         steps = check_steps(steps)
-        if params is None:
-            params = SamplingParams(**sampling_kwargs)
-        elif sampling_kwargs:
-            raise TypeError("pass either params= or sampling keywords, not both")
-        elif not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params = SamplingParams.resolve(params, **sampling_kwargs)
         gen = None if greedy or params.is_greedy else as_generator(rng)
         state, out = self, bytearray()
         for _ in range(steps):
