@@ -93,12 +93,16 @@ def assert_cache_consistent(cache: PrefixCache) -> None:
                 logp_bytes += node.logp.numel() * node.logp.element_size()
                 assert cache._by_key.get(cache._key_of(node)) is node
             if node.kv is not None:
+                assert node.kv.depth == node.depth, "a node's past is not as long as its prefix"
                 ref = node.kv
-                assert ref.start + node.depth <= ref.block.keys[0].shape[2], "KV ref past its block's end"
-                blk, n = blocks.get(id(ref.block), (ref.block, 0))
-                blocks[id(ref.block)] = (blk, n + 1)
+                while ref is not None:  # every segment of the chain lies inside its block
+                    assert ref.start + ref.length <= ref.block.keys[0].shape[2], "KV ref past its block's end"
+                    assert ref.prev is None or ref.prev.depth == ref.depth - ref.length
+                    blk, n = blocks.get(id(ref.block), (ref.block, 0))
+                    blocks[id(ref.block)] = (blk, n + 1)
+                    ref = ref.prev
         for blk, n in blocks.values():
-            assert blk.refs == n, "a block's reference count disagrees with the nodes pointing into it"
+            assert blk.refs == n, "a block's reference count disagrees with the chains holding it"
         assert cache.nbytes == logp_bytes + sum(b.nbytes for b, _ in blocks.values())
         for key, node in cache._by_key.items():
             assert node.logp is not None and node in cache._lru and cache._key_of(node) == key
@@ -422,10 +426,13 @@ def test_prefix_cache_bookkeeping_under_any_budget(workload):
     for n, (op, ids) in enumerate(ops):
         key = tuple(ids)
         if op == "forward":
-            past, _ = cache.deepest_kv(key, len(key) - 1)
-            block = KVBlock([torch.zeros(1, 1, len(key), 1)], [torch.zeros(1, 1, len(key), 1)])
+            # As AsyncTransformer stores a pass: its new tokens only, chained to the past it ran on.
+            past, ref = cache.deepest_kv(key, len(key) - 1)
+            n_new = len(key) - past
+            block = KVBlock([torch.zeros(1, 1, n_new, 1)], [torch.zeros(1, 1, n_new, 1)])
             path = cache.walk(key, create=True)
-            cache.put_kv(path[past:], lambda node, block=block: KVRef(block, 0, 0))
+            cache.put_kv(path[past:], lambda node, block=block, ref=ref, past=past:
+                         KVRef(block, 0, 0, node.depth - past, ref))
             latest[key] = torch.full((4,), float(n))
             cache.put_logp(key, latest[key], node=path[-1])
         elif op == "get":
@@ -434,7 +441,7 @@ def test_prefix_cache_bookkeeping_under_any_budget(workload):
         else:  # point a whole path at one new block, as a chunked prefetch does
             path = cache.walk(key)
             block = KVBlock([torch.zeros(1, 1, len(key), 1)], [torch.zeros(1, 1, len(key), 1)])
-            cache.repoint_kv(path, lambda node, block=block: KVRef(block, 0, 0))
+            cache.repoint_kv(path, lambda node, block=block: KVRef(block, 0, 0, node.depth))
         assert_cache_consistent(cache)
 
 
@@ -447,7 +454,7 @@ def test_eviction_keeps_live_prefixes_reusable():
         past, _ = cache.deepest_kv(ids, len(ids) - 1)
         block = KVBlock([torch.zeros(1, 1, len(ids), 1)], [torch.zeros(1, 1, len(ids), 1)])
         path = cache.walk(ids, create=True)
-        cache.put_kv(path[past:], lambda node: KVRef(block, 0, 0))
+        cache.put_kv(path[past:], lambda node: KVRef(block, 0, 0, node.depth))
         cache.put_logp(ids, torch.full((4,), tag), node=path[-1])
         return past
 
@@ -487,8 +494,8 @@ def held_bytes(cache: PrefixCache) -> int:
     with cache.lock:
         for node in cache._lru:
             tensors = [node.logp] if node.logp is not None else []
-            if node.kv is not None:
-                tensors += node.kv.block.keys + node.kv.block.values
+            for block in (node.kv.blocks() if node.kv is not None else ()):
+                tensors += block.keys + block.values
             for t in tensors:
                 s = t.untyped_storage()
                 storages[s.data_ptr()] = s.nbytes()

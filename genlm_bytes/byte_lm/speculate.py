@@ -69,6 +69,8 @@ class PathSpeculator:
         """Make sure the branches at boundaries up to text position ``pos`` (+ a margin) are computed."""
         while self.due(pos):
             j0, j1 = self.done, min(len(self.path), self.done + WINDOW)
+            if len(self.path) - j1 < WINDOW // 2:  # no short last window: one pass fewer
+                j1 = len(self.path)
             self.done = j1
             # The path up to the window's end in one pass (on the cached past), then its branches.
             # Window by window, so the cache holds what the beam is about to use, not the whole text.

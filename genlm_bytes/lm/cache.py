@@ -4,14 +4,16 @@ Contexts are token-id sequences; they share prefixes, so the cache is a trie
 of :class:`Node` (one per token position). A node may hold
 
 - ``logp``: the next-token log-probs ``(V,)`` after its prefix, and/or
-- ``kv``: a :class:`KVRef` into a :class:`KVBlock`, the keys/values a forward
-  pass produced. ``block.keys[l][row, :, start:start + depth]`` is the past of
-  this node's prefix for layer ``l`` (any prefix of a computed row is a valid
-  past, so every node along the new tokens of a row points into the block).
+- ``kv``: a :class:`KVRef`, the past (keys/values) of its prefix as a chain of
+  segments of :class:`KVBlock` s. A forward pass keeps only the keys/values
+  of its new tokens (one block); every new prefix points into that block,
+  chained to the past the pass ran on. So a branch off a long context costs
+  the memory of its own tokens, not a copy of the context.
 
 Memory: every payload is charged to the budget (a block once, however many
-nodes point into it). When the total goes over ``budget_bytes``, the least
-recently used payloads are dropped; a block is freed when no node refers to it.
+chains hold it). When the total goes over ``budget_bytes``, the least
+recently used payloads are dropped; a block is freed when no cached chain
+holds it.
 A node left with neither payload nor children is unlinked from the trie and
 marked ``pruned``; an insert through a node walked before that eviction goes to
 the live node of the same prefix instead (else its payload would be charged
@@ -30,7 +32,7 @@ import torch
 
 
 class KVBlock:
-    """Keys and values of one forward pass: per layer ``(B, kv_heads, T, head_dim)``."""
+    """Keys and values a forward pass computed: per layer ``(B, kv_heads, T, head_dim)``."""
 
     __slots__ = ("__weakref__", "keys", "nbytes", "refs", "values")
 
@@ -38,24 +40,65 @@ class KVBlock:
         self.keys = keys
         self.values = values
         self.nbytes = sum(k.numel() * k.element_size() for k in keys) * 2
-        self.refs = 0
+        self.refs = 0  # cached refs whose chain holds this block (charged to the budget while > 0)
 
 
 class KVRef:
-    """Where a prefix's past lives: ``block``, its ``row``, and the slot of its first token."""
+    """The past of a prefix as a chain of segments.
 
-    __slots__ = ("block", "row", "start")
+    Positions ``[depth - length, depth)`` are slots ``[start, start + length)`` of row ``row``
+    of ``block``; the earlier positions are the past of ``prev`` (None: nothing before). A pass
+    run on a cached past stores only the keys/values of its new tokens, so branches off one
+    context share that context's segments instead of copying them.
+    """
 
-    def __init__(self, block: KVBlock, row: int, start: int):
+    __slots__ = ("block", "depth", "length", "nseg", "prev", "row", "start")
+
+    def __init__(self, block: KVBlock, row: int, start: int, length: int, prev: KVRef | None = None):
         self.block = block
         self.row = row
         self.start = start
+        self.length = length
+        self.prev = prev
+        self.depth = length + (prev.depth if prev is not None else 0)
+        self.nseg = 1 + (prev.nseg if prev is not None else 0)
+
+    def blocks(self):
+        ref = self
+        while ref is not None:
+            yield ref.block
+            ref = ref.prev
+
+    def segments(self, n: int) -> list[tuple[KVBlock, int, int, int]]:
+        """``(block, row, start, length)`` pieces holding the first ``n`` positions, in order."""
+        if not 0 <= n <= self.depth:
+            raise ValueError(f"a past of {n} positions asked of a ref holding {self.depth}")
+        out = []
+        ref = self
+        while ref is not None:
+            base = ref.depth - ref.length
+            if base < n:
+                out.append((ref.block, ref.row, ref.start, min(ref.length, n - base)))
+            ref = ref.prev
+        out.reverse()
+        return out
 
     def layer(self, i: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views ``(kv_heads, length, head_dim)`` of keys and values of layer ``i``."""
-        s = self.start
-        return (self.block.keys[i][self.row, :, s:s + length],
-                self.block.values[i][self.row, :, s:s + length])
+        """Keys and values ``(kv_heads, length, head_dim)`` of layer ``i`` (views for one segment)."""
+        segs = self.segments(length)
+        ks = [b.keys[i][r, :, s:s + n] for b, r, s, n in segs]
+        vs = [b.values[i][r, :, s:s + n] for b, r, s, n in segs]
+        if len(ks) == 1:
+            return ks[0], vs[0]
+        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+
+    def fill(self, i: int, length: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy the first ``length`` positions of layer ``i`` into ``keys``/``values`` ``(kv_heads, length, d)``."""
+        at = 0
+        for b, r, s, n in self.segments(length):
+            keys[:, at:at + n] = b.keys[i][r, :, s:s + n]
+            values[:, at:at + n] = b.values[i][r, :, s:s + n]
+            at += n
 
 
 class Node:
@@ -155,9 +198,10 @@ class PrefixCache:
                     continue
                 ref = ref_of(node)
                 node.kv = ref
-                if ref.block.refs == 0:
-                    self.nbytes += ref.block.nbytes
-                ref.block.refs += 1
+                for block in ref.blocks():
+                    if block.refs == 0:
+                        self.nbytes += block.nbytes
+                    block.refs += 1
                 self._lru[node] = None
                 self._lru.move_to_end(node)
             self._evict()
@@ -172,11 +216,12 @@ class PrefixCache:
 
     # ----------------------------------------------------------------- eviction
     def _drop_kv(self, node: Node) -> None:
-        block = node.kv.block
+        ref = node.kv
         node.kv = None
-        block.refs -= 1
-        if block.refs == 0:
-            self.nbytes -= block.nbytes
+        for block in ref.blocks():
+            block.refs -= 1
+            if block.refs == 0:
+                self.nbytes -= block.nbytes
 
     def _evict(self) -> None:
         while self.nbytes > self.budget_bytes and self._lru:

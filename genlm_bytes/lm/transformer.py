@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_BUDGET = 1 << 30  # 1 GiB of cached log-probs and KV
 PREFETCH_CHUNK = 512  # tokens per forward pass when prefetching a long text
 ALT_CHUNK = 256  # alternative tokens per tree-masked forward pass
+MAX_SEGMENTS = 16  # a past chained from more segments than this is stored whole by the next pass
 
 
 class AsyncTransformer(AsyncLM):
@@ -195,12 +196,13 @@ class AsyncTransformer(AsyncLM):
             input_ids[b, : ks[b]] = torch.tensor(ids[p:])
             attn[b, P - p: P + ks[b]] = 1
             pos[b] = p + torch.arange(Kn)
-        cache = self._make_cache(rows, P)
+        cache = self._make_cache(rows, P, Kn)
         dev = self.device
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         out = body(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
                    past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state  # (B, Kn, H)
+        del out
         self.n_forward_tokens += sum(ks)
         if all_positions:
             sel = [hidden[b, : ks[b]] for b in range(B)]  # each (k_b, H)
@@ -210,15 +212,21 @@ class AsyncTransformer(AsyncLM):
         # Cache: every new prefix points into this pass's KV; log-probs where computed.
         block = None
         if self.kv_reuse:
-            layers = out.past_key_values.layers
-            block = KVBlock([lay.keys for lay in layers], [lay.values for lay in layers])
+            layers = cache.layers
+            block = KVBlock([lay.new_keys for lay in layers], [lay.new_values for lay in layers])
         results = []
-        for b, (ids, _, p) in enumerate(rows):
+        for b, (ids, ref, p) in enumerate(rows):
             path = self.cache.walk(ids, create=True)
             new_nodes = path[p:]
             if block is not None:
-                start = P - p
-                self.cache.put_kv(new_nodes, lambda node, b=b, start=start: KVRef(block, b, start))
+                if ref is not None and ref.nseg >= MAX_SEGMENTS:
+                    # A long chain: keep this row's whole past + new tokens as one segment instead.
+                    whole = KVBlock([lay.keys[b:b + 1, :, P - p: P + ks[b]].clone() for lay in layers],
+                                    [lay.values[b:b + 1, :, P - p: P + ks[b]].clone() for lay in layers])
+                    self.cache.put_kv(new_nodes, lambda node, whole=whole: KVRef(whole, 0, 0, node.depth))
+                else:
+                    self.cache.put_kv(new_nodes, lambda node, b=b, ref=ref, p=p:
+                                      KVRef(block, b, 0, node.depth - p, ref if p else None))
             lp = logps[b]
             if all_positions:
                 for j, node in enumerate(new_nodes):
@@ -231,26 +239,35 @@ class AsyncTransformer(AsyncLM):
                 results.append(row)
         return results
 
-    def _make_cache(self, rows, P: int):
+    def _make_cache(self, rows, P: int, n_new: int):
+        """A DynamicCache of :class:`_PassLayer` s: each row's past copied (left-padded) into one
+        buffer per layer with room for the ``n_new`` new tokens, which the pass writes in place."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        if P == 0:
-            return cache
         n_layers = len(cache.layers)
         B = len(rows)
+        if not self.kv_reuse:
+            return cache
+        if P == 0:
+            cache.layers = [_PassLayer(None, None, 0) for _ in range(n_layers)]
+            return cache
+        ref0 = next(r for r in rows if r[2] > 0)[1]
+        layers = []
         for i in range(n_layers):
-            k0, v0 = next(r for r in rows if r[2] > 0)[1].layer(i, 1)
-            K = k0.new_zeros((B, k0.shape[0], P, k0.shape[-1]))
-            V = v0.new_zeros((B, v0.shape[0], P, v0.shape[-1]))
+            k0, v0 = ref0.layer(i, 1)
+            # Uninitialized: every slot is either a past (filled here), left padding (zeroed
+            # here) or a new token (written by the pass).
+            K = k0.new_empty((B, k0.shape[0], P + n_new, k0.shape[-1]))
+            V = v0.new_empty((B, v0.shape[0], P + n_new, v0.shape[-1]))
             for b, (_, ref, p) in enumerate(rows):
+                if p < P:
+                    K[b, :, : P - p].zero_()
+                    V[b, :, : P - p].zero_()
                 if p:
-                    kb, vb = ref.layer(i, p)
-                    K[b, :, P - p:] = kb
-                    V[b, :, P - p:] = vb
-            layer = cache.layers[i]
-            layer.lazy_initialization(K, V)
-            layer.keys, layer.values = K, V
+                    ref.fill(i, p, K[b, :, P - p: P], V[b, :, P - p: P])
+            layers.append(_PassLayer(K, V, P))
+        cache.layers = layers
         return cache
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -267,24 +284,13 @@ class AsyncTransformer(AsyncLM):
         path = self.cache.walk(ids)
         while done < len(path) and path[done].logp is not None and path[done].kv is not None:
             done += 1
-        blocks_nodes = []
         while done < n:
             end = min(n, done + PREFETCH_CHUNK)
             sub = ids[:end]
             p, ref = self.cache.deepest_kv(sub, min(done, end - 1)) if self.kv_reuse else (0, None)
-            if not self.kv_reuse:
-                p = 0
             self._forward([(sub, ref, p)], all_positions=True)
-            blocks_nodes.append(end)
             done = end
         logger.debug("prefetched %d tokens", n)
-        if self.kv_reuse and len(blocks_nodes) > 1:
-            # Point the whole path at the last block (it holds every position), freeing the others.
-            path = self.cache.walk(ids)
-            last = path[-1].kv
-            if last is not None:
-                self.cache.repoint_kv(path, lambda node: KVRef(last.block, last.row, last.start))
-
 
     @torch.inference_mode()
     def _prefetch_alts(self, ids: tuple, alts: list[tuple[int, int]]) -> None:
@@ -304,7 +310,7 @@ class AsyncTransformer(AsyncLM):
             if not chunk:
                 continue
             A = len(chunk)
-            cache = self._make_cache([(ids[:past_len], ref, past_len)], past_len)
+            cache = self._make_cache([(ids[:past_len], ref, past_len)], past_len, A)
             dtype = next(self.model.parameters()).dtype
             mask = torch.full((1, 1, A, past_len + A), float("-inf"), dtype=dtype)  # additive: 0 = attend
             for q, (i, _) in enumerate(chunk):
@@ -319,6 +325,49 @@ class AsyncTransformer(AsyncLM):
             for q, (i, t) in enumerate(chunk):
                 self.cache.put_logp(ids[:i] + (t,), logps[q].clone())
         logger.debug("prefetched %d one-token alternatives", len(alts))
+
+
+def _pass_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PassLayer(DynamicLayer):
+        """One layer's cache for one pass: the pasts sit in a buffer with room for the new
+        tokens, which ``update`` writes in place (no concatenation copy); ``new_keys`` and
+        ``new_values`` keep the new tokens alone, which is what the prefix cache stores."""
+
+        def __init__(self, keys, values, past: int):
+            super().__init__()
+            self.buf_k, self.buf_v, self.past = keys, values, past
+            self.new_keys = self.new_values = None
+            if keys is not None:
+                self.dtype, self.device = keys.dtype, keys.device
+                self.keys, self.values = keys[:, :, :past], values[:, :, :past]
+                self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.new_keys, self.new_values = key_states, value_states
+            if self.buf_k is None:
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                self.keys, self.values = key_states, value_states
+                return key_states, value_states
+            end = self.past + key_states.shape[-2]
+            self.buf_k[:, :, self.past:end] = key_states
+            self.buf_v[:, :, self.past:end] = value_states
+            self.keys, self.values = self.buf_k[:, :, :end], self.buf_v[:, :, :end]
+            return self.keys, self.values
+
+    return PassLayer
+
+
+_PASS_LAYER = None
+
+
+def _PassLayer(keys, values, past: int):  # noqa: N802 - a class made on first use (transformers imports late)
+    global _PASS_LAYER
+    if _PASS_LAYER is None:
+        _PASS_LAYER = _pass_layer_class()
+    return _PASS_LAYER(keys, values, past)
 
 
 def _plain_cache(hf_model) -> bool:
