@@ -113,7 +113,7 @@ class _Deadline:
     """Makes every model pass of ``lm`` raise :class:`PrefillTimeout` once ``time.perf_counter()``
     passes ``at`` (the backend hands the error to every caller waiting on that pass)."""
 
-    NAMES = ("_forward", "_prefetch_alts")
+    NAMES = ("_forward", "_tree_pass")
 
     def __init__(self, lm, at: float):
         self.lm, self.at = lm, at
@@ -230,18 +230,19 @@ def _describe_forward(rows, all_positions=False):
             "padded_tokens": len(rows) * max(new), "all_positions": all_positions}
 
 
-def _describe_alts(ids, alts):
-    return {"rows": 1, "past": len(ids), "new_tokens": len(alts), "padded_tokens": len(alts),
-            "all_positions": True}
+def _describe_tree(ids, P, ref, tail, items):
+    n = tail + sum(len(chain) + len(subs) for _, chain, subs in items)
+    return {"rows": 1, "past": P, "new_tokens": n, "padded_tokens": n, "all_positions": True,
+            "path_tokens": tail, "items": len(items)}
 
 
 def time_model(lm) -> Timers:
     """Timers around every model pass of the backend (they run in its worker thread):
-    ``_forward`` (batched requests, prefetch chunks) and ``_prefetch_alts`` (tree-masked
-    one-token branches), each call logged with its shape."""
+    ``_forward`` (batched requests, long prefetch chunks) and ``_tree_pass`` (the end of a
+    prefetched path with its tree-masked branches), each call logged with its shape."""
     model = Timers()
     model.wrap(lm, "_forward", _describe_forward)
-    model.wrap(lm, "_prefetch_alts", _describe_alts)
+    model.wrap(lm, "_tree_pass", _describe_tree)
     return model
 
 

@@ -220,6 +220,39 @@ async def test_prefetch_with_tree_masked_alternatives_matches_uncached(embedded_
 
 
 @pytest.mark.slow
+async def test_prefetch_chains_branching_inside_the_new_part_of_the_path(embedded_lm, embedded_hf, hf64):
+    """One tree pass: the uncached end of a path plus chains that branch off the cached past and
+    off the path tokens of the same pass; every prefix is exact and its KV can be extended."""
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model)
+    ids = [0] + tok.encode(TEXT)[:19]
+    await lm.prefetch(ids[:5])
+    before = lm.n_forward_tokens
+    subs = [(0, 2000), (2, 2001), (3, 2002), (1, 1001)]  # the last one is the chain itself
+    chains = [(3, (501, 502)), (12, (1000, 1001, 1002), subs), (len(ids), (77,)), (7, ids[7]),
+              (4, tuple(ids[4:9]), [(2, 3000)])]  # a chain along the path: its branch joins the path's
+    await lm.prefetch(ids, alternatives=chains)
+    assert lm.n_forward_tokens - before == (len(ids) - 5) + 2 + 3 + 3 + 1 + 1, "one tree pass, nothing twice"
+    for ctx in (ids[:12] + [2000], ids[:12] + [1000, 1001, 2001], ids[:12] + [1000, 1001, 1002, 2002],
+                ids[:6] + [3000]):
+        assert lm.has_logprobs(ctx)
+        assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))
+    for i, chain, *_ in chains[:3]:
+        for k in range(1, len(chain) + 1):
+            ctx = ids[:i] + list(chain[:k])
+            assert lm.has_logprobs(ctx)
+            assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))
+    for i in (6, 13, len(ids)):
+        assert_close_to_uncached(hf_model, ids[:i], await lm.next_token_logprobs(ids[:i]))
+    n = lm.n_forward_tokens
+    for ctx in (ids[:12] + [1000, 1001, 1002, 5], ids[:3] + [501, 502, 9], ids + [77, 8],
+                ids[:12] + [1000, 1001, 2001, 6]):
+        assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))
+    assert lm.n_forward_tokens == n + 4, "a chain's KV is cached: extending it runs one token"
+    assert_cache_consistent(lm.cache)
+
+
+@pytest.mark.slow
 async def test_16_concurrent_requests_batch_into_few_forwards_and_beat_sequential(embedded_lm, embedded_hf):
     hf_model, _ = embedded_hf
     rng = random.Random(0)

@@ -226,6 +226,8 @@ class ByteBeamState(StatefulByteLM):
             ended = [e for s in (*self.states, *exts) if (e := s.end_sequence()) is not None]
             return ByteBeamState(ended, self.params)
         cont = [c for s in self.states if (c := s.consume(sym)) is not None]
+        if self._canon is not None:
+            self._drop_stale_canon(cont)
         ws = [c.weight for c in cont]
         cands = self._candidates(ws, _logsumexp(ws))
         if planner is not None:
@@ -239,6 +241,15 @@ class ByteBeamState(StatefulByteLM):
 
             cont = await heal(self, sym)
         return ByteBeamState(cont, self.params, canon=self._canon)
+
+    def _drop_stale_canon(self, covers) -> None:
+        """A cover that moved past the end of the canonical token it was inside (into a longer
+        token) no longer follows the canonical encoding: it must not take the pinned slot."""
+        canon, lm = self._canon, self.lm
+        for c in covers:
+            if c.canon >= 0 and (c.canon >= len(canon)
+                                 or c.space.trie.depth[c.node] > len(lm.byte_vocab[canon[c.canon]])):
+                c.canon = -1
 
     async def logp_next(self) -> LazyByteProbs:
         """Next-symbol log-probs (bytes and EOS; EOT is always -inf for a beam)."""

@@ -50,6 +50,8 @@ class PathSpeculator:
             off.append(off[-1] + len(lm.byte_vocab[t]))
         self.off = off
         self.done = 0  # boundaries [0, done) speculated
+        self.computed = 0  # the path's distributions are cached up to boundary ``computed``
+        self.alts_at: dict[int, set[int]] = {}  # text position -> tokens branching off there
 
     async def start(self) -> None:
         """Compute the first window of the path (later windows follow the beam, see ensure_bytes)."""
@@ -66,19 +68,29 @@ class PathSpeculator:
                    for c in (s.lm_state.context for s in states))
 
     async def ensure_bytes(self, pos: int) -> None:
-        """Make sure the branches at boundaries up to text position ``pos`` (+ a margin) are computed."""
+        """Make sure the branches at boundaries up to text position ``pos`` (+ a margin) are computed.
+
+        Pipelined: the pass that computes the branches of one window also computes the path of
+        the next window, whose branches then go with the window after it; so a long path costs
+        about one pass per window. Window by window, so the cache holds what the beam is about
+        to use, not the whole text.
+        """
         while self.due(pos):
-            j0, j1 = self.done, min(len(self.path), self.done + WINDOW)
-            if len(self.path) - j1 < WINDOW // 2:  # no short last window: one pass fewer
-                j1 = len(self.path)
+            j0, j1 = self.done, self._window_end(self.done)
+            if self.computed < j1:  # the first window: its path alone (the branches need it)
+                await self.lm.prefetch(list(self.ctx0 + self.path[: j1 + 1]))
+                self.computed = j1
             self.done = j1
-            # The path up to the window's end in one pass (on the cached past), then its branches.
-            # Window by window, so the cache holds what the beam is about to use, not the whole text.
-            upto = list(self.ctx0 + self.path[: j1 + 1])
-            await self.lm.prefetch(upto)
             branches = await self.branches(j0, j1)
-            if branches:
-                await self.lm.prefetch(upto, alternatives=branches)
+            j2 = self._window_end(j1) if j1 < len(self.path) else j1
+            await self.lm.prefetch(list(self.ctx0 + self.path[: j2 + 1]), alternatives=branches)
+            self.computed = j2
+
+    def _window_end(self, j0: int) -> int:
+        j1 = min(len(self.path), j0 + WINDOW)
+        if len(self.path) - j1 < WINDOW // 2:  # no short last window: one pass fewer
+            j1 = len(self.path)
+        return j1
 
     async def branches(self, j0: int, j1: int) -> list[tuple[int, int]]:
         """``(i, t)`` pairs for boundaries ``[j0, j1)``: the context ``(ctx0 + path)[:i] + (t,)``."""
@@ -120,6 +132,7 @@ class PathSpeculator:
                 for t in trie.order[lo:end].tolist():
                     if t != path[j] and float(lp[t]) + W[k] >= bar:
                         out.append((n0 + j, t))
+                        self.alts_at.setdefault(self.base + off[j], set()).add(t)
         return out
 
 
@@ -135,6 +148,8 @@ class PrefillPlanner:
     """
 
     DOMINANT = math.log(0.5)
+    MERGE_SLACK = 4  # paths whose contexts differ in at most this many last tokens share a pass
+    FIRST_AHEAD = 8  # look-ahead of a branch at its first uncached extension (0: wait for the second)
     MAX_AHEAD = 32
     MAX_STRONG = 128
 
@@ -171,6 +186,7 @@ class PrefillPlanner:
         """Called by a beam step at text position ``pos`` before it computes extensions."""
         lm = self.lm
         top = max((s.weight for s in beam.states), default=-math.inf)
+        new = []
         for i, t, w in cands:
             if (i, t) in beam._ext:
                 continue
@@ -186,16 +202,61 @@ class PrefillPlanner:
             going_on = first and s.ahead > 0 and len(s.lm_state.context) >= s.path_end
             base = s.ahead if (going_on or not first) else 0
             beam._miss[(i, t)] = (s.miss + 1, base, 0)
-            if first and not going_on:
+            if first and not going_on and not self.FIRST_AHEAD:
                 continue
             if strong:
                 ahead = min(self.MAX_STRONG, max(self.MAX_AHEAD, 2 * base))
+            elif first and not going_on:
+                ahead = self.FIRST_AHEAD
             else:
                 ahead = min(self.MAX_AHEAD, max(4, 2 * base))
             enc = self.encode_ahead(pos, ahead)
             if enc and self.fits(len(ctx) + len(enc)):
-                await self.add_path(ctx, tuple(enc), pos)
+                new.append((ctx, tuple(enc)))
                 beam._miss[(i, t)] = (0, ahead, len(ctx) + len(enc))
+        if new:
+            await self.add_paths(new, pos)
+
+    async def add_paths(self, paths: list[tuple[tuple, tuple]], pos: int) -> None:
+        """Start look-ahead paths from text position ``pos`` in as few tree passes as possible:
+        paths whose contexts differ in their last few tokens only go in one pass, and every
+        path carries, as one-token branches, the branches the first (canonical) path has at
+        the same text positions: likely branches of this path too, so that its exact branches
+        (computed next) are mostly cached already."""
+        groups: list[list[tuple[tuple, tuple]]] = []
+        for ctx, enc in paths:
+            for g in groups:
+                if _common(g[0][0], ctx) >= max(len(g[0][0]), len(ctx)) - self.MERGE_SLACK:
+                    g.append((ctx, enc))
+                    break
+            else:
+                groups.append([(ctx, enc)])
+        for g in groups:
+            (ctx0, enc0), rest = g[0], g[1:]
+            items = [(len(ctx0) + k, (t,)) for k, t in self.likely_branches(enc0, pos)]
+            if rest:
+                c = min(min(_common(ctx0, ctx) for ctx, _ in rest), min(len(ctx) for ctx, _ in g) - 1)
+                for ctx, enc in rest:
+                    seq = ctx + enc
+                    subs = [(len(ctx) - c + k, t) for k, t in self.likely_branches(enc, pos)]
+                    items.append((c, seq[c:], subs))
+            await self.lm.prefetch(list(ctx0 + enc0), alternatives=items)
+        for ctx, enc in paths:
+            await self.add_path(ctx, enc, pos)
+
+    def likely_branches(self, enc: tuple, pos: int) -> list[tuple[int, int]]:
+        """``(k, t)``: token ``t`` in place of ``enc[k]``, where the first path branches off
+        with ``t`` at the same text position."""
+        if not self.paths:
+            return []
+        alts_at = self.paths[0].alts_at
+        out, at = [], pos
+        for k, tok in enumerate(enc):
+            for t in alts_at.get(at, ()):
+                if t != tok:
+                    out.append((k, t))
+            at += len(self.lm.byte_vocab[tok])
+        return out
 
     def encode_ahead(self, pos: int, n_tokens: int) -> list[int]:
         """About ``n_tokens`` tokens spelling the text from ``pos`` on: the tokenizer's encoding
@@ -232,3 +293,18 @@ class PrefillPlanner:
             i, t = best
             out.append(t)
         return out
+
+
+def _common(a: tuple, b: tuple) -> int:
+    """Length of the common prefix of two token tuples."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

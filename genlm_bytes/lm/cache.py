@@ -63,6 +63,19 @@ class KVRef:
         self.depth = length + (prev.depth if prev is not None else 0)
         self.nseg = 1 + (prev.nseg if prev is not None else 0)
 
+    def prefix(self, n: int) -> KVRef | None:
+        """The ref of the first ``n`` positions (shares the segments; None for 0)."""
+        if not 0 <= n <= self.depth:
+            raise ValueError(f"a past of {n} positions asked of a ref holding {self.depth}")
+        if n == 0:
+            return None
+        if n == self.depth:
+            return self
+        ref = self
+        while ref.depth - ref.length >= n:
+            ref = ref.prev
+        return KVRef(ref.block, ref.row, ref.start, n - (ref.depth - ref.length), ref.prev)
+
     def blocks(self):
         ref = self
         while ref is not None:

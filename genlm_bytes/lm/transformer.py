@@ -130,25 +130,65 @@ class AsyncTransformer(AsyncLM):
         self.cache.clear()
 
     async def prefetch(self, token_ids: list[int], alternatives=None) -> None:
-        """Compute and cache the distribution after every prefix of ``token_ids`` (one pass, chunked)."""
+        """Compute and cache the distribution after every prefix of ``token_ids``.
+
+        ``alternatives``: ``(i, t)`` pairs, or ``(i, (t1, t2, ...))`` chains: the contexts
+        ``token_ids[:i] + [t1, ..., tk]`` (every k) will be needed too. The uncached end of
+        the path and the alternatives run together in tree-masked passes (each alternative
+        attends to its own prefix only); a long uncached path first runs in chunks.
+        """
         from genlm_bytes.lm.base import check_token_ids
 
         ids = tuple(check_token_ids(token_ids, self.vocab_size))
         self._check_length(len(ids))
-        alts = []
-        for i, t in alternatives or ():
-            if not (0 < i <= len(ids) and 0 <= t < self.vocab_size):
-                raise ValueError(f"alternative ({i}, {t}) does not fit a context of {len(ids)} tokens "
-                                 f"and {self.vocab_size} token ids")
-            if (i == len(ids) or ids[i] != t) and not (self.max_positions and i + 1 > self.max_positions):
-                alts.append((int(i), int(t)))
+        items = {}
+        for alt in alternatives or ():
+            i, chain, subs = self._check_alternative(ids, alt)
+            if self.max_positions and i + len(chain) > self.max_positions:  # positions 0..max-1
+                chain = chain[: self.max_positions - i]
+                if not chain:
+                    continue
+            subs = tuple((k, t) for k, t in subs if k <= len(chain) and not (
+                self.max_positions and i + k + 1 > self.max_positions))
+            if ids[i:i + len(chain)] == chain:  # the path itself: its sub-branches branch off the path
+                for k, t in subs:
+                    if self.cache.get_logp(ids[:i + k] + (t,)) is None:
+                        items[(i + k, (t,), ())] = None
+                continue
+            subs = tuple((k, t) for k, t in subs if self.cache.get_logp(ids[:i] + chain[:k] + (t,)) is None)
+            if subs or self.cache.get_logp(ids[:i] + chain) is None:
+                items[(i, chain, subs)] = None
         path = self.cache.walk(ids)
+        path_done = len(path) == len(ids) and all(n.logp is not None for n in path)
+        if path_done and not items:
+            return
         loop = asyncio.get_running_loop()
-        if not (len(path) == len(ids) and all(n.logp is not None for n in path)):
-            await loop.run_in_executor(self.batcher._executor, self._locked, self._prefetch, ids)
-        alts = [(i, t) for i, t in dict.fromkeys(alts) if self.cache.get_logp(ids[:i] + (t,)) is None]
-        if alts and self.kv_reuse:
-            await loop.run_in_executor(self.batcher._executor, self._locked, self._prefetch_alts, ids, alts)
+        await loop.run_in_executor(self.batcher._executor, self._locked, self._prefetch, ids, list(items))
+
+    def _check_alternative(self, ids: tuple, alt) -> tuple[int, tuple, tuple]:
+        """``(i, t)``, ``(i, chain)`` or ``(i, chain, subs)`` as ``(i, chain, subs)``; ``subs``:
+        ``(k, t)`` pairs, the context ``ids[:i] + chain[:k] + (t,)``."""
+        V = self.vocab_size
+
+        def tok(t) -> int:
+            if isinstance(t, bool) or not hasattr(t, "__index__") or not 0 <= t.__index__() < V:
+                raise ValueError(f"alternative {alt!r}: {t!r} is not a token id below {V}")
+            return t.__index__()
+
+        if not isinstance(alt, (tuple, list)) or len(alt) not in (2, 3):
+            raise ValueError(f"an alternative is (i, token), (i, chain) or (i, chain, subs); got {alt!r}")
+        i, chain = alt[0], alt[1]
+        chain = (tok(chain),) if hasattr(chain, "__index__") else tuple(tok(t) for t in chain)
+        if isinstance(i, bool) or not hasattr(i, "__index__") or not 0 < i.__index__() <= len(ids) or not chain:
+            raise ValueError(f"alternative {alt!r} does not fit a context of {len(ids)} tokens")
+        subs = []
+        for sub in (alt[2] if len(alt) == 3 else ()):
+            k, t = sub
+            if isinstance(k, bool) or not hasattr(k, "__index__") or not 0 <= k <= len(chain):
+                raise ValueError(f"alternative {alt!r}: branch {sub!r} is outside its chain")
+            if k == len(chain) or chain[k] != tok(t):
+                subs.append((k.__index__(), tok(t)))
+        return i.__index__(), chain, tuple(subs)
 
     def _locked(self, fn, *args):
         with self.batcher._lock:
@@ -277,54 +317,133 @@ class AsyncTransformer(AsyncLM):
         return torch.log_softmax(logits, dim=-1)
 
     @torch.inference_mode()
-    def _prefetch(self, ids: tuple) -> None:
-        """Distributions after every prefix of ``ids``, chunk by chunk on the cached past."""
+    def _prefetch(self, ids: tuple, items: list[tuple[int, tuple, tuple]]) -> None:
+        """Distributions after every prefix of ``ids`` and along every item ``(i, chain, subs)``."""
         n = len(ids)
-        done = 0
         path = self.cache.walk(ids)
-        while done < len(path) and path[done].logp is not None and path[done].kv is not None:
+        done = 0
+        while done < len(path) and path[done].logp is not None and (path[done].kv is not None
+                                                                     or not self.kv_reuse):
             done += 1
-        while done < n:
-            end = min(n, done + PREFETCH_CHUNK)
-            sub = ids[:end]
-            p, ref = self.cache.deepest_kv(sub, min(done, end - 1)) if self.kv_reuse else (0, None)
-            self._forward([(sub, ref, p)], all_positions=True)
+        if not self.kv_reuse:  # no pasts: every context runs whole
+            while done < n:
+                end = min(n, done + PREFETCH_CHUNK)
+                self._forward([(ids[:end], None, 0)], all_positions=True)
+                done = end
+            for i, chain, subs in items:
+                self._forward([(ids[:i] + chain, None, 0)], all_positions=True)
+                for k, t in subs:
+                    self._forward([(ids[:i] + chain[:k] + (t,), None, 0)], all_positions=False)
+            return
+        # A long uncached path runs in chunks first; its last chunk joins the first tree pass.
+        while n - done > PREFETCH_CHUNK:
+            end = done + PREFETCH_CHUNK
+            p, ref = self.cache.deepest_kv(ids[:end], done)
+            self._forward([(ids[:end], ref, p)], all_positions=True)
             done = end
+        first = True
+        while first or items:
+            P, ref = self.cache.deepest_kv(ids, done)
+            tail = n - P if done < n else 0
+            room = max(ALT_CHUNK, 1)
+            chunk, used = [], 0
+            while items and (not chunk or used + len(items[0][1]) + len(items[0][2]) <= room):
+                chunk.append(items.pop(0))
+                used += len(chunk[-1][1]) + len(chunk[-1][2])
+            if tail or chunk:
+                self._tree_pass(ids, P, ref, tail, chunk)
+            done, first = n, False
         logger.debug("prefetched %d tokens", n)
 
     @torch.inference_mode()
-    def _prefetch_alts(self, ids: tuple, alts: list[tuple[int, int]]) -> None:
-        """Distributions after ``ids[:i] + (t,)`` for each alternative, in tree-masked passes.
-
-        Every alternative token sits at position ``i`` and attends to the cached past
-        ``ids[:i]`` and to itself only, so one pass scores many one-token branches.
-        """
-        n = len(ids)
-        past_len, ref = self.cache.deepest_kv(ids, n)
-        if ref is None:
+    def _tree_pass(self, ids: tuple, P: int, ref, tail: int, items: list[tuple[int, tuple, tuple]]) -> None:
+        """One tree-masked pass on the cached past ``ids[:P]``: the path tokens ``ids[P:P + tail]``
+        and, for each item ``(i, chain, subs)``, the chain at positions ``i, i + 1, ...``
+        attending to ``ids[:i]`` (past or path tokens of this pass) and to itself, and each
+        sub-branch ``(k, t)`` attending to ``ids[:i] + chain[:k]`` and itself. Caches
+        log-probs and KV of every new prefix."""
+        n_path = P + tail
+        # Slots: (position of the first token, tokens, first slot, parent slot entry or -1, k)
+        slots = [(P, ids[P:n_path], 0, -1, 0)]
+        q = tail
+        for i, chain, subs in items:
+            if i > n_path:
+                raise ValueError(f"alternative at {i} is past the computed path ({n_path} tokens)")
+            m = len(slots)
+            slots.append((i, chain, q, -1, 0))
+            q += len(chain)
+            for k, t in subs:
+                slots.append((i + k, (t,), q, m, k))
+                q += 1
+        Q = q
+        if Q == 0:
             return
+        own_start = torch.empty(Q, dtype=torch.long)
+        past_lim = torch.empty(Q, dtype=torch.long)
+        path_lim = torch.zeros(Q, dtype=torch.long)
+        par_lo = torch.zeros(Q, dtype=torch.long)
+        par_hi = torch.zeros(Q, dtype=torch.long)
+        pos = torch.empty(Q, dtype=torch.long)
+        tokens = []
+        for e, (i, chain, s, parent, k) in enumerate(slots):
+            L = len(chain)
+            root = i if parent < 0 else slots[parent][0]  # where the chain leaves the path
+            own_start[s:s + L] = s
+            past_lim[s:s + L] = min(root, P)
+            if e:  # not the path: the path tokens of this pass before the branch point
+                path_lim[s:s + L] = max(0, root - P)
+            if parent >= 0:
+                ps = slots[parent][2]
+                par_lo[s:s + L], par_hi[s:s + L] = ps, ps + k
+            pos[s:s + L] = i + torch.arange(L)
+            tokens.extend(chain)
+        qi = torch.arange(Q)[:, None]
+        cols = torch.arange(Q)[None, :]
+        new_ok = (((cols >= own_start[:, None]) & (cols <= qi)) | (cols < path_lim[:, None])
+                  | ((cols >= par_lo[:, None]) & (cols < par_hi[:, None])))
+        past_ok = torch.arange(P)[None, :] < past_lim[:, None]
+        dtype = next(self.model.parameters()).dtype
+        allowed = torch.cat([past_ok, new_ok], dim=1)
+        mask = torch.zeros((1, 1, Q, P + Q), dtype=dtype).masked_fill_(~allowed[None, None], float("-inf"))
+        cache = self._make_cache([(ids[:P], ref, P)], P, Q)
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         dev = self.device
-        for c in range(0, len(alts), ALT_CHUNK):
-            chunk = [(i, t) for i, t in alts[c:c + ALT_CHUNK] if i <= past_len]
-            if not chunk:
+        out = body(input_ids=torch.tensor([tokens], device=dev), attention_mask=mask.to(dev),
+                   position_ids=pos[None].to(dev), past_key_values=cache, use_cache=True)
+        self.n_forward_tokens += Q
+        logps = self._logprobs(out.last_hidden_state[0])  # (Q, V)
+        del out
+        layers = cache.layers
+        block = KVBlock([lay.new_keys for lay in layers], [lay.new_values for lay in layers])
+        prevs, ctxs = [], []
+        for e, (i, chain, s, parent, k) in enumerate(slots):
+            if parent >= 0:
+                pi, pchain, ps = slots[parent][:3]
+                ctx = ctxs[parent][:pi + k] + chain
+                prev = KVRef(block, 0, ps, k, prevs[parent]) if k else prevs[parent]
+            else:
+                ctx = ids[:i] + chain
+                if e == 0:
+                    prev = ref
+                elif i <= P:
+                    prev = ref.prefix(i) if ref is not None else None
+                else:
+                    prev = KVRef(block, 0, 0, i - P, ref)
+            prevs.append(prev)
+            ctxs.append(ctx)
+            if not chain:
                 continue
-            A = len(chunk)
-            cache = self._make_cache([(ids[:past_len], ref, past_len)], past_len, A)
-            dtype = next(self.model.parameters()).dtype
-            mask = torch.full((1, 1, A, past_len + A), float("-inf"), dtype=dtype)  # additive: 0 = attend
-            for q, (i, _) in enumerate(chunk):
-                mask[0, 0, q, :i] = 0.0  # the shared past ids[:i]
-                mask[0, 0, q, past_len + q] = 0.0  # itself
-            inp = torch.tensor([[t for _, t in chunk]])
-            pos = torch.tensor([[i for i, _ in chunk]])
-            out = body(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                       past_key_values=cache, use_cache=True)
-            self.n_forward_tokens += A
-            logps = self._logprobs(out.last_hidden_state[0])  # (A, V)
-            for q, (i, t) in enumerate(chunk):
-                self.cache.put_logp(ids[:i] + (t,), logps[q].clone())
-        logger.debug("prefetched %d one-token alternatives", len(alts))
+            nodes = self.cache.walk(ctx, create=True)[i:]
+            if e == 0 and prev is not None and prev.nseg >= MAX_SEGMENTS:
+                whole = KVBlock([lay.keys[:, :, :n_path].clone() for lay in layers],
+                                [lay.values[:, :, :n_path].clone() for lay in layers])
+                self.cache.put_kv(nodes, lambda node, whole=whole: KVRef(whole, 0, 0, node.depth))
+            else:
+                self.cache.put_kv(nodes, lambda node, s=s, i=i, prev=prev:
+                                  KVRef(block, 0, s, node.depth - i, prev))
+            for j, node in enumerate(nodes):
+                self.cache.put_logp(ctx[: i + j + 1], logps[s + j].clone(), node=node)
+        logger.debug("tree pass: %d path tokens and %d alternatives on a past of %d", tail, len(items), P)
 
 
 def _pass_layer_class():
