@@ -295,6 +295,31 @@ async def test_user_model_subclass_runs_a_beam():
     assert beam.logZ == pytest.approx(math.log(1 / 16 + 1 / 4), abs=1e-6)  # float32 log-probs
 
 
+class _EncodingMock(MockLM):
+    """A MockLM whose "tokenizer" splits a text as given (for prefill's pinned canonical cover)."""
+
+    def __init__(self, vocab, split, **kw):
+        super().__init__(vocab, **kw)
+        self.split = split
+
+    def encode_bytes(self, data):
+        ids = [self.byte_vocab.index(piece) for piece in self.split]
+        return ids if b"".join(self.split) == data else None
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_prefill_keeps_the_cover_that_follows_the_encoding(seed):
+    """A cover that runs past the end of the canonical token (into the longer token "abc") no
+    longer follows the encoding "ab" + "cd"; the pinned slot must stay with the one that does,
+    so that logZ >= log P(encoding) holds even with K=1."""
+    vocab = [b"<eos>", b"a", b"b", b"c", b"d", b"ab", b"abc", b"cd"]
+    lm = _EncodingMock(vocab, [b"ab", b"cd"], seed=seed, initial_context=[0], eos_token_ids=[0])
+    beam = await ByteBeamState.initial(lm, BeamParams(K=1))
+    beam = await beam.prefill(b"abcd")
+    canonical = float(lm.logprobs([0])[5]) + float(lm.logprobs([0, 5])[7])
+    assert beam.logZ >= canonical - 1e-6
+
+
 # --------------------------------------------------------------------------- embedded model
 
 

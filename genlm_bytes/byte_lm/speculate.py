@@ -75,15 +75,17 @@ class PathSpeculator:
         about one pass per window. Window by window, so the cache holds what the beam is about
         to use, not the whole text.
         """
+        n0 = len(self.ctx0)
         while self.due(pos):
             j0, j1 = self.done, self._window_end(self.done)
             if self.computed < j1:  # the first window: its path alone (the branches need it)
-                await self.lm.prefetch(list(self.ctx0 + self.path[: j1 + 1]))
+                await self.lm.prefetch(list(self.ctx0 + self.path[: j1 + 1]), start=max(0, n0 + j0 - 1))
                 self.computed = j1
             self.done = j1
             branches = await self.branches(j0, j1)
             j2 = self._window_end(j1) if j1 < len(self.path) else j1
-            await self.lm.prefetch(list(self.ctx0 + self.path[: j2 + 1]), alternatives=branches)
+            await self.lm.prefetch(list(self.ctx0 + self.path[: j2 + 1]), alternatives=branches,
+                                   start=max(0, n0 + j1 - 1))
             self.computed = j2
 
     def _window_end(self, j0: int) -> int:
@@ -240,7 +242,7 @@ class PrefillPlanner:
                     seq = ctx + enc
                     subs = [(len(ctx) - c + k, t) for k, t in self.likely_branches(enc, pos)]
                     items.append((c, seq[c:], subs))
-            await self.lm.prefetch(list(ctx0 + enc0), alternatives=items)
+            await self.lm.prefetch(list(ctx0 + enc0), alternatives=items, start=len(ctx0) - 1)
         for ctx, enc in paths:
             await self.add_path(ctx, enc, pos)
 

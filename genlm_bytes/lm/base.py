@@ -166,12 +166,16 @@ class AsyncLM(abc.ABC):
         _no_running_loop("batch_next_token_logprobs_sync", "batch_next_token_logprobs")
         return asyncio.run(self.batch_next_token_logprobs(contexts))
 
-    async def prefetch(self, token_ids: list[int], alternatives=None) -> None:
-        """Hint that the distributions after every prefix of ``token_ids`` will be needed.
+    async def prefetch(self, token_ids: list[int], alternatives=None, *, start: int = 0) -> None:
+        """Hint that the distributions after the prefixes of ``token_ids`` longer than ``start``
+        will be needed.
 
         Backends that can compute them in one pass (``AsyncTransformer``) do so and
         cache them; the default does nothing. ``alternatives`` optionally lists
-        ``(i, t)`` pairs: the context ``token_ids[:i] + [t]`` will probably be needed too.
+        ``(i, t)`` pairs: the context ``token_ids[:i] + [t]`` will probably be needed too;
+        ``(i, (t1, ..., tk))`` chains: each ``token_ids[:i] + [t1, ..., tj]``; and
+        ``(i, chain, subs)`` with ``(k, t)`` pairs in ``subs``: also ``token_ids[:i] + chain[:k] + [t]``
+        (see :func:`alternative_contexts`).
         """
         return
 
@@ -198,3 +202,23 @@ def _no_running_loop(name: str, async_name: str) -> None:
     except RuntimeError:
         return
     raise RuntimeError(f"{name}() was called inside a running event loop; use `await lm.{async_name}(...)` there")
+
+
+def alternative_contexts(token_ids, alternatives) -> list[list[int]]:
+    """Every context the ``alternatives`` of :meth:`AsyncLM.prefetch` name, for backends that
+    compute them one by one."""
+    ids = list(token_ids)
+    out = []
+    for alt in alternatives or ():
+        if not isinstance(alt, (tuple, list)) or len(alt) not in (2, 3):
+            raise ValueError(f"an alternative is (i, token), (i, chain) or (i, chain, subs); got {alt!r}")
+        i, chain = alt[0], alt[1]
+        chain = [chain] if hasattr(chain, "__index__") else list(chain)
+        if isinstance(i, bool) or not hasattr(i, "__index__") or not 0 < i <= len(ids) or not chain:
+            raise ValueError(f"alternative {alt!r} does not fit a context of {len(ids)} tokens")
+        out.extend(ids[:i] + chain[:j] for j in range(1, len(chain) + 1))
+        for k, t in (alt[2] if len(alt) == 3 else ()):
+            if not 0 <= k <= len(chain):
+                raise ValueError(f"alternative {alt!r}: branch {(k, t)!r} is outside its chain")
+            out.append(ids[:i] + chain[:k] + [t])
+    return out

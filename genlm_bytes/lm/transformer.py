@@ -129,8 +129,9 @@ class AsyncTransformer(AsyncLM):
     def clear_cache(self) -> None:
         self.cache.clear()
 
-    async def prefetch(self, token_ids: list[int], alternatives=None) -> None:
-        """Compute and cache the distribution after every prefix of ``token_ids``.
+    async def prefetch(self, token_ids: list[int], alternatives=None, *, start: int = 0) -> None:
+        """Compute and cache the distribution after every prefix of ``token_ids`` longer than
+        ``start`` tokens (shorter ones are not recomputed if they were evicted).
 
         ``alternatives``: ``(i, t)`` pairs, or ``(i, (t1, t2, ...))`` chains: the contexts
         ``token_ids[:i] + [t1, ..., tk]`` (every k) will be needed too. The uncached end of
@@ -158,12 +159,15 @@ class AsyncTransformer(AsyncLM):
             subs = tuple((k, t) for k, t in subs if self.cache.get_logp(ids[:i] + chain[:k] + (t,)) is None)
             if subs or self.cache.get_logp(ids[:i] + chain) is None:
                 items[(i, chain, subs)] = None
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be a non-negative int, got {start!r}")
+        start = min(start, len(ids))
         path = self.cache.walk(ids)
-        path_done = len(path) == len(ids) and all(n.logp is not None for n in path)
+        path_done = len(path) == len(ids) and all(n.logp is not None for n in path[start:])
         if path_done and not items:
             return
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.batcher._executor, self._locked, self._prefetch, ids, list(items))
+        await loop.run_in_executor(self.batcher._executor, self._locked, self._prefetch, ids, list(items), start)
 
     def _check_alternative(self, ids: tuple, alt) -> tuple[int, tuple, tuple]:
         """``(i, t)``, ``(i, chain)`` or ``(i, chain, subs)`` as ``(i, chain, subs)``; ``subs``:
@@ -317,11 +321,12 @@ class AsyncTransformer(AsyncLM):
         return torch.log_softmax(logits, dim=-1)
 
     @torch.inference_mode()
-    def _prefetch(self, ids: tuple, items: list[tuple[int, tuple, tuple]]) -> None:
-        """Distributions after every prefix of ``ids`` and along every item ``(i, chain, subs)``."""
+    def _prefetch(self, ids: tuple, items: list[tuple[int, tuple, tuple]], start: int = 0) -> None:
+        """Distributions after every prefix of ``ids`` longer than ``start`` and along every item
+        ``(i, chain, subs)``."""
         n = len(ids)
         path = self.cache.walk(ids)
-        done = 0
+        done = min(start, len(path))
         while done < len(path) and path[done].logp is not None and (path[done].kv is not None
                                                                      or not self.kv_reuse):
             done += 1

@@ -180,15 +180,14 @@ class _CachedModelLM(AsyncLM):
 
         return encode_bytes(self.tokenizer, self.byte_vocab, data)
 
-    async def prefetch(self, token_ids: list[int], alternatives=None) -> None:
+    async def prefetch(self, token_ids: list[int], alternatives=None, *, start: int = 0) -> None:
         """Run ``token_ids`` once (every prefix's log-probs get cached), then the alternatives."""
+        from genlm_bytes.lm.base import alternative_contexts
+
+        contexts = alternative_contexts(token_ids, alternatives)
         await self.next_token_logprobs(token_ids)
-        if alternatives:
-            ids = list(token_ids)
-            for i, _ in alternatives:
-                if not 0 < i <= len(ids):
-                    raise ValueError(f"alternative position {i} does not fit a context of {len(ids)} tokens")
-            await asyncio.gather(*(self.next_token_logprobs(ids[:i] + [t]) for i, t in alternatives))
+        if contexts:
+            await asyncio.gather(*(self.next_token_logprobs(c) for c in contexts))
 
     def clear_cache(self) -> None:
         if self.cache is not None:
