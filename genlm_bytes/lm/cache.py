@@ -148,6 +148,7 @@ class PrefixCache:
             self._lru: OrderedDict[Node, None] = OrderedDict()  # nodes holding any payload
             self.nbytes = 0
             self.n_evicted = 0
+            self.reserved = getattr(self, "reserved", 0)
 
     # ------------------------------------------------------------------ lookups
     def get_logp(self, key: tuple) -> torch.Tensor | None:
@@ -236,8 +237,16 @@ class PrefixCache:
             if block.refs == 0:
                 self.nbytes -= block.nbytes
 
+    def reserve(self, nbytes: int) -> None:
+        """Keep ``nbytes`` of the budget free for memory held outside the cache (a pass's
+        temporary tensors, the byte-level working set): payloads are evicted to make room.
+        At most a third of the budget is reserved, so that a large pass does not flush the cache."""
+        with self.lock:
+            self.reserved = max(0, min(int(nbytes), self.budget_bytes // 3))
+            self._evict()
+
     def _evict(self) -> None:
-        while self.nbytes > self.budget_bytes and self._lru:
+        while self.nbytes + self.reserved > self.budget_bytes and self._lru:
             node, _ = self._lru.popitem(last=False)
             if node.logp is not None:
                 self.nbytes -= node.logp.numel() * node.logp.element_size()

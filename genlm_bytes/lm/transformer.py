@@ -36,7 +36,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_BUDGET = 1 << 30  # 1 GiB of cached log-probs and KV
 PREFETCH_CHUNK = 512  # tokens per forward pass when prefetching a long text
 ALT_CHUNK = 256  # alternative tokens per tree-masked forward pass
-MAX_SEGMENTS = 16  # a past chained from more segments than this is stored whole by the next pass
+# Distributions the byte level holds prepared: TrieSpace.MAX_DISTS kept for reuse plus a
+# speculation window's worth (PathSpeculator.WINDOW * 1.5) being built.
+WORKING_DISTS = 256 + 192
+MAX_SEGMENTS = 16
+LOGP_CHUNK = 64
+PASS_MEMORY_SHARE = 0.125  # the most of the cache budget one batched pass may spend on copies of pasts  # output positions whose logits are in memory at once  # a past chained from more segments than this is stored whole by the next pass
 
 
 class AsyncTransformer(AsyncLM):
@@ -85,6 +90,12 @@ class AsyncTransformer(AsyncLM):
         self.max_positions = getattr(hf_model.config, "max_position_embeddings", None)
         self._softcap = getattr(hf_model.config, "final_logit_softcapping", None)
         self.n_forward_tokens = 0  # tokens run through the model: for tests and benchmarks
+        # Memory the budget keeps free besides cached payloads: the byte-level working set
+        # (prepared distributions: float64 cumulative sums over the vocabulary, up to
+        # WORKING_DISTS of them) and, during a pass, its temporary tensors.
+        self._base_reserve = WORKING_DISTS * len(byte_vocab) * 8
+        self._kv_per_token = 0  # bytes of keys/values per token, known after the first pass
+        self.cache.reserve(self._base_reserve)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -215,18 +226,38 @@ class AsyncTransformer(AsyncLM):
                 continue
             past_len, ref = (self.cache.deepest_kv(ids, len(ids) - 1) if self.kv_reuse else (0, None))
             rows.append((ids, ref, past_len, None))
-        todo = [r for r in rows if r[3] is None]
-        if todo:
-            logps = self._forward([(ids, ref, p) for ids, ref, p, _ in todo], all_positions=False)
-            out = iter(logps)
-            rows = [r if r[3] is not None else (*r[:3], next(out)) for r in rows]
-        return [r[3] for r in rows]
+        todo = [(ids, ref, p) for ids, ref, p, hit in rows if hit is None]
+        done = {}
+        for group in self._memory_groups(todo):
+            for (ids, _, _), logp in zip(group, self._forward(group, all_positions=False)):
+                done[ids] = logp
+        return [hit if hit is not None else done[ids] for ids, _, _, hit in rows]
+
+    def _memory_groups(self, rows):
+        """``rows`` split into passes whose padded pasts fit PASS_MEMORY_SHARE of the budget
+        (every row's past is copied, left-padded to the longest: many long contexts in one pass
+        would hold a copy of each)."""
+        if not rows:
+            return []
+        cap = max(32 << 20, self.cache.budget_bytes * PASS_MEMORY_SHARE)
+        per_token = self._kv_per_token or 1
+        rows = sorted(rows, key=lambda r: r[2])
+        groups, cur, width = [], [], 0
+        for r in rows:
+            w = max(width, len(r[0]))
+            if cur and (len(cur) + 1) * w * per_token > cap:
+                groups.append(cur)
+                cur, w = [], len(r[0])
+            cur.append(r)
+            width = w
+        groups.append(cur)
+        return groups
 
     def _forward(self, rows, all_positions: bool):
         """One ragged forward. ``rows``: (ids, past ref or None, past length).
 
-        Returns per row the (V,) log-probs after the whole context, or with
-        ``all_positions`` the (k, V) log-probs after each of its k new tokens.
+        Returns per row the (V,) log-probs after the whole context (nothing with
+        ``all_positions``: then the log-probs after each new token are only cached).
         Caches log-probs and KV of every new prefix.
         """
         B = len(rows)
@@ -240,6 +271,7 @@ class AsyncTransformer(AsyncLM):
             input_ids[b, : ks[b]] = torch.tensor(ids[p:])
             attn[b, P - p: P + ks[b]] = 1
             pos[b] = p + torch.arange(Kn)
+        self._reserve_pass(B, P + Kn, Kn, sum(ks) if all_positions else B)
         cache = self._make_cache(rows, P, Kn)
         dev = self.device
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
@@ -252,7 +284,7 @@ class AsyncTransformer(AsyncLM):
             sel = [hidden[b, : ks[b]] for b in range(B)]  # each (k_b, H)
         else:
             sel = [hidden[b, ks[b] - 1: ks[b]] for b in range(B)]  # each (1, H)
-        logps = self._logprobs(torch.cat(sel)).split([s.shape[0] for s in sel])
+        logp_rows = self._logprob_rows(torch.cat(sel))
         # Cache: every new prefix points into this pass's KV; log-probs where computed.
         block = None
         if self.kv_reuse:
@@ -271,16 +303,14 @@ class AsyncTransformer(AsyncLM):
                 else:
                     self.cache.put_kv(new_nodes, lambda node, b=b, ref=ref, p=p:
                                       KVRef(block, b, 0, node.depth - p, ref if p else None))
-            lp = logps[b]
             if all_positions:
                 for j, node in enumerate(new_nodes):
-                    # A copy per row: a view would keep the whole pass's output alive.
-                    self.cache.put_logp(ids[: p + j + 1], lp[j].clone(), node=node)
-                results.append(lp)
+                    self.cache.put_logp(ids[: p + j + 1], next(logp_rows), node=node)
             else:
-                row = lp[0].clone()
+                row = next(logp_rows)
                 self.cache.put_logp(ids, row, node=path[-1])
                 results.append(row)
+        self._end_pass(block, B * Kn)
         return results
 
     def _make_cache(self, rows, P: int, n_new: int):
@@ -313,6 +343,31 @@ class AsyncTransformer(AsyncLM):
             layers.append(_PassLayer(K, V, P))
         cache.layers = layers
         return cache
+
+    def _reserve_pass(self, rows: int, kv_len: int, n_new: int, n_out: int) -> None:
+        """Make room in the budget for a pass's temporary tensors: the padded pasts plus new
+        keys/values, activations of the new tokens, the attention mask, and log-probs (with
+        their copies) of ``n_out`` positions."""
+        hidden = getattr(self.model.config, "hidden_size", 0) or 0
+        est = (rows * kv_len * self._kv_per_token + rows * n_new * (16 * 4 * hidden + 4 * kv_len)
+               + 2 * min(n_out, LOGP_CHUNK) * self.vocab_size * 4)
+        self.cache.reserve(self._base_reserve + est)
+        _trim_heap()  # what the reservation evicted leaves the resident set before the pass allocates
+
+    def _end_pass(self, block: KVBlock | None, n_tokens: int) -> None:
+        if block is not None and not self._kv_per_token and n_tokens:
+            self._kv_per_token = block.nbytes // n_tokens
+        self.cache.reserve(self._base_reserve)
+        _trim_heap()
+
+    def _logprob_rows(self, hidden: torch.Tensor):
+        """The (V,) log-prob rows of ``hidden`` (N, H), computed LOGP_CHUNK at a time, each its own
+        copy (a view would keep the whole chunk alive in the cache)."""
+        for c in range(0, hidden.shape[0], LOGP_CHUNK):
+            lp = self._logprobs(hidden[c:c + LOGP_CHUNK])
+            for row in lp:
+                yield row.clone()
+            del lp
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden).float()  # (N, V)
@@ -410,13 +465,14 @@ class AsyncTransformer(AsyncLM):
         dtype = next(self.model.parameters()).dtype
         allowed = torch.cat([past_ok, new_ok], dim=1)
         mask = torch.zeros((1, 1, Q, P + Q), dtype=dtype).masked_fill_(~allowed[None, None], float("-inf"))
+        self._reserve_pass(1, P + Q, Q, Q)
         cache = self._make_cache([(ids[:P], ref, P)], P, Q)
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         dev = self.device
         out = body(input_ids=torch.tensor([tokens], device=dev), attention_mask=mask.to(dev),
                    position_ids=pos[None].to(dev), past_key_values=cache, use_cache=True)
         self.n_forward_tokens += Q
-        logps = self._logprobs(out.last_hidden_state[0])  # (Q, V)
+        logp_rows = self._logprob_rows(out.last_hidden_state[0])  # Q rows, in slot order
         del out
         layers = cache.layers
         block = KVBlock([lay.new_keys for lay in layers], [lay.new_values for lay in layers])
@@ -447,8 +503,36 @@ class AsyncTransformer(AsyncLM):
                 self.cache.put_kv(nodes, lambda node, s=s, i=i, prev=prev:
                                   KVRef(block, 0, s, node.depth - i, prev))
             for j, node in enumerate(nodes):
-                self.cache.put_logp(ctx[: i + j + 1], logps[s + j].clone(), node=node)
+                self.cache.put_logp(ctx[: i + j + 1], next(logp_rows), node=node)
+        self._end_pass(block, Q)
         logger.debug("tree pass: %d path tokens and %d alternatives on a past of %d", tail, len(items), P)
+
+
+def _heap_trimmer():
+    """glibc's ``malloc_trim``: hands the free pages inside the heap back to the system.
+
+    Cached log-prob rows (196 KB each for a 49k vocabulary) are freed in LRU order between
+    a pass's large temporary tensors, which leaves the heap full of free holes that the
+    resident set keeps counting (hundreds of MB over a long scoring). None elsewhere."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        fn = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_size_t]
+    return fn
+
+
+_MALLOC_TRIM = _heap_trimmer()
+
+
+def _trim_heap() -> None:
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _pass_layer_class():
