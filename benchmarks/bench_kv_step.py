@@ -69,9 +69,9 @@ class Timed:
         self.full: list[float] = []
         make_cache = self.lm._make_cache
 
-        def timed_make_cache(rows, P):
+        def timed_make_cache(rows, P, n_new):
             t0 = time.perf_counter()
-            out = make_cache(rows, P)
+            out = make_cache(rows, P, n_new)
             self.builds.append(time.perf_counter() - t0)
             return out
 
@@ -103,7 +103,7 @@ class Timed:
             "ms_step": 1000 * statistics.median(self.steps[warmup:]),
             "ms_build_past": 1000 * statistics.median(self.builds[warmup:]),
             "ms_full": 1000 * statistics.median(self.full[1:]),
-            "kv_bytes_of_context": self.lm.cache.deepest_kv(self.ctx, self.n)[1].block.nbytes,
+            "kv_bytes_of_context": sum(b.nbytes for b in self.lm.cache.deepest_kv(self.ctx, self.n)[1].blocks()),
         }
 
 

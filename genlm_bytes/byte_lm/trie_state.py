@@ -41,17 +41,23 @@ class TrieSpace:
         self.n_sorted = len(trie.order)
         self._dists: OrderedDict[int, ContextDist] = OrderedDict()
 
-    def dists_for(self, logps: list[torch.Tensor]) -> list[ContextDist]:
-        """:meth:`dist_for` of many distributions, prepared together (one batched gather/exp/cumsum)."""
+    def dists_for(self, logps: list[torch.Tensor], prepare: bool = True) -> list[ContextDist]:
+        """:meth:`dist_for` of many distributions, their cumulative sums prepared together (one
+        batched gather/exp/cumsum) unless ``prepare`` is False (then each builds them when asked
+        a large range)."""
         out = [self.dist_for(lp) for lp in logps]
+        if not prepare:
+            return out
         todo = [d for d in out if d._c is None]
         if len(todo) > 1 and all(d.logp.device.type == "cpu" for d in todo):
             order = torch.from_numpy(self.trie.order)
             for k in range(0, len(todo), 64):
                 part = todo[k:k + 64]
-                P = torch.stack([d.logp for d in part]).index_select(1, order).double().exp_()  # (B, n)
-                C = torch.zeros((len(part), P.shape[1] + 1), dtype=torch.float64)
-                torch.cumsum(P, dim=1, out=C[:, 1:])
+                # exp in the LM's precision (float32: relative error ~1e-7 per token), sums in float64
+                P = torch.stack([d.logp for d in part]).index_select(1, order).exp_()  # (B, n)
+                C = torch.empty((len(part), P.shape[1] + 1), dtype=torch.float64)
+                C[:, 0] = 0.0
+                torch.cumsum(P, dim=1, dtype=torch.float64, out=C[:, 1:])
                 for j, d in enumerate(part):
                     d._c = C[j].numpy()
         return out
@@ -114,7 +120,9 @@ class ContextDist:
         return self._cg
 
     def mass(self, lo: int, hi: int, text: bool) -> float:
-        if hi - lo <= 32:
+        if hi - lo <= 32 or (self._c is None and hi - lo <= _LAZY_RANGE):
+            # Small ranges, and mid-sized ones before the cumulative sums exist (most
+            # distributions are asked a few masses only; the sums cost a pass over the vocabulary).
             return self.direct(lo, hi, text)
         c = self.cum(text)
         m = c[hi] - c[lo]
@@ -134,6 +142,9 @@ class ContextDist:
             ids = self.space.eos_ids
             self._p_eos = float(np.exp(self._logp_np()[ids].astype(np.float64)).sum()) if len(ids) else 0.0
         return self._p_eos
+
+
+_LAZY_RANGE = 2048  # sorted tokens summed directly (not from cumulative sums) while those are not built
 
 
 def _cumsum0(p: np.ndarray) -> np.ndarray:

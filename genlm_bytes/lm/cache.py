@@ -149,6 +149,7 @@ class PrefixCache:
             self.nbytes = 0
             self.n_evicted = 0
             self.reserved = getattr(self, "reserved", 0)
+            self.freed_bytes = 0  # payload bytes released by eviction (the backend trims the heap)
 
     # ------------------------------------------------------------------ lookups
     def get_logp(self, key: tuple) -> torch.Tensor | None:
@@ -236,6 +237,7 @@ class PrefixCache:
             block.refs -= 1
             if block.refs == 0:
                 self.nbytes -= block.nbytes
+                self.freed_bytes += block.nbytes
 
     def reserve(self, nbytes: int) -> None:
         """Keep ``nbytes`` of the budget free for memory held outside the cache (a pass's
@@ -250,6 +252,7 @@ class PrefixCache:
             node, _ = self._lru.popitem(last=False)
             if node.logp is not None:
                 self.nbytes -= node.logp.numel() * node.logp.element_size()
+                self.freed_bytes += node.logp.numel() * node.logp.element_size()
                 node.logp = None
                 self._by_key.pop(self._key_of(node), None)
             if node.kv is not None:

@@ -41,6 +41,7 @@ ALT_CHUNK = 256  # alternative tokens per tree-masked forward pass
 WORKING_DISTS = 256 + 192
 MAX_SEGMENTS = 16
 LOGP_CHUNK = 64
+TRIM_AFTER_BYTES = 64 << 20  # hand free heap pages back after evictions freed this much
 PASS_MEMORY_SHARE = 0.125  # the most of the cache budget one batched pass may spend on copies of pasts  # output positions whose logits are in memory at once  # a past chained from more segments than this is stored whole by the next pass
 
 
@@ -352,13 +353,19 @@ class AsyncTransformer(AsyncLM):
         est = (rows * kv_len * self._kv_per_token + rows * n_new * (16 * 4 * hidden + 4 * kv_len)
                + 2 * min(n_out, LOGP_CHUNK) * self.vocab_size * 4)
         self.cache.reserve(self._base_reserve + est)
-        _trim_heap()  # what the reservation evicted leaves the resident set before the pass allocates
+        self._maybe_trim()  # what the reservation evicted leaves the resident set before the pass
 
     def _end_pass(self, block: KVBlock | None, n_tokens: int) -> None:
         if block is not None and not self._kv_per_token and n_tokens:
             self._kv_per_token = block.nbytes // n_tokens
         self.cache.reserve(self._base_reserve)
-        _trim_heap()
+        self._maybe_trim()
+
+    def _maybe_trim(self) -> None:
+        # Only after evictions freed a good amount: trimmed pages cost page faults when reused.
+        if self.cache.freed_bytes >= TRIM_AFTER_BYTES:
+            self.cache.freed_bytes = 0
+            _trim_heap()
 
     def _logprob_rows(self, hidden: torch.Tensor):
         """The (V,) log-prob rows of ``hidden`` (N, H), computed LOGP_CHUNK at a time, each its own
