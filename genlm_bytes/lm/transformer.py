@@ -41,7 +41,7 @@ ALT_CHUNK = 256  # alternative tokens per tree-masked forward pass
 WORKING_DISTS = 256 + 192
 MAX_SEGMENTS = 16
 LOGP_CHUNK = 64
-TRIM_AFTER_BYTES = 64 << 20  # hand free heap pages back after evictions freed this much
+TRIM_AFTER_BYTES = 16 << 20  # hand free heap pages back after evictions freed this much
 PASS_MEMORY_SHARE = 0.125  # the most of the cache budget one batched pass may spend on copies of pasts  # output positions whose logits are in memory at once  # a past chained from more segments than this is stored whole by the next pass
 
 
