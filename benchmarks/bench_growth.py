@@ -22,7 +22,7 @@ scoring vs the token-level forward pass; needs matplotlib: ``pip install -e
 ".[bench]"``).
 
 Run: ``python benchmarks/bench_growth.py [--lengths 512 1024 2048 4096 8192] [--repeats 2]
-[--time-limit 60] [--cache-budget-mib N] [--name growth]``.
+[--time-limit 300] [--cache-budget-mib N] [--name growth]``.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ if __name__ == "__main__":
     parser.add_argument("--small", type=int, default=1024, help="the short length of the growth ratio")
     parser.add_argument("--large", type=int, default=8192, help="the long length of the growth ratio")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--time-limit", type=float, default=60.0,
+    parser.add_argument("--time-limit", type=float, default=300.0,
                         help="abandon a prefill after this many seconds (then not repeated)")
     parser.add_argument("--cache-budget-mib", type=int, default=None,
                         help="the backend's cache budget (default: the library's default)")
