@@ -486,7 +486,7 @@ class AsyncTransformer(AsyncLM):
         prevs, ctxs = [], []
         for e, (i, chain, s, parent, k) in enumerate(slots):
             if parent >= 0:
-                pi, pchain, ps = slots[parent][:3]
+                pi, _, ps = slots[parent][:3]
                 ctx = ctxs[parent][:pi + k] + chain
                 prev = KVRef(block, 0, ps, k, prevs[parent]) if k else prevs[parent]
             else:
@@ -578,7 +578,7 @@ def _pass_layer_class():
 _PASS_LAYER = None
 
 
-def _PassLayer(keys, values, past: int):  # noqa: N802 - a class made on first use (transformers imports late)
+def _PassLayer(keys, values, past: int):  # a class made on first use (transformers imports late)
     global _PASS_LAYER
     if _PASS_LAYER is None:
         _PASS_LAYER = _pass_layer_class()
