@@ -164,7 +164,7 @@ async def prefill_run(lm, data: bytes, params=None, time_limit: float | None = N
     deadline = _Deadline(lm, t0 + time_limit) if time_limit is not None else None
     logz, covers, completed = None, 0, True
     try:
-        beam = await ByteBeamState.initial(lm, params)
+        beam = await ByteBeamState.initial(lm, params, text_hint=data)
         beam = await beam.prefill(data, progress=progress)
         logz, covers = beam.logZ, len(beam)
     except PrefillTimeout:

@@ -220,7 +220,7 @@ async def prefill(lm, args: argparse.Namespace, data: bytes, on_progress=None):
         if on_progress is not None:
             on_progress(n)
 
-    beam = await (await ByteBeamState.initial(lm, params)).prefill(data, progress=progress)
+    beam = await (await ByteBeamState.initial(lm, params, text_hint=data)).prefill(data, progress=progress)
     return beam, (None if beam.states else n_done - 1)
 
 

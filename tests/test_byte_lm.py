@@ -348,6 +348,29 @@ async def test_never_loses_the_canonical_path(embedded_lm, name):
 
 
 @pytest.mark.slow
+async def test_text_hint_saves_the_initial_pass_and_changes_nothing(embedded_lm):
+    from genlm_bytes import AsyncTransformer
+
+    text = b"An apple a day keeps the doctor away."
+    params = BeamParams(K=5, prune_threshold=0.05)
+    results = []
+    for hint in (None, text):
+        lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0])
+        passes = []
+        for name in ("_forward", "_tree_pass"):
+            inner = getattr(lm, name)
+            setattr(lm, name, lambda *a, _inner=inner, _passes=passes, **k: (_passes.append(1), _inner(*a, **k))[1])
+        beam = await ByteBeamState.initial(lm, params, text_hint=hint)
+        beam = await beam.prefill(text)
+        results.append((beam.logZ, len(passes), lm.n_forward_tokens))
+    (z0, p0, t0), (z1, p1, t1) = results
+    assert z1 == pytest.approx(z0, abs=1e-4)
+    assert p1 == p0 - 1 and t1 == t0, "the initial context runs in the first pass of the text"
+    with pytest.raises(TypeError):
+        await ByteBeamState.initial(embedded_lm, params, text_hint=12)
+
+
+@pytest.mark.slow
 async def test_prefill_fast_path_matches_plain_steps(embedded_lm):
     """prefill (one pass + speculation) and byte-by-byte stepping agree within 1e-4."""
     from genlm_bytes import AsyncTransformer

@@ -314,7 +314,7 @@ def test_generate_seed_makes_sampling_reproducible(capsys, cli_lm):
 @pytest.mark.slow
 def test_ctrl_c_during_generation_keeps_the_output_and_exits_130():
     proc = start("generate", PROMPT, "--greedy", "--max-bytes", "100000")
-    first = proc.stdout.read(1)  # blocks until generation has started
+    first = proc.stdout.read(len(b" Paris"))  # blocks until generation has produced that much
     assert first, proc.communicate(timeout=TIMEOUT)[1].decode()
     proc.send_signal(signal.SIGINT)
     code, out, err = finish(proc)

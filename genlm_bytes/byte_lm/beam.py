@@ -94,6 +94,23 @@ def eos_token_ids(lm: AsyncLM, eos_tokens) -> list[int]:
     return sorted(ids)
 
 
+async def _warm_first_window(lm: AsyncLM, params: BeamParams, initial_context, data: bytes) -> None:
+    """Cache the distributions after the initial context and along the first speculation window
+    of ``data``'s encoding, in one pass (what ``prefill`` computes first)."""
+    if not data or type(lm).prefetch is AsyncLM.prefetch or not hasattr(lm, "has_logprobs"):
+        return
+    from genlm_bytes.byte_lm.lm_state import StatefulTokenizedLM
+    from genlm_bytes.byte_lm.speculate import first_window
+
+    ctx0 = StatefulTokenizedLM.initial(lm, initial_context, params.max_context_length).context
+    enc = lm.encode_bytes(data)
+    if not enc or lm.has_logprobs(ctx0):
+        return
+    ids = list(ctx0) + list(enc[: first_window(len(enc)) + 1])
+    if params.max_context_length is None or len(ids) <= params.max_context_length:
+        await lm.prefetch(ids, start=len(ctx0) - 1)
+
+
 def _logsumexp(ws) -> float:
     ws = [w for w in ws if w > -math.inf]
     if not ws:
@@ -123,13 +140,21 @@ class ByteBeamState(StatefulByteLM):
         self._miss: dict[tuple[int, int], tuple[int, int, int]] = {}  # prefill look-ahead bookkeeping
 
     @classmethod
-    async def initial(cls, lm: AsyncLM, params: BeamParams, initial_context=None) -> ByteBeamState:
-        """The beam of the empty byte string: one cover at the root of the initial context."""
+    async def initial(cls, lm: AsyncLM, params: BeamParams, initial_context=None, *,
+                      text_hint: bytes | None = None) -> ByteBeamState:
+        """The beam of the empty byte string: one cover at the root of the initial context.
+
+        ``text_hint``: the text a ``prefill`` will consume next, if known (scoring). The
+        distribution after the initial context is then computed in the same pass as the
+        first window of the text's encoding, instead of a pass of its own.
+        """
         if not isinstance(lm, AsyncLM):
             raise TypeError(f"lm must be an AsyncLM, got {type(lm).__name__}")
         if not isinstance(params, BeamParams):
             raise TypeError(f"params must be a BeamParams, got {type(params).__name__}")
         space = TrieSpace(lm.trie, eos_token_ids(lm, params.eos_tokens))
+        if text_hint is not None:
+            await _warm_first_window(lm, params, initial_context, check_prompt(text_hint))
         state = await LazyTrieState.initial(lm, space, initial_context, params.max_context_length)
         return cls([state], params)
 

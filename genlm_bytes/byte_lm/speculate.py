@@ -28,6 +28,13 @@ from genlm_bytes.byte_lm.trie_state import TrieSpace
 WINDOW = 128  # token boundaries per speculation pass
 
 
+def first_window(n_tokens: int) -> int:
+    """Boundaries in the first window of a path of ``n_tokens`` tokens (no short last window:
+    a remainder under half a window joins the window before it, one pass fewer)."""
+    j1 = min(n_tokens, WINDOW)
+    return n_tokens if n_tokens - j1 < WINDOW // 2 else j1
+
+
 class PathSpeculator:
     """Speculates the branches off ``ctx0 + path`` (the path spells ``data``), window by window.
 
@@ -89,10 +96,7 @@ class PathSpeculator:
             self.computed = j2
 
     def _window_end(self, j0: int) -> int:
-        j1 = min(len(self.path), j0 + WINDOW)
-        if len(self.path) - j1 < WINDOW // 2:  # no short last window: one pass fewer
-            j1 = len(self.path)
-        return j1
+        return j0 + first_window(len(self.path) - j0)
 
     async def branches(self, j0: int, j1: int) -> list[tuple[int, int]]:
         """``(i, t)`` pairs for boundaries ``[j0, j1)``: the context ``(ctx0 + path)[:i] + (t,)``."""
