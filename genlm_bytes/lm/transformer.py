@@ -417,8 +417,10 @@ class AsyncTransformer(AsyncLM):
             while items and (not chunk or used + len(items[0][1]) + len(items[0][2]) <= room):
                 chunk.append(items.pop(0))
                 used += len(chunk[-1][1]) + len(chunk[-1][2])
-            if tail or chunk:
+            if chunk:
                 self._tree_pass(ids, P, ref, tail, chunk)
+            elif tail:  # a plain path: a causal pass (no tree mask) is faster
+                self._forward([(ids, ref, P)], all_positions=True)
             done, first = n, False
         logger.debug("prefetched %d tokens", n)
 
