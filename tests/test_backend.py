@@ -349,6 +349,12 @@ async def test_bad_contexts_rejected_by_transformer(embedded_lm):
         await lm.prefetch([])
     with pytest.raises(ValueError, match="alternative"):
         await lm.prefetch([0, 5], alternatives=[(3, 1)])
+    for alt in [(1, (5, lm.vocab_size)), (1, ()), (1, (5,), [(2, 7)]), (1, 5, [(0, "x")]), (1,), "ab"]:
+        with pytest.raises(ValueError, match="alternative"):
+            await lm.prefetch([0, 5], alternatives=[alt])
+    for start in (-1, "0", True):
+        with pytest.raises(ValueError, match="start"):
+            await lm.prefetch([0, 5], start=start)
     with pytest.raises(ValueError, match="window"):
         await lm.next_token_logprobs([0] * (lm.max_positions + 1))
     assert lm.n_forward_tokens == 0 and lm.batcher.n_batches == 0, "nothing bad reached the model"

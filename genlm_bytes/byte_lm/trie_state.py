@@ -41,13 +41,10 @@ class TrieSpace:
         self.n_sorted = len(trie.order)
         self._dists: OrderedDict[int, ContextDist] = OrderedDict()
 
-    def dists_for(self, logps: list[torch.Tensor], prepare: bool = True) -> list[ContextDist]:
+    def dists_for(self, logps: list[torch.Tensor]) -> list[ContextDist]:
         """:meth:`dist_for` of many distributions, their cumulative sums prepared together (one
-        batched gather/exp/cumsum) unless ``prepare`` is False (then each builds them when asked
-        a large range)."""
+        batched gather/exp/cumsum)."""
         out = [self.dist_for(lp) for lp in logps]
-        if not prepare:
-            return out
         todo = [d for d in out if d._c is None]
         if len(todo) > 1 and all(d.logp.device.type == "cpu" for d in todo):
             order = torch.from_numpy(self.trie.order)

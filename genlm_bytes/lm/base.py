@@ -204,21 +204,39 @@ def _no_running_loop(name: str, async_name: str) -> None:
     raise RuntimeError(f"{name}() was called inside a running event loop; use `await lm.{async_name}(...)` there")
 
 
-def alternative_contexts(token_ids, alternatives) -> list[list[int]]:
+def parse_alternative(alt, n_ids: int, vocab_size: int) -> tuple[int, tuple, tuple]:
+    """An alternative of :meth:`AsyncLM.prefetch` on a context of ``n_ids`` tokens, as
+    ``(i, chain, subs)``: ``(i, t)``, ``(i, chain)`` or ``(i, chain, subs)``; ``subs``: ``(k, t)``
+    pairs, the context ``ids[:i] + chain[:k] + (t,)`` (pairs repeating the chain are dropped)."""
+
+    def tok(t) -> int:
+        if isinstance(t, bool) or not hasattr(t, "__index__") or not 0 <= t.__index__() < vocab_size:
+            raise ValueError(f"alternative {alt!r}: {t!r} is not a token id below {vocab_size}")
+        return t.__index__()
+
+    if not isinstance(alt, (tuple, list)) or len(alt) not in (2, 3):
+        raise ValueError(f"an alternative is (i, token), (i, chain) or (i, chain, subs); got {alt!r}")
+    i, chain = alt[0], alt[1]
+    chain = (tok(chain),) if hasattr(chain, "__index__") else tuple(tok(t) for t in chain)
+    if isinstance(i, bool) or not hasattr(i, "__index__") or not 0 < i.__index__() <= n_ids or not chain:
+        raise ValueError(f"alternative {alt!r} does not fit a context of {n_ids} tokens")
+    subs = []
+    for sub in (alt[2] if len(alt) == 3 else ()):
+        k, t = sub
+        if isinstance(k, bool) or not hasattr(k, "__index__") or not 0 <= k <= len(chain):
+            raise ValueError(f"alternative {alt!r}: branch {sub!r} is outside its chain")
+        if k == len(chain) or chain[k] != tok(t):
+            subs.append((k.__index__(), tok(t)))
+    return i.__index__(), chain, tuple(subs)
+
+
+def alternative_contexts(token_ids, alternatives, vocab_size: int) -> list[list[int]]:
     """Every context the ``alternatives`` of :meth:`AsyncLM.prefetch` name, for backends that
     compute them one by one."""
     ids = list(token_ids)
     out = []
     for alt in alternatives or ():
-        if not isinstance(alt, (tuple, list)) or len(alt) not in (2, 3):
-            raise ValueError(f"an alternative is (i, token), (i, chain) or (i, chain, subs); got {alt!r}")
-        i, chain = alt[0], alt[1]
-        chain = [chain] if hasattr(chain, "__index__") else list(chain)
-        if isinstance(i, bool) or not hasattr(i, "__index__") or not 0 < i <= len(ids) or not chain:
-            raise ValueError(f"alternative {alt!r} does not fit a context of {len(ids)} tokens")
-        out.extend(ids[:i] + chain[:j] for j in range(1, len(chain) + 1))
-        for k, t in (alt[2] if len(alt) == 3 else ()):
-            if not 0 <= k <= len(chain):
-                raise ValueError(f"alternative {alt!r}: branch {(k, t)!r} is outside its chain")
-            out.append(ids[:i] + chain[:k] + [t])
+        i, chain, subs = parse_alternative(alt, len(ids), vocab_size)
+        out.extend(ids[:i] + list(chain[:j]) for j in range(1, len(chain) + 1))
+        out.extend(ids[:i] + list(chain[:k]) + [t] for k, t in subs)
     return out

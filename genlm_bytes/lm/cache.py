@@ -139,6 +139,7 @@ class PrefixCache:
             raise ValueError(f"cache budget must be a non-negative int of bytes, got {budget_bytes!r}")
         self.budget_bytes = budget_bytes
         self.lock = threading.RLock()
+        self.reserved = 0  # bytes of the budget kept free for memory outside the cache (see reserve)
         self.clear()
 
     def clear(self) -> None:
@@ -148,7 +149,6 @@ class PrefixCache:
             self._lru: OrderedDict[Node, None] = OrderedDict()  # nodes holding any payload
             self.nbytes = 0
             self.n_evicted = 0
-            self.reserved = getattr(self, "reserved", 0)
             self.freed_bytes = 0  # payload bytes released by eviction (the backend trims the heap)
 
     # ------------------------------------------------------------------ lookups

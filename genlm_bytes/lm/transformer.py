@@ -22,6 +22,7 @@ every request runs its whole context (results are still cached).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 
@@ -150,13 +151,15 @@ class AsyncTransformer(AsyncLM):
         the path and the alternatives run together in tree-masked passes (each alternative
         attends to its own prefix only); a long uncached path first runs in chunks.
         """
-        from genlm_bytes.lm.base import check_token_ids
+        from genlm_bytes.lm.base import check_token_ids, parse_alternative
 
         ids = tuple(check_token_ids(token_ids, self.vocab_size))
         self._check_length(len(ids))
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be a non-negative int, got {start!r}")
         items = {}
         for alt in alternatives or ():
-            i, chain, subs = self._check_alternative(ids, alt)
+            i, chain, subs = parse_alternative(alt, len(ids), self.vocab_size)
             if self.max_positions and i + len(chain) > self.max_positions:  # positions 0..max-1
                 chain = chain[: self.max_positions - i]
                 if not chain:
@@ -171,8 +174,6 @@ class AsyncTransformer(AsyncLM):
             subs = tuple((k, t) for k, t in subs if self.cache.get_logp(ids[:i] + chain[:k] + (t,)) is None)
             if subs or self.cache.get_logp(ids[:i] + chain) is None:
                 items[(i, chain, subs)] = None
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be a non-negative int, got {start!r}")
         start = min(start, len(ids))
         path = self.cache.walk(ids)
         path_done = len(path) == len(ids) and all(n.logp is not None for n in path[start:])
@@ -180,31 +181,6 @@ class AsyncTransformer(AsyncLM):
             return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.batcher._executor, self._locked, self._prefetch, ids, list(items), start)
-
-    def _check_alternative(self, ids: tuple, alt) -> tuple[int, tuple, tuple]:
-        """``(i, t)``, ``(i, chain)`` or ``(i, chain, subs)`` as ``(i, chain, subs)``; ``subs``:
-        ``(k, t)`` pairs, the context ``ids[:i] + chain[:k] + (t,)``."""
-        V = self.vocab_size
-
-        def tok(t) -> int:
-            if isinstance(t, bool) or not hasattr(t, "__index__") or not 0 <= t.__index__() < V:
-                raise ValueError(f"alternative {alt!r}: {t!r} is not a token id below {V}")
-            return t.__index__()
-
-        if not isinstance(alt, (tuple, list)) or len(alt) not in (2, 3):
-            raise ValueError(f"an alternative is (i, token), (i, chain) or (i, chain, subs); got {alt!r}")
-        i, chain = alt[0], alt[1]
-        chain = (tok(chain),) if hasattr(chain, "__index__") else tuple(tok(t) for t in chain)
-        if isinstance(i, bool) or not hasattr(i, "__index__") or not 0 < i.__index__() <= len(ids) or not chain:
-            raise ValueError(f"alternative {alt!r} does not fit a context of {len(ids)} tokens")
-        subs = []
-        for sub in (alt[2] if len(alt) == 3 else ()):
-            k, t = sub
-            if isinstance(k, bool) or not hasattr(k, "__index__") or not 0 <= k <= len(chain):
-                raise ValueError(f"alternative {alt!r}: branch {sub!r} is outside its chain")
-            if k == len(chain) or chain[k] != tok(t):
-                subs.append((k.__index__(), tok(t)))
-        return i.__index__(), chain, tuple(subs)
 
     def _locked(self, fn, *args):
         with self.batcher._lock:
@@ -296,14 +272,7 @@ class AsyncTransformer(AsyncLM):
             path = self.cache.walk(ids, create=True)
             new_nodes = path[p:]
             if block is not None:
-                if ref is not None and ref.nseg >= MAX_SEGMENTS:
-                    # A long chain: keep this row's whole past + new tokens as one segment instead.
-                    whole = KVBlock([lay.keys[b:b + 1, :, P - p: P + ks[b]].clone() for lay in layers],
-                                    [lay.values[b:b + 1, :, P - p: P + ks[b]].clone() for lay in layers])
-                    self.cache.put_kv(new_nodes, lambda node, whole=whole: KVRef(whole, 0, 0, node.depth))
-                else:
-                    self.cache.put_kv(new_nodes, lambda node, b=b, ref=ref, p=p:
-                                      KVRef(block, b, 0, node.depth - p, ref if p else None))
+                self._put_segment(new_nodes, block, b, 0, p, ref if p else None, (layers, P - p, P + ks[b]))
             if all_positions:
                 for j, node in enumerate(new_nodes):
                     self.cache.put_logp(ids[: p + j + 1], next(logp_rows), node=node)
@@ -313,6 +282,18 @@ class AsyncTransformer(AsyncLM):
                 results.append(row)
         self._end_pass(block, B * Kn)
         return results
+
+    def _put_segment(self, nodes, block: KVBlock, row: int, start: int, base: int, prev, whole) -> None:
+        """Point ``nodes`` (depths ``base + 1, ...``) at slots ``start, ...`` of ``row`` of ``block``,
+        chained to ``prev``. A chain already MAX_SEGMENTS long is stored whole instead, copied
+        from the pass buffers: ``whole = (layers, lo, hi)``, slots ``[lo, hi)`` of ``row``."""
+        if whole is not None and prev is not None and prev.nseg >= MAX_SEGMENTS:
+            layers, lo, hi = whole
+            one = KVBlock([lay.keys[row:row + 1, :, lo:hi].clone() for lay in layers],
+                          [lay.values[row:row + 1, :, lo:hi].clone() for lay in layers])
+            self.cache.put_kv(nodes, lambda node: KVRef(one, 0, 0, node.depth))
+        else:
+            self.cache.put_kv(nodes, lambda node: KVRef(block, row, start, node.depth - base, prev))
 
     def _make_cache(self, rows, P: int, n_new: int):
         """A DynamicCache of :class:`_PassLayer` s: each row's past copied (left-padded) into one
@@ -504,13 +485,8 @@ class AsyncTransformer(AsyncLM):
             if not chain:
                 continue
             nodes = self.cache.walk(ctx, create=True)[i:]
-            if e == 0 and prev is not None and prev.nseg >= MAX_SEGMENTS:
-                whole = KVBlock([lay.keys[:, :, :n_path].clone() for lay in layers],
-                                [lay.values[:, :, :n_path].clone() for lay in layers])
-                self.cache.put_kv(nodes, lambda node, whole=whole: KVRef(whole, 0, 0, node.depth))
-            else:
-                self.cache.put_kv(nodes, lambda node, s=s, i=i, prev=prev:
-                                  KVRef(block, 0, s, node.depth - i, prev))
+            # Only the path's slots hold a whole past in the buffer (an item's ancestors are spread).
+            self._put_segment(nodes, block, 0, s, i, prev, (layers, 0, n_path) if e == 0 else None)
             for j, node in enumerate(nodes):
                 self.cache.put_logp(ctx[: i + j + 1], next(logp_rows), node=node)
         self._end_pass(block, Q)
@@ -544,6 +520,7 @@ def _trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
+@functools.cache
 def _pass_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -577,14 +554,8 @@ def _pass_layer_class():
     return PassLayer
 
 
-_PASS_LAYER = None
-
-
 def _PassLayer(keys, values, past: int):  # a class made on first use (transformers imports late)
-    global _PASS_LAYER
-    if _PASS_LAYER is None:
-        _PASS_LAYER = _pass_layer_class()
-    return _PASS_LAYER(keys, values, past)
+    return _pass_layer_class()(keys, values, past)
 
 
 def _plain_cache(hf_model) -> bool:

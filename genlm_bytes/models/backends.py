@@ -184,7 +184,7 @@ class _CachedModelLM(AsyncLM):
         """Run ``token_ids`` once (every prefix's log-probs get cached), then the alternatives."""
         from genlm_bytes.lm.base import alternative_contexts
 
-        contexts = alternative_contexts(token_ids, alternatives)
+        contexts = alternative_contexts(token_ids, alternatives, self.vocab_size)
         await self.next_token_logprobs(token_ids)
         if contexts:
             await asyncio.gather(*(self.next_token_logprobs(c) for c in contexts))
