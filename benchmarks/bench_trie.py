@@ -117,7 +117,7 @@ async def main(args) -> dict:
     def prep(k: int):
         space = TrieSpace(trie)
         return lambda: space.dists_for([lp.clone() for lp in logps[:k]]) if k > 1 else \
-            space.dist_for(logps[0].clone()).cum(True)
+            space.dist_for(logps[0].clone()).prepare()
 
     per["dists_for_b1"] = time_calls(prep(1), 5 * args.repeats)
     per["dists_for_b32"] = time_calls(prep(32), args.repeats) / 32

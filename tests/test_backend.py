@@ -611,3 +611,51 @@ async def test_user_model_bad_output_names_the_context(row, match):
     beam = await ByteBeamState.initial(lm, BeamParams(K=8))
     with pytest.raises(ValueError, match=match):
         await beam.prefill(b"\x27\x28\x29\x2a")  # token ids 40..42 are bytes 39..41
+
+
+@pytest.mark.parametrize("mask_kind", ["float", "bool", "batch"])
+def test_grouped_attention_equals_repeated_heads(mask_kind):
+    """_grouped_sdpa (query groups stacked on their shared key/value head) equals transformers'
+    SDPA attention (keys and values repeated per head) under tree-shaped and ragged masks."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from genlm_bytes.lm.transformer import _grouped_sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, Q, L, d = 2, 6, 2, 5, 11, 8
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = H // Hkv, True, False
+    q, k, v = (torch.randn(B, h, n, d, generator=gen) for h, n in ((H, Q), (Hkv, L), (Hkv, L)))
+    allowed = torch.rand(B if mask_kind == "batch" else 1, 1, Q, L, generator=gen) < 0.6
+    allowed[..., 0] = True  # every query sees something
+    mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    got, _ = _grouped_sdpa(module, q, k, v, mask, scaling=d ** -0.5)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
+    assert got.shape == want.shape == (B, Q, H, d)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+async def test_passes_use_grouped_attention_and_restore_the_model(embedded_lm, monkeypatch):
+    """A tree-masked pass of the embedded model (9 query heads on 3 key/value heads) runs the
+    grouped attention, without repeating the past per head; the model's own setting is unchanged."""
+    import genlm_bytes.lm.transformer as tmod
+
+    lm = transformer(embedded_lm)
+    seen = []
+    inner = tmod._grouped_sdpa
+
+    def spy(module, query, key, *args, **kwargs):
+        seen.append((query.shape[1], key.shape[1], module.config._attn_implementation))
+        return inner(module, query, key, *args, **kwargs)
+
+    monkeypatch.setattr(tmod, "_grouped_sdpa", spy)
+    tmod._register_grouped_sdpa.cache_clear()
+    try:
+        ids = [0] + embedded_lm.tokenizer.encode(TEXT)[:12]
+        await lm.prefetch(ids, alternatives=[(5, 1000), (9, 42)])
+    finally:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(tmod.GROUPED_SDPA, inner)  # the real function again
+    assert seen and all(s == (9, 3, tmod.GROUPED_SDPA) for s in seen)
+    assert embedded_lm.model.config._attn_implementation == "sdpa"

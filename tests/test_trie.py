@@ -1,6 +1,7 @@
 """TokenByteTrie: structure, sparse node masses against brute force, batching, dist helpers."""
 
 import asyncio
+import math
 
 import numpy as np
 import pytest
@@ -124,3 +125,48 @@ def test_lazy_byte_probs_and_chart():
         LazyByteProbs(np.zeros(10))
     with pytest.raises(ValueError, match="outside"):
         lazy[999]
+
+
+@pytest.mark.parametrize("prepared", ["lazy", "one", "batch"])
+def test_context_dist_masses_match_brute_force(prepared):
+    """ContextDist range sums (lazy direct sums, block sums, children in one pass) against
+    float64 sums token by token, in text and generation mode, with an EOS token carrying almost
+    all the mass (removing it must not cancel the precision of what is left)."""
+    from genlm_bytes.byte_lm.trie_state import BLOCK, TrieSpace
+
+    rng = np.random.default_rng(0)
+    vocab = sorted({bytes(rng.integers(97, 105, size=rng.integers(1, 7))) for _ in range(6000)})
+    vocab += [b"<e>", b"<f>", b"a<e>"]
+    eos = {len(vocab) - 3, len(vocab) - 2}
+    trie = TokenByteTrie(vocab)
+    space = TrieSpace(trie, eos_ids=eos)
+    assert len(vocab) > 8 * BLOCK
+    logits = rng.normal(size=(2, len(vocab))) * 3
+    logits[1, len(vocab) - 3] = 40.0  # EOS: all but ~1e-15 of the mass
+    lps = [torch.log_softmax(torch.tensor(x, dtype=torch.float32), 0) for x in logits]
+    if prepared == "batch":
+        dists = space.dists_for(lps)
+    else:
+        dists = [space.dist_for(lp) for lp in lps]
+        if prepared == "one":
+            for d in dists:
+                d.prepare()
+    for d, lp in zip(dists, lps):
+        p = np.exp(lp.numpy().astype(np.float64))
+        p_gen = p.copy()
+        p_gen[sorted(eos)] = 0.0
+        nodes = [0, *range(1, 8), *rng.choice(np.arange(8, trie.n_nodes), 400, replace=False).tolist()]
+        for node in nodes:
+            lo, hi = int(trie.lo[node]), int(trie.hi[node])
+            toks = trie.order[lo:hi]
+            for text in (True, False):
+                want = math.fsum((p if text else p_gen)[toks])
+                got = d.mass(lo, hi, text)
+                assert got == pytest.approx(want, rel=1e-5, abs=1e-300), (node, text)
+            k0, k1 = trie.kid_start[node], trie.kid_start[node + 1]
+            if k1 > k0:
+                kids = trie.kids[k0:k1]
+                for text in (True, False):
+                    got = d.masses(trie.lo[kids], trie.hi[kids], text)
+                    want = [d.mass(int(a), int(b), text) for a, b in zip(trie.lo[kids], trie.hi[kids])]
+                    np.testing.assert_allclose(got, want, rtol=1e-5)

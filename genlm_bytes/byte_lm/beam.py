@@ -85,13 +85,31 @@ def eos_token_ids(lm: AsyncLM, eos_tokens) -> list[int]:
         if not 0 <= t < lm.vocab_size:
             raise ValueError(f"EOS token id {t} is out of range for {lm.vocab_size} tokens")
     found = set()
-    for t, b in enumerate(lm.byte_vocab):
-        if b in wanted:
-            ids.add(t)
-            found.add(b)
+    if wanted:
+        index = _spelling_index(lm)
+        for b in wanted:
+            if b in index:
+                ids.update(index[b])
+                found.add(b)
     if wanted - found:
         raise ValueError(f"EOS token(s) {sorted(wanted - found)!r} are not in the model's vocabulary")
     return sorted(ids)
+
+
+def _spelling_index(lm: AsyncLM) -> dict[bytes, list[int]]:
+    """bytes -> the token ids spelling them, built once per model (kept on the model)."""
+    vocab = lm.byte_vocab
+    cached = getattr(lm, "_genlm_spelling_index", None)
+    if cached is not None and cached[0] is vocab:
+        return cached[1]
+    index: dict[bytes, list[int]] = {}
+    for t, b in enumerate(vocab):
+        index.setdefault(b, []).append(t)
+    try:
+        lm._genlm_spelling_index = (vocab, index)
+    except AttributeError:  # a model class with __slots__: rebuilt each time
+        pass
+    return index
 
 
 async def _warm_first_window(lm: AsyncLM, params: BeamParams, initial_context, data: bytes) -> None:

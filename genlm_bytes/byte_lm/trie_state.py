@@ -24,13 +24,13 @@ from genlm_bytes.dist import LazyByteProbs
 from genlm_bytes.symbols import EOS, EOT, N_SYMBOLS, check_symbol
 from genlm_bytes.trie import TokenByteTrie
 
-_TINY = 1e-9  # below this (relative) a cumulative-sum difference is recomputed as a direct sum
+_TINY = 1e-9  # below this (relative) a sum with the EOS terms subtracted is recomputed term by term
 
 
 class TrieSpace:
     """What the covers of one beam share: the trie and which tokens are EOS."""
 
-    __slots__ = ("_dists", "eos_ids", "eos_pos", "n_sorted", "trie")
+    __slots__ = ("_dists", "eos_ids", "eos_pos", "n_blocks", "n_sorted", "trie")
 
     MAX_DISTS = 256  # prepared distributions kept for reuse (keyed by the LM's cached tensor)
 
@@ -39,24 +39,25 @@ class TrieSpace:
         self.eos_ids = np.asarray(sorted({int(t) for t in eos_ids}), dtype=np.int64)
         self.eos_pos = np.nonzero(np.isin(trie.order, self.eos_ids))[0]
         self.n_sorted = len(trie.order)
+        self.n_blocks = max(1, -(-self.n_sorted // BLOCK))
         self._dists: OrderedDict[int, ContextDist] = OrderedDict()
 
     def dists_for(self, logps: list[torch.Tensor]) -> list[ContextDist]:
-        """:meth:`dist_for` of many distributions, their cumulative sums prepared together (one
-        batched gather/exp/cumsum)."""
+        """:meth:`dist_for` of many distributions, prepared for range sums together (one
+        batched gather/exp/block sum)."""
         out = [self.dist_for(lp) for lp in logps]
-        todo = [d for d in out if d._c is None]
-        if len(todo) > 1 and all(d.logp.device.type == "cpu" for d in todo):
+        todo = [d for d in out if d._p is None]
+        if len(todo) > 1 and all(d.logp.device.type == "cpu" and d.logp.dtype == torch.float32 for d in todo):
             order = torch.from_numpy(self.trie.order)
+            n, nb = self.n_sorted, self.n_blocks
             for k in range(0, len(todo), 64):
                 part = todo[k:k + 64]
-                # exp in the LM's precision (float32: relative error ~1e-7 per token), sums in float64
-                P = torch.stack([d.logp for d in part]).index_select(1, order).exp_()  # (B, n)
-                C = torch.empty((len(part), P.shape[1] + 1), dtype=torch.float64)
-                C[:, 0] = 0.0
-                torch.cumsum(P, dim=1, dtype=torch.float64, out=C[:, 1:])
+                P = torch.zeros((len(part), nb * BLOCK), dtype=torch.float32)
+                P[:, :n] = torch.stack([d.logp for d in part]).index_select(1, order).exp_()
+                S = P.view(len(part), nb, BLOCK).sum(dim=2, dtype=torch.float64).numpy()  # (B, nb)
+                Pn = P.numpy()
                 for j, d in enumerate(part):
-                    d._c = C[j].numpy()
+                    d._p, d._bs = Pn[j].copy(), S[j].copy()  # own copies: one row must not pin the batch
         return out
 
     def dist_for(self, logp: torch.Tensor) -> ContextDist:
@@ -75,18 +76,19 @@ class TrieSpace:
 class ContextDist:
     """The LM's next-token distribution after one context, prepared for range sums.
 
-    ``logp``: ``(V,)`` log-probs. The probabilities in byte order are kept only as a
-    float64 cumulative sum (with a leading 0), so a node mass is ``cum[hi] - cum[lo]``;
-    small ranges and small differences are summed directly from ``logp`` instead, to
-    keep relative precision. Memory: 8 bytes per token (16 with EOS tokens in generation mode).
+    ``logp``: ``(V,)`` log-probs. Prepared (on the first large range sum), it keeps the
+    probabilities in byte order (float32, padded to whole blocks) and the float64 sum of each
+    block of ``BLOCK`` of them, so a node mass is a sum of whole blocks plus the two partial
+    blocks at its ends: no cumulative sums, hence no cancellation, and 4 bytes per token.
+    In generation mode, EOS tokens are left out of every sum.
     """
 
-    __slots__ = ("_c", "_cg", "_lp", "_p_eos", "logp", "space")
+    __slots__ = ("_bs", "_lp", "_p", "_p_eos", "logp", "space")
 
     def __init__(self, logp: torch.Tensor, space: TrieSpace):
         self.logp = logp
         self.space = space
-        self._lp = self._c = self._cg = self._p_eos = None
+        self._lp = self._p = self._bs = self._p_eos = None
 
     def _logp_np(self) -> np.ndarray:
         if self._lp is None:
@@ -94,45 +96,77 @@ class ContextDist:
             self._lp = lp.numpy() if lp.device.type == "cpu" else lp.cpu().numpy()
         return self._lp
 
-    def direct(self, lo: int, hi: int, text: bool) -> float:
-        """Sum of the probabilities of sorted tokens ``[lo, hi)``, directly."""
-        order = self.space.trie.order
-        p = np.exp(self._logp_np()[order[lo:hi]].astype(np.float64))
-        if not text and len(self.space.eos_pos):
-            eos = self.space.eos_pos
-            inside = eos[(eos >= lo) & (eos < hi)]
-            p[inside - lo] = 0.0
+    def prepare(self) -> None:
+        """Probabilities in byte order and their block sums (done once, on first need)."""
+        if self._p is None:
+            sp = self.space
+            p = np.zeros(sp.n_blocks * BLOCK, dtype=np.float32)
+            np.exp(self._logp_np()[sp.trie.order], out=p[: sp.n_sorted], dtype=np.float32, casting="unsafe")
+            self._bs = p.reshape(sp.n_blocks, BLOCK).sum(axis=1, dtype=np.float64)
+            self._p = p
+
+    def _sum(self, lo: int, hi: int) -> float:
+        """Sum of the probabilities of sorted tokens ``[lo, hi)`` (EOS included)."""
+        if self._p is None:
+            if hi - lo > _LAZY_RANGE:
+                self.prepare()
+            else:  # before preparing: small and mid-sized ranges directly from the log-probs
+                return float(np.exp(self._logp_np()[self.space.trie.order[lo:hi]].astype(np.float64)).sum())
+        p = self._p
+        if hi - lo <= 2 * BLOCK:
+            return float(p[lo:hi].sum(dtype=np.float64))
+        a, b = -(-lo // BLOCK), hi // BLOCK  # whole blocks [a, b), partial ones at both ends
+        return (float(self._bs[a:b].sum()) + float(p[lo: a * BLOCK].sum(dtype=np.float64))
+                + float(p[b * BLOCK: hi].sum(dtype=np.float64)))
+
+    def _eos_in(self, lo, hi) -> np.ndarray:
+        eos = self.space.eos_pos
+        return eos[(eos >= lo) & (eos < hi)]
+
+    def _without_eos(self, lo: int, hi: int) -> float:
+        """Term-by-term sum of ``[lo, hi)`` with the EOS terms zeroed (when subtracting them
+        would cancel most of the sum)."""
+        p = np.exp(self._logp_np()[self.space.trie.order[lo:hi]].astype(np.float64))
+        p[self._eos_in(lo, hi) - lo] = 0.0
         return float(p.sum())
 
-    def cum(self, text: bool) -> np.ndarray:
-        """Cumulative sums ``(n_sorted + 1,)`` of the probabilities in byte order."""
-        if self._c is None:
-            self._c = _cumsum0(np.exp(self._logp_np()[self.space.trie.order].astype(np.float64)))
-        if text or not len(self.space.eos_pos):
-            return self._c
-        if self._cg is None:
-            p = np.diff(self._c)
-            p[self.space.eos_pos] = 0.0
-            self._cg = _cumsum0(p)
-        return self._cg
-
     def mass(self, lo: int, hi: int, text: bool) -> float:
-        if hi - lo <= 32 or (self._c is None and hi - lo <= _LAZY_RANGE):
-            # Small ranges, and mid-sized ones before the cumulative sums exist (most
-            # distributions are asked a few masses only; the sums cost a pass over the vocabulary).
-            return self.direct(lo, hi, text)
-        c = self.cum(text)
-        m = c[hi] - c[lo]
-        if m < _TINY * c[-1]:
-            return self.direct(lo, hi, text)
-        return float(m)
+        """Probability that the next token is one of the sorted tokens ``[lo, hi)`` (in generation
+        mode, EOS tokens are not among them)."""
+        s = self._sum(lo, hi)
+        if text or not len(self.space.eos_pos):
+            return s
+        inside = self._eos_in(lo, hi)
+        if not len(inside):
+            return s
+        if self._p is not None:  # the very terms ``s`` summed, so that a sum of EOS alone cancels
+            e = float(self._p[inside].sum(dtype=np.float64))
+        else:
+            e = float(np.exp(self._logp_np()[self.space.trie.order[inside]].astype(np.float64)).sum())
+        m = s - e
+        return m if m > _TINY * s else self._without_eos(lo, hi)
+
+    direct = mass  # (the name the EOT mass uses)
 
     def masses(self, lo: np.ndarray, hi: np.ndarray, text: bool) -> np.ndarray:
-        c = self.cum(text)
-        m = c[hi] - c[lo]
-        for i in np.nonzero((hi - lo <= 32) | (m < _TINY * c[-1]))[0]:
-            m[i] = self.direct(int(lo[i]), int(hi[i]), text)
-        return m
+        """:meth:`mass` of many ranges; adjacent ranges in increasing order (a node's children)
+        are summed in one pass over their span."""
+        n = len(lo)
+        if n > 4 and np.array_equal(hi[:-1], lo[1:]):
+            a, b = int(lo[0]), int(hi[-1])
+            if self._p is None and b - a > _LAZY_RANGE:
+                self.prepare()
+            if self._p is not None:
+                x = self._p[a:b]
+            else:
+                x = np.exp(self._logp_np()[self.space.trie.order[a:b]])
+            m = np.add.reduceat(x, (lo - a).astype(np.intp), dtype=np.float64)
+            if not text and len(self.space.eos_pos):
+                eos = self._eos_in(a, b)
+                for k in set(np.searchsorted(lo, eos, side="right") - 1):  # the ranges holding EOS
+                    m[k] = self.mass(int(lo[k]), int(hi[k]), text)
+            return m
+        return np.array([self.mass(int(a), int(b), text) for a, b in zip(lo.tolist(), hi.tolist())])
 
     def p_eos(self) -> float:
         if self._p_eos is None:
@@ -141,14 +175,8 @@ class ContextDist:
         return self._p_eos
 
 
-_LAZY_RANGE = 2048  # sorted tokens summed directly (not from cumulative sums) while those are not built
-
-
-def _cumsum0(p: np.ndarray) -> np.ndarray:
-    c = np.empty(len(p) + 1)
-    c[0] = 0.0
-    np.cumsum(p, out=c[1:])
-    return c
+BLOCK = 256  # sorted tokens per block sum
+_LAZY_RANGE = 2048  # sorted tokens summed directly while a distribution is not prepared
 
 
 def _log(x: float) -> float:

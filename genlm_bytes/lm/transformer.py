@@ -252,8 +252,9 @@ class AsyncTransformer(AsyncLM):
         cache = self._make_cache(rows, P, Kn)
         dev = self.device
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
-        out = body(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
-                   past_key_values=cache, use_cache=True)
+        with _grouped_attention(self.model):
+            out = body(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
+                       past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state  # (B, Kn, H)
         del out
         self.n_forward_tokens += sum(ks)
@@ -459,8 +460,9 @@ class AsyncTransformer(AsyncLM):
         cache = self._make_cache([(ids[:P], ref, P)], P, Q)
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         dev = self.device
-        out = body(input_ids=torch.tensor([tokens], device=dev), attention_mask=mask.to(dev),
-                   position_ids=pos[None].to(dev), past_key_values=cache, use_cache=True)
+        with _grouped_attention(self.model):
+            out = body(input_ids=torch.tensor([tokens], device=dev), attention_mask=mask.to(dev),
+                       position_ids=pos[None].to(dev), past_key_values=cache, use_cache=True)
         self.n_forward_tokens += Q
         logp_rows = self._logprob_rows(out.last_hidden_state[0])  # Q rows, in slot order
         del out
@@ -556,6 +558,67 @@ def _pass_layer_class():
 
 def _PassLayer(keys, values, past: int):  # a class made on first use (transformers imports late)
     return _pass_layer_class()(keys, values, past)
+
+
+GROUPED_SDPA = "genlm_grouped_sdpa"
+
+
+@functools.cache
+def _register_grouped_sdpa() -> bool:
+    """Register :func:`_grouped_sdpa` with transformers (once); False if this version cannot."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
+    return True
+
+
+def _grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' SDPA attention, except that grouped-query heads attend to their shared
+    key/value head directly under a mask: the queries of one group are stacked (``(B, kv_heads,
+    groups * Q, d)``) instead of the keys and values being repeated per head, which would copy
+    the whole past of every layer on every pass (SDPA's own ``enable_gqa`` is used by
+    transformers only without a mask)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = getattr(module, "num_key_value_groups", 1)
+    B, H, Q, d = query.shape
+    plain = (g == 1 or attention_mask is None or dropout or kwargs.get("softcap") is not None
+             or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None
+             or attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or key.shape[1] * g != H)
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    Hkv, L = key.shape[1], key.shape[2]
+    mask = attention_mask[:, :, None].expand(-1, 1, g, Q, L).reshape(attention_mask.shape[0], 1, g * Q, L)
+    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(B, Hkv, g * Q, d), key, value,
+                                                           attn_mask=mask, scale=scaling)
+    return out.reshape(B, H, Q, d).transpose(1, 2).contiguous(), None
+
+
+class _grouped_attention:
+    """Within the block, ``model`` runs :func:`_grouped_sdpa` where it was set to run SDPA."""
+
+    def __init__(self, model):
+        self.cfg = getattr(model, "config", None)
+        self.old = None
+
+    def __enter__(self):
+        cfg = self.cfg
+        if (cfg is not None and getattr(cfg, "_attn_implementation_internal", None) == "sdpa"
+                and _register_grouped_sdpa()):
+            self.old = "sdpa"
+            cfg._attn_implementation_internal = GROUPED_SDPA
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            self.cfg._attn_implementation_internal = self.old
+            self.old = None
+        return False
 
 
 def _plain_cache(hf_model) -> bool:
