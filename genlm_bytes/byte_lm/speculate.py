@@ -266,9 +266,15 @@ class PrefillPlanner:
 
     def encode_ahead(self, pos: int, n_tokens: int) -> list[int]:
         """About ``n_tokens`` tokens spelling the text from ``pos`` on: the tokenizer's encoding
-        when the window is valid text, else the longest-match split along the trie."""
+        when the window is valid text, else the longest-match split along the trie. When the
+        text left after them would be about as short, up to ``2 * n_tokens`` tokens reaching the
+        end of the text (a look-ahead that would stop just short of the end costs a second pass
+        for a few tokens)."""
         data, lm = self.data, self.lm
         end = min(len(data), pos + 8 * n_tokens)
+        whole = len(data) - end <= 8 * n_tokens
+        if whole:
+            end = len(data)
         window = data[pos:end]
         enc = None
         for cut in range(4):  # the window may end inside a multi-byte character
@@ -281,7 +287,7 @@ class PrefillPlanner:
             enc = self.longest_match(window)
         if end < len(data) and enc:
             enc = enc[:-1]  # the window may cut the last token
-        return enc[:n_tokens]
+        return enc if whole and len(enc) <= 2 * n_tokens else enc[:n_tokens]
 
     def longest_match(self, window: bytes) -> list[int]:
         """Split ``window`` greedily into the longest tokens (stops where no token matches)."""

@@ -25,6 +25,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 
 import torch
 
@@ -43,6 +44,9 @@ WORKING_DISTS = 256 + 192
 MAX_SEGMENTS = 16
 LOGP_CHUNK = 64
 TRIM_AFTER_BYTES = 16 << 20  # hand free heap pages back after evictions freed this much
+TRIM_SLACK_BYTES = 16 << 20  # ... or when the resident set exceeds the accounted memory by this much,
+TRIM_TIME_SHARE = 0.1
+HEAP_SHARE = 0.05  # of the cache budget, kept for free heap pages between trims (see _maybe_trim)  # spending at most this share of the model passes' time on such trims
 PASS_MEMORY_SHARE = 0.125  # the most of the cache budget one batched pass may spend on copies of pasts  # output positions whose logits are in memory at once  # a past chained from more segments than this is stored whole by the next pass
 
 
@@ -93,11 +97,17 @@ class AsyncTransformer(AsyncLM):
         self._softcap = getattr(hf_model.config, "final_logit_softcapping", None)
         self.n_forward_tokens = 0  # tokens run through the model: for tests and benchmarks
         # Memory the budget keeps free besides cached payloads: the byte-level working set
-        # (prepared distributions: float64 cumulative sums over the vocabulary, up to
-        # WORKING_DISTS of them) and, during a pass, its temporary tensors.
-        self._base_reserve = WORKING_DISTS * len(byte_vocab) * 8
+        # (prepared distributions: probabilities in byte order plus the log-prob row each keeps,
+        # 8 bytes per token, up to WORKING_DISTS of them), a share for the allocator (free heap
+        # pages between two trims) and, during a pass, its temporary tensors.
+        self._base_reserve = WORKING_DISTS * len(byte_vocab) * 8 + int(HEAP_SHARE * self.cache.budget_bytes)
         self._kv_per_token = 0  # bytes of keys/values per token, known after the first pass
         self.cache.reserve(self._base_reserve)
+        # The resident set with the model loaded: what grows past it beyond the cache's accounting
+        # is mostly free heap pages, handed back by _maybe_trim.
+        self._rss0 = _rss_bytes() if _MALLOC_TRIM is not None else None
+        self._pass_seconds = self._trim_seconds = 0.0
+        self._pass_t0 = 0.0
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -330,24 +340,42 @@ class AsyncTransformer(AsyncLM):
     def _reserve_pass(self, rows: int, kv_len: int, n_new: int, n_out: int) -> None:
         """Make room in the budget for a pass's temporary tensors: the padded pasts plus new
         keys/values, activations of the new tokens, the attention mask, and log-probs (with
-        their copies) of ``n_out`` positions."""
-        hidden = getattr(self.model.config, "hidden_size", 0) or 0
-        est = (rows * kv_len * self._kv_per_token + rows * n_new * (16 * 4 * hidden + 4 * kv_len)
+        their copies) of ``n_out`` positions; the attention scores and weights of one layer
+        (every head), and the float mask."""
+        cfg = self.model.config
+        hidden = getattr(cfg, "hidden_size", 0) or 0
+        heads = getattr(cfg, "num_attention_heads", 1) or 1
+        est = (rows * kv_len * self._kv_per_token + rows * n_new * (16 * 4 * hidden + 4 * kv_len * (2 * heads + 1))
                + 2 * min(n_out, LOGP_CHUNK) * self.vocab_size * 4)
         self.cache.reserve(self._base_reserve + est)
         self._maybe_trim()  # what the reservation evicted leaves the resident set before the pass
+        self._pass_t0 = time.perf_counter()
 
     def _end_pass(self, block: KVBlock | None, n_tokens: int) -> None:
         if block is not None and not self._kv_per_token and n_tokens:
             self._kv_per_token = block.nbytes // n_tokens
         self.cache.reserve(self._base_reserve)
+        self._pass_seconds += time.perf_counter() - self._pass_t0
         self._maybe_trim()
 
     def _maybe_trim(self) -> None:
-        # Only after evictions freed a good amount: trimmed pages cost page faults when reused.
+        """Hand free heap pages back to the system when they are worth it: after evictions
+        freed a good amount, or when the resident set has grown past what the budget accounts
+        for (a pass's temporaries leave free but resident holes) by more than TRIM_SLACK_BYTES.
+        Trimmed pages cost page faults when reused, hence not after every pass."""
+        if _MALLOC_TRIM is None:
+            return
         if self.cache.freed_bytes >= TRIM_AFTER_BYTES:
             self.cache.freed_bytes = 0
             _trim_heap()
+            return
+        if self._rss0 is None or self._trim_seconds > TRIM_TIME_SHARE * self._pass_seconds:
+            return  # (memory held elsewhere that a trim cannot give back costs at most that share)
+        rss = _rss_bytes()
+        if rss is not None and rss - self._rss0 - self.cache.nbytes - self.cache.reserved > TRIM_SLACK_BYTES:
+            t0 = time.perf_counter()
+            _trim_heap()
+            self._trim_seconds += time.perf_counter() - t0
 
     def _logprob_rows(self, hidden: torch.Tensor):
         """The (V,) log-prob rows of ``hidden`` (N, H), computed LOGP_CHUNK at a time, each its own
@@ -515,6 +543,18 @@ def _heap_trimmer():
 
 
 _MALLOC_TRIM = _heap_trimmer()
+
+
+def _rss_bytes() -> int | None:
+    """Resident set size of this process (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _trim_heap() -> None:
