@@ -8,7 +8,7 @@ Measured on the embedded model's vocabulary (49,152 tokens):
    ``trie.batch_weight_sum(P) / 32`` (batch 32), with ``p`` real next-token
    distributions of the model; also what the beam actually does per
    distribution, ``TrieSpace.dists_for`` (gather into byte order, exp,
-   float64 cumulative sum), at batch 1 and 32;
+   float64 block sums), at batch 1 and 32;
 3. the trie work inside a prefill of ``../shared/bench/prose.txt`` (K=5,
    threshold 0.05): wall time spent in ``genlm_bytes/byte_lm/trie_state.py``
    (``TrieSpace.dist_for/dists_for``, every ``ContextDist`` mass computation,
@@ -41,7 +41,7 @@ def instrument(lm) -> tuple[common.Timers, common.Timers]:
     trie = common.Timers()
     for name in ("dist_for", "dists_for"):
         trie.wrap(ts.TrieSpace, name)
-    for name in ("direct", "cum", "mass", "masses", "p_eos"):
+    for name in ("direct", "prepare", "mass", "masses", "p_eos"):
         trie.wrap(ts.ContextDist, name)
     for name in ("consume", "end_tokens", "add_next_masses", "_node_mass", "with_mode"):
         trie.wrap(ts.LazyTrieState, name)

@@ -41,13 +41,13 @@ ALT_CHUNK = 256  # alternative tokens per tree-masked forward pass
 # Distributions the byte level holds prepared: TrieSpace.MAX_DISTS kept for reuse plus a
 # speculation window's worth (PathSpeculator.WINDOW * 1.5) being built.
 WORKING_DISTS = 256 + 192
-MAX_SEGMENTS = 16
-LOGP_CHUNK = 64
+MAX_SEGMENTS = 64  # a past chained from more segments than this is stored whole by the next pass
+LOGP_CHUNK = 64  # output positions whose logits are in memory at once
 TRIM_AFTER_BYTES = 16 << 20  # hand free heap pages back after evictions freed this much
 TRIM_SLACK_BYTES = 16 << 20  # ... or when the resident set exceeds the accounted memory by this much,
-TRIM_TIME_SHARE = 0.1
-HEAP_SHARE = 0.05  # of the cache budget, kept for free heap pages between trims (see _maybe_trim)  # spending at most this share of the model passes' time on such trims
-PASS_MEMORY_SHARE = 0.125  # the most of the cache budget one batched pass may spend on copies of pasts  # output positions whose logits are in memory at once  # a past chained from more segments than this is stored whole by the next pass
+TRIM_TIME_SHARE = 0.1  # spending at most this share of the model passes' time on such trims
+HEAP_SHARE = 0.05  # of the cache budget, kept for free heap pages between trims (see _maybe_trim)
+PASS_MEMORY_SHARE = 0.125  # the most of the cache budget one batched pass may spend on copies of pasts
 
 
 class AsyncTransformer(AsyncLM):
