@@ -12,7 +12,7 @@ and the cache's own accounting (``lm.cache.nbytes``) are reported alongside.
 A scoring that runs longer than ``--time-limit`` seconds is abandoned (between
 two bytes); its peak is then a lower bound of the full scoring's peak.
 
-Run: ``python benchmarks/bench_memory.py [--budgets-mib 1024 256] [--bytes 8192] [--time-limit 150]``.
+Run: ``python benchmarks/bench_memory.py [--budgets-mib 1024 512] [--bytes 8192] [--time-limit 600]``.
 Prints a table and writes ``benchmarks/results/memory.json``.
 """
 
@@ -128,10 +128,10 @@ def report(res: dict) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets-mib", type=int, nargs="+", default=[1024, 256])
+    parser.add_argument("--budgets-mib", type=int, nargs="+", default=[1024, 512])
     parser.add_argument("--bytes", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=common.THREADS)
-    parser.add_argument("--time-limit", type=float, default=150.0, help="abandon a scoring after this many seconds")
+    parser.add_argument("--time-limit", type=float, default=600.0, help="abandon a scoring after this many seconds")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
