@@ -103,6 +103,10 @@ class PathSpeculator:
         lm, trie, data, path, off = self.lm, self.space.trie, self.data, self.path, self.off
         n0 = len(self.ctx0)
         full = self.ctx0 + path
+        # Distributions the cache evicted since the window's pass (a small budget) are computed
+        # again together, in one pass, not as one request per prefix (each of which would run
+        # its whole suffix from the deepest cached past).
+        await lm.prefetch(list(full[: n0 + j1 - 1]), start=n0 + j0 - 1)
         logps = await asyncio.gather(*(lm.next_token_logprobs(list(full[: n0 + j])) for j in range(j0, j1)))
         dists = self.space.dists_for(logps)
         W = [0.0]
