@@ -41,7 +41,7 @@ def instrument(lm) -> tuple[common.Timers, common.Timers]:
     trie = common.Timers()
     for name in ("dist_for", "dists_for"):
         trie.wrap(ts.TrieSpace, name)
-    for name in ("direct", "prepare", "mass", "masses", "p_eos"):
+    for name in ("prepare", "mass", "masses", "p_eos"):
         trie.wrap(ts.ContextDist, name)
     for name in ("consume", "end_tokens", "add_next_masses", "_node_mass", "with_mode"):
         trie.wrap(ts.LazyTrieState, name)

@@ -105,13 +105,17 @@ class ContextDist:
             self._bs = p.reshape(sp.n_blocks, BLOCK).sum(axis=1, dtype=np.float64)
             self._p = p
 
+    def _probs(self, idx) -> np.ndarray:
+        """float64 probabilities of the sorted tokens ``idx`` (a slice or positions), from the log-probs."""
+        return np.exp(self._logp_np()[self.space.trie.order[idx]].astype(np.float64))
+
     def _sum(self, lo: int, hi: int) -> float:
         """Sum of the probabilities of sorted tokens ``[lo, hi)`` (EOS included)."""
         if self._p is None:
             if hi - lo > _LAZY_RANGE:
                 self.prepare()
             else:  # before preparing: small and mid-sized ranges directly from the log-probs
-                return float(np.exp(self._logp_np()[self.space.trie.order[lo:hi]].astype(np.float64)).sum())
+                return float(self._probs(slice(lo, hi)).sum())
         p = self._p
         if hi - lo <= 2 * BLOCK:
             return float(p[lo:hi].sum(dtype=np.float64))
@@ -126,7 +130,7 @@ class ContextDist:
     def _without_eos(self, lo: int, hi: int) -> float:
         """Term-by-term sum of ``[lo, hi)`` with the EOS terms zeroed (when subtracting them
         would cancel most of the sum)."""
-        p = np.exp(self._logp_np()[self.space.trie.order[lo:hi]].astype(np.float64))
+        p = self._probs(slice(lo, hi))
         p[self._eos_in(lo, hi) - lo] = 0.0
         return float(p.sum())
 
@@ -142,11 +146,9 @@ class ContextDist:
         if self._p is not None:  # the very terms ``s`` summed, so that a sum of EOS alone cancels
             e = float(self._p[inside].sum(dtype=np.float64))
         else:
-            e = float(np.exp(self._logp_np()[self.space.trie.order[inside]].astype(np.float64)).sum())
+            e = float(self._probs(inside).sum())
         m = s - e
         return m if m > _TINY * s else self._without_eos(lo, hi)
-
-    direct = mass  # (the name the EOT mass uses)
 
     def masses(self, lo: np.ndarray, hi: np.ndarray, text: bool) -> np.ndarray:
         """:meth:`mass` of many ranges; adjacent ranges in increasing order (a node's children)
@@ -349,7 +351,7 @@ class LazyTrieState:
         if include_end and n != 0:
             lo, end = int(trie.lo[n]), int(trie.end[n])
             if end > lo:
-                acc[EOT] += scale * self.dist.direct(lo, end, self.text)
+                acc[EOT] += scale * self.dist.mass(lo, end, self.text)
         if n == 0 and not self.text:
             acc[EOS] += scale * self.dist.p_eos()
 
