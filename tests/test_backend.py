@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from genlm_bytes import AsyncLM, BeamParams, ByteBeamState, MockLM
 from genlm_bytes.lm.batching import Batcher
-from genlm_bytes.lm.cache import KVBlock, KVRef, PrefixCache
+from genlm_bytes.lm.cache import _KV, _LOGP, KVBlock, KVRef, PrefixCache
 
 TOL = 1e-4  # float64 model vs its plain forward
 TOL32 = 2e-4  # float32 model vs its plain forward
@@ -87,12 +87,14 @@ def assert_cache_consistent(cache: PrefixCache) -> None:
         assert cache.nbytes <= cache.budget_bytes, (cache.nbytes, cache.budget_bytes)
         blocks: dict[int, tuple[KVBlock, int]] = {}
         logp_bytes = 0
-        for node in cache._lru:
+        for node, slot in cache._lru:
             assert _attached(cache, node), f"a cached payload at {cache._key_of(node)} is unreachable"
-            if node.logp is not None:
+            if slot == _LOGP:
+                assert node.logp is not None, "an LRU slot of log-probs the node does not hold"
                 logp_bytes += node.logp.numel() * node.logp.element_size()
                 assert cache._by_key.get(cache._key_of(node)) is node
-            if node.kv is not None:
+            else:
+                assert slot == _KV and node.kv is not None, "an LRU slot of a past the node does not hold"
                 assert node.kv.depth == node.depth, "a node's past is not as long as its prefix"
                 ref = node.kv
                 while ref is not None:  # every segment of the chain lies inside its block
@@ -105,13 +107,14 @@ def assert_cache_consistent(cache: PrefixCache) -> None:
             assert blk.refs == n, "a block's reference count disagrees with the chains holding it"
         assert cache.nbytes == logp_bytes + sum(b.nbytes for b, _ in blocks.values())
         for key, node in cache._by_key.items():
-            assert node.logp is not None and node in cache._lru and cache._key_of(node) == key
+            assert node.logp is not None and (node, _LOGP) in cache._lru and cache._key_of(node) == key
         # Nothing outside the LRU holds a payload.
         stack = [cache.root]
         while stack:
             node = stack.pop()
-            if node is not cache.root and (node.logp is not None or node.kv is not None):
-                assert node in cache._lru
+            if node is not cache.root:
+                assert node.logp is None or (node, _LOGP) in cache._lru
+                assert node.kv is None or (node, _KV) in cache._lru
             stack.extend(node.children.values())
 
 
@@ -447,7 +450,7 @@ async def test_transformer_forward_that_raises_once_fails_its_callers_only(embed
 @st.composite
 def cache_workloads(draw):
     budget = draw(st.integers(0, 160))
-    ops = draw(st.lists(st.tuples(st.sampled_from(["forward", "get", "repoint"]),
+    ops = draw(st.lists(st.tuples(st.sampled_from(["forward", "held", "get", "take", "repoint"]),
                                   st.lists(st.integers(0, 2), min_size=1, max_size=6)),
                         min_size=1, max_size=40))
     return budget, ops
@@ -464,7 +467,7 @@ def test_prefix_cache_bookkeeping_under_any_budget(workload):
     latest: dict[tuple, torch.Tensor] = {}
     for n, (op, ids) in enumerate(ops):
         key = tuple(ids)
-        if op == "forward":
+        if op in ("forward", "held"):
             # As AsyncTransformer stores a pass: its new tokens only, chained to the past it ran on.
             past, ref = cache.deepest_kv(key, len(key) - 1)
             n_new = len(key) - past
@@ -473,15 +476,47 @@ def test_prefix_cache_bookkeeping_under_any_budget(workload):
             cache.put_kv(path[past:], lambda node, block=block, ref=ref, past=past:
                          KVRef(block, 0, 0, node.depth - past, ref))
             latest[key] = torch.full((4,), float(n))
-            cache.put_logp(key, latest[key], node=path[-1])
-        elif op == "get":
-            hit = cache.get_logp(key)
+            cache.put_logp(key, latest[key], node=path[-1], held=op == "held")
+        elif op in ("get", "take"):
+            hit = cache.get_logp(key) if op == "get" else cache.take_logp(key)
             assert hit is None or hit is latest[key]
         else:  # point a whole path at one new block, as a chunked prefetch does
             path = cache.walk(key)
             block = KVBlock([torch.zeros(1, 1, len(key), 1)], [torch.zeros(1, 1, len(key), 1)])
             cache.repoint_kv(path, lambda node, block=block: KVRef(block, 0, 0, node.depth))
         assert_cache_consistent(cache)
+
+
+def test_rows_handed_to_readers_are_evicted_before_rows_not_read_yet():
+    """Log-probs computed ahead (a look-ahead pass) outlive those already taken by a reader,
+    even when taken later; a KV past is not moved by a read of its node's log-probs."""
+    row = 16  # bytes of a (4,) float32 row
+    cache = PrefixCache(budget_bytes=6 * row)
+    for i in range(6):  # a look-ahead: the rows after (0,), (0, 1), ... in order
+        cache.put_logp(tuple(range(i + 1)), torch.full((4,), float(i)))
+    for i in (3, 4):  # the reader consumes two of them, the most recent ones
+        assert cache.take_logp(tuple(range(i + 1)))[0] == i
+    cache.put_logp((9,), torch.zeros(4))  # a new row: one must go
+    cache.put_logp((8,), torch.zeros(4))  # and another
+    assert cache.get_logp((0, 1, 2, 3)) is None and cache.get_logp((0, 1, 2, 3, 4)) is None, \
+        "the rows taken should be evicted first"
+    assert all(cache.get_logp(tuple(range(i + 1))) is not None for i in (0, 1, 2, 5))
+    cache.put_logp((7,), torch.zeros(4), held=True)  # handed straight to its requester
+    assert cache.get_logp((7,)) is None and cache.get_logp((0,)) is not None
+    assert_cache_consistent(cache)
+    # A past and the log-probs of one node are separate slots.
+    cache = PrefixCache(budget_bytes=3 * row + 16)
+    key = (1, 2)
+    path = cache.walk(key, create=True)
+    block = KVBlock([torch.zeros(1, 1, 2, 1)], [torch.zeros(1, 1, 2, 1)])  # 16 bytes
+    cache.put_kv(path, lambda node: KVRef(block, 0, 0, node.depth))
+    cache.put_logp(key, torch.zeros(4), node=path[-1])
+    cache.take_logp(key)
+    cache.put_logp((5,), torch.zeros(4))
+    cache.put_logp((6,), torch.zeros(4))
+    cache.put_logp((7,), torch.zeros(4))
+    assert cache.get_logp(key) is None and cache.deepest_kv(key, 2) == (2, path[-1].kv)
+    assert_cache_consistent(cache)
 
 
 def test_eviction_keeps_live_prefixes_reusable():
@@ -531,9 +566,9 @@ def held_bytes(cache: PrefixCache) -> int:
     """Memory the cache's payloads actually keep alive (distinct tensor storages)."""
     storages = {}
     with cache.lock:
-        for node in cache._lru:
-            tensors = [node.logp] if node.logp is not None else []
-            for block in (node.kv.blocks() if node.kv is not None else ()):
+        for node, slot in cache._lru:
+            tensors = [node.logp] if slot == _LOGP else []
+            for block in (node.kv.blocks() if slot == _KV else ()):
                 tensors += block.keys + block.values
             for t in tensors:
                 s = t.untyped_storage()
@@ -659,3 +694,114 @@ async def test_passes_use_grouped_attention_and_restore_the_model(embedded_lm, m
         AttentionInterface.register(tmod.GROUPED_SDPA, inner)  # the real function again
     assert seen and all(s == (9, 3, tmod.GROUPED_SDPA) for s in seen)
     assert embedded_lm.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.slow
+async def test_long_chains_are_stored_whole_and_stay_exact(embedded_lm, embedded_hf, hf64, monkeypatch):
+    """A past chained from MAX_SEGMENTS segments is stored as one block by the next pass (alone or
+    as one row of a ragged batch), copied from the layer's buffer while the pass runs."""
+    import genlm_bytes.lm.transformer as tr
+
+    monkeypatch.setattr(tr, "MAX_SEGMENTS", 3)
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model)
+    ids = [0] + tok.encode(TEXT)
+    for n in range(2, 8):  # one token per pass: each adds a segment to the chain
+        assert_close_to_uncached(hf_model, ids[:n], await lm.next_token_logprobs(ids[:n]))
+    nodes = lm.cache.walk(ids[:7])
+    assert max(node.kv.nseg for node in nodes) <= 3
+    assert nodes[4].kv.nseg == 1 and nodes[4].kv.depth == 5, "the 4th pass should store its context whole"
+    # A ragged batch: one row on a 3-segment past (kept whole), one on a short past (left-padded).
+    batch = [ids[:8], [0, 77, 78]]
+    rows = await asyncio.gather(*(lm.next_token_logprobs(c) for c in batch))
+    for ctx, row in zip(batch, rows):
+        assert_close_to_uncached(hf_model, ctx, row)
+    node = lm.cache.walk(ids[:8])[-1]
+    assert node.kv.nseg == 1 and node.kv.depth == 8
+    before = lm.n_forward_tokens
+    assert_close_to_uncached(hf_model, ids[:9], await lm.next_token_logprobs(ids[:9]))
+    assert lm.n_forward_tokens - before == 1, "the whole past should be reused"
+    assert_cache_consistent(lm.cache)
+
+
+@pytest.mark.slow
+async def test_passes_split_to_fit_the_budget_stay_exact(embedded_lm, embedded_hf, hf64, monkeypatch):
+    """When one pass's temporaries would exceed PASS_SHARE of the budget, a prefetch runs the path
+    and its alternatives in smaller passes, with the same results."""
+    import genlm_bytes.lm.transformer as tr
+
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model)
+    ids = [0] + tok.encode(TEXT + " " + TEXT)
+    assert lm._pass_tokens(0, len(ids)) == len(ids)
+    monkeypatch.setattr(tr, "PASS_SHARE", 1e-6)  # every pass at the 16-token minimum
+    assert lm._pass_tokens(0, len(ids)) == 16
+    passes = []
+    forward, tree = lm._forward, lm._tree_pass
+    monkeypatch.setattr(lm, "_forward", lambda rows, all_positions: passes.append("F") or forward(rows, all_positions))
+    monkeypatch.setattr(lm, "_tree_pass", lambda *a: passes.append("T") or tree(*a))
+    alts = [(k, 1000 + k) for k in range(3, len(ids), 2)]
+    await lm.prefetch(ids, alternatives=alts)
+    n_alt_passes = -(-len(alts) // 16)
+    assert len(passes) >= (len(ids) - 16) // 16 + n_alt_passes
+    assert lm.n_forward_tokens == len(ids) + len(alts), "each token should run once"
+    for n in (3, 17, 33, len(ids)):
+        assert_close_to_uncached(hf_model, ids[:n], lm.cache.get_logp(tuple(ids[:n])))
+    for k, t in alts[::7]:
+        assert_close_to_uncached(hf_model, ids[:k] + [t], lm.cache.get_logp(tuple(ids[:k]) + (t,)))
+    assert_cache_consistent(lm.cache)
+
+
+@pytest.mark.slow
+async def test_rows_read_ahead_outlive_rows_handed_out(embedded_lm, embedded_hf):
+    """``next_token_logprobs`` hands a row out (the cache's copy goes first under pressure);
+    ``peek_next_token_logprobs`` (a look-ahead) keeps it for the reader to come."""
+    from genlm_bytes.lm.cache import _LOGP
+
+    lm = transformer(embedded_lm)
+    ids = [0] + embedded_hf[1].encode(TEXT)
+    await lm.prefetch(ids[:12])
+    nodes = lm.cache.walk(ids[:12])
+    taken = await lm.next_token_logprobs(ids[:5])
+    peeked = await lm.peek_next_token_logprobs(ids[:6])
+    order = list(lm.cache._lru)
+    assert order[0] == (nodes[4], _LOGP) and taken is nodes[4].logp
+    assert order[-1] == (nodes[5], _LOGP) and peeked is nodes[5].logp
+    fresh = await lm.next_token_logprobs(ids[:3] + [55])  # computed for its requester: goes first too
+    assert next(iter(lm.cache._lru))[0].logp is fresh
+
+
+@pytest.mark.slow
+async def test_beams_of_one_model_share_prepared_distributions(embedded_lm, embedded_hf):
+    """Beams of one model share one TrieSpace per EOS setting, whose prepared distributions are
+    bounded by the model's share of its cache budget (fewer below the default budget)."""
+    from genlm_bytes.byte_lm.trie_state import shared_space
+
+    params = BeamParams(K=5, prune_threshold=0.05)
+    a = await ByteBeamState.initial(embedded_lm, params)
+    b = await ByteBeamState.initial(embedded_lm, params)
+    assert a.states[0].space is b.states[0].space
+    assert a.states[0].space.max_dists == embedded_lm.prepared_dists
+    other = shared_space(embedded_lm, [7])
+    assert other is not a.states[0].space and list(other.eos_ids) == [7]
+    small = transformer(embedded_lm, cache_budget_bytes=256 << 20)
+    assert small.prepared_dists < embedded_lm.prepared_dists
+    assert shared_space(small).max_dists == small.prepared_dists
+
+
+@pytest.mark.slow
+def test_batched_requests_on_long_pasts_are_grouped_within_the_pass_share(embedded_lm):
+    """A batch of requests on long pasts runs in groups whose temporaries fit PASS_SHARE of the
+    budget (every row is left-padded to the longest past of its group)."""
+    import genlm_bytes.lm.transformer as tr
+
+    lm = transformer(embedded_lm, cache_budget_bytes=64 << 20)
+    cap = tr.PASS_SHARE * lm.cache.budget_bytes
+    rows = [(tuple(range(p + 1)), None, p) for p in (10, 900, 20, 1500, 1400, 30, 1200, 5)]
+    groups = lm._memory_groups(rows)
+    assert sorted(r[2] for g in groups for r in g) == sorted(r[2] for r in rows)
+    assert len(groups) > 1
+    for g in groups:
+        P = max(r[2] for r in g)
+        assert len(g) == 1 or lm._pass_bytes(len(g), P + 1, 1, len(g)) <= cap
+    assert lm._memory_groups(rows[:1]) == [rows[:1]]

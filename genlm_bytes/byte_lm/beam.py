@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from genlm_bytes.byte_lm.lm_state import StatefulByteLM, check_prompt
-from genlm_bytes.byte_lm.trie_state import LazyTrieState, TrieSpace
+from genlm_bytes.byte_lm.trie_state import LazyTrieState, shared_space
 from genlm_bytes.dist import LazyByteProbs
 from genlm_bytes.lm.base import AsyncLM
 from genlm_bytes.symbols import EOS, N_SYMBOLS, check_symbol
@@ -170,7 +170,7 @@ class ByteBeamState(StatefulByteLM):
             raise TypeError(f"lm must be an AsyncLM, got {type(lm).__name__}")
         if not isinstance(params, BeamParams):
             raise TypeError(f"params must be a BeamParams, got {type(params).__name__}")
-        space = TrieSpace(lm.trie, eos_token_ids(lm, params.eos_tokens))
+        space = shared_space(lm, eos_token_ids(lm, params.eos_tokens))
         if text_hint is not None:
             await _warm_first_window(lm, params, initial_context, check_prompt(text_hint))
         state = await LazyTrieState.initial(lm, space, initial_context, params.max_context_length)

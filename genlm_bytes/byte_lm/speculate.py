@@ -107,7 +107,7 @@ class PathSpeculator:
         # again together, in one pass, not as one request per prefix (each of which would run
         # its whole suffix from the deepest cached past).
         await lm.prefetch(list(full[: n0 + j1 - 1]), start=n0 + j0 - 1)
-        logps = await asyncio.gather(*(lm.next_token_logprobs(list(full[: n0 + j])) for j in range(j0, j1)))
+        logps = await asyncio.gather(*(lm.peek_next_token_logprobs(list(full[: n0 + j])) for j in range(j0, j1)))
         dists = self.space.dists_for(logps)
         W = [0.0]
         for j in range(j0, j1):

@@ -14,6 +14,7 @@ symbol at a token boundary.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -30,17 +31,19 @@ _TINY = 1e-9  # below this (relative) a sum with the EOS terms subtracted is rec
 class TrieSpace:
     """What the covers of one beam share: the trie and which tokens are EOS."""
 
-    __slots__ = ("_dists", "eos_ids", "eos_pos", "n_blocks", "n_sorted", "trie")
+    __slots__ = ("_dists", "_lock", "eos_ids", "eos_pos", "max_dists", "n_blocks", "n_sorted", "trie")
 
     MAX_DISTS = 256  # prepared distributions kept for reuse (keyed by the LM's cached tensor)
 
-    def __init__(self, trie: TokenByteTrie, eos_ids=()):
+    def __init__(self, trie: TokenByteTrie, eos_ids=(), max_dists: int | None = None):
         self.trie = trie
+        self.max_dists = self.MAX_DISTS if max_dists is None else max(1, int(max_dists))
         self.eos_ids = np.asarray(sorted({int(t) for t in eos_ids}), dtype=np.int64)
         self.eos_pos = np.nonzero(np.isin(trie.order, self.eos_ids))[0]
         self.n_sorted = len(trie.order)
         self.n_blocks = max(1, -(-self.n_sorted // BLOCK))
         self._dists: OrderedDict[int, ContextDist] = OrderedDict()
+        self._lock = threading.Lock()  # beams of one model in several threads share a space
 
     def dists_for(self, logps: list[torch.Tensor]) -> list[ContextDist]:
         """:meth:`dist_for` of many distributions, prepared for range sums together (one
@@ -62,15 +65,35 @@ class TrieSpace:
 
     def dist_for(self, logp: torch.Tensor) -> ContextDist:
         """The :class:`ContextDist` of ``logp``, shared when a backend returns the same cached tensor."""
-        d = self._dists.get(id(logp))
-        if d is not None and d.logp is logp:
-            self._dists.move_to_end(id(logp))
+        with self._lock:
+            d = self._dists.get(id(logp))
+            if d is not None and d.logp is logp:
+                self._dists.move_to_end(id(logp))
+                return d
+            d = ContextDist(logp, self)
+            self._dists[id(logp)] = d
+            if len(self._dists) > self.max_dists:
+                self._dists.popitem(last=False)
             return d
-        d = ContextDist(logp, self)
-        self._dists[id(logp)] = d
-        if len(self._dists) > self.MAX_DISTS:
-            self._dists.popitem(last=False)
-        return d
+
+
+def shared_space(lm, eos_ids=()) -> TrieSpace:
+    """The :class:`TrieSpace` of ``lm`` with these EOS tokens, one per model (kept on it): beams
+    of one model share prepared distributions, so their memory is bounded by the model's
+    ``prepared_dists`` (its cache budget's share for them), not by the number of beams."""
+    key = tuple(sorted({int(t) for t in eos_ids}))
+    trie = lm.trie
+    spaces = getattr(lm, "_genlm_trie_spaces", None)
+    if spaces is None or spaces[0] is not trie:
+        spaces = (trie, {})
+        try:
+            lm._genlm_trie_spaces = spaces
+        except AttributeError:  # a model class with __slots__: one space per beam
+            pass
+    space = spaces[1].get(key)
+    if space is None:
+        space = spaces[1][key] = TrieSpace(trie, key, max_dists=getattr(lm, "prepared_dists", None))
+    return space
 
 
 class ContextDist:
@@ -237,7 +260,7 @@ class LazyTrieState:
                       max_context_length=None, text: bool = False) -> LazyTrieState:
         """The cover at the root of the initial context (one LM call)."""
         lm_state = StatefulTokenizedLM.initial(lm, initial_context, max_context_length)
-        space = space or TrieSpace(lm.trie)
+        space = space or shared_space(lm)
         dist = space.dist_for(await lm_state.logp_next())
         return cls(lm_state, TokenByteTrie.root, 0.0, dist, text=text)
 

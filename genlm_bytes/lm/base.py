@@ -179,6 +179,12 @@ class AsyncLM(abc.ABC):
         """
         return
 
+    async def peek_next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """:meth:`next_token_logprobs` for a caller that reads ahead of the one who will use
+        them (e.g. to plan prefetches): a backend with a cache keeps such a row for that later
+        read, where a row handed out by ``next_token_logprobs`` is the first its cache drops."""
+        return await self.next_token_logprobs(token_ids)
+
     def encode_bytes(self, data: bytes) -> list[int] | None:
         """The tokenizer's own encoding of ``data`` (no special tokens), or None if unknown."""
         return None

@@ -13,7 +13,10 @@ of :class:`Node` (one per token position). A node may hold
 Memory: every payload is charged to the budget (a block once, however many
 chains hold it). When the total goes over ``budget_bytes``, the least
 recently used payloads are dropped; a block is freed when no cached chain
-holds it.
+holds it. A node's log-probs and its past are evicted separately. Log-probs
+handed to a reader (:meth:`PrefixCache.take_logp`) go to the evicting end: the
+reader holds them, and rows computed ahead of need (a prefill's look-ahead)
+must outlive the rows already consumed.
 A node left with neither payload nor children is unlinked from the trie and
 marked ``pruned``; an insert through a node walked before that eviction goes to
 the live node of the same prefix instead (else its payload would be charged
@@ -127,6 +130,9 @@ class Node:
         self.pruned = False  # taken out of the trie by eviction: never given a payload again
 
 
+_LOGP, _KV = 0, 1  # the two payload slots of a node in the LRU order
+
+
 class PrefixCache:
     """A trie of token prefixes with log-prob and KV payloads and LRU eviction.
 
@@ -146,18 +152,33 @@ class PrefixCache:
         with self.lock:
             self.root = Node(None, -1, 0)
             self._by_key: dict[tuple, Node] = {}  # nodes holding logp, by their full context
-            self._lru: OrderedDict[Node, None] = OrderedDict()  # nodes holding any payload
+            # (node, _LOGP) / (node, _KV) for every payload held, least recently used first
+            self._lru: OrderedDict[tuple[Node, int], None] = OrderedDict()
             self.nbytes = 0
             self.n_evicted = 0
             self.freed_bytes = 0  # payload bytes released by eviction (the backend trims the heap)
 
     # ------------------------------------------------------------------ lookups
     def get_logp(self, key: tuple) -> torch.Tensor | None:
+        """The cached log-probs after ``key`` (marked recently used), or None."""
         with self.lock:
             node = self._by_key.get(key)
             if node is None or node.logp is None:
                 return None
-            self._lru.move_to_end(node)
+            self._lru.move_to_end((node, _LOGP))
+            return node.logp
+
+    def take_logp(self, key: tuple) -> torch.Tensor | None:
+        """The cached log-probs after ``key`` for a reader that keeps them, or None. The row
+        goes to the evicting end (the first payload dropped under pressure); the node's past
+        is marked recently used (a reader of a context usually extends it next)."""
+        with self.lock:
+            node = self._by_key.get(key)
+            if node is None or node.logp is None:
+                return None
+            self._lru.move_to_end((node, _LOGP), last=False)
+            if node.kv is not None:  # the reader will likely extend this context
+                self._lru.move_to_end((node, _KV))
             return node.logp
 
     def walk(self, ids, create: bool = False) -> list[Node]:
@@ -180,17 +201,23 @@ class PrefixCache:
         """The longest prefix of ``ids`` of length <= ``limit`` whose past is cached: (length, ref)."""
         with self.lock:
             best = None
+            held = []
             for node in self.walk(ids[:limit]):
                 if node.kv is not None:
                     best = node
+                    held.append(node)
             if best is None:
                 return 0, None
-            if best in self._lru:
-                self._lru.move_to_end(best)
+            # The pasts of the prefixes on the way are prefixes of this one (its blocks, no
+            # memory of their own): they stay as long as it does.
+            for node in held:
+                self._lru.move_to_end((node, _KV))
             return best.depth, best.kv
 
     # ------------------------------------------------------------------ inserts
-    def put_logp(self, ids, logp: torch.Tensor, node: Node | None = None) -> None:
+    def put_logp(self, ids, logp: torch.Tensor, node: Node | None = None, held: bool = False) -> None:
+        """Cache ``logp`` after ``ids`` (``node``: its trie node, if walked already). ``held``:
+        it is handed to a reader who keeps it, so it goes to the evicting end (see take_logp)."""
         with self.lock:
             if node is None or node.pruned:  # a node an eviction took out since it was walked
                 node = self.walk(ids, create=True)[-1]
@@ -201,8 +228,8 @@ class PrefixCache:
                 self.nbytes -= node.logp.numel() * node.logp.element_size()
                 self.nbytes += logp.numel() * logp.element_size()
             node.logp = logp
-            self._lru[node] = None
-            self._lru.move_to_end(node)
+            self._lru[(node, _LOGP)] = None
+            self._lru.move_to_end((node, _LOGP), last=not held)
             self._evict()
 
     def put_kv(self, nodes: list[Node], ref_of) -> None:
@@ -217,8 +244,8 @@ class PrefixCache:
                     if block.refs == 0:
                         self.nbytes += block.nbytes
                     block.refs += 1
-                self._lru[node] = None
-                self._lru.move_to_end(node)
+                self._lru[(node, _KV)] = None
+                self._lru.move_to_end((node, _KV))
             self._evict()
 
     def repoint_kv(self, nodes: list[Node], ref_of) -> None:
@@ -227,6 +254,7 @@ class PrefixCache:
             for node in nodes:
                 if node.kv is not None:
                     self._drop_kv(node)
+                    del self._lru[(node, _KV)]
             self.put_kv(nodes, ref_of)
 
     # ----------------------------------------------------------------- eviction
@@ -242,20 +270,20 @@ class PrefixCache:
     def reserve(self, nbytes: int) -> None:
         """Keep ``nbytes`` of the budget free for memory held outside the cache (a pass's
         temporary tensors, the byte-level working set): payloads are evicted to make room.
-        At most a third of the budget is reserved, so that a large pass does not flush the cache."""
+        At most half the budget is reserved, so that a large pass does not flush the cache."""
         with self.lock:
-            self.reserved = max(0, min(int(nbytes), self.budget_bytes // 3))
+            self.reserved = max(0, min(int(nbytes), self.budget_bytes // 2))
             self._evict()
 
     def _evict(self) -> None:
         while self.nbytes + self.reserved > self.budget_bytes and self._lru:
-            node, _ = self._lru.popitem(last=False)
-            if node.logp is not None:
+            (node, slot), _ = self._lru.popitem(last=False)
+            if slot == _LOGP:
                 self.nbytes -= node.logp.numel() * node.logp.element_size()
                 self.freed_bytes += node.logp.numel() * node.logp.element_size()
                 node.logp = None
                 self._by_key.pop(self._key_of(node), None)
-            if node.kv is not None:
+            else:
                 self._drop_kv(node)
             self.n_evicted += 1
             self._prune_branch(node)

@@ -38,16 +38,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_BUDGET = 1 << 30  # 1 GiB of cached log-probs and KV
 PREFETCH_CHUNK = 512  # tokens per forward pass when prefetching a long text
 ALT_CHUNK = 256  # alternative tokens per tree-masked forward pass
-# Distributions the byte level holds prepared: TrieSpace.MAX_DISTS kept for reuse plus a
-# speculation window's worth (PathSpeculator.WINDOW * 1.5) being built.
-WORKING_DISTS = 256 + 192
+# Distributions the byte level holds prepared (probabilities in byte order plus the log-prob row
+# each keeps, 8 bytes per token): up to PREPARED_DISTS kept for reuse at the default budget (in
+# proportion below it, see AsyncTransformer.prepared_dists) plus a speculation window's worth
+# (PathSpeculator.WINDOW * 1.5) being built.
+PREPARED_DISTS = 256
+WINDOW_DISTS = 192
+PASS_SHARE = 0.2  # of the budget: what one pass's temporary tensors may take (longer passes are split)
 MAX_SEGMENTS = 64  # a past chained from more segments than this is stored whole by the next pass
 LOGP_CHUNK = 64  # output positions whose logits are in memory at once
 TRIM_AFTER_BYTES = 16 << 20  # hand free heap pages back after evictions freed this much
-TRIM_SLACK_BYTES = 16 << 20  # ... or when the resident set exceeds the accounted memory by this much,
+TRIM_SLACK_BYTES = 0  # ... or when the resident set exceeds the accounted memory (HEAP_SHARE included) by this much,
 TRIM_TIME_SHARE = 0.1  # spending at most this share of the model passes' time on such trims
 HEAP_SHARE = 0.05  # of the cache budget, kept for free heap pages between trims (see _maybe_trim)
-PASS_MEMORY_SHARE = 0.125  # the most of the cache budget one batched pass may spend on copies of pasts
 
 
 class AsyncTransformer(AsyncLM):
@@ -97,11 +100,13 @@ class AsyncTransformer(AsyncLM):
         self._softcap = getattr(hf_model.config, "final_logit_softcapping", None)
         self.n_forward_tokens = 0  # tokens run through the model: for tests and benchmarks
         # Memory the budget keeps free besides cached payloads: the byte-level working set
-        # (prepared distributions: probabilities in byte order plus the log-prob row each keeps,
-        # 8 bytes per token, up to WORKING_DISTS of them), a share for the allocator (free heap
-        # pages between two trims) and, during a pass, its temporary tensors.
-        self._base_reserve = WORKING_DISTS * len(byte_vocab) * 8 + int(HEAP_SHARE * self.cache.budget_bytes)
-        self._kv_per_token = 0  # bytes of keys/values per token, known after the first pass
+        # (prepared distributions, see PREPARED_DISTS), a share for the allocator (free heap pages
+        # between two trims) and, during a pass, its temporary tensors.
+        budget = self.cache.budget_bytes
+        self.prepared_dists = max(32, min(PREPARED_DISTS, PREPARED_DISTS * budget // DEFAULT_CACHE_BUDGET))
+        self._base_reserve = ((self.prepared_dists + WINDOW_DISTS) * len(byte_vocab) * 8
+                              + int(HEAP_SHARE * budget))
+        self._kv_per_token = _kv_bytes_per_token(hf_model)  # (0: measured by the first pass)
         self.cache.reserve(self._base_reserve)
         # The resident set with the model loaded: what grows past it beyond the cache's accounting
         # is mostly free heap pages, handed back by _maybe_trim.
@@ -134,11 +139,20 @@ class AsyncTransformer(AsyncLM):
     # ---------------------------------------------------------------- queries
     async def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         key = tuple(token_ids)
-        hit = self.cache.get_logp(key)
+        hit = self.cache.take_logp(key)  # the caller holds it now: the cache's copy goes first
         if hit is not None:
             return hit
         self._check_length(len(key))
         return await self.batcher.submit(key, key)
+
+    async def peek_next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        key = tuple(token_ids)
+        hit = self.cache.get_logp(key)  # marked recently used: kept for the reader to come
+        if hit is not None:
+            return hit
+        row = await self.next_token_logprobs(token_ids)
+        self.cache.get_logp(key)
+        return row
 
     def has_logprobs(self, token_ids) -> bool:
         """Whether the distribution after ``token_ids`` is cached."""
@@ -207,7 +221,7 @@ class AsyncTransformer(AsyncLM):
         """Run a batch of contexts (worker thread). Returns one (V,) log-prob tensor each."""
         rows = []
         for ids in requests:
-            hit = self.cache.get_logp(ids)
+            hit = self.cache.take_logp(ids)
             if hit is not None:  # computed by an earlier batch while this one waited
                 rows.append((ids, None, 0, hit))
                 continue
@@ -221,22 +235,21 @@ class AsyncTransformer(AsyncLM):
         return [hit if hit is not None else done[ids] for ids, _, _, hit in rows]
 
     def _memory_groups(self, rows):
-        """``rows`` split into passes whose padded pasts fit PASS_MEMORY_SHARE of the budget
-        (every row's past is copied, left-padded to the longest: many long contexts in one pass
-        would hold a copy of each)."""
+        """``rows`` split into passes whose temporaries (see :meth:`_pass_bytes`: every row's past
+        is left-padded to the longest, its new tokens right-padded) fit PASS_SHARE of the budget."""
         if not rows:
             return []
-        cap = max(32 << 20, self.cache.budget_bytes * PASS_MEMORY_SHARE)
-        per_token = self._kv_per_token or 1
+        cap = PASS_SHARE * self.cache.budget_bytes
         rows = sorted(rows, key=lambda r: r[2])
-        groups, cur, width = [], [], 0
+        groups, cur = [], []
+        past = new = 0
         for r in rows:
-            w = max(width, len(r[0]))
-            if cur and (len(cur) + 1) * w * per_token > cap:
+            p, n = max(past, r[2]), max(new, len(r[0]) - r[2])
+            if cur and self._pass_bytes(len(cur) + 1, p + n, n, len(cur) + 1) > cap:
                 groups.append(cur)
-                cur, w = [], len(r[0])
+                cur, p, n = [], r[2], len(r[0]) - r[2]
             cur.append(r)
-            width = w
+            past, new = p, n
         groups.append(cur)
         return groups
 
@@ -258,8 +271,9 @@ class AsyncTransformer(AsyncLM):
             input_ids[b, : ks[b]] = torch.tensor(ids[p:])
             attn[b, P - p: P + ks[b]] = 1
             pos[b] = p + torch.arange(Kn)
-        self._reserve_pass(B, P + Kn, Kn, sum(ks) if all_positions else B)
-        cache = self._make_cache(rows, P, Kn)
+        keep = [k for b, (_, ref, p) in enumerate(rows) if p for k in self._keep_whole(ref, P - p, P + ks[b], b)]
+        self._reserve_pass(B, P + Kn, Kn, sum(ks) if all_positions else B, keep)
+        cache = self._make_cache(rows, P, keep)
         dev = self.device
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         with _grouped_attention(self.model):
@@ -283,71 +297,75 @@ class AsyncTransformer(AsyncLM):
             path = self.cache.walk(ids, create=True)
             new_nodes = path[p:]
             if block is not None:
-                self._put_segment(new_nodes, block, b, 0, p, ref if p else None, (layers, P - p, P + ks[b]))
+                self._put_segment(new_nodes, block, b, 0, p, ref if p else None, layers)
             if all_positions:
                 for j, node in enumerate(new_nodes):
                     self.cache.put_logp(ids[: p + j + 1], next(logp_rows), node=node)
             else:
                 row = next(logp_rows)
-                self.cache.put_logp(ids, row, node=path[-1])
+                self.cache.put_logp(ids, row, node=path[-1], held=True)  # the requester keeps it
                 results.append(row)
         self._end_pass(block, B * Kn)
         return results
 
-    def _put_segment(self, nodes, block: KVBlock, row: int, start: int, base: int, prev, whole) -> None:
+    def _put_segment(self, nodes, block: KVBlock, row: int, start: int, base: int, prev, layers=None) -> None:
         """Point ``nodes`` (depths ``base + 1, ...``) at slots ``start, ...`` of ``row`` of ``block``,
-        chained to ``prev``. A chain already MAX_SEGMENTS long is stored whole instead, copied
-        from the pass buffers: ``whole = (layers, lo, hi)``, slots ``[lo, hi)`` of ``row``."""
-        if whole is not None and prev is not None and prev.nseg >= MAX_SEGMENTS:
-            layers, lo, hi = whole
-            one = KVBlock([lay.keys[row:row + 1, :, lo:hi].clone() for lay in layers],
-                          [lay.values[row:row + 1, :, lo:hi].clone() for lay in layers])
+        chained to ``prev``. A chain the pass kept whole (see :meth:`_make_cache`; ``layers``: the
+        pass's cache layers) is stored as one segment instead."""
+        whole = layers[0].kept.get(row) if layers else None
+        if whole is not None:
+            one = KVBlock([lay.kept[row][0] for lay in layers], [lay.kept[row][1] for lay in layers])
             self.cache.put_kv(nodes, lambda node: KVRef(one, 0, 0, node.depth))
         else:
             self.cache.put_kv(nodes, lambda node: KVRef(block, row, start, node.depth - base, prev))
 
-    def _make_cache(self, rows, P: int, n_new: int):
-        """A DynamicCache of :class:`_PassLayer` s: each row's past copied (left-padded) into one
-        buffer per layer with room for the ``n_new`` new tokens, which the pass writes in place."""
+    def _make_cache(self, rows, P: int, keep=()):
+        """A DynamicCache of :class:`_PassLayer` s for a pass on the pasts of ``rows`` (left-padded
+        to ``P``). Each layer gathers its pasts and the new tokens into one buffer when the pass
+        reaches it, and lets it go after: one layer's pasts are copied at a time, not every
+        layer's. ``keep``: ``(row, lo, hi)``, slots of a row whose context is kept whole (a chain
+        of MAX_SEGMENTS segments is stored as one block by the pass, see :meth:`_put_segment`)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        n_layers = len(cache.layers)
-        B = len(rows)
         if not self.kv_reuse:
             return cache
-        if P == 0:
-            cache.layers = [_PassLayer(None, None, 0) for _ in range(n_layers)]
-            return cache
-        ref0 = next(r for r in rows if r[2] > 0)[1]
-        layers = []
-        for i in range(n_layers):
-            k0, v0 = ref0.layer(i, 1)
-            # Uninitialized: every slot is either a past (filled here), left padding (zeroed
-            # here) or a new token (written by the pass).
-            K = k0.new_empty((B, k0.shape[0], P + n_new, k0.shape[-1]))
-            V = v0.new_empty((B, v0.shape[0], P + n_new, v0.shape[-1]))
-            for b, (_, ref, p) in enumerate(rows):
-                if p < P:
-                    K[b, :, : P - p].zero_()
-                    V[b, :, : P - p].zero_()
-                if p:
-                    ref.fill(i, p, K[b, :, P - p: P], V[b, :, P - p: P])
-            layers.append(_PassLayer(K, V, P))
-        cache.layers = layers
+        pasts = [(ref, p) for _, ref, p in rows]
+        cache.layers = [_PassLayer(i, pasts, P, keep) for i in range(len(cache.layers))]
         return cache
 
-    def _reserve_pass(self, rows: int, kv_len: int, n_new: int, n_out: int) -> None:
-        """Make room in the budget for a pass's temporary tensors: the padded pasts plus new
-        keys/values, activations of the new tokens, the attention mask, and log-probs (with
-        their copies) of ``n_out`` positions; the attention scores and weights of one layer
-        (every head), and the float mask."""
+    def _keep_whole(self, ref, lo: int, hi: int, row: int = 0) -> list:
+        """``[(row, lo, hi)]`` if a context on the past ``ref`` should be stored whole, else []."""
+        return [(row, lo, hi)] if ref is not None and ref.nseg >= MAX_SEGMENTS else []
+
+    def _pass_bytes(self, rows: int, kv_len: int, n_new: int, n_out: int, whole: int = 0) -> int:
+        """Estimated temporary memory of a pass: one layer's padded pasts, the new keys/values of
+        every layer, contexts kept whole (``whole`` tokens), activations of the new tokens, the
+        attention mask, and log-probs (with their copies) of ``n_out`` positions; the attention
+        scores and weights of one layer (every head), and the float mask."""
         cfg = self.model.config
         hidden = getattr(cfg, "hidden_size", 0) or 0
         heads = getattr(cfg, "num_attention_heads", 1) or 1
-        est = (rows * kv_len * self._kv_per_token + rows * n_new * (16 * 4 * hidden + 4 * kv_len * (2 * heads + 1))
-               + 2 * min(n_out, LOGP_CHUNK) * self.vocab_size * 4)
-        self.cache.reserve(self._base_reserve + est)
+        layers = getattr(cfg, "num_hidden_layers", 1) or 1
+        kv = self._kv_per_token
+        return (rows * kv_len * kv // layers + (rows * n_new + whole) * kv
+                + rows * n_new * (16 * 4 * hidden + 4 * kv_len * (2 * heads + 1))
+                + 2 * min(n_out, LOGP_CHUNK) * self.vocab_size * 4)
+
+    def _pass_tokens(self, past: int, most: int) -> int:
+        """How many new tokens (at most ``most``, at least 16) one pass on a past of ``past``
+        tokens may run with its temporaries within PASS_SHARE of the budget."""
+        cap = PASS_SHARE * self.cache.budget_bytes
+        n = most
+        while n > 16 and self._pass_bytes(1, past + n, n, n) > cap:
+            n = max(16, n * 3 // 4)
+        return n
+
+    def _reserve_pass(self, rows: int, kv_len: int, n_new: int, n_out: int, keep=()) -> None:
+        """Make room in the budget for a pass's temporary tensors (see _pass_bytes; ``keep``: the
+        slots kept whole, see _make_cache)."""
+        whole = sum(hi - lo for _, lo, hi in keep)
+        self.cache.reserve(self._base_reserve + self._pass_bytes(rows, kv_len, n_new, n_out, whole))
         self._maybe_trim()  # what the reservation evicted leaves the resident set before the pass
         self._pass_t0 = time.perf_counter()
 
@@ -412,17 +430,19 @@ class AsyncTransformer(AsyncLM):
                 for k, t in subs:
                     self._forward([(ids[:i] + chain[:k] + (t,), None, 0)], all_positions=False)
             return
-        # A long uncached path runs in chunks first; its last chunk joins the first tree pass.
-        while n - done > PREFETCH_CHUNK:
-            end = done + PREFETCH_CHUNK
+        # A long uncached path runs in chunks first (as long as memory allows a pass on its past);
+        # its last chunk joins the first tree pass.
+        while n - done > (step := self._pass_tokens(done, PREFETCH_CHUNK)):
+            end = done + step
             p, ref = self.cache.deepest_kv(ids[:end], done)
             self._forward([(ids[:end], ref, p)], all_positions=True)
             done = end
         first = True
         while first or items:
             P, ref = self.cache.deepest_kv(ids, done)
-            tail = n - P if done < n else 0
-            room = max(ALT_CHUNK, 1)
+            # The path from P on runs again when an alternative needs it (its past was evicted).
+            tail = n - P if done < n or any(i > P for i, _, _ in items) else 0
+            room = max(16, self._pass_tokens(P, tail + ALT_CHUNK) - tail)
             chunk, used = [], 0
             while items and (not chunk or used + len(items[0][1]) + len(items[0][2]) <= room):
                 chunk.append(items.pop(0))
@@ -484,8 +504,9 @@ class AsyncTransformer(AsyncLM):
         dtype = next(self.model.parameters()).dtype
         allowed = torch.cat([past_ok, new_ok], dim=1)
         mask = torch.zeros((1, 1, Q, P + Q), dtype=dtype).masked_fill_(~allowed[None, None], float("-inf"))
-        self._reserve_pass(1, P + Q, Q, Q)
-        cache = self._make_cache([(ids[:P], ref, P)], P, Q)
+        keep = self._keep_whole(ref, 0, n_path) if P else []
+        self._reserve_pass(1, P + Q, Q, Q, keep)
+        cache = self._make_cache([(ids[:P], ref, P)], P, keep)
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         dev = self.device
         with _grouped_attention(self.model):
@@ -516,11 +537,25 @@ class AsyncTransformer(AsyncLM):
                 continue
             nodes = self.cache.walk(ctx, create=True)[i:]
             # Only the path's slots hold a whole past in the buffer (an item's ancestors are spread).
-            self._put_segment(nodes, block, 0, s, i, prev, (layers, 0, n_path) if e == 0 else None)
+            self._put_segment(nodes, block, 0, s, i, prev, layers if e == 0 else None)
             for j, node in enumerate(nodes):
                 self.cache.put_logp(ctx[: i + j + 1], next(logp_rows), node=node)
         self._end_pass(block, Q)
         logger.debug("tree pass: %d path tokens and %d alternatives on a past of %d", tail, len(items), P)
+
+
+def _kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values per token, from the model's config (0 if it does not say)."""
+    cfg = getattr(model, "config", None)
+    try:
+        layers = int(cfg.num_hidden_layers)
+        heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        size = next(model.parameters()).element_size()
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError, StopIteration):
+        return 0
+    return 2 * layers * kv_heads * head_dim * size
 
 
 def _heap_trimmer():
@@ -567,37 +602,50 @@ def _pass_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class PassLayer(DynamicLayer):
-        """One layer's cache for one pass: the pasts sit in a buffer with room for the new
-        tokens, which ``update`` writes in place (no concatenation copy); ``new_keys`` and
-        ``new_values`` keep the new tokens alone, which is what the prefix cache stores."""
+        """Layer ``index``'s cache for one pass on the pasts ``(ref, length)`` of its rows, left-
+        padded to ``past``. ``update`` builds the layer's whole keys/values (pasts + new tokens)
+        in one buffer, which the attention uses and then drops; ``new_keys``/``new_values``
+        keep the new tokens alone (what the prefix cache stores) and ``kept[row]`` the slots
+        ``[lo, hi)`` of the rows named in ``keep``."""
 
-        def __init__(self, keys, values, past: int):
+        def __init__(self, index: int, pasts, past: int, keep=()):
             super().__init__()
-            self.buf_k, self.buf_v, self.past = keys, values, past
+            self.index, self.pasts, self.past, self.keep = index, pasts, past, keep
             self.new_keys = self.new_values = None
-            if keys is not None:
-                self.dtype, self.device = keys.dtype, keys.device
-                self.keys, self.values = keys[:, :, :past], values[:, :, :past]
-                self.is_initialized = True
+            self.kept = {}
+
+        def get_seq_length(self) -> int:
+            return self.past + (0 if self.new_keys is None else self.new_keys.shape[-2])
 
         def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
             self.new_keys, self.new_values = key_states, value_states
-            if self.buf_k is None:
-                if not self.is_initialized:
-                    self.lazy_initialization(key_states, value_states)
-                self.keys, self.values = key_states, value_states
-                return key_states, value_states
-            end = self.past + key_states.shape[-2]
-            self.buf_k[:, :, self.past:end] = key_states
-            self.buf_v[:, :, self.past:end] = value_states
-            self.keys, self.values = self.buf_k[:, :, :end], self.buf_v[:, :, :end]
-            return self.keys, self.values
+            P = self.past
+            if P == 0:
+                K, V = key_states, value_states
+            else:
+                B, h, n, d = key_states.shape
+                # Uninitialized: every slot is a past, left padding or a new token, written here.
+                K = key_states.new_empty((B, h, P + n, d))
+                V = value_states.new_empty((B, h, P + n, d))
+                for b, (ref, p) in enumerate(self.pasts):
+                    if p < P:
+                        K[b, :, : P - p].zero_()
+                        V[b, :, : P - p].zero_()
+                    if p:
+                        ref.fill(self.index, p, K[b, :, P - p: P], V[b, :, P - p: P])
+                K[:, :, P:] = key_states
+                V[:, :, P:] = value_states
+            for row, lo, hi in self.keep:
+                self.kept[row] = (K[row:row + 1, :, lo:hi].clone(), V[row:row + 1, :, lo:hi].clone())
+            return K, V
 
     return PassLayer
 
 
-def _PassLayer(keys, values, past: int):  # a class made on first use (transformers imports late)
-    return _pass_layer_class()(keys, values, past)
+def _PassLayer(index: int, pasts, past: int, keep=()):  # a class made on first use (transformers imports late)
+    return _pass_layer_class()(index, pasts, past, keep)
 
 
 GROUPED_SDPA = "genlm_grouped_sdpa"
