@@ -805,3 +805,26 @@ def test_batched_requests_on_long_pasts_are_grouped_within_the_pass_share(embedd
         P = max(r[2] for r in g)
         assert len(g) == 1 or lm._pass_bytes(len(g), P + 1, 1, len(g)) <= cap
     assert lm._memory_groups(rows[:1]) == [rows[:1]]
+
+
+@pytest.mark.slow
+async def test_a_request_far_past_its_cached_past_runs_in_passes_that_fit(embedded_lm, embedded_hf, hf64,
+                                                                          monkeypatch):
+    """A context with many uncached tokens (say, its past was evicted) runs them in passes within
+    PASS_SHARE of the budget, each token once, with the result of a plain forward."""
+    import genlm_bytes.lm.transformer as tr
+
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model)
+    ids = [0] + tok.encode(TEXT + " " + TEXT)
+    monkeypatch.setattr(tr, "PASS_SHARE", 1e-6)  # 16 tokens per pass
+    news = []
+    forward = lm._forward
+    monkeypatch.setattr(lm, "_forward", lambda rows, all_positions: news.append(
+        [len(i) - p for i, _, p in rows]) or forward(rows, all_positions))
+    other = ids[:5] + [77]
+    rows = await asyncio.gather(lm.next_token_logprobs(ids), lm.next_token_logprobs(other))
+    assert_close_to_uncached(hf_model, ids, rows[0])
+    assert_close_to_uncached(hf_model, other, rows[1])
+    assert max(max(n) for n in news) <= 16 and len(news) >= len(ids) // 16
+    assert lm.n_forward_tokens == len(ids) + 1, "each token should run once"

@@ -226,6 +226,7 @@ class AsyncTransformer(AsyncLM):
                 rows.append((ids, None, 0, hit))
                 continue
             past_len, ref = (self.cache.deepest_kv(ids, len(ids) - 1) if self.kv_reuse else (0, None))
+            past_len, ref = self._run_ahead(ids, ref, past_len)
             rows.append((ids, ref, past_len, None))
         todo = [(ids, ref, p) for ids, ref, p, hit in rows if hit is None]
         done = {}
@@ -233,6 +234,20 @@ class AsyncTransformer(AsyncLM):
             for (ids, _, _), logp in zip(group, self._forward(group, all_positions=False)):
                 done[ids] = logp
         return [hit if hit is not None else done[ids] for ids, _, _, hit in rows]
+
+    def _run_ahead(self, ids: tuple, ref, p: int) -> tuple[int, object]:
+        """A context far longer than its cached past ``p`` (e.g. one whose past was evicted) runs
+        its new tokens in passes that fit PASS_SHARE of the budget, all but the last here:
+        returns the past ``(length, ref)`` left for the batched pass."""
+        if not self.kv_reuse:
+            return p, ref
+        while len(ids) - p > (step := self._pass_tokens(p, len(ids) - p)):
+            self._forward([(ids[:p + step], ref, p)], all_positions=False)
+            path = self.cache.walk(ids[:p + step])
+            if len(path) != p + step or path[-1].kv is None:  # evicted at once: the rest in one pass
+                break
+            p, ref = p + step, path[-1].kv
+        return p, ref
 
     def _memory_groups(self, rows):
         """``rows`` split into passes whose temporaries (see :meth:`_pass_bytes`: every row's past
@@ -430,18 +445,21 @@ class AsyncTransformer(AsyncLM):
                 for k, t in subs:
                     self._forward([(ids[:i] + chain[:k] + (t,), None, 0)], all_positions=False)
             return
-        # A long uncached path runs in chunks first (as long as memory allows a pass on its past);
-        # its last chunk joins the first tree pass.
-        while n - done > (step := self._pass_tokens(done, PREFETCH_CHUNK)):
-            end = done + step
-            p, ref = self.cache.deepest_kv(ids[:end], done)
-            self._forward([(ids[:end], ref, p)], all_positions=True)
-            done = end
         first = True
         while first or items:
             P, ref = self.cache.deepest_kv(ids, done)
-            # The path from P on runs again when an alternative needs it (its past was evicted).
-            tail = n - P if done < n or any(i > P for i, _, _ in items) else 0
+            # How far the path must run in this pass: to its end while its rows are missing, else
+            # as far as the alternatives branch off it (its past may have been evicted since).
+            reach = n if done < n else max([P] + [i for i, _, _ in items])
+            # A long stretch runs in chunks first, each within PASS_SHARE of the budget; the last
+            # one joins the tree pass.
+            while reach - P > (step := self._pass_tokens(P, PREFETCH_CHUNK)):
+                self._forward([(ids[:P + step], ref, P)], all_positions=True)
+                nxt, nref = self.cache.deepest_kv(ids, P + step)
+                if nxt <= P:  # evicted at once (a tiny budget): the rest in one pass
+                    break
+                P, ref = nxt, nref
+            tail = reach - P
             room = max(16, self._pass_tokens(P, tail + ALT_CHUNK) - tail)
             chunk, used = [], 0
             while items and (not chunk or used + len(items[0][1]) + len(items[0][2]) <= room):
@@ -450,7 +468,7 @@ class AsyncTransformer(AsyncLM):
             if chunk:
                 self._tree_pass(ids, P, ref, tail, chunk)
             elif tail:  # a plain path: a causal pass (no tree mask) is faster
-                self._forward([(ids, ref, P)], all_positions=True)
+                self._forward([(ids[:reach], ref, P)], all_positions=True)
             done, first = n, False
         logger.debug("prefetched %d tokens", n)
 
