@@ -99,23 +99,6 @@ class KVRef:
         out.reverse()
         return out
 
-    def layer(self, i: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``(kv_heads, length, head_dim)`` of layer ``i`` (views for one segment)."""
-        segs = self.segments(length)
-        ks = [b.keys[i][r, :, s:s + n] for b, r, s, n in segs]
-        vs = [b.values[i][r, :, s:s + n] for b, r, s, n in segs]
-        if len(ks) == 1:
-            return ks[0], vs[0]
-        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
-
-    def fill(self, i: int, length: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Copy the first ``length`` positions of layer ``i`` into ``keys``/``values`` ``(kv_heads, length, d)``."""
-        at = 0
-        for b, r, s, n in self.segments(length):
-            keys[:, at:at + n] = b.keys[i][r, :, s:s + n]
-            values[:, at:at + n] = b.values[i][r, :, s:s + n]
-            at += n
-
 
 class Node:
     __slots__ = ("children", "depth", "kv", "logp", "parent", "pruned", "token")

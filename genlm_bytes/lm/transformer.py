@@ -345,7 +345,7 @@ class AsyncTransformer(AsyncLM):
         cache = DynamicCache(config=self.model.config)
         if not self.kv_reuse:
             return cache
-        pasts = [(ref, p) for _, ref, p in rows]
+        pasts = [(ref.segments(p) if p else [], p) for _, ref, p in rows]  # (block, row, start, n) pieces
         cache.layers = [_PassLayer(i, pasts, P, keep) for i in range(len(cache.layers))]
         return cache
 
@@ -620,8 +620,8 @@ def _pass_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class PassLayer(DynamicLayer):
-        """Layer ``index``'s cache for one pass on the pasts ``(ref, length)`` of its rows, left-
-        padded to ``past``. ``update`` builds the layer's whole keys/values (pasts + new tokens)
+        """Layer ``index``'s cache for one pass on the pasts ``(segments, length)`` of its rows
+        (see :meth:`KVRef.segments`), left-padded to ``past``. ``update`` builds the layer's whole keys/values (pasts + new tokens)
         in one buffer, which the attention uses and then drops; ``new_keys``/``new_values``
         keep the new tokens alone (what the prefix cache stores) and ``kept[row]`` the slots
         ``[lo, hi)`` of the rows named in ``keep``."""
@@ -639,20 +639,27 @@ def _pass_layer_class():
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             self.new_keys, self.new_values = key_states, value_states
-            P = self.past
+            P, i = self.past, self.index
             if P == 0:
                 K, V = key_states, value_states
+            elif len(self.pasts) == 1:  # one row, no padding: one concatenation
+                segs = self.pasts[0][0]
+                K = torch.cat([b.keys[i][r:r + 1, :, s:s + n] for b, r, s, n in segs] + [key_states], dim=2)
+                V = torch.cat([b.values[i][r:r + 1, :, s:s + n] for b, r, s, n in segs] + [value_states], dim=2)
             else:
                 B, h, n, d = key_states.shape
                 # Uninitialized: every slot is a past, left padding or a new token, written here.
                 K = key_states.new_empty((B, h, P + n, d))
                 V = value_states.new_empty((B, h, P + n, d))
-                for b, (ref, p) in enumerate(self.pasts):
+                for b, (segs, p) in enumerate(self.pasts):
                     if p < P:
                         K[b, :, : P - p].zero_()
                         V[b, :, : P - p].zero_()
-                    if p:
-                        ref.fill(self.index, p, K[b, :, P - p: P], V[b, :, P - p: P])
+                    at = P - p
+                    for blk, r, s, n in segs:
+                        K[b, :, at:at + n] = blk.keys[i][r, :, s:s + n]
+                        V[b, :, at:at + n] = blk.values[i][r, :, s:s + n]
+                        at += n
                 K[:, :, P:] = key_states
                 V[:, :, P:] = value_states
             for row, lo, hi in self.keep:
