@@ -31,7 +31,7 @@ _TINY = 1e-9  # below this (relative) a sum with the EOS terms subtracted is rec
 class TrieSpace:
     """What the covers of one beam share: the trie and which tokens are EOS."""
 
-    __slots__ = ("_dists", "_lock", "eos_ids", "eos_pos", "max_dists", "n_blocks", "n_sorted", "trie")
+    __slots__ = ("_dists", "_lock", "eos_ids", "eos_pos", "max_dists", "n_blocks", "n_sorted", "order_t", "trie")
 
     MAX_DISTS = 256  # prepared distributions kept for reuse (keyed by the LM's cached tensor)
 
@@ -41,6 +41,7 @@ class TrieSpace:
         self.eos_ids = np.asarray(sorted({int(t) for t in eos_ids}), dtype=np.int64)
         self.eos_pos = np.nonzero(np.isin(trie.order, self.eos_ids))[0]
         self.n_sorted = len(trie.order)
+        self.order_t = torch.from_numpy(trie.order)  # sorted position -> token id, for torch gathers
         self.n_blocks = max(1, -(-self.n_sorted // BLOCK))
         self._dists: OrderedDict[int, ContextDist] = OrderedDict()
         self._lock = threading.Lock()  # beams of one model in several threads share a space
@@ -49,18 +50,10 @@ class TrieSpace:
         """:meth:`dist_for` of many distributions, prepared for range sums together (one
         batched gather/exp/block sum)."""
         out = [self.dist_for(lp) for lp in logps]
-        todo = [d for d in out if d._p is None]
-        if len(todo) > 1 and all(d.logp.device.type == "cpu" and d.logp.dtype == torch.float32 for d in todo):
-            order = torch.from_numpy(self.trie.order)
-            n, nb = self.n_sorted, self.n_blocks
-            for k in range(0, len(todo), 64):
-                part = todo[k:k + 64]
-                P = torch.zeros((len(part), nb * BLOCK), dtype=torch.float32)
-                P[:, :n] = torch.stack([d.logp for d in part]).index_select(1, order).exp_()
-                S = P.view(len(part), nb, BLOCK).sum(dim=2, dtype=torch.float64).numpy()  # (B, nb)
-                Pn = P.numpy()
-                for j, d in enumerate(part):
-                    d._p, d._bs = Pn[j].copy(), S[j].copy()  # own copies: one row must not pin the batch
+        # One at a time: measured faster than one batched gather/exp/sum, which needs a stacked
+        # copy of the rows and a copy of each prepared row out of the batch (0.24 vs 0.3-0.8 ms).
+        for d in out:
+            d.prepare()
         return out
 
     def dist_for(self, logp: torch.Tensor) -> ContextDist:
@@ -124,7 +117,12 @@ class ContextDist:
         if self._p is None:
             sp = self.space
             p = np.zeros(sp.n_blocks * BLOCK, dtype=np.float32)
-            np.exp(self._logp_np()[sp.trie.order], out=p[: sp.n_sorted], dtype=np.float32, casting="unsafe")
+            lp = self.logp.detach()
+            if lp.device.type == "cpu" and lp.dtype == torch.float32:  # torch's gather: ~2x numpy's
+                g = lp.index_select(0, sp.order_t).numpy()
+            else:
+                g = self._logp_np()[sp.trie.order]
+            np.exp(g, out=p[: sp.n_sorted], dtype=np.float32, casting="unsafe")
             self._bs = p.reshape(sp.n_blocks, BLOCK).sum(axis=1, dtype=np.float64)
             self._p = p
 
