@@ -331,6 +331,8 @@ BAD_CONTEXTS = [
 async def _assert_rejects(lm, ctx, exc, match):
     with pytest.raises(exc, match=match):
         await lm.next_token_logprobs(ctx)
+    with pytest.raises(exc, match=match):
+        await lm.peek_next_token_logprobs(ctx)
     with pytest.raises(exc, match=r"contexts\[1\]: .*" + match):  # checked before any work starts
         await lm.batch_next_token_logprobs([[0], ctx])
 
@@ -478,7 +480,7 @@ def test_prefix_cache_bookkeeping_under_any_budget(workload):
             latest[key] = torch.full((4,), float(n))
             cache.put_logp(key, latest[key], node=path[-1], held=op == "held")
         elif op in ("get", "take"):
-            hit = cache.get_logp(key) if op == "get" else cache.take_logp(key)
+            hit = cache.get_logp(key, held=op == "take")
             assert hit is None or hit is latest[key]
         else:  # point a whole path at one new block, as a chunked prefetch does
             path = cache.walk(key)
@@ -495,7 +497,7 @@ def test_rows_handed_to_readers_are_evicted_before_rows_not_read_yet():
     for i in range(6):  # a look-ahead: the rows after (0,), (0, 1), ... in order
         cache.put_logp(tuple(range(i + 1)), torch.full((4,), float(i)))
     for i in (3, 4):  # the reader consumes two of them, the most recent ones
-        assert cache.take_logp(tuple(range(i + 1)))[0] == i
+        assert cache.get_logp(tuple(range(i + 1)), held=True)[0] == i
     cache.put_logp((9,), torch.zeros(4))  # a new row: one must go
     cache.put_logp((8,), torch.zeros(4))  # and another
     assert cache.get_logp((0, 1, 2, 3)) is None and cache.get_logp((0, 1, 2, 3, 4)) is None, \
@@ -511,7 +513,7 @@ def test_rows_handed_to_readers_are_evicted_before_rows_not_read_yet():
     block = KVBlock([torch.zeros(1, 1, 2, 1)], [torch.zeros(1, 1, 2, 1)])  # 16 bytes
     cache.put_kv(path, lambda node: KVRef(block, 0, 0, node.depth))
     cache.put_logp(key, torch.zeros(4), node=path[-1])
-    cache.take_logp(key)
+    cache.get_logp(key, held=True)
     cache.put_logp((5,), torch.zeros(4))
     cache.put_logp((6,), torch.zeros(4))
     cache.put_logp((7,), torch.zeros(4))

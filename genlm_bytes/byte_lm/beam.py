@@ -31,7 +31,7 @@ import numpy as np
 from genlm_bytes.byte_lm.lm_state import StatefulByteLM, check_prompt
 from genlm_bytes.byte_lm.trie_state import LazyTrieState, shared_space
 from genlm_bytes.dist import LazyByteProbs
-from genlm_bytes.lm.base import AsyncLM
+from genlm_bytes.lm.base import AsyncLM, kept_on_model
 from genlm_bytes.symbols import EOS, N_SYMBOLS, check_symbol
 
 logger = logging.getLogger(__name__)
@@ -98,18 +98,13 @@ def eos_token_ids(lm: AsyncLM, eos_tokens) -> list[int]:
 
 def _spelling_index(lm: AsyncLM) -> dict[bytes, list[int]]:
     """bytes -> the token ids spelling them, built once per model (kept on the model)."""
-    vocab = lm.byte_vocab
-    cached = getattr(lm, "_genlm_spelling_index", None)
-    if cached is not None and cached[0] is vocab:
-        return cached[1]
-    index: dict[bytes, list[int]] = {}
-    for t, b in enumerate(vocab):
-        index.setdefault(b, []).append(t)
-    try:
-        lm._genlm_spelling_index = (vocab, index)
-    except AttributeError:  # a model class with __slots__: rebuilt each time
-        pass
-    return index
+    def build() -> dict[bytes, list[int]]:
+        index: dict[bytes, list[int]] = {}
+        for t, b in enumerate(lm.byte_vocab):
+            index.setdefault(b, []).append(t)
+        return index
+
+    return kept_on_model(lm, "_genlm_spelling_index", lm.byte_vocab, build)
 
 
 async def _warm_first_window(lm: AsyncLM, params: BeamParams, initial_context, data: bytes) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from genlm_bytes.byte_lm.lm_state import StatefulTokenizedLM
 from genlm_bytes.dist import LazyByteProbs
+from genlm_bytes.lm.base import kept_on_model
 from genlm_bytes.symbols import EOS, EOT, N_SYMBOLS, check_symbol
 from genlm_bytes.trie import TokenByteTrie
 
@@ -47,8 +48,7 @@ class TrieSpace:
         self._lock = threading.Lock()  # beams of one model in several threads share a space
 
     def dists_for(self, logps: list[torch.Tensor]) -> list[ContextDist]:
-        """:meth:`dist_for` of many distributions, prepared for range sums together (one
-        batched gather/exp/block sum)."""
+        """:meth:`dist_for` of many distributions, each prepared for range sums."""
         out = [self.dist_for(lp) for lp in logps]
         # One at a time: measured faster than one batched gather/exp/sum, which needs a stacked
         # copy of the rows and a copy of each prepared row out of the batch (0.24 vs 0.3-0.8 ms).
@@ -76,16 +76,10 @@ def shared_space(lm, eos_ids=()) -> TrieSpace:
     ``prepared_dists`` (its cache budget's share for them), not by the number of beams."""
     key = tuple(sorted({int(t) for t in eos_ids}))
     trie = lm.trie
-    spaces = getattr(lm, "_genlm_trie_spaces", None)
-    if spaces is None or spaces[0] is not trie:
-        spaces = (trie, {})
-        try:
-            lm._genlm_trie_spaces = spaces
-        except AttributeError:  # a model class with __slots__: one space per beam
-            pass
-    space = spaces[1].get(key)
+    spaces = kept_on_model(lm, "_genlm_trie_spaces", trie, dict)  # EOS ids -> space
+    space = spaces.get(key)
     if space is None:
-        space = spaces[1][key] = TrieSpace(trie, key, max_dists=getattr(lm, "prepared_dists", None))
+        space = spaces[key] = TrieSpace(trie, key, max_dists=getattr(lm, "prepared_dists", None))
     return space
 
 

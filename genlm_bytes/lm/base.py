@@ -61,6 +61,21 @@ def check_token_ids(token_ids, vocab_size: int, *, allow_empty: bool = False) ->
     return ids
 
 
+def kept_on_model(lm, attr: str, source, build):
+    """``build()``, computed once per model and kept on it as ``attr`` while ``source`` (what it
+    is derived from, compared by identity) stays the same; rebuilt on every call for a model
+    class with ``__slots__``."""
+    cached = getattr(lm, attr, None)
+    if cached is not None and cached[0] is source:
+        return cached[1]
+    value = build()
+    try:
+        setattr(lm, attr, (source, value))
+    except AttributeError:
+        pass
+    return value
+
+
 def _check_logprobs(out, token_ids: list[int], vocab_size: int, cls_name: str) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         out = torch.as_tensor(np.asarray(out))

@@ -14,7 +14,7 @@ Memory: every payload is charged to the budget (a block once, however many
 chains hold it). When the total goes over ``budget_bytes``, the least
 recently used payloads are dropped; a block is freed when no cached chain
 holds it. A node's log-probs and its past are evicted separately. Log-probs
-handed to a reader (:meth:`PrefixCache.take_logp`) go to the evicting end: the
+handed to a reader who keeps them (``held=True``) go to the evicting end: the
 reader holds them, and rows computed ahead of need (a prefill's look-ahead)
 must outlive the rows already consumed.
 A node left with neither payload nor children is unlinked from the trie and
@@ -142,25 +142,17 @@ class PrefixCache:
             self.freed_bytes = 0  # payload bytes released by eviction (the backend trims the heap)
 
     # ------------------------------------------------------------------ lookups
-    def get_logp(self, key: tuple) -> torch.Tensor | None:
-        """The cached log-probs after ``key`` (marked recently used), or None."""
+    def get_logp(self, key: tuple, held: bool = False) -> torch.Tensor | None:
+        """The cached log-probs after ``key`` (marked recently used), or None. ``held``: for a
+        reader that keeps them: the row goes to the evicting end (the first payload dropped
+        under pressure) and the node's past is marked recently used (a reader of a context
+        usually extends it next)."""
         with self.lock:
             node = self._by_key.get(key)
             if node is None or node.logp is None:
                 return None
-            self._lru.move_to_end((node, _LOGP))
-            return node.logp
-
-    def take_logp(self, key: tuple) -> torch.Tensor | None:
-        """The cached log-probs after ``key`` for a reader that keeps them, or None. The row
-        goes to the evicting end (the first payload dropped under pressure); the node's past
-        is marked recently used (a reader of a context usually extends it next)."""
-        with self.lock:
-            node = self._by_key.get(key)
-            if node is None or node.logp is None:
-                return None
-            self._lru.move_to_end((node, _LOGP), last=False)
-            if node.kv is not None:  # the reader will likely extend this context
+            self._lru.move_to_end((node, _LOGP), last=not held)
+            if held and node.kv is not None:
                 self._lru.move_to_end((node, _KV))
             return node.logp
 
@@ -200,7 +192,7 @@ class PrefixCache:
     # ------------------------------------------------------------------ inserts
     def put_logp(self, ids, logp: torch.Tensor, node: Node | None = None, held: bool = False) -> None:
         """Cache ``logp`` after ``ids`` (``node``: its trie node, if walked already). ``held``:
-        it is handed to a reader who keeps it, so it goes to the evicting end (see take_logp)."""
+        it is handed to a reader who keeps it, so it goes to the evicting end (see get_logp)."""
         with self.lock:
             if node is None or node.pruned:  # a node an eviction took out since it was walked
                 node = self.walk(ids, create=True)[-1]

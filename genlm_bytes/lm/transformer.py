@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from genlm_bytes.lm.base import AsyncLM
+from genlm_bytes.lm.base import AsyncLM, check_token_ids
 from genlm_bytes.lm.batching import Batcher
 from genlm_bytes.lm.cache import KVBlock, KVRef, PrefixCache
 
@@ -107,6 +107,9 @@ class AsyncTransformer(AsyncLM):
         self._base_reserve = ((self.prepared_dists + WINDOW_DISTS) * len(byte_vocab) * 8
                               + int(HEAP_SHARE * budget))
         self._kv_per_token = _kv_bytes_per_token(hf_model)  # (0: measured by the first pass)
+        cfg = hf_model.config  # (transformers' config attributes are slow to read on a hot path)
+        self._dims = (getattr(cfg, "hidden_size", 0) or 0, getattr(cfg, "num_attention_heads", 1) or 1,
+                      getattr(cfg, "num_hidden_layers", 1) or 1)  # for _pass_bytes
         self.cache.reserve(self._base_reserve)
         # The resident set with the model loaded: what grows past it beyond the cache's accounting
         # is mostly free heap pages, handed back by _maybe_trim.
@@ -139,14 +142,14 @@ class AsyncTransformer(AsyncLM):
     # ---------------------------------------------------------------- queries
     async def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         key = tuple(token_ids)
-        hit = self.cache.take_logp(key)  # the caller holds it now: the cache's copy goes first
+        hit = self.cache.get_logp(key, held=True)  # the caller holds it now: the cache's copy goes first
         if hit is not None:
             return hit
         self._check_length(len(key))
         return await self.batcher.submit(key, key)
 
     async def peek_next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
-        key = tuple(token_ids)
+        key = tuple(check_token_ids(token_ids, self.vocab_size))
         hit = self.cache.get_logp(key)  # marked recently used: kept for the reader to come
         if hit is not None:
             return hit
@@ -175,7 +178,7 @@ class AsyncTransformer(AsyncLM):
         the path and the alternatives run together in tree-masked passes (each alternative
         attends to its own prefix only); a long uncached path first runs in chunks.
         """
-        from genlm_bytes.lm.base import check_token_ids, parse_alternative
+        from genlm_bytes.lm.base import parse_alternative
 
         ids = tuple(check_token_ids(token_ids, self.vocab_size))
         self._check_length(len(ids))
@@ -221,7 +224,7 @@ class AsyncTransformer(AsyncLM):
         """Run a batch of contexts (worker thread). Returns one (V,) log-prob tensor each."""
         rows = []
         for ids in requests:
-            hit = self.cache.take_logp(ids)
+            hit = self.cache.get_logp(ids, held=True)
             if hit is not None:  # computed by an earlier batch while this one waited
                 rows.append((ids, None, 0, hit))
                 continue
@@ -286,7 +289,7 @@ class AsyncTransformer(AsyncLM):
             input_ids[b, : ks[b]] = torch.tensor(ids[p:])
             attn[b, P - p: P + ks[b]] = 1
             pos[b] = p + torch.arange(Kn)
-        keep = [k for b, (_, ref, p) in enumerate(rows) if p for k in self._keep_whole(ref, P - p, P + ks[b], b)]
+        keep = [(b, P - p, P + ks[b]) for b, (_, ref, p) in enumerate(rows) if _chain_full(ref)]
         self._reserve_pass(B, P + Kn, Kn, sum(ks) if all_positions else B, keep)
         cache = self._make_cache(rows, P, keep)
         dev = self.device
@@ -349,19 +352,12 @@ class AsyncTransformer(AsyncLM):
         cache.layers = [_PassLayer(i, pasts, P, keep) for i in range(len(cache.layers))]
         return cache
 
-    def _keep_whole(self, ref, lo: int, hi: int, row: int = 0) -> list:
-        """``[(row, lo, hi)]`` if a context on the past ``ref`` should be stored whole, else []."""
-        return [(row, lo, hi)] if ref is not None and ref.nseg >= MAX_SEGMENTS else []
-
     def _pass_bytes(self, rows: int, kv_len: int, n_new: int, n_out: int, whole: int = 0) -> int:
         """Estimated temporary memory of a pass: one layer's padded pasts, the new keys/values of
         every layer, contexts kept whole (``whole`` tokens), activations of the new tokens, the
         attention mask, and log-probs (with their copies) of ``n_out`` positions; the attention
         scores and weights of one layer (every head), and the float mask."""
-        cfg = self.model.config
-        hidden = getattr(cfg, "hidden_size", 0) or 0
-        heads = getattr(cfg, "num_attention_heads", 1) or 1
-        layers = getattr(cfg, "num_hidden_layers", 1) or 1
+        hidden, heads, layers = self._dims
         kv = self._kv_per_token
         return (rows * kv_len * kv // layers + (rows * n_new + whole) * kv
                 + rows * n_new * (16 * 4 * hidden + 4 * kv_len * (2 * heads + 1))
@@ -522,7 +518,7 @@ class AsyncTransformer(AsyncLM):
         dtype = next(self.model.parameters()).dtype
         allowed = torch.cat([past_ok, new_ok], dim=1)
         mask = torch.zeros((1, 1, Q, P + Q), dtype=dtype).masked_fill_(~allowed[None, None], float("-inf"))
-        keep = self._keep_whole(ref, 0, n_path) if P else []
+        keep = [(0, 0, n_path)] if _chain_full(ref) else []
         self._reserve_pass(1, P + Q, Q, Q, keep)
         cache = self._make_cache([(ids[:P], ref, P)], P, keep)
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
@@ -560,6 +556,12 @@ class AsyncTransformer(AsyncLM):
                 self.cache.put_logp(ctx[: i + j + 1], next(logp_rows), node=node)
         self._end_pass(block, Q)
         logger.debug("tree pass: %d path tokens and %d alternatives on a past of %d", tail, len(items), P)
+
+
+def _chain_full(ref) -> bool:
+    """Whether a context on the past ``ref`` is stored whole by its pass (its chain of segments
+    is MAX_SEGMENTS long; see AsyncTransformer._put_segment)."""
+    return ref is not None and ref.nseg >= MAX_SEGMENTS
 
 
 def _kv_bytes_per_token(model) -> int:
