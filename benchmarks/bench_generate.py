@@ -58,7 +58,8 @@ async def beam_greedy(lm, prompt: bytes, n_bytes: int) -> dict:
 
 
 async def main(args) -> dict:
-    lm = common.setup(args.threads)
+    kwargs = {} if args.draft_tokens is None else {"draft_tokens": args.draft_tokens}
+    lm = common.setup(args.threads, **kwargs)
     rows = []
     # Warm-up: both paths once.
     warm = common.canonical_ids(lm, PROMPTS[0].encode())
@@ -103,7 +104,8 @@ async def main(args) -> dict:
     worst = min(r["ratio"] for r in rows)
     return {
         "question": "3. greedy bytes/s vs transformers greedy generate bytes/s (target >= 0.8x)",
-        "settings": common.environment(args.threads, repeats=args.repeats, new_tokens=args.new_tokens),
+        "settings": common.environment(args.threads, repeats=args.repeats, new_tokens=args.new_tokens,
+                                       draft_tokens=lm.draft_tokens),
         "rows": rows,
         "worst_ratio": worst,
         "target": TARGET,
@@ -130,7 +132,11 @@ if __name__ == "__main__":
     parser.add_argument("--new-tokens", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=common.THREADS)
+    parser.add_argument("--draft-tokens", type=int, default=None,
+                        help="AsyncTransformer(draft_tokens=...); 0 turns prompt-lookup drafts off "
+                             "(default: the library's)")
+    parser.add_argument("--name", default="generate", help="results/<name>.json")
     args = parser.parse_args()
     result = asyncio.run(main(args))
     report(result)
-    common.write_json("generate", result)
+    common.write_json(args.name, result)

@@ -830,3 +830,89 @@ async def test_a_request_far_past_its_cached_past_runs_in_passes_that_fit(embedd
     assert_close_to_uncached(hf_model, other, rows[1])
     assert max(max(n) for n in news) <= 16 and len(news) >= len(ids) // 16
     assert lm.n_forward_tokens == len(ids) + 1, "each token should run once"
+
+
+@pytest.mark.slow
+async def test_tree_pass_stores_path_and_alternatives_apart(embedded_lm, embedded_hf, hf64):
+    """A tree pass keeps the keys/values of its path and of its alternatives in separate blocks,
+    each owning only its own memory: the path the beam follows does not keep alternatives the
+    cache dropped alive, nor the reverse. Extending either stays exact."""
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model)
+    ids = [0] + tok.encode(TEXT)[:16]
+    await lm.prefetch(ids[:5])
+    await lm.prefetch(ids, alternatives=[(3, 501), (9, 502), (len(ids), 503)])
+    path = lm.cache.walk(ids)[-1].kv
+    off_past = lm.cache.walk(ids[:3] + [501])[-1].kv
+    off_path = lm.cache.walk(ids[:9] + [502])[-1].kv
+    assert path.block is not off_past.block and off_past.block is off_path.block
+    assert off_path.prev.block is path.block, "a branch off this pass's path tokens chains to the path's block"
+    per_token = lm._kv_per_token
+    assert path.block.nbytes == (len(ids) - 5) * per_token
+    assert off_past.block.nbytes == 3 * per_token
+    for block in (path.block, off_past.block):
+        for t in block.keys + block.values:
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), "a block holds another's memory"
+    n = lm.n_forward_tokens
+    for ctx in (ids[:3] + [501, 7], ids[:9] + [502, 8], ids + [503, 9], ids + [10]):
+        assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))
+    assert lm.n_forward_tokens == n + 4
+    assert_cache_consistent(lm.cache)
+
+
+def test_mmap_threshold_fixed_once_unless_the_user_set_it(monkeypatch):
+    import genlm_bytes.lm.transformer as tr
+
+    if tr._MALLOPT is None:
+        pytest.skip("not glibc")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert tr._fix_mmap_threshold.__wrapped__() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert tr._fix_mmap_threshold.__wrapped__() is True
+
+
+def test_lookup_draft_follows_the_last_earlier_occurrence():
+    from genlm_bytes.lm.transformer import lookup_draft
+
+    assert lookup_draft((1, 2, 3, 1, 2), 2) == (3, 1)
+    assert lookup_draft((1, 2, 3, 1, 2), 1) == (3,)
+    # the most recent bigram, unless an earlier one also matches the last three tokens
+    assert lookup_draft((8, 1, 2, 5, 7, 1, 2, 6, 4, 1, 2), 2) == (6, 4)
+    assert lookup_draft((9, 1, 2, 5, 7, 1, 2, 6, 9, 1, 2), 2) == (5, 7)
+    assert lookup_draft((1, 2, 3, 4), 2) == ()
+    assert lookup_draft((1, 2), 2) == ()
+    assert lookup_draft((1, 2, 3, 1, 2), 0) == ()
+    assert lookup_draft((5, 5, 5), 3) == (5,), "a run of one token drafts what follows inside the run"
+    assert lookup_draft((1, 2, 3) + (0,) * 50 + (1, 2), 2, window=20) == (), "searched back `window` positions"
+
+
+@pytest.mark.slow
+async def test_prompt_lookup_drafts_are_exact_and_save_passes(embedded_lm, embedded_hf, hf64):
+    """A lone request whose last two tokens occurred before also runs the tokens that followed
+    them then; their distributions are the model's own, and a request for them needs no pass."""
+    hf_model, tok = hf64, embedded_hf[1]
+    ids = [0] + tok.encode("The cat sat on the mat. The cat sat on the")
+    mat = ids[ids.index(ids[-1]) + 1:ids.index(ids[-1]) + 3]  # the two tokens after the first " the"
+    lm = transformer(embedded_lm, hf_model, draft_tokens=2)
+    await lm.next_token_logprobs(ids[:-1])  # a long uncached context: no draft
+    assert lm.n_forward_tokens == len(ids) - 1
+    assert_close_to_uncached(hf_model, ids, await lm.next_token_logprobs(ids))
+    assert lm.n_forward_tokens == len(ids) + 2 and lm.batcher.n_batches == 2
+    batches = lm.batcher.n_batches
+    for k in (1, 2):
+        ctx = ids + mat[:k]
+        assert lm.has_logprobs(ctx)
+        assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))
+    assert lm.batcher.n_batches == batches, "drafted distributions come from the cache"
+    # Concurrent requests run as a batch, without drafts.
+    both = [ids[:-1] + [t] for t in (11, 12)]
+    before = lm.n_forward_tokens
+    await asyncio.gather(*(lm.next_token_logprobs(c) for c in both))
+    assert lm.n_forward_tokens == before + 2
+    off = transformer(embedded_lm, hf_model, draft_tokens=0)
+    await off.next_token_logprobs(ids[:-1])
+    await off.next_token_logprobs(ids)
+    assert off.n_forward_tokens == len(ids) and not off.has_logprobs(ids + mat[:1])
+    for bad in (-1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="draft_tokens"):
+            transformer(embedded_lm, draft_tokens=bad)

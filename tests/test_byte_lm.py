@@ -418,3 +418,33 @@ async def test_next_byte_after_prompt_ending_mid_word(embedded_lm):
     beam = await (beam.prune() << ord("d"))
     beam = await beam.prefill(b"oct")
     assert (await beam.logp_next()).argmax() == ord("o")
+
+
+@pytest.mark.slow
+async def test_prefill_in_small_speculation_windows_matches_one_window(embedded_lm):
+    """A backend under a small budget speculates fewer boundaries per pass (its
+    ``speculation_window``); the prefill then runs in more, smaller passes with the same result."""
+    from genlm_bytes import AsyncTransformer
+    from genlm_bytes.byte_lm.speculate import WINDOW, speculation_window
+
+    text = (b"The river was high that spring, and the ferry ran only in the mornings. We waited on the "
+            b"bank with the bicycles, counting barges, while a heron stood in the shallows and ignored us. "
+            b"By noon the wind had turned, the water had calmed, and the ferryman waved us aboard.")
+    params = BeamParams(K=5, prune_threshold=0.05)
+    assert speculation_window(embedded_lm) == WINDOW
+    small = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0],
+                             cache_budget_bytes=64 << 20)
+    assert speculation_window(small) == small.speculation_window == 16
+    assert AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0],
+                            cache_budget_bytes=256 << 20).speculation_window == 64
+    assert speculation_window(MockLM([b"<eos>", b"a"], seed=0)) == WINDOW
+    passes = []
+    inner = small._tree_pass
+    small._tree_pass = lambda *a: (passes.append(a[3]), inner(*a))[1]
+    windowed = await (await ByteBeamState.initial(small, params)).prefill(text)
+    whole = await (await ByteBeamState.initial(embedded_lm, params)).prefill(text)
+    assert len(embedded_lm.encode_bytes(text)) > 3 * 16 and len(passes) >= 3
+    assert passes[0] <= 16, "the text's first window runs 16 path tokens"
+    assert windowed.logZ == pytest.approx(whole.logZ, abs=1e-4)
+    np.testing.assert_allclose(np.exp((await windowed.logp_next()).ps), np.exp((await whole.logp_next()).ps),
+                               atol=1e-4)

@@ -406,7 +406,7 @@ async def test_long_greedy_generation_keeps_memory_flat(embedded_lm, embedded_hf
     holds the context's 105 tokens of keys/values, 4.8 MB.)"""
     hf_model, tok = embedded_hf
     budget = 16 << 20
-    lm = transformer(embedded_lm, cache_budget_bytes=budget)
+    lm = transformer(embedded_lm, cache_budget_bytes=budget, draft_tokens=0)  # one token per step
     ids = [0] + tok.encode("Once upon a time")
     prompt_len = len(ids)
     steps, warmup = 100, 20

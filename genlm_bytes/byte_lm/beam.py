@@ -113,13 +113,13 @@ async def _warm_first_window(lm: AsyncLM, params: BeamParams, initial_context, d
     if not data or type(lm).prefetch is AsyncLM.prefetch or not hasattr(lm, "has_logprobs"):
         return
     from genlm_bytes.byte_lm.lm_state import StatefulTokenizedLM
-    from genlm_bytes.byte_lm.speculate import first_window
+    from genlm_bytes.byte_lm.speculate import first_window, speculation_window
 
     ctx0 = StatefulTokenizedLM.initial(lm, initial_context, params.max_context_length).context
     enc = lm.encode_bytes(data)
     if not enc or lm.has_logprobs(ctx0):
         return
-    ids = list(ctx0) + list(enc[: first_window(len(enc)) + 1])
+    ids = list(ctx0) + list(enc[: first_window(len(enc), speculation_window(lm)) + 1])
     if params.max_context_length is None or len(ids) <= params.max_context_length:
         await lm.prefetch(ids, start=len(ctx0) - 1)
 

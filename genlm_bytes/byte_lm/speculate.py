@@ -25,14 +25,21 @@ import numpy as np
 
 from genlm_bytes.byte_lm.trie_state import TrieSpace
 
-WINDOW = 128  # token boundaries per speculation pass
+WINDOW = 128  # token boundaries per speculation pass (unless the model asks for fewer)
 
 
-def first_window(n_tokens: int) -> int:
+def speculation_window(lm) -> int:
+    """Token boundaries per speculation pass for ``lm``: its ``speculation_window`` if it has
+    one (a backend under a small memory budget holds fewer distributions ahead), else WINDOW."""
+    w = getattr(lm, "speculation_window", None)
+    return WINDOW if not isinstance(w, int) or isinstance(w, bool) or w < 1 else w
+
+
+def first_window(n_tokens: int, window: int = WINDOW) -> int:
     """Boundaries in the first window of a path of ``n_tokens`` tokens (no short last window:
     a remainder under half a window joins the window before it, one pass fewer)."""
-    j1 = min(n_tokens, WINDOW)
-    return n_tokens if n_tokens - j1 < WINDOW // 2 else j1
+    j1 = min(n_tokens, window)
+    return n_tokens if n_tokens - j1 < window // 2 else j1
 
 
 class PathSpeculator:
@@ -59,6 +66,7 @@ class PathSpeculator:
         self.done = 0  # boundaries [0, done) speculated
         self.computed = 0  # the path's distributions are cached up to boundary ``computed``
         self.alts_at: dict[int, set[int]] = {}  # text position -> tokens branching off there
+        self.window = speculation_window(lm)
 
     async def start(self) -> None:
         """Compute the first window of the path (later windows follow the beam, see ensure_bytes)."""
@@ -66,7 +74,7 @@ class PathSpeculator:
 
     def due(self, pos: int) -> bool:
         """Whether :meth:`ensure_bytes` at ``pos`` has work to do."""
-        return self.done < len(self.path) and self.base + self.off[self.done] <= pos + 4 * WINDOW
+        return self.done < len(self.path) and self.base + self.off[self.done] <= pos + 4 * self.window
 
     def followed_by(self, states) -> bool:
         """Whether some cover's context starts with this path's context (the path is still in use)."""
@@ -96,7 +104,7 @@ class PathSpeculator:
             self.computed = j2
 
     def _window_end(self, j0: int) -> int:
-        return j0 + first_window(len(self.path) - j0)
+        return j0 + first_window(len(self.path) - j0, self.window)
 
     async def branches(self, j0: int, j1: int) -> list[tuple[int, int]]:
         """``(i, t)`` pairs for boundaries ``[j0, j1)``: the context ``(ctx0 + path)[:i] + (t,)``."""

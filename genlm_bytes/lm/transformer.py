@@ -41,12 +41,20 @@ ALT_CHUNK = 256  # alternative tokens per tree-masked forward pass
 # Distributions the byte level holds prepared (probabilities in byte order plus the log-prob row
 # each keeps, 8 bytes per token): up to PREPARED_DISTS kept for reuse at the default budget (in
 # proportion below it, see AsyncTransformer.prepared_dists) plus a speculation window's worth
-# (PathSpeculator.WINDOW * 1.5) being built.
+# (1.5 distributions per boundary of ``speculation_window``) being built.
 PREPARED_DISTS = 256
-WINDOW_DISTS = 192
+# Token boundaries a prefill speculates per pass (see genlm_bytes.byte_lm.speculate): up to
+# SPECULATION_WINDOW from a budget of WINDOW_BUDGET up, in proportion below it (at least 16):
+# two windows of log-prob rows (and their alternatives') are cached ahead of the beam, which a
+# small budget cannot hold next to a long text's keys/values.
+SPECULATION_WINDOW = 128
+WINDOW_BUDGET = 512 << 20
 PASS_SHARE = 0.2  # of the budget: what one pass's temporary tensors may take (longer passes are split)
 MAX_SEGMENTS = 64  # a past chained from more segments than this is stored whole by the next pass
 LOGP_CHUNK = 64  # output positions whose logits are in memory at once
+DRAFT_TOKENS = 2  # default of AsyncTransformer(draft_tokens=): guessed tokens run with a lone request
+DRAFT_MAX_NEW = 8  # ... whose context has at most this many uncached tokens
+DRAFT_SEARCH = 2048  # positions searched back for the draft
 TRIM_AFTER_BYTES = 16 << 20  # hand free heap pages back after evictions freed this much
 TRIM_SLACK_BYTES = 0  # ... or when the resident set exceeds the accounted memory (HEAP_SHARE included) by this much,
 TRIM_TIME_SHARE = 0.1  # spending at most this share of the model passes' time on such trims
@@ -65,13 +73,22 @@ class AsyncTransformer(AsyncLM):
             else the first EOS token).
         eos_token_ids: end-of-sequence ids (default: from the tokenizer and generation config).
         kv_reuse: run only the new tokens of a context whose prefix was computed before.
+        draft_tokens: a pass run for one context alone (sequential generation) also runs up to
+            this many tokens guessed from the context itself (the tokens that followed the
+            last earlier occurrence of its last two tokens: "prompt lookup"), and caches the
+            distributions after them. On a CPU a pass of one to three tokens costs about the
+            same, so a right guess saves the next pass and a wrong one costs little. 0: off.
+            Results are exact either way (every distribution is the model's own).
     """
 
     _trusted_output = True
 
     def __init__(self, hf_model, hf_tokenizer, *, batch_size: int = 32,
                  cache_budget_bytes: int = DEFAULT_CACHE_BUDGET, initial_context=None,
-                 eos_token_ids=None, kv_reuse: bool = True, byte_vocab=None):
+                 eos_token_ids=None, kv_reuse: bool = True, byte_vocab=None,
+                 draft_tokens: int = DRAFT_TOKENS):
+        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be a non-negative int, got {draft_tokens!r}")
         if byte_vocab is None:
             from genlm_bytes.lm.vocab import byte_vocab_from_tokenizer
 
@@ -96,6 +113,7 @@ class AsyncTransformer(AsyncLM):
         # cached past otherwise run into denormal floats and slow down up to 5x on x86.
         self.batcher._executor.submit(torch.set_flush_denormal, True).result()
         self.kv_reuse = bool(kv_reuse) and _plain_cache(hf_model)
+        self.draft_tokens = draft_tokens
         self.max_positions = getattr(hf_model.config, "max_position_embeddings", None)
         self._softcap = getattr(hf_model.config, "final_logit_softcapping", None)
         self.n_forward_tokens = 0  # tokens run through the model: for tests and benchmarks
@@ -104,7 +122,8 @@ class AsyncTransformer(AsyncLM):
         # between two trims) and, during a pass, its temporary tensors.
         budget = self.cache.budget_bytes
         self.prepared_dists = max(32, min(PREPARED_DISTS, PREPARED_DISTS * budget // DEFAULT_CACHE_BUDGET))
-        self._base_reserve = ((self.prepared_dists + WINDOW_DISTS) * len(byte_vocab) * 8
+        self.speculation_window = max(16, min(SPECULATION_WINDOW, SPECULATION_WINDOW * budget // WINDOW_BUDGET))
+        self._base_reserve = ((self.prepared_dists + self.speculation_window * 3 // 2) * len(byte_vocab) * 8
                               + int(HEAP_SHARE * budget))
         self._kv_per_token = _kv_bytes_per_token(hf_model)  # (0: measured by the first pass)
         cfg = hf_model.config  # (transformers' config attributes are slow to read on a hot path)
@@ -114,6 +133,7 @@ class AsyncTransformer(AsyncLM):
         # The resident set with the model loaded: what grows past it beyond the cache's accounting
         # is mostly free heap pages, handed back by _maybe_trim.
         self._rss0 = _rss_bytes() if _MALLOC_TRIM is not None else None
+        _fix_mmap_threshold()
         self._pass_seconds = self._trim_seconds = 0.0
         self._pass_t0 = 0.0
 
@@ -233,10 +253,27 @@ class AsyncTransformer(AsyncLM):
             rows.append((ids, ref, past_len, None))
         todo = [(ids, ref, p) for ids, ref, p, hit in rows if hit is None]
         done = {}
+        if len(todo) == 1 and (row := self._drafted(*todo[0])) is not None:
+            done[todo[0][0]] = row
+            todo = []
         for group in self._memory_groups(todo):
             for (ids, _, _), logp in zip(group, self._forward(group, all_positions=False)):
                 done[ids] = logp
         return [hit if hit is not None else done[ids] for ids, _, _, hit in rows]
+
+    def _drafted(self, ids: tuple, ref, p: int) -> torch.Tensor | None:
+        """One context alone, a few new tokens: runs it with the tokens drafted from its own
+        text (see ``draft_tokens``) and returns its row; None when there is no draft."""
+        if not self.draft_tokens or not self.kv_reuse or len(ids) - p > DRAFT_MAX_NEW:
+            return None
+        draft = lookup_draft(ids, self.draft_tokens)
+        if self.max_positions:
+            draft = draft[: max(0, self.max_positions - len(ids))]
+        if not draft:
+            return None
+        self._forward([(ids + draft, ref, p)], all_positions=True)
+        # The drafted rows stay cached for the requests to come; this one is handed out.
+        return self.cache.get_logp(ids, held=True)  # (None if a tiny budget evicted it at once)
 
     def _run_ahead(self, ids: tuple, ref, p: int) -> tuple[int, object]:
         """A context far longer than its cached past ``p`` (e.g. one whose past was evicted) runs
@@ -295,7 +332,9 @@ class AsyncTransformer(AsyncLM):
         dev = self.device
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         with _grouped_attention(self.model):
-            out = body(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
+            # One row has no padding: transformers' own causal mask (none for one new token) is exact.
+            out = body(input_ids=input_ids.to(dev), attention_mask=attn.to(dev) if B > 1 else None,
+                       position_ids=pos.to(dev),
                        past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state  # (B, Kn, H)
         del out
@@ -530,13 +569,20 @@ class AsyncTransformer(AsyncLM):
         logp_rows = self._logprob_rows(out.last_hidden_state[0])  # Q rows, in slot order
         del out
         layers = cache.layers
-        block = KVBlock([lay.new_keys for lay in layers], [lay.new_values for lay in layers])
+        path_block, alt_block = _split_block(layers, tail)
+
+        def at(s: int) -> tuple[KVBlock, int]:  # where slot ``s`` of the pass is stored
+            return (path_block, s) if s < tail else (alt_block, s - tail)
+
         prevs, ctxs = [], []
         for e, (i, chain, s, parent, k) in enumerate(slots):
             if parent >= 0:
                 pi, _, ps = slots[parent][:3]
                 ctx = ctxs[parent][:pi + k] + chain
-                prev = KVRef(block, 0, ps, k, prevs[parent]) if k else prevs[parent]
+                prev = prevs[parent]
+                if k:
+                    blk, start = at(ps)
+                    prev = KVRef(blk, 0, start, k, prev)
             else:
                 ctx = ids[:i] + chain
                 if e == 0:
@@ -544,18 +590,60 @@ class AsyncTransformer(AsyncLM):
                 elif i <= P:
                     prev = ref.prefix(i) if ref is not None else None
                 else:
-                    prev = KVRef(block, 0, 0, i - P, ref)
+                    prev = KVRef(path_block, 0, 0, i - P, ref)
             prevs.append(prev)
             ctxs.append(ctx)
             if not chain:
                 continue
             nodes = self.cache.walk(ctx, create=True)[i:]
             # Only the path's slots hold a whole past in the buffer (an item's ancestors are spread).
-            self._put_segment(nodes, block, 0, s, i, prev, layers if e == 0 else None)
+            blk, start = at(s)
+            self._put_segment(nodes, blk, 0, start, i, prev, layers if e == 0 else None)
             for j, node in enumerate(nodes):
                 self.cache.put_logp(ctx[: i + j + 1], next(logp_rows), node=node)
-        self._end_pass(block, Q)
+        self._end_pass(path_block or alt_block, Q)
         logger.debug("tree pass: %d path tokens and %d alternatives on a past of %d", tail, len(items), P)
+
+
+def lookup_draft(ids: tuple, k: int, window: int = DRAFT_SEARCH) -> tuple:
+    """Up to ``k`` tokens guessed to follow ``ids``: the tokens after the most recent earlier
+    occurrence (within the last ``window`` positions) of its last two tokens, preferring one
+    where its last three match. ``()`` when they did not occur before."""
+    n = len(ids)
+    if n < 3 or k < 1:
+        return ()
+    a, b = ids[-2], ids[-1]
+    c = ids[-3]
+    best = -1
+    for j in range(n - 2, max(1, n - window) - 1, -1):  # ids[j - 1:j + 1] == (a, b), j < n - 1
+        if ids[j] == b and ids[j - 1] == a:
+            if j >= 2 and ids[j - 2] == c:
+                best = j
+                break
+            if best < 0:
+                best = j
+    return ids[best + 1: best + 1 + k] if best >= 0 else ()
+
+
+def _split_block(layers, tail: int) -> tuple[KVBlock | None, KVBlock | None]:
+    """The new keys/values of a tree pass as two blocks: the path's slots ``[0, tail)`` and the
+    alternatives' (each a copy when both exist, else the pass's own tensors). The cache frees a
+    block when no cached chain holds it: the path (which the beam follows) outlives most
+    alternatives, which must not keep their memory with it, nor the reverse."""
+    n = layers[0].new_keys.shape[-2]
+    if tail == n or tail == 0:
+        block = KVBlock([lay.new_keys for lay in layers], [lay.new_values for lay in layers])
+        return (block, None) if tail else (None, block)
+    pk, pv, ak, av = [], [], [], []
+    for lay in layers:  # one layer at a time: the pass's tensors go as their copies are made
+        k, v = lay.new_keys, lay.new_values
+        lay.new_keys = lay.new_values = None
+        pk.append(k[:, :, :tail].clone())
+        pv.append(v[:, :, :tail].clone())
+        ak.append(k[:, :, tail:].clone())
+        av.append(v[:, :, tail:].clone())
+        del k, v
+    return KVBlock(pk, pv), KVBlock(ak, av)
 
 
 def _chain_full(ref) -> bool:
@@ -578,26 +666,47 @@ def _kv_bytes_per_token(model) -> int:
     return 2 * layers * kv_heads * head_dim * size
 
 
-def _heap_trimmer():
-    """glibc's ``malloc_trim``: hands the free pages inside the heap back to the system.
-
-    Cached log-prob rows (196 KB each for a 49k vocabulary) are freed in LRU order between
-    a pass's large temporary tensors, which leaves the heap full of free holes that the
-    resident set keeps counting (hundreds of MB over a long scoring). None elsewhere."""
+def _glibc():
+    """glibc's ``malloc_trim`` and ``mallopt`` (None, None elsewhere)."""
     try:
         import ctypes
         import ctypes.util
 
         name = ctypes.util.find_library("c")
-        fn = ctypes.CDLL(name).malloc_trim if name else None
+        if not name:
+            return None, None
+        lib = ctypes.CDLL(name)
+        trim, opt = lib.malloc_trim, lib.mallopt
     except (OSError, AttributeError):
-        return None
-    if fn is not None:
-        fn.argtypes = [ctypes.c_size_t]
-    return fn
+        return None, None
+    trim.argtypes = [ctypes.c_size_t]
+    opt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return trim, opt
 
 
-_MALLOC_TRIM = _heap_trimmer()
+# ``malloc_trim`` hands the free pages inside the heap back to the system: cached log-prob rows
+# (196 KB each for a 49k vocabulary) are freed in LRU order between a pass's large temporary
+# tensors, which leaves free holes that the resident set keeps counting.
+_MALLOC_TRIM, _MALLOPT = _glibc()
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+MMAP_THRESHOLD_BYTES = 256 << 10
+
+
+@functools.cache
+def _fix_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD_BYTES for this process (once; not when the
+    user set ``MALLOC_MMAP_THRESHOLD_``). glibc raises the threshold by itself, up to 32 MB,
+    every time a block it had mapped is freed; after the first large pass, every tensor below
+    that size comes from the heap, and the long-lived rows allocated between a pass's
+    temporaries pin free holes that the resident set keeps counting (measured: 8 KB scored
+    under a 256 MiB budget peaked 240 MB over budget + model with the sliding threshold,
+    13 MB under it with a fixed one). Tensors above the threshold are mapped and returned to
+    the system when freed."""
+    if _MALLOPT is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    ok = bool(_MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    logger.debug("glibc mmap threshold fixed at %d bytes: %s", MMAP_THRESHOLD_BYTES, ok)
+    return ok
 
 
 def _rss_bytes() -> int | None:
@@ -646,8 +755,8 @@ def _pass_layer_class():
                 K, V = key_states, value_states
             elif len(self.pasts) == 1:  # one row, no padding: one concatenation
                 segs = self.pasts[0][0]
-                K = torch.cat([b.keys[i][r:r + 1, :, s:s + n] for b, r, s, n in segs] + [key_states], dim=2)
-                V = torch.cat([b.values[i][r:r + 1, :, s:s + n] for b, r, s, n in segs] + [value_states], dim=2)
+                K = torch.cat([_piece(b.keys[i], r, s, n) for b, r, s, n in segs] + [key_states], dim=2)
+                V = torch.cat([_piece(b.values[i], r, s, n) for b, r, s, n in segs] + [value_states], dim=2)
             else:
                 B, h, n, d = key_states.shape
                 # Uninitialized: every slot is a past, left padding or a new token, written here.
@@ -669,6 +778,13 @@ def _pass_layer_class():
             return K, V
 
     return PassLayer
+
+
+def _piece(t: torch.Tensor, row: int, start: int, n: int) -> torch.Tensor:
+    """Slots ``[start, start + n)`` of row ``row`` of a block's ``(B, heads, T, d)`` tensor."""
+    if t.shape[0] != 1:
+        t = t[row:row + 1]
+    return t if start == 0 and n == t.shape[2] else t.narrow(2, start, n)
 
 
 def _PassLayer(index: int, pasts, past: int, keep=()):  # a class made on first use (transformers imports late)
