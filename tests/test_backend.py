@@ -909,6 +909,18 @@ async def test_prompt_lookup_drafts_are_exact_and_save_passes(embedded_lm, embed
     before = lm.n_forward_tokens
     await asyncio.gather(*(lm.next_token_logprobs(c) for c in both))
     assert lm.n_forward_tokens == before + 2
+    # A known text (prefill) asks for what it needs: no guesses.
+    from genlm_bytes.lm.base import known_text
+    from genlm_bytes.lm.transformer import lookup_draft
+
+    other = ids + mat + ids[1:4]  # its last two tokens occurred before
+    assert lookup_draft(tuple(other), 2)
+    with known_text():
+        await lm.next_token_logprobs(other[:-1])
+        before = lm.n_forward_tokens
+        await lm.next_token_logprobs(other)
+    assert lm.n_forward_tokens == before + 1
+    assert not lm.has_logprobs(other + list(lookup_draft(tuple(other), 1)))
     off = transformer(embedded_lm, hf_model, draft_tokens=0)
     await off.next_token_logprobs(ids[:-1])
     await off.next_token_logprobs(ids)

@@ -31,7 +31,7 @@ import numpy as np
 from genlm_bytes.byte_lm.lm_state import StatefulByteLM, check_prompt
 from genlm_bytes.byte_lm.trie_state import LazyTrieState, shared_space
 from genlm_bytes.dist import LazyByteProbs
-from genlm_bytes.lm.base import AsyncLM, kept_on_model
+from genlm_bytes.lm.base import AsyncLM, kept_on_model, known_text
 from genlm_bytes.symbols import EOS, N_SYMBOLS, check_symbol
 
 logger = logging.getLogger(__name__)
@@ -322,6 +322,10 @@ class ByteBeamState(StatefulByteLM):
         data = check_prompt(data)
         if not data or not self.states:
             return self
+        with known_text():  # the backend needs no guesses of what follows: the text says it
+            return await self._prefill(data, progress)
+
+    async def _prefill(self, data: bytes, progress) -> ByteBeamState:
         lm = self.lm
         canon = None
         states = [s.with_mode(True) for s in self.states]

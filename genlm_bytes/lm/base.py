@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import contextvars
 import functools
 import inspect
 import numbers
@@ -59,6 +61,21 @@ def check_token_ids(token_ids, vocab_size: int, *, allow_empty: bool = False) ->
         if t < 0 or t >= vocab_size:
             raise ValueError(f"token_ids[{i}] = {t} is out of range for a vocabulary of {vocab_size} tokens")
     return ids
+
+
+# False while the caller reads a known text (prefill): a backend then does not guess what follows
+# a context (see AsyncTransformer's draft_tokens): the reader knows it and asks for it in bulk.
+GUESS_AHEAD: contextvars.ContextVar[bool] = contextvars.ContextVar("genlm_bytes_guess_ahead", default=True)
+
+
+@contextlib.contextmanager
+def known_text():
+    """Within the block (and the tasks it starts), LM requests are for a known text: no drafts."""
+    token = GUESS_AHEAD.set(False)
+    try:
+        yield
+    finally:
+        GUESS_AHEAD.reset(token)
 
 
 def kept_on_model(lm, attr: str, source, build):

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from genlm_bytes.lm.base import AsyncLM, check_token_ids
+from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM, check_token_ids
 from genlm_bytes.lm.batching import Batcher
 from genlm_bytes.lm.cache import KVBlock, KVRef, PrefixCache
 
@@ -166,7 +166,7 @@ class AsyncTransformer(AsyncLM):
         if hit is not None:
             return hit
         self._check_length(len(key))
-        return await self.batcher.submit(key, key)
+        return await self.batcher.submit(key, (key, GUESS_AHEAD.get()))
 
     async def peek_next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         key = tuple(check_token_ids(token_ids, self.vocab_size))
@@ -240,10 +240,11 @@ class AsyncTransformer(AsyncLM):
 
     # ---------------------------------------------------------------- compute
     @torch.inference_mode()
-    def _process(self, requests: list[tuple]) -> list[torch.Tensor]:
-        """Run a batch of contexts (worker thread). Returns one (V,) log-prob tensor each."""
+    def _process(self, requests: list[tuple[tuple, bool]]) -> list[torch.Tensor]:
+        """Run a batch of ``(context, may draft)`` requests (worker thread). Returns one (V,)
+        log-prob tensor each."""
         rows = []
-        for ids in requests:
+        for ids, _ in requests:
             hit = self.cache.get_logp(ids, held=True)
             if hit is not None:  # computed by an earlier batch while this one waited
                 rows.append((ids, None, 0, hit))
@@ -253,7 +254,8 @@ class AsyncTransformer(AsyncLM):
             rows.append((ids, ref, past_len, None))
         todo = [(ids, ref, p) for ids, ref, p, hit in rows if hit is None]
         done = {}
-        if len(todo) == 1 and (row := self._drafted(*todo[0])) is not None:
+        drafts = len(requests) == 1 and requests[0][1]  # a lone request, not from a known text
+        if drafts and todo and (row := self._drafted(*todo[0])) is not None:
             done[todo[0][0]] = row
             todo = []
         for group in self._memory_groups(todo):
