@@ -7,8 +7,10 @@ of one beam alone.
 Set-up: the prompt is prefilled (untimed) from a cold cache; then either
 ``--particles`` beams sample ``--steps`` bytes each at temperature 1 with their
 own seeds, concurrently (``asyncio.gather``: the backend batches their LM calls),
-or one beam does the same alone, for ``--solo-runs`` seeds in a row (their
-throughputs pooled). The cache is cleared before each run. Two settings:
+or one beam does the same alone, for the same seeds one after the other (their
+throughputs pooled: both sides sample the same texts, whose token boundaries, and
+so LM calls per byte, vary a lot from seed to seed; ``--solo-runs N`` takes the
+first N seeds only). The cache is cleared before each run. Two settings:
 
 - ``shared prompt`` (the target): every particle starts from the same prompt, as
   SMC particles do; they share the LM work of identical prefixes they sample;
@@ -77,7 +79,7 @@ async def measure(lm, args, distinct: bool) -> dict:
         for which in ((0, 1) if r % 2 == 0 else (1, 0)):
             if which == 0:
                 solo.append(pooled([await run(lm, [base + i], args.steps, distinct)
-                                    for i in range(args.solo_runs)]))
+                                    for i in range(args.solo_runs or args.particles)]))
             else:
                 res = await run(lm, [base + i for i in range(args.particles)], args.steps, distinct)
                 res["bytes_per_second"] = res["bytes"] / res["seconds"]
@@ -110,7 +112,7 @@ async def main(args) -> dict:
         "question": f"4. throughput of {args.particles} concurrent beams vs one beam (target >= 6x)",
         "prompt": PROMPT.decode(),
         "settings": common.environment(args.threads, repeats=args.repeats, steps=args.steps,
-                                       particles=args.particles, solo_runs=args.solo_runs,
+                                       particles=args.particles, solo_runs=args.solo_runs or args.particles,
                                        temperature=1.0),
         "shared_prompt": shared,
         "distinct_prompts": distinct,
@@ -141,7 +143,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--particles", type=int, default=32)
     parser.add_argument("--steps", type=int, default=16, help="bytes each beam samples")
-    parser.add_argument("--solo-runs", type=int, default=2, help="one-beam runs (seeds) pooled per repetition")
+    parser.add_argument("--solo-runs", type=int, default=0,
+                        help="one-beam runs pooled per repetition (seeds base+0, base+1, ...; "
+                             "default: the particles' own seeds, so both sides sample the same texts)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=common.THREADS)
     args = parser.parse_args()

@@ -603,7 +603,7 @@ class AsyncTransformer(AsyncLM):
             self._put_segment(nodes, blk, 0, start, i, prev, layers if e == 0 else None)
             for j, node in enumerate(nodes):
                 self.cache.put_logp(ctx[: i + j + 1], next(logp_rows), node=node)
-        self._end_pass(path_block or alt_block, Q)
+        self._end_pass(path_block or alt_block, tail if path_block is not None else Q)
         logger.debug("tree pass: %d path tokens and %d alternatives on a past of %d", tail, len(items), P)
 
 
