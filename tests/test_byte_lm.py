@@ -448,3 +448,21 @@ async def test_prefill_in_small_speculation_windows_matches_one_window(embedded_
     assert windowed.logZ == pytest.approx(whole.logZ, abs=1e-4)
     np.testing.assert_allclose(np.exp((await windowed.logp_next()).ps), np.exp((await whole.logp_next()).ps),
                                atol=1e-4)
+
+
+@pytest.mark.slow
+async def test_greedy_with_drafts_equals_greedy_without_and_needs_fewer_calls(embedded_lm):
+    """Prompt-lookup drafts change how many passes a generation takes, not what it generates."""
+    from genlm_bytes import AsyncTransformer
+
+    params = BeamParams(K=5, prune_threshold=0.05)
+    prompt = b"The capital of France is Paris. The capital of Italy is Rome. The capital of France is"
+    runs = []
+    for draft in (0, 2):
+        lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0], draft_tokens=draft)
+        beam = await ByteBeamState.initial(lm, params)
+        out = await beam.greedy(prompt, 40)
+        runs.append((out, lm.batcher.n_batches, lm.n_forward_tokens))
+    (plain, calls0, _), (drafted, calls2, _) = runs
+    assert drafted == plain
+    assert calls2 < calls0, f"drafts saved no pass ({calls2} vs {calls0} calls)"
