@@ -928,3 +928,28 @@ async def test_prompt_lookup_drafts_are_exact_and_save_passes(embedded_lm, embed
     for bad in (-1, True, 1.5, "2"):
         with pytest.raises(ValueError, match="draft_tokens"):
             transformer(embedded_lm, draft_tokens=bad)
+
+
+@pytest.mark.slow
+async def test_a_short_token_brings_its_likeliest_longer_sibling(embedded_lm, embedded_hf, hf64):
+    """A lone request ending with a short token (" ") that begins a likelier token after the same
+    prefix (" the") runs that sibling's context in the same pass: exact, and then cached."""
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model, draft_tokens=1)
+    ctx = [0] + tok.encode("The cat sat on")
+    row = await lm.next_token_logprobs(ctx)
+    space = lm.byte_vocab.index(b" ")
+    longer = [t for t in torch.topk(row, 8).indices.tolist()
+              if lm.byte_vocab[t].startswith(b" ") and len(lm.byte_vocab[t]) > 1]
+    assert longer, "the test expects a likely word after 'on'"
+    batches, tokens = lm.batcher.n_batches, lm.n_forward_tokens
+    assert_close_to_uncached(hf_model, ctx + [space], await lm.next_token_logprobs(ctx + [space]))
+    assert lm.batcher.n_batches == batches + 1 and lm.n_forward_tokens == tokens + 2
+    sibling = ctx + [longer[0]]
+    assert lm.has_logprobs(sibling)
+    assert_close_to_uncached(hf_model, sibling, await lm.next_token_logprobs(sibling))
+    assert lm.batcher.n_batches == batches + 1
+    ext = sibling + [11]  # the sibling's keys/values are cached too: one new token
+    assert_close_to_uncached(hf_model, ext, await lm.next_token_logprobs(ext))
+    assert lm.n_forward_tokens == tokens + 3
+    assert_cache_consistent(lm.cache)

@@ -52,9 +52,12 @@ WINDOW_BUDGET = 512 << 20
 PASS_SHARE = 0.2  # of the budget: what one pass's temporary tensors may take (longer passes are split)
 MAX_SEGMENTS = 64  # a past chained from more segments than this is stored whole by the next pass
 LOGP_CHUNK = 64  # output positions whose logits are in memory at once
-DRAFT_TOKENS = 2  # default of AsyncTransformer(draft_tokens=): guessed tokens run with a lone request
+DRAFT_TOKENS = 1  # default of AsyncTransformer(draft_tokens=): guessed tokens run with a lone request
+# (on a CPU a pass of two tokens costs about one, a third token ~25% more: measured 66-75 ms for
+# one token, 72 ms for two, 88-91 ms for three, 110-125 ms for four on the embedded model)
 DRAFT_MAX_NEW = 8  # ... whose context has at most this many uncached tokens
 DRAFT_SEARCH = 2048  # positions searched back for the draft
+SIBLING_TOP = 8  # ... and the likeliest tokens searched for a longer sibling (see _longer_sibling)
 TRIM_AFTER_BYTES = 16 << 20  # hand free heap pages back after evictions freed this much
 TRIM_SLACK_BYTES = 0  # ... or when the resident set exceeds the accounted memory (HEAP_SHARE included) by this much,
 TRIM_TIME_SHARE = 0.1  # spending at most this share of the model passes' time on such trims
@@ -76,8 +79,11 @@ class AsyncTransformer(AsyncLM):
         draft_tokens: a pass run for one context alone (sequential generation) also runs up to
             this many tokens guessed from the context itself (the tokens that followed the
             last earlier occurrence of its last two tokens: "prompt lookup"), and caches the
-            distributions after them. On a CPU a pass of one to three tokens costs about the
-            same, so a right guess saves the next pass and a wrong one costs little. 0: off.
+            distributions after them; and when the context ends with a short token (" ")
+            that begins a likelier token after the same prefix (" the"), the context ending
+            with that token too (a byte-level beam inside " the" asks for both, a few bytes
+            apart; that guess comes first). On a CPU a pass of two tokens costs about the same
+            as one, so a right guess saves a later pass and a wrong one costs little. 0: off.
             Results are exact either way (every distribution is the model's own).
     """
 
@@ -264,18 +270,41 @@ class AsyncTransformer(AsyncLM):
         return [hit if hit is not None else done[ids] for ids, _, _, hit in rows]
 
     def _drafted(self, ids: tuple, ref, p: int) -> torch.Tensor | None:
-        """One context alone, a few new tokens: runs it with the tokens drafted from its own
-        text (see ``draft_tokens``) and returns its row; None when there is no draft."""
+        """One context alone, a few new tokens: runs it with the tokens guessed to be asked for
+        next (see ``draft_tokens``: a longer sibling first, then tokens drafted from its own
+        text) in one pass, and returns its row; None when there is no guess."""
         if not self.draft_tokens or not self.kv_reuse or len(ids) - p > DRAFT_MAX_NEW:
             return None
-        draft = lookup_draft(ids, self.draft_tokens)
+        sibling = self._longer_sibling(ids) if p == len(ids) - 1 else None
+        room = self.draft_tokens - (sibling is not None)
+        draft = lookup_draft(ids, room) if room else ()
         if self.max_positions:
             draft = draft[: max(0, self.max_positions - len(ids))]
-        if not draft:
+        if sibling is not None:  # one row: the context (and its draft) plus the sibling's token
+            self._tree_pass(ids + draft, p, ref, len(ids) - p + len(draft), [(p, (sibling,), ())])
+        elif draft:
+            self._forward([(ids + draft, ref, p)], all_positions=True)
+        else:
             return None
-        self._forward([(ids + draft, ref, p)], all_positions=True)
-        # The drafted rows stay cached for the requests to come; this one is handed out.
+        # The guessed rows stay cached for the requests to come; this one is handed out.
         return self.cache.get_logp(ids, held=True)  # (None if a tiny budget evicted it at once)
+
+    def _longer_sibling(self, ids: tuple) -> int | None:
+        """The likeliest of the SIBLING_TOP tokens ``t`` after ``ids[:-1]`` that spells
+        ``ids[-1]``'s bytes and more (``ids`` ends a short token, say " ", while the beam is
+        likely inside a longer one, " the", whose context it will ask for a few bytes later),
+        if the distribution after ``ids[:-1] + (t,)`` is not cached; else None."""
+        if len(ids) < 2:
+            return None
+        row = self.cache.get_logp(ids[:-1])
+        if row is None:
+            return None
+        vocab, last = self.byte_vocab, self.byte_vocab[ids[-1]]
+        for t in torch.topk(row, min(SIBLING_TOP, row.shape[0])).indices.tolist():
+            spelled = vocab[t]
+            if len(spelled) > len(last) and spelled.startswith(last):
+                return None if self.cache.get_logp(ids[:-1] + (t,)) is not None else t
+        return None
 
     def _run_ahead(self, ids: tuple, ref, p: int) -> tuple[int, object]:
         """A context far longer than its cached past ``p`` (e.g. one whose past was evicted) runs
