@@ -27,7 +27,9 @@ import common
 import torch
 
 TARGET = 0.8
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n"]
+# A question whose answer repeats, code, and plain prose (where greedy text rarely repeats itself,
+# so the backend's drafts help least: the hardest case for the target).
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time"]
 
 
 @torch.inference_mode()
