@@ -149,6 +149,11 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=common.THREADS)
     args = parser.parse_args()
+    for name in ("particles", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.solo_runs < 0:
+        parser.error("--solo-runs must be 0 (the particles' seeds) or more")
     result = asyncio.run(main(args))
     report(result)
     common.write_json("concurrency", result)

@@ -139,6 +139,10 @@ if __name__ == "__main__":
                              "(default: the library's)")
     parser.add_argument("--name", default="generate", help="results/<name>.json")
     args = parser.parse_args()
+    if args.draft_tokens is not None and args.draft_tokens < 0:
+        parser.error("--draft-tokens must be 0 (off) or more")
+    if args.new_tokens < 1 or args.repeats < 1:
+        parser.error("--new-tokens and --repeats must be at least 1")
     result = asyncio.run(main(args))
     report(result)
     common.write_json(args.name, result)

@@ -312,13 +312,20 @@ class AsyncTransformer(AsyncLM):
         returns the past ``(length, ref)`` left for the batched pass."""
         if not self.kv_reuse:
             return p, ref
-        while len(ids) - p > (step := self._pass_tokens(p, len(ids) - p)):
-            self._forward([(ids[:p + step], ref, p)], all_positions=False)
-            path = self.cache.walk(ids[:p + step])
-            if len(path) != p + step or path[-1].kv is None:  # evicted at once: the rest in one pass
+        return self._run_in_chunks(ids, p, ref, len(ids), all_positions=False)
+
+    def _run_in_chunks(self, ids: tuple, P: int, ref, reach: int, all_positions: bool,
+                       most: int | None = None) -> tuple[int, object]:
+        """Run ``ids[P:reach]`` on the past ``ref`` (``ids[:P]``) in passes of at most ``most``
+        new tokens (default: all) that fit PASS_SHARE of the budget, all but the last: returns
+        the deepest cached past ``(length, ref)`` left for the caller's own pass."""
+        while reach - P > (step := self._pass_tokens(P, most or reach - P)):
+            self._forward([(ids[:P + step], ref, P)], all_positions=all_positions)
+            nxt, nref = self.cache.deepest_kv(ids, P + step)
+            if nxt <= P:  # evicted at once (a tiny budget): the rest in one pass
                 break
-            p, ref = p + step, path[-1].kv
-        return p, ref
+            P, ref = nxt, nref
+        return P, ref
 
     def _memory_groups(self, rows):
         """``rows`` split into passes whose temporaries (see :meth:`_pass_bytes`: every row's past
@@ -519,12 +526,7 @@ class AsyncTransformer(AsyncLM):
             reach = n if done < n else max([P] + [i for i, _, _ in items])
             # A long stretch runs in chunks first, each within PASS_SHARE of the budget; the last
             # one joins the tree pass.
-            while reach - P > (step := self._pass_tokens(P, PREFETCH_CHUNK)):
-                self._forward([(ids[:P + step], ref, P)], all_positions=True)
-                nxt, nref = self.cache.deepest_kv(ids, P + step)
-                if nxt <= P:  # evicted at once (a tiny budget): the rest in one pass
-                    break
-                P, ref = nxt, nref
+            P, ref = self._run_in_chunks(ids, P, ref, reach, all_positions=True, most=PREFETCH_CHUNK)
             tail = reach - P
             room = max(16, self._pass_tokens(P, tail + ALT_CHUNK) - tail)
             chunk, used = [], 0
@@ -799,8 +801,8 @@ def _pass_layer_class():
                         V[b, :, : P - p].zero_()
                     at = P - p
                     for blk, r, s, n in segs:
-                        K[b, :, at:at + n] = blk.keys[i][r, :, s:s + n]
-                        V[b, :, at:at + n] = blk.values[i][r, :, s:s + n]
+                        K[b, :, at:at + n] = _piece(blk.keys[i], r, s, n)[0]
+                        V[b, :, at:at + n] = _piece(blk.values[i], r, s, n)[0]
                         at += n
                 K[:, :, P:] = key_states
                 V[:, :, P:] = value_states
