@@ -99,6 +99,8 @@ def assert_cache_consistent(cache: PrefixCache) -> None:
                 ref = node.kv
                 while ref is not None:  # every segment of the chain lies inside its block
                     assert ref.start + ref.length <= ref.block.keys[0].shape[2], "KV ref past its block's end"
+                    assert ref.block.filled is None or ref.start + ref.length <= ref.block.filled, \
+                        "KV ref into an arena's unwritten slots"
                     assert ref.prev is None or ref.prev.depth == ref.depth - ref.length
                     blk, n = blocks.get(id(ref.block), (ref.block, 0))
                     blocks[id(ref.block)] = (blk, n + 1)
@@ -426,11 +428,11 @@ async def test_transformer_forward_that_raises_once_fails_its_callers_only(embed
     real_forward = lm._forward
     calls = []
 
-    def broken_forward(rows, all_positions):
+    def broken_forward(rows, all_positions, **kw):
         calls.append(len(rows))
         if len(calls) == 1:
             raise ModelError("CUDA out of memory (simulated)")
-        return real_forward(rows, all_positions)
+        return real_forward(rows, all_positions, **kw)
 
     lm._forward = broken_forward
     contexts = [ids + [t] for t in (11, 12, 13)] + [[0, 7, 8]]
@@ -705,6 +707,7 @@ async def test_long_chains_are_stored_whole_and_stay_exact(embedded_lm, embedded
     import genlm_bytes.lm.transformer as tr
 
     monkeypatch.setattr(tr, "MAX_SEGMENTS", 3)
+    monkeypatch.setattr(tr, "ARENA_SPARE_MIN", 0)  # lone requests would write one arena instead
     hf_model, tok = hf64, embedded_hf[1]
     lm = transformer(embedded_lm, hf_model)
     ids = [0] + tok.encode(TEXT)
@@ -740,8 +743,9 @@ async def test_passes_split_to_fit_the_budget_stay_exact(embedded_lm, embedded_h
     assert lm._pass_tokens(0, len(ids)) == 16
     passes = []
     forward, tree = lm._forward, lm._tree_pass
-    monkeypatch.setattr(lm, "_forward", lambda rows, all_positions: passes.append("F") or forward(rows, all_positions))
-    monkeypatch.setattr(lm, "_tree_pass", lambda *a: passes.append("T") or tree(*a))
+    monkeypatch.setattr(lm, "_forward", lambda rows, all_positions, **kw: passes.append("F") or forward(
+        rows, all_positions, **kw))
+    monkeypatch.setattr(lm, "_tree_pass", lambda *a, **kw: passes.append("T") or tree(*a, **kw))
     alts = [(k, 1000 + k) for k in range(3, len(ids), 2)]
     await lm.prefetch(ids, alternatives=alts)
     n_alt_passes = -(-len(alts) // 16)
@@ -822,8 +826,8 @@ async def test_a_request_far_past_its_cached_past_runs_in_passes_that_fit(embedd
     monkeypatch.setattr(tr, "PASS_SHARE", 1e-6)  # 16 tokens per pass
     news = []
     forward = lm._forward
-    monkeypatch.setattr(lm, "_forward", lambda rows, all_positions: news.append(
-        [len(i) - p for i, _, p in rows]) or forward(rows, all_positions))
+    monkeypatch.setattr(lm, "_forward", lambda rows, all_positions, **kw: news.append(
+        [len(i) - p for i, _, p in rows]) or forward(rows, all_positions, **kw))
     other = ids[:5] + [77]
     rows = await asyncio.gather(lm.next_token_logprobs(ids), lm.next_token_logprobs(other))
     assert_close_to_uncached(hf_model, ids, rows[0])
@@ -952,4 +956,56 @@ async def test_a_short_token_brings_its_likeliest_longer_sibling(embedded_lm, em
     ext = sibling + [11]  # the sibling's keys/values are cached too: one new token
     assert_close_to_uncached(hf_model, ext, await lm.next_token_logprobs(ext))
     assert lm.n_forward_tokens == tokens + 3
+    assert_cache_consistent(lm.cache)
+
+
+@pytest.mark.slow
+async def test_generation_writes_one_arena_in_place_and_stays_exact(embedded_lm, embedded_hf, hf64, monkeypatch):
+    """Lone requests extending one context token by token write their keys/values in place after
+    the tip of one arena (one segment: no gathering of the past per pass); a full arena moves to
+    a larger one and is freed; a branch off an earlier prefix, or a sibling in a tree pass, gets
+    its own memory and leaves the tip alone. Every distribution equals a plain forward."""
+    import genlm_bytes.lm.transformer as tr
+
+    monkeypatch.setattr(tr, "ARENA_SPARE_MIN", 4)
+    monkeypatch.setattr(tr, "ARENA_SPARE_SHARE", 0.0)
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model, draft_tokens=0)
+    ids = [0] + tok.encode(TEXT)
+    assert_close_to_uncached(hf_model, ids[:3], await lm.next_token_logprobs(ids[:3]))
+    first = lm.cache.walk(ids[:3])[-1].kv.block
+    assert first.filled == 3 and first.keys[0].shape[2] == 3 + 4
+    for n in range(4, 8):
+        assert_close_to_uncached(hf_model, ids[:n], await lm.next_token_logprobs(ids[:n]))
+    assert all(node.kv.nseg == 1 and node.kv.block is first for node in lm.cache.walk(ids[:7])), \
+        "the passes should write into the arena in place"
+    assert first.filled == 7 and lm.n_forward_tokens == 7
+    # Full: the next pass copies the context into a larger arena, which its prefixes move to.
+    assert_close_to_uncached(hf_model, ids[:8], await lm.next_token_logprobs(ids[:8]))
+    second = lm.cache.walk(ids[:8])[-1].kv.block
+    assert second is not first and second.filled == 8 and second.keys[0].shape[2] == 8 + 4
+    assert all(node.kv.block is second for node in lm.cache.walk(ids[:8]))
+    assert first.refs == 0, "the full arena should be freed once no context holds it"
+    # A branch off an earlier prefix: its own arena; the tip of the other is untouched.
+    branch = ids[:5] + [77]
+    assert_close_to_uncached(hf_model, branch, await lm.next_token_logprobs(branch))
+    assert lm.cache.walk(branch)[-1].kv.block is not second and second.filled == 8
+    before = lm.n_forward_tokens
+    for n in (9, 10):
+        assert_close_to_uncached(hf_model, ids[:n], await lm.next_token_logprobs(ids[:n]))
+    assert lm.n_forward_tokens == before + 2 and lm.cache.walk(ids[:10])[-1].kv.block is second
+    assert_cache_consistent(lm.cache)
+    # A tree pass (a lone request and its longer sibling): the path goes into the arena, the
+    # sibling's slot is copied out, and the path's extension is written in place again.
+    lm = transformer(embedded_lm, hf_model, draft_tokens=1)
+    ctx = [0] + tok.encode("The cat sat on")
+    await lm.next_token_logprobs(ctx)
+    arena = lm.cache.walk(ctx)[-1].kv.block
+    space = lm.byte_vocab.index(b" ")
+    assert_close_to_uncached(hf_model, ctx + [space], await lm.next_token_logprobs(ctx + [space]))
+    sib = [node for node in lm.cache.walk(ctx)[-1].children.values() if node.token != space]
+    assert sib and all(node.kv.block is not arena and node.kv.prev.block is arena for node in sib)
+    assert arena.filled == len(ctx) + 1 and lm.cache.walk(ctx + [space])[-1].kv.block is arena
+    assert_close_to_uncached(hf_model, ctx + [space, 11], await lm.next_token_logprobs(ctx + [space, 11]))
+    assert arena.filled == len(ctx) + 2
     assert_cache_consistent(lm.cache)

@@ -440,7 +440,7 @@ async def test_prefill_in_small_speculation_windows_matches_one_window(embedded_
     assert speculation_window(MockLM([b"<eos>", b"a"], seed=0)) == WINDOW
     passes = []
     inner = small._tree_pass
-    small._tree_pass = lambda *a: (passes.append(a[3]), inner(*a))[1]
+    small._tree_pass = lambda *a, **kw: (passes.append(a[3]), inner(*a, **kw))[1]
     windowed = await (await ByteBeamState.initial(small, params)).prefill(text)
     whole = await (await ByteBeamState.initial(embedded_lm, params)).prefill(text)
     assert len(embedded_lm.encode_bytes(text)) > 3 * 16 and len(passes) >= 3

@@ -174,11 +174,11 @@ def test_transformer_failing_batch_among_others(embedded_lm, embedded_hf, caplog
     lm = transformer(embedded_lm, batch_size=2)
     real_forward, calls = lm._forward, []
 
-    def forward(rows, all_positions):
+    def forward(rows, all_positions, **kw):
         calls.append([r[0] for r in rows])
         if len(calls) == 2:
             raise ModelError("simulated failure of the second pass")
-        return real_forward(rows, all_positions)
+        return real_forward(rows, all_positions, **kw)
 
     lm._forward = forward
     contexts = [[0, 504, t] for t in (11, 12, 13, 14, 15, 16)]
@@ -262,10 +262,10 @@ async def test_transformer_cancellation_leaves_complete_cache_entries(embedded_l
     gate, entered = threading.Event(), threading.Event()
     real_forward = lm._forward
 
-    def gated_forward(rows, all_positions):
+    def gated_forward(rows, all_positions, **kw):
         entered.set()
         gate.wait(30)
-        return real_forward(rows, all_positions)
+        return real_forward(rows, all_positions, **kw)
 
     lm._forward = gated_forward
     contexts = [ids[:4], ids[:6] + [13], ids, [0, 99]]

@@ -35,15 +35,29 @@ import torch
 
 
 class KVBlock:
-    """Keys and values a forward pass computed: per layer ``(B, kv_heads, T, head_dim)``."""
+    """Keys and values a forward pass computed: per layer ``(B, kv_heads, T, head_dim)``.
 
-    __slots__ = ("__weakref__", "keys", "nbytes", "refs", "values")
+    An *arena* (``filled`` not None) is a one-row block holding a whole context in slots
+    ``[0, filled)`` with room after them: a pass extending exactly that context (its *tip*)
+    writes its new keys/values in place, so a sequence generated token by token stays in one
+    segment (no gathering of a chain of segments on every pass). Slots below ``filled`` never
+    change; those at and after it belong to no cached context.
+    """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+    __slots__ = ("__weakref__", "filled", "keys", "nbytes", "refs", "values")
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], filled: int | None = None):
         self.keys = keys
         self.values = values
         self.nbytes = sum(k.numel() * k.element_size() for k in keys) * 2
         self.refs = 0  # cached refs whose chain holds this block (charged to the budget while > 0)
+        self.filled = filled
+
+    def tip_room(self, ref: KVRef, n: int) -> bool:
+        """Whether ``ref`` (a past held in this block) is this arena's whole written context
+        and ``n`` more slots fit after it."""
+        return (self.filled is not None and ref.prev is None and ref.start == 0
+                and ref.length == self.filled and self.filled + n <= self.keys[0].shape[2])
 
 
 class KVRef:

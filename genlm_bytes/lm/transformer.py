@@ -58,6 +58,13 @@ DRAFT_TOKENS = 1  # default of AsyncTransformer(draft_tokens=): guessed tokens r
 DRAFT_MAX_NEW = 8  # ... whose context has at most this many uncached tokens
 DRAFT_SEARCH = 2048  # positions searched back for the draft
 SIBLING_TOP = 8  # ... and the likeliest tokens searched for a longer sibling (see _longer_sibling)
+# Arenas (see KVBlock): a lone request's pass (sequential generation) stores its whole context in
+# one block with room for ARENA_SPARE_MIN slots or ARENA_SPARE_SHARE of the context more (whichever
+# is more), if that block takes at most ARENA_BUDGET_SHARE of the budget; the passes extending it
+# write into it in place. 0 slots: off.
+ARENA_SPARE_MIN = 64
+ARENA_SPARE_SHARE = 0.25
+ARENA_BUDGET_SHARE = 0.25
 TRIM_AFTER_BYTES = 16 << 20  # hand free heap pages back after evictions freed this much
 TRIM_SLACK_BYTES = 0  # ... or when the resident set exceeds the accounted memory (HEAP_SHARE included) by this much,
 TRIM_TIME_SHARE = 0.1  # spending at most this share of the model passes' time on such trims
@@ -260,12 +267,12 @@ class AsyncTransformer(AsyncLM):
             rows.append((ids, ref, past_len, None))
         todo = [(ids, ref, p) for ids, ref, p, hit in rows if hit is None]
         done = {}
-        drafts = len(requests) == 1 and requests[0][1]  # a lone request, not from a known text
-        if drafts and todo and (row := self._drafted(*todo[0])) is not None:
+        lone = len(requests) == 1 and requests[0][1]  # a lone request, not from a known text
+        if lone and todo and (row := self._drafted(*todo[0])) is not None:
             done[todo[0][0]] = row
             todo = []
         for group in self._memory_groups(todo):
-            for (ids, _, _), logp in zip(group, self._forward(group, all_positions=False)):
+            for (ids, _, _), logp in zip(group, self._forward(group, all_positions=False, grow=lone)):
                 done[ids] = logp
         return [hit if hit is not None else done[ids] for ids, _, _, hit in rows]
 
@@ -280,12 +287,12 @@ class AsyncTransformer(AsyncLM):
         draft = lookup_draft(ids, room) if room else ()
         if self.max_positions:
             draft = draft[: max(0, self.max_positions - len(ids))]
-        if sibling is not None:  # one row: the context (and its draft) plus the sibling's token
-            self._tree_pass(ids + draft, p, ref, len(ids) - p + len(draft), [(p, (sibling,), ())])
-        elif draft:
-            self._forward([(ids + draft, ref, p)], all_positions=True)
-        else:
+        # One row, one tree pass: the context, then the sibling's token in place of its last one,
+        # and the draft after it (branches: the context's own keys/values stay one path).
+        items = ([(p, (sibling,), ())] if sibling is not None else []) + ([(len(ids), draft, ())] if draft else [])
+        if not items:
             return None
+        self._tree_pass(ids, p, ref, len(ids) - p, items, grow=True)
         # The guessed rows stay cached for the requests to come; this one is handed out.
         return self.cache.get_logp(ids, held=True)  # (None if a tiny budget evicted it at once)
 
@@ -346,12 +353,49 @@ class AsyncTransformer(AsyncLM):
         groups.append(cur)
         return groups
 
-    def _forward(self, rows, all_positions: bool):
+    def _arena_for(self, ref, p: int, n: int, grow: bool):
+        """Where a one-row pass of ``n`` tokens on the past ``ref`` (``p`` tokens) puts its keys
+        and values: ``(arena, 0)`` to write them in place after the arena's tip that ``ref`` is;
+        ``(None, capacity)`` for a new arena (``grow``: a lone request's pass, when the arena
+        fits ARENA_BUDGET_SHARE of the budget); None for a block of its own."""
+        if not self.kv_reuse:
+            return None
+        if ref is not None and ref.block.tip_room(ref, n):
+            return ref.block, 0
+        if not grow or ARENA_SPARE_MIN <= 0:
+            return None
+        cap = p + n + max(ARENA_SPARE_MIN, int((p + n) * ARENA_SPARE_SHARE))
+        if self.max_positions:
+            cap = min(cap, max(self.max_positions, p + n))
+        if self._kv_per_token and cap * self._kv_per_token > ARENA_BUDGET_SHARE * self.cache.budget_bytes:
+            return None
+        return None, cap
+
+    def _arena_block(self, layers, arena, filled: int) -> KVBlock:
+        """The arena a pass wrote into (made from its layers' buffers if new), its tip moved to
+        ``filled``."""
+        block = arena[0]
+        if block is None:
+            block = KVBlock([lay.arena_kv[0] for lay in layers], [lay.arena_kv[1] for lay in layers])
+            for lay in layers:
+                lay.arena_kv = None
+        block.filled = filled
+        return block
+
+    def _into_arena(self, nodes, block: KVBlock, new: bool) -> None:
+        """Point ``nodes`` (a context's, from depth 1) at ``block``'s slots. A new arena also
+        takes over the prefix the pass ran on (which it holds a copy of), so the segments or
+        the arena that prefix came from are freed unless other contexts still hold them."""
+        put = self.cache.repoint_kv if new else self.cache.put_kv
+        put(nodes, lambda node: KVRef(block, 0, 0, node.depth))
+
+    def _forward(self, rows, all_positions: bool, grow: bool = False):
         """One ragged forward. ``rows``: (ids, past ref or None, past length).
 
         Returns per row the (V,) log-probs after the whole context (nothing with
         ``all_positions``: then the log-probs after each new token are only cached).
-        Caches log-probs and KV of every new prefix.
+        Caches log-probs and KV of every new prefix. One row extending an arena's tip
+        writes into it; ``grow``: one row starts a new arena (see :meth:`_arena_for`).
         """
         B = len(rows)
         P = max(p for _, _, p in rows)  # common past length (left-padded)
@@ -364,9 +408,10 @@ class AsyncTransformer(AsyncLM):
             input_ids[b, : ks[b]] = torch.tensor(ids[p:])
             attn[b, P - p: P + ks[b]] = 1
             pos[b] = p + torch.arange(Kn)
-        keep = [(b, P - p, P + ks[b]) for b, (_, ref, p) in enumerate(rows) if _chain_full(ref)]
-        self._reserve_pass(B, P + Kn, Kn, sum(ks) if all_positions else B, keep)
-        cache = self._make_cache(rows, P, keep)
+        arena = self._arena_for(rows[0][1], P, Kn, grow) if B == 1 else None
+        keep = [] if arena else [(b, P - p, P + ks[b]) for b, (_, ref, p) in enumerate(rows) if _chain_full(ref)]
+        self._reserve_pass(B, P + Kn, Kn, sum(ks) if all_positions else B, keep, arena)
+        cache = self._make_cache(rows, P, keep, arena)
         dev = self.device
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         with _grouped_attention(self.model):
@@ -383,15 +428,19 @@ class AsyncTransformer(AsyncLM):
             sel = [hidden[b, ks[b] - 1: ks[b]] for b in range(B)]  # each (1, H)
         logp_rows = self._logprob_rows(torch.cat(sel))
         # Cache: every new prefix points into this pass's KV; log-probs where computed.
-        block = None
-        if self.kv_reuse:
+        block = arena_block = None
+        if arena:
+            arena_block = self._arena_block(cache.layers, arena, P + Kn)
+        elif self.kv_reuse:
             layers = cache.layers
             block = KVBlock([lay.new_keys for lay in layers], [lay.new_values for lay in layers])
         results = []
         for b, (ids, ref, p) in enumerate(rows):
             path = self.cache.walk(ids, create=True)
             new_nodes = path[p:]
-            if block is not None:
+            if arena_block is not None:
+                self._into_arena(path if arena[0] is None else new_nodes, arena_block, arena[0] is None)
+            elif block is not None:
                 self._put_segment(new_nodes, block, b, 0, p, ref if p else None, layers)
             if all_positions:
                 for j, node in enumerate(new_nodes):
@@ -414,19 +463,20 @@ class AsyncTransformer(AsyncLM):
         else:
             self.cache.put_kv(nodes, lambda node: KVRef(block, row, start, node.depth - base, prev))
 
-    def _make_cache(self, rows, P: int, keep=()):
+    def _make_cache(self, rows, P: int, keep=(), arena=None):
         """A DynamicCache of :class:`_PassLayer` s for a pass on the pasts of ``rows`` (left-padded
         to ``P``). Each layer gathers its pasts and the new tokens into one buffer when the pass
         reaches it, and lets it go after: one layer's pasts are copied at a time, not every
         layer's. ``keep``: ``(row, lo, hi)``, slots of a row whose context is kept whole (a chain
-        of MAX_SEGMENTS segments is stored as one block by the pass, see :meth:`_put_segment`)."""
+        of MAX_SEGMENTS segments is stored as one block by the pass, see :meth:`_put_segment`).
+        ``arena``: one row's pass writes into an arena (see :meth:`_arena_for`)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
         if not self.kv_reuse:
             return cache
         pasts = [(ref.segments(p) if p else [], p) for _, ref, p in rows]  # (block, row, start, n) pieces
-        cache.layers = [_PassLayer(i, pasts, P, keep) for i in range(len(cache.layers))]
+        cache.layers = [_PassLayer(i, pasts, P, keep, arena) for i in range(len(cache.layers))]
         return cache
 
     def _pass_bytes(self, rows: int, kv_len: int, n_new: int, n_out: int, whole: int = 0) -> int:
@@ -449,10 +499,10 @@ class AsyncTransformer(AsyncLM):
             n = max(16, n * 3 // 4)
         return n
 
-    def _reserve_pass(self, rows: int, kv_len: int, n_new: int, n_out: int, keep=()) -> None:
+    def _reserve_pass(self, rows: int, kv_len: int, n_new: int, n_out: int, keep=(), arena=None) -> None:
         """Make room in the budget for a pass's temporary tensors (see _pass_bytes; ``keep``: the
-        slots kept whole, see _make_cache)."""
-        whole = sum(hi - lo for _, lo, hi in keep)
+        slots kept whole, see _make_cache; ``arena``: a new arena's capacity, see _arena_for)."""
+        whole = sum(hi - lo for _, lo, hi in keep) + (arena[1] if arena and arena[0] is None else 0)
         self.cache.reserve(self._base_reserve + self._pass_bytes(rows, kv_len, n_new, n_out, whole))
         self._maybe_trim()  # what the reservation evicted leaves the resident set before the pass
         self._pass_t0 = time.perf_counter()
@@ -541,12 +591,14 @@ class AsyncTransformer(AsyncLM):
         logger.debug("prefetched %d tokens", n)
 
     @torch.inference_mode()
-    def _tree_pass(self, ids: tuple, P: int, ref, tail: int, items: list[tuple[int, tuple, tuple]]) -> None:
+    def _tree_pass(self, ids: tuple, P: int, ref, tail: int, items: list[tuple[int, tuple, tuple]],
+                   grow: bool = False) -> None:
         """One tree-masked pass on the cached past ``ids[:P]``: the path tokens ``ids[P:P + tail]``
         and, for each item ``(i, chain, subs)``, the chain at positions ``i, i + 1, ...``
         attending to ``ids[:i]`` (past or path tokens of this pass) and to itself, and each
         sub-branch ``(k, t)`` attending to ``ids[:i] + chain[:k]`` and itself. Caches
-        log-probs and KV of every new prefix."""
+        log-probs and KV of every new prefix. The path goes into an arena as in :meth:`_forward`
+        (the alternatives' slots after it are copied out)."""
         n_path = P + tail
         # Slots: (position of the first token, tokens, first slot, parent slot entry or -1, k)
         slots = [(P, ids[P:n_path], 0, -1, 0)]
@@ -590,9 +642,10 @@ class AsyncTransformer(AsyncLM):
         dtype = next(self.model.parameters()).dtype
         allowed = torch.cat([past_ok, new_ok], dim=1)
         mask = torch.zeros((1, 1, Q, P + Q), dtype=dtype).masked_fill_(~allowed[None, None], float("-inf"))
-        keep = [(0, 0, n_path)] if _chain_full(ref) else []
-        self._reserve_pass(1, P + Q, Q, Q, keep)
-        cache = self._make_cache([(ids[:P], ref, P)], P, keep)
+        arena = self._arena_for(ref, P, Q, grow)
+        keep = [(0, 0, n_path)] if _chain_full(ref) and not arena else []
+        self._reserve_pass(1, P + Q, Q, Q, keep, arena)
+        cache = self._make_cache([(ids[:P], ref, P)], P, keep, arena)
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         dev = self.device
         with _grouped_attention(self.model):
@@ -602,10 +655,19 @@ class AsyncTransformer(AsyncLM):
         logp_rows = self._logprob_rows(out.last_hidden_state[0])  # Q rows, in slot order
         del out
         layers = cache.layers
-        path_block, alt_block = _split_block(layers, tail)
+        path_block, alt_block = _split_block(layers, tail, bool(arena))
+        if arena:
+            path_block = self._arena_block(layers, arena, n_path)
 
         def at(s: int) -> tuple[KVBlock, int]:  # where slot ``s`` of the pass is stored
             return (path_block, s) if s < tail else (alt_block, s - tail)
+
+        def path_ref(depth: int) -> KVRef | None:  # the past of ids[:depth], depth <= n_path
+            if arena:  # (a new arena holds a copy of the past too)
+                return KVRef(path_block, 0, 0, depth) if depth else None
+            if depth <= P:
+                return ref.prefix(depth) if ref is not None else None
+            return KVRef(path_block, 0, 0, depth - P, ref)
 
         prevs, ctxs = [], []
         for e, (i, chain, s, parent, k) in enumerate(slots):
@@ -618,23 +680,25 @@ class AsyncTransformer(AsyncLM):
                     prev = KVRef(blk, 0, start, k, prev)
             else:
                 ctx = ids[:i] + chain
-                if e == 0:
-                    prev = ref
-                elif i <= P:
-                    prev = ref.prefix(i) if ref is not None else None
-                else:
-                    prev = KVRef(path_block, 0, 0, i - P, ref)
+                prev = ref if e == 0 else path_ref(i)
             prevs.append(prev)
             ctxs.append(ctx)
-            if not chain:
+            if not chain and not (e == 0 and arena and arena[0] is None):
                 continue
-            nodes = self.cache.walk(ctx, create=True)[i:]
-            # Only the path's slots hold a whole past in the buffer (an item's ancestors are spread).
-            blk, start = at(s)
-            self._put_segment(nodes, blk, 0, start, i, prev, layers if e == 0 else None)
+            nodes = self.cache.walk(ctx, create=True)
+            if e == 0 and arena:
+                self._into_arena(nodes if arena[0] is None else nodes[i:], path_block, arena[0] is None)
+            else:
+                # Only the path's slots hold a whole past in the buffer (an item's ancestors are spread).
+                blk, start = at(s)
+                self._put_segment(nodes[i:], blk, 0, start, i, prev, layers if e == 0 else None)
+            nodes = nodes[i:]
             for j, node in enumerate(nodes):
                 self.cache.put_logp(ctx[: i + j + 1], next(logp_rows), node=node)
-        self._end_pass(path_block or alt_block, tail if path_block is not None else Q)
+        if arena:
+            self._end_pass(alt_block, Q - tail)
+        else:
+            self._end_pass(path_block or alt_block, tail if path_block is not None else Q)
         logger.debug("tree pass: %d path tokens and %d alternatives on a past of %d", tail, len(items), P)
 
 
@@ -658,12 +722,18 @@ def lookup_draft(ids: tuple, k: int, window: int = DRAFT_SEARCH) -> tuple:
     return ids[best + 1: best + 1 + k] if best >= 0 else ()
 
 
-def _split_block(layers, tail: int) -> tuple[KVBlock | None, KVBlock | None]:
+def _split_block(layers, tail: int, arena: bool = False) -> tuple[KVBlock | None, KVBlock | None]:
     """The new keys/values of a tree pass as two blocks: the path's slots ``[0, tail)`` and the
     alternatives' (each a copy when both exist, else the pass's own tensors). The cache frees a
     block when no cached chain holds it: the path (which the beam follows) outlives most
-    alternatives, which must not keep their memory with it, nor the reverse."""
+    alternatives, which must not keep their memory with it, nor the reverse. ``arena``: the pass
+    wrote into an arena, which keeps the path (None here); the alternatives are copied out."""
     n = layers[0].new_keys.shape[-2]
+    if arena:
+        if tail == n:
+            return None, None
+        return None, KVBlock([lay.new_keys[:, :, tail:].clone() for lay in layers],
+                             [lay.new_values[:, :, tail:].clone() for lay in layers])
     if tail == n or tail == 0:
         block = KVBlock([lay.new_keys for lay in layers], [lay.new_values for lay in layers])
         return (block, None) if tail else (None, block)
@@ -768,12 +838,15 @@ def _pass_layer_class():
         (see :meth:`KVRef.segments`), left-padded to ``past``. ``update`` builds the layer's whole keys/values (pasts + new tokens)
         in one buffer, which the attention uses and then drops; ``new_keys``/``new_values``
         keep the new tokens alone (what the prefix cache stores) and ``kept[row]`` the slots
-        ``[lo, hi)`` of the rows named in ``keep``."""
+        ``[lo, hi)`` of the rows named in ``keep``. ``arena``: ``(block, 0)`` writes the one
+        row's new tokens into that arena after its tip, ``(None, capacity)`` into a new arena
+        buffer (``arena_kv``) after a copy of the past (see AsyncTransformer._arena_for)."""
 
-        def __init__(self, index: int, pasts, past: int, keep=()):
+        def __init__(self, index: int, pasts, past: int, keep=(), arena=None):
             super().__init__()
-            self.index, self.pasts, self.past, self.keep = index, pasts, past, keep
+            self.index, self.pasts, self.past, self.keep, self.arena = index, pasts, past, keep, arena
             self.new_keys = self.new_values = None
+            self.arena_kv = None
             self.kept = {}
 
         def get_seq_length(self) -> int:
@@ -784,6 +857,8 @@ def _pass_layer_class():
                 self.lazy_initialization(key_states, value_states)
             self.new_keys, self.new_values = key_states, value_states
             P, i = self.past, self.index
+            if self.arena is not None:
+                return self._into_arena(key_states, value_states)
             if P == 0:
                 K, V = key_states, value_states
             elif len(self.pasts) == 1:  # one row, no padding: one concatenation
@@ -810,6 +885,25 @@ def _pass_layer_class():
                 self.kept[row] = (K[row:row + 1, :, lo:hi].clone(), V[row:row + 1, :, lo:hi].clone())
             return K, V
 
+        def _into_arena(self, key_states, value_states):
+            P, i, n = self.past, self.index, key_states.shape[2]
+            block, cap = self.arena
+            if block is None:
+                K = key_states.new_empty((1, key_states.shape[1], cap, key_states.shape[3]))
+                V = value_states.new_empty(K.shape)
+                at = 0
+                for blk, r, s, m in (self.pasts[0][0] if P else ()):
+                    K[:, :, at:at + m] = _piece(blk.keys[i], r, s, m)
+                    V[:, :, at:at + m] = _piece(blk.values[i], r, s, m)
+                    at += m
+                self.arena_kv = (K, V)
+            else:
+                K, V = block.keys[i], block.values[i]
+            K[:, :, P:P + n] = key_states
+            V[:, :, P:P + n] = value_states
+            self.new_keys, self.new_values = K.narrow(2, P, n), V.narrow(2, P, n)
+            return K.narrow(2, 0, P + n), V.narrow(2, 0, P + n)
+
     return PassLayer
 
 
@@ -820,8 +914,8 @@ def _piece(t: torch.Tensor, row: int, start: int, n: int) -> torch.Tensor:
     return t if start == 0 and n == t.shape[2] else t.narrow(2, start, n)
 
 
-def _PassLayer(index: int, pasts, past: int, keep=()):  # a class made on first use (transformers imports late)
-    return _pass_layer_class()(index, pasts, past, keep)
+def _PassLayer(index: int, pasts, past: int, keep=(), arena=None):  # a class made on first use
+    return _pass_layer_class()(index, pasts, past, keep, arena)  # (transformers imports late)
 
 
 GROUPED_SDPA = "genlm_grouped_sdpa"
