@@ -9,7 +9,8 @@ For each prompt, transformers generates ``--new-tokens`` tokens after
 the bytes those tokens spell set the budget. Our beam (K=5,
 prune_threshold=0.05) then generates that many bytes greedily from the same
 prompt; its time includes the prompt's prefill, as ``generate``'s includes
-the prompt's forward pass. Both from a cold cache, alternating, after a warm-up.
+the prompt's forward pass, and ends when the model's thread is free (a
+look-ahead pass still running is stopped). Both from a cold cache, alternating, after a warm-up.
 The two greedy texts are printed: they may differ, since the most likely byte
 sequence need not follow the most likely token at each step.
 
@@ -54,6 +55,10 @@ async def beam_greedy(lm, prompt: bytes, n_bytes: int) -> dict:
     t0 = time.perf_counter()
     beam = await ByteBeamState.initial(lm, common.beam_params())
     out = await beam.greedy(prompt, n_bytes)
+    # A look-ahead pass may still run (the guess of what comes after the last byte): stop it, and
+    # count the time until the model's thread is free, so it cannot slow the next measurement.
+    lm.stop_lookahead()
+    await asyncio.get_running_loop().run_in_executor(lm.batcher._executor, lambda: None)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "text": out[len(prompt):], "forward_tokens": lm.n_forward_tokens - tok0,
             "batches": lm.batcher.n_batches - bat0}

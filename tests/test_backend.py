@@ -61,9 +61,11 @@ def assert_close_to_uncached(hf_model, ids, logp: torch.Tensor, tol: float = TOL
 
 def transformer(embedded_lm, hf_model=None, **kwargs):
     """A fresh AsyncTransformer on the embedded model's weights, or on ``hf_model`` (a copy of them),
-    with its own cache, batcher and counters."""
+    with its own cache, batcher and counters; without look-ahead passes unless asked (they run in
+    the background, and the tests here count the passes and tokens their requests cause)."""
     from genlm_bytes.lm.transformer import AsyncTransformer
 
+    kwargs.setdefault("lookahead", False)
     return AsyncTransformer(embedded_lm.model if hf_model is None else hf_model, embedded_lm.tokenizer,
                             byte_vocab=embedded_lm.byte_vocab, initial_context=embedded_lm.initial_context,
                             eos_token_ids=embedded_lm.eos_token_ids, **kwargs)
@@ -1009,3 +1011,72 @@ async def test_generation_writes_one_arena_in_place_and_stays_exact(embedded_lm,
     assert_close_to_uncached(hf_model, ctx + [space, 11], await lm.next_token_logprobs(ctx + [space, 11]))
     assert arena.filled == len(ctx) + 2
     assert_cache_consistent(lm.cache)
+
+
+@pytest.mark.slow
+async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded_lm, embedded_hf, hf64):
+    """After serving a lone request, the model's thread runs that context extended by its
+    likeliest token (and by the likely shorter tokens spelling that token's start, which a
+    byte-level beam asks for first) before anyone asks: those requests are then served from the
+    cache, exact. A request for another context stops such a pass at its next layer."""
+    import threading
+
+    import genlm_bytes.lm.transformer as tr
+
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model, lookahead=True)
+    loop = asyncio.get_running_loop()
+
+    async def idle():  # the model's thread has finished what it queued
+        await loop.run_in_executor(lm.batcher._executor, lambda: None)
+
+    ctx = [0] + tok.encode("Once upon a time, there was")
+    row = await lm.next_token_logprobs(ctx)
+    await idle()
+    a = int(row.argmax())
+    spelled = lm.byte_vocab[a]
+    shorter = [t for t, b in enumerate(lm.byte_vocab) if b and len(b) < len(spelled) and spelled.startswith(b)
+               and row[t] >= math.log(tr.AHEAD_SHORTER_P)][:tr.AHEAD_SHORTER]
+    batches = lm.batcher.n_batches
+    for t in shorter + [a]:
+        assert lm.has_logprobs(ctx + [t])
+    for t in shorter:
+        assert_close_to_uncached(hf_model, ctx + [t], await lm.next_token_logprobs(ctx + [t]))
+    # Asking for the guess starts the next guess; a request for another context stops it.
+    gate, entered = threading.Event(), threading.Event()
+    body = lm.model.get_decoder()
+
+    def hold(module, args):
+        if lm._abort is not None and lm._abort[1] == threading.get_ident():  # a look-ahead pass
+            entered.set()
+            gate.wait(30)
+
+    handle = body.layers[0].register_forward_pre_hook(hold)
+    try:
+        guessed = await lm.next_token_logprobs(ctx + [a])
+        assert lm.batcher.n_batches == batches, "the guessed contexts should come from the cache"
+        nxt = ctx + [a, int(guessed.argmax())]
+        assert await loop.run_in_executor(None, entered.wait, 30), "no look-ahead pass started"
+        other = ctx + [a, 11]
+        task = asyncio.ensure_future(lm.next_token_logprobs(other))
+        await asyncio.sleep(0.05)
+        assert lm._ahead.abort.is_set()
+        # The model runs elsewhere meanwhile (here, in this thread): the stop concerns the
+        # look-ahead pass's thread only.
+        assert_close_to_uncached(hf_model, ctx + [a], guessed)
+        gate.set()
+        assert_close_to_uncached(hf_model, other, await asyncio.wait_for(task, 60))
+    finally:
+        handle.remove()
+    await idle()
+    assert not lm.has_logprobs(nxt), "the stopped pass should have cached nothing"
+    assert lm._abort is None and lm.cache.reserved == lm._base_reserve
+    assert_cache_consistent(lm.cache)
+    assert_close_to_uncached(hf_model, nxt, await lm.next_token_logprobs(nxt))
+    off = transformer(embedded_lm, hf_model)
+    await off.next_token_logprobs(ctx)
+    await loop.run_in_executor(off.batcher._executor, lambda: None)
+    assert not off.has_logprobs(ctx + [a]), "lookahead=False: no guesses"
+    for bad in (1, None, "yes"):
+        with pytest.raises(TypeError, match="lookahead"):
+            transformer(embedded_lm, lookahead=bad)

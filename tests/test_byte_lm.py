@@ -348,24 +348,51 @@ async def test_never_loses_the_canonical_path(embedded_lm, name):
 
 
 @pytest.mark.slow
-async def test_text_hint_saves_the_initial_pass_and_changes_nothing(embedded_lm):
+async def test_the_initial_distribution_runs_with_the_first_text_and_changes_nothing(embedded_lm):
+    """The distribution after the initial context is computed in the first pass of the text a
+    beam prefills first (given as ``text_hint`` or not): one pass fewer than computing it alone
+    first, the same numbers. A beam used first without a prefill computes it then."""
     from genlm_bytes import AsyncTransformer
+    from genlm_bytes.byte_lm.beam import eos_token_ids
+    from genlm_bytes.byte_lm.trie_state import LazyTrieState, shared_space
+
+    def space_of(lm):
+        return shared_space(lm, eos_token_ids(lm, params.eos_tokens))
 
     text = b"An apple a day keeps the doctor away."
     params = BeamParams(K=5, prune_threshold=0.05)
-    results = []
-    for hint in (None, text):
-        lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0])
+    results = {}
+    for how in ("eager", "lazy", "hint"):
+        lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0], draft_tokens=0,
+                              lookahead=False)
         passes = []
         for name in ("_forward", "_tree_pass"):
             inner = getattr(lm, name)
             setattr(lm, name, lambda *a, _inner=inner, _passes=passes, **k: (_passes.append(1), _inner(*a, **k))[1])
-        beam = await ByteBeamState.initial(lm, params, text_hint=hint)
+        if how == "eager":
+            beam = ByteBeamState([await LazyTrieState.initial(lm, space_of(lm))], params)
+        else:
+            beam = await ByteBeamState.initial(lm, params, text_hint=text if how == "hint" else None)
+        if how == "lazy":
+            assert not passes and beam.states[0].is_pending and beam.logZ == 0.0
         beam = await beam.prefill(text)
-        results.append((beam.logZ, len(passes), lm.n_forward_tokens))
-    (z0, p0, t0), (z1, p1, t1) = results
-    assert z1 == pytest.approx(z0, abs=1e-4)
-    assert p1 == p0 - 1 and t1 == t0, "the initial context runs in the first pass of the text"
+        results[how] = (beam.logZ, len(passes), lm.n_forward_tokens, (await beam.logp_next()).ps)
+    z0, p0, t0, n0 = results["eager"]
+    for how in ("lazy", "hint"):
+        z, p, t, n = results[how]
+        assert z == pytest.approx(z0, abs=1e-4)
+        np.testing.assert_allclose(n, n0, atol=1e-4)
+        assert p == p0 - 1 and t == t0, f"{how}: the initial context should run in the first pass of the text"
+    # First use without a prefill: a step, or the next-byte distribution.
+    lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0])
+    eager = ByteBeamState([await LazyTrieState.initial(lm, space_of(lm))], params)
+    lazy = await ByteBeamState.initial(lm, params)
+    np.testing.assert_allclose((await lazy.logp_next()).ps, (await eager.logp_next()).ps, atol=1e-6)
+    assert not lazy.states[0].is_pending and lazy.logZ == pytest.approx(eager.logZ, abs=1e-6)
+    lazy2 = await ByteBeamState.initial(lm, params)
+    assert (await (lazy2 << ord("A"))).logZ == pytest.approx((await (eager << ord("A"))).logZ, abs=1e-6)
+    with pytest.raises(ValueError):
+        await ByteBeamState.initial(lm, params, initial_context=[10 ** 9])
     with pytest.raises(TypeError):
         await ByteBeamState.initial(embedded_lm, params, text_hint=12)
 
@@ -452,17 +479,21 @@ async def test_prefill_in_small_speculation_windows_matches_one_window(embedded_
 
 @pytest.mark.slow
 async def test_greedy_with_drafts_equals_greedy_without_and_needs_fewer_calls(embedded_lm):
-    """Prompt-lookup drafts change how many passes a generation takes, not what it generates."""
+    """Prompt-lookup drafts and look-ahead passes change how many passes a generation takes,
+    not what it generates."""
     from genlm_bytes import AsyncTransformer
 
     params = BeamParams(K=5, prune_threshold=0.05)
     prompt = b"The capital of France is Paris. The capital of Italy is Rome. The capital of France is"
     runs = []
-    for draft in (0, 2):
-        lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0], draft_tokens=draft)
+    for draft, ahead in ((0, False), (2, False), (1, True)):
+        lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0], draft_tokens=draft,
+                              lookahead=ahead)
         beam = await ByteBeamState.initial(lm, params)
         out = await beam.greedy(prompt, 40)
         runs.append((out, lm.batcher.n_batches, lm.n_forward_tokens))
-    (plain, calls0, _), (drafted, calls2, _) = runs
-    assert drafted == plain
+        lm.stop_lookahead()
+    (plain, calls0, _), (drafted, calls2, _), (ahead_out, calls_ahead, _) = runs
+    assert drafted == plain and ahead_out == plain
+    assert calls_ahead < calls0, "look-ahead passes should serve some requests before they are made"
     assert calls2 < calls0, f"drafts saved no pass ({calls2} vs {calls0} calls)"

@@ -159,17 +159,34 @@ class ByteBeamState(StatefulByteLM):
 
         ``text_hint``: the text a ``prefill`` will consume next, if known (scoring). The
         distribution after the initial context is then computed in the same pass as the
-        first window of the text's encoding, instead of a pass of its own.
+        first window of the text's encoding, instead of a pass of its own. Without it, on a
+        backend that prefetches (``AsyncTransformer``), that distribution is computed on the
+        beam's first use: with the text of a first ``prefill`` (a prompt), or alone.
         """
         if not isinstance(lm, AsyncLM):
             raise TypeError(f"lm must be an AsyncLM, got {type(lm).__name__}")
         if not isinstance(params, BeamParams):
             raise TypeError(f"params must be a BeamParams, got {type(params).__name__}")
         space = shared_space(lm, eos_token_ids(lm, params.eos_tokens))
+        if text_hint is None and type(lm).prefetch is not AsyncLM.prefetch and hasattr(lm, "has_logprobs"):
+            return cls([LazyTrieState.pending(lm, space, initial_context, params.max_context_length)], params)
         if text_hint is not None:
             await _warm_first_window(lm, params, initial_context, check_prompt(text_hint))
         state = await LazyTrieState.initial(lm, space, initial_context, params.max_context_length)
         return cls([state], params)
+
+    async def _ready(self, text: bytes | None = None) -> None:
+        """Compute the distribution of a pending initial cover (see :meth:`initial`), in the
+        same pass as the first window of ``text`` if given."""
+        todo = [s for s in self.states if s.is_pending]
+        if not todo:
+            return
+        if text:
+            await _warm_first_window(self.lm, self.params, list(todo[0].lm_state.context), text)
+        for s in todo:
+            await s.resolve()
+        self.states.sort(key=lambda s: -s.weight)
+        self.logZ = _logsumexp([s.weight for s in self.states])
 
     # ---------------------------------------------------------------- basics
     def __len__(self) -> int:
@@ -259,6 +276,7 @@ class ByteBeamState(StatefulByteLM):
     async def _step(self, sym: int, planner=None, pos: int = 0) -> ByteBeamState:
         if not self.states:
             return self
+        await self._ready()
         if sym == EOS:
             exts = await self._extend(self._candidates([], None))
             ended = [e for s in (*self.states, *exts) if (e := s.end_sequence()) is not None]
@@ -296,6 +314,7 @@ class ByteBeamState(StatefulByteLM):
                              "(the bytes so far have probability 0 under this beam)")
         if self.terminated:
             raise ValueError("this beam has ended (EOS) and accepts nothing")
+        await self._ready()
         exts = await self._extend(self._candidates([s.weight for s in self.states], self.logZ))
         covers = [s for s in (*self.states, *exts) if not s.terminated]
         ref = max(s.weight for s in covers)
@@ -323,6 +342,7 @@ class ByteBeamState(StatefulByteLM):
         if not data or not self.states:
             return self
         with known_text():  # the backend needs no guesses of what follows: the text says it
+            await self._ready(data)
             return await self._prefill(data, progress)
 
     async def _prefill(self, data: bytes, progress) -> ByteBeamState:

@@ -190,6 +190,19 @@ class ContextDist:
         return self._p_eos
 
 
+class _Pending:
+    """The distribution of a cover not computed yet (see LazyTrieState.pending): only its space."""
+
+    __slots__ = ("space",)
+
+    def __init__(self, space: TrieSpace):
+        self.space = space
+
+    @property
+    def logp(self):
+        raise RuntimeError("this cover's distribution is not computed yet (await its beam's step first)")
+
+
 BLOCK = 256  # sorted tokens per block sum
 _LAZY_RANGE = 2048  # sorted tokens summed directly while a distribution is not prepared
 
@@ -253,6 +266,24 @@ class LazyTrieState:
         space = space or shared_space(lm)
         dist = space.dist_for(await lm_state.logp_next())
         return cls(lm_state, TokenByteTrie.root, 0.0, dist, text=text)
+
+    @classmethod
+    def pending(cls, lm, space: TrieSpace | None = None, initial_context=None,
+                max_context_length=None) -> LazyTrieState:
+        """The cover at the root of the initial context, its distribution not computed yet (no
+        LM call): weight 0 (the root holds every token). :meth:`resolve` computes it."""
+        lm_state = StatefulTokenizedLM.initial(lm, initial_context, max_context_length)
+        return cls(lm_state, TokenByteTrie.root, 0.0, _Pending(space or shared_space(lm)), weight=0.0)
+
+    @property
+    def is_pending(self) -> bool:
+        return type(self.dist) is _Pending
+
+    async def resolve(self) -> None:
+        """Compute the distribution of a :meth:`pending` cover (in place: it fills a lazy value)."""
+        if self.is_pending:
+            self.dist = self.dist.space.dist_for(await self.lm_state.logp_next())
+            self.weight = self._weight()
 
     # ------------------------------------------------------------------ masses
     @property

@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
+import threading
 import time
 
 import torch
@@ -58,6 +60,8 @@ DRAFT_TOKENS = 1  # default of AsyncTransformer(draft_tokens=): guessed tokens r
 DRAFT_MAX_NEW = 8  # ... whose context has at most this many uncached tokens
 DRAFT_SEARCH = 2048  # positions searched back for the draft
 SIBLING_TOP = 8  # ... and the likeliest tokens searched for a longer sibling (see _longer_sibling)
+AHEAD_SHORTER = 2  # a look-ahead pass also runs up to this many shorter tokens of its guess ...
+AHEAD_SHORTER_P = 0.01  # ... that have at least this probability (see _start_lookahead)
 # Arenas (see KVBlock): a lone request's pass (sequential generation) stores its whole context in
 # one block with room for ARENA_SPARE_MIN slots or ARENA_SPARE_SHARE of the context more (whichever
 # is more), if that block takes at most ARENA_BUDGET_SHARE of the budget; the passes extending it
@@ -92,6 +96,12 @@ class AsyncTransformer(AsyncLM):
             apart; that guess comes first). On a CPU a pass of two tokens costs about the same
             as one, so a right guess saves a later pass and a wrong one costs little. 0: off.
             Results are exact either way (every distribution is the model's own).
+        lookahead: after serving a lone request (sequential generation), the model's thread
+            runs the context extended by its likeliest next token (and by the likely shorter
+            tokens that spell the start of that token, which a byte-level beam asks for first)
+            while the caller is still working through that token's bytes; asking for it
+            starts the next such pass, asking for any other context stops it at its next layer
+            (:meth:`stop_lookahead` too). Exact either way; False: off.
     """
 
     _trusted_output = True
@@ -99,9 +109,11 @@ class AsyncTransformer(AsyncLM):
     def __init__(self, hf_model, hf_tokenizer, *, batch_size: int = 32,
                  cache_budget_bytes: int = DEFAULT_CACHE_BUDGET, initial_context=None,
                  eos_token_ids=None, kv_reuse: bool = True, byte_vocab=None,
-                 draft_tokens: int = DRAFT_TOKENS):
+                 draft_tokens: int = DRAFT_TOKENS, lookahead: bool = True):
         if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
             raise ValueError(f"draft_tokens must be a non-negative int, got {draft_tokens!r}")
+        if not isinstance(lookahead, bool):
+            raise TypeError(f"lookahead must be True or False, got {lookahead!r}")
         if byte_vocab is None:
             from genlm_bytes.lm.vocab import byte_vocab_from_tokenizer
 
@@ -127,6 +139,7 @@ class AsyncTransformer(AsyncLM):
         self.batcher._executor.submit(torch.set_flush_denormal, True).result()
         self.kv_reuse = bool(kv_reuse) and _plain_cache(hf_model)
         self.draft_tokens = draft_tokens
+        self.lookahead = lookahead
         self.max_positions = getattr(hf_model.config, "max_position_embeddings", None)
         self._softcap = getattr(hf_model.config, "final_logit_softcapping", None)
         self.n_forward_tokens = 0  # tokens run through the model: for tests and benchmarks
@@ -149,6 +162,12 @@ class AsyncTransformer(AsyncLM):
         _fix_mmap_threshold()
         self._pass_seconds = self._trim_seconds = 0.0
         self._pass_t0 = 0.0
+        self._ahead: _Ahead | None = None  # the look-ahead pass queued or running (see _start_lookahead)
+        # (event, thread id) of a look-ahead pass running: once the event is set, the pass stops at
+        # its next layer (in that thread only: the model may run elsewhere meanwhile)
+        self._abort: tuple[threading.Event, int] | None = None
+        self._hooked = False  # the layers' abort checks are registered (see _abort_hooks)
+        self._by_bytes: dict[bytes, int] | None = None  # token id of each spelling (built on first use)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -176,8 +195,13 @@ class AsyncTransformer(AsyncLM):
     async def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         key = tuple(token_ids)
         hit = self.cache.get_logp(key, held=True)  # the caller holds it now: the cache's copy goes first
+        ahead = self._ahead
         if hit is not None:
+            if ahead is not None and key == ahead.path and GUESS_AHEAD.get():  # the guess was right:
+                self._start_lookahead(key, hit)  # guess the next one
             return hit
+        if ahead is not None and key not in ahead.targets:
+            ahead.abort.set()  # a look-ahead pass for other contexts: stop it
         self._check_length(len(key))
         return await self.batcher.submit(key, (key, GUESS_AHEAD.get()))
 
@@ -200,7 +224,15 @@ class AsyncTransformer(AsyncLM):
         return encode_bytes(self.tokenizer, self.byte_vocab, data)
 
     def clear_cache(self) -> None:
+        self.stop_lookahead()
         self.cache.clear()
+
+    def stop_lookahead(self) -> None:
+        """Stop a look-ahead pass (see ``draft_tokens``) queued or running, if any: the model's
+        thread is then free within one layer."""
+        ahead = self._ahead
+        if ahead is not None:
+            ahead.abort.set()
 
     async def prefetch(self, token_ids: list[int], alternatives=None, *, start: int = 0) -> None:
         """Compute and cache the distribution after every prefix of ``token_ids`` longer than
@@ -239,6 +271,7 @@ class AsyncTransformer(AsyncLM):
         path_done = len(path) == len(ids) and all(n.logp is not None for n in path[start:])
         if path_done and not items:
             return
+        self.stop_lookahead()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.batcher._executor, self._locked, self._prefetch, ids, list(items), start)
 
@@ -274,7 +307,91 @@ class AsyncTransformer(AsyncLM):
         for group in self._memory_groups(todo):
             for (ids, _, _), logp in zip(group, self._forward(group, all_positions=False, grow=lone)):
                 done[ids] = logp
-        return [hit if hit is not None else done[ids] for ids, _, _, hit in rows]
+        out = [hit if hit is not None else done[ids] for ids, _, _, hit in rows]
+        if lone:
+            # Guess from the context the caller goes on with: a short token's likelier longer
+            # sibling (" the" for " "; computed with it, see _drafted) if there is one.
+            ids = requests[0][0]
+            sibling = self._longer_sibling(ids, cached=True)
+            start = ids[:-1] + (sibling,) if sibling is not None else ids
+            row = out[0] if sibling is None else self.cache.get_logp(start)
+            if row is not None:
+                self._start_lookahead(start, row)
+        return out
+
+    def _start_lookahead(self, ids: tuple, row: torch.Tensor) -> None:
+        """Queue a look-ahead pass after the lone context ``ids`` (its distribution ``row``):
+        ``ids`` extended by its likeliest token ``a`` (the path, kept in the context's arena)
+        and by up to AHEAD_SHORTER tokens that spell a proper prefix of ``a`` with probability
+        at least AHEAD_SHORTER_P (a byte-level beam reaching " the" asks for " " first)."""
+        if not self.lookahead or not self.kv_reuse:
+            return
+        if self.max_positions and len(ids) + 1 > self.max_positions:
+            return
+        lp = row.detach()
+        if lp.device.type != "cpu" or lp.dtype != torch.float32:
+            lp = lp.float().cpu()
+        lp = lp.numpy()  # numpy: no torch parallel region on the caller's thread
+        a = int(lp.argmax())
+        if a in self.eos_token_ids or self.cache.get_logp(ids + (a,)) is not None:
+            return
+        if self._by_bytes is None:
+            self._by_bytes = {b: t for t, b in enumerate(self.byte_vocab) if b}
+        spelled, shorter = self.byte_vocab[a], []
+        for n in range(len(spelled) - 1, 0, -1):
+            t = self._by_bytes.get(spelled[:n])
+            if t is not None and t != a and lp[t] >= AHEAD_SHORTER_P_LOG and len(shorter) < AHEAD_SHORTER:
+                shorter.append(t)
+        ahead = _Ahead(ids + (a,), frozenset([ids + (a,)] + [ids + (t,) for t in shorter]), threading.Event())
+        old, self._ahead = self._ahead, ahead
+        if old is not None:
+            old.abort.set()
+        self.batcher._executor.submit(self._lookahead, ahead, ids, a, tuple(shorter))
+
+    def _lookahead(self, ahead: _Ahead, ids: tuple, a: int, shorter: tuple) -> None:
+        """Run a look-ahead pass (model's thread; see :meth:`_start_lookahead`) unless stopped."""
+        try:
+            with self.batcher._lock, torch.inference_mode():
+                if ahead.abort.is_set() or self.cache.get_logp(ids + (a,)) is not None:
+                    return
+                P, ref = self.cache.deepest_kv(ids, len(ids))
+                if P < len(ids) or not self._abort_hooks():
+                    return  # (the context's past was evicted: no guessing then)
+                self._abort = (ahead.abort, threading.get_ident())
+                try:
+                    if shorter:
+                        self._tree_pass(ids + (a,), P, ref, 1, [(P, (t,), ()) for t in shorter], grow=True)
+                    else:
+                        self._forward([(ids + (a,), ref, P)], all_positions=True, grow=True)
+                except _Stopped:
+                    self.cache.reserve(self._base_reserve)
+                    logger.debug("look-ahead pass stopped")
+                finally:
+                    self._abort = None
+        except Exception:  # a failed guess fails no caller (a real request would report the error)
+            logger.debug("look-ahead pass failed", exc_info=True)
+        finally:
+            if self._ahead is ahead and ahead.abort.is_set():
+                self._ahead = None
+
+    def _abort_hooks(self) -> bool:
+        """Register (once) a check before every decoder layer that stops a pass whose abort
+        event is set (raising :class:`_Stopped`); False when the model's layers are not found."""
+        if not self._hooked:
+            body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+            layers = getattr(body, "layers", None)
+            if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+                return False
+
+            def check(module, args):
+                stop = self._abort
+                if stop is not None and stop[0].is_set() and stop[1] == threading.get_ident():
+                    raise _Stopped
+
+            for layer in layers:
+                layer.register_forward_pre_hook(check)
+            self._hooked = True
+        return True
 
     def _drafted(self, ids: tuple, ref, p: int) -> torch.Tensor | None:
         """One context alone, a few new tokens: runs it with the tokens guessed to be asked for
@@ -296,11 +413,12 @@ class AsyncTransformer(AsyncLM):
         # The guessed rows stay cached for the requests to come; this one is handed out.
         return self.cache.get_logp(ids, held=True)  # (None if a tiny budget evicted it at once)
 
-    def _longer_sibling(self, ids: tuple) -> int | None:
+    def _longer_sibling(self, ids: tuple, cached: bool = False) -> int | None:
         """The likeliest of the SIBLING_TOP tokens ``t`` after ``ids[:-1]`` that spells
         ``ids[-1]``'s bytes and more (``ids`` ends a short token, say " ", while the beam is
         likely inside a longer one, " the", whose context it will ask for a few bytes later),
-        if the distribution after ``ids[:-1] + (t,)`` is not cached; else None."""
+        if the distribution after ``ids[:-1] + (t,)`` is not cached (``cached``: only if it
+        is); else None."""
         if len(ids) < 2:
             return None
         row = self.cache.get_logp(ids[:-1])
@@ -310,7 +428,7 @@ class AsyncTransformer(AsyncLM):
         for t in torch.topk(row, min(SIBLING_TOP, row.shape[0])).indices.tolist():
             spelled = vocab[t]
             if len(spelled) > len(last) and spelled.startswith(last):
-                return None if self.cache.get_logp(ids[:-1] + (t,)) is not None else t
+                return t if (self.cache.get_logp(ids[:-1] + (t,)) is not None) == cached else None
         return None
 
     def _run_ahead(self, ids: tuple, ref, p: int) -> tuple[int, object]:
@@ -700,6 +818,23 @@ class AsyncTransformer(AsyncLM):
         else:
             self._end_pass(path_block or alt_block, tail if path_block is not None else Q)
         logger.debug("tree pass: %d path tokens and %d alternatives on a past of %d", tail, len(items), P)
+
+
+AHEAD_SHORTER_P_LOG = math.log(AHEAD_SHORTER_P)
+
+
+class _Stopped(Exception):
+    """A look-ahead pass stopped because a request for another context came."""
+
+
+class _Ahead:
+    """A look-ahead pass: the context it guesses (``path``), every context it computes, and the
+    event that stops it."""
+
+    __slots__ = ("abort", "path", "targets")
+
+    def __init__(self, path: tuple, targets: frozenset, abort: threading.Event):
+        self.path, self.targets, self.abort = path, targets, abort
 
 
 def lookup_draft(ids: tuple, k: int, window: int = DRAFT_SEARCH) -> tuple:
