@@ -1080,3 +1080,28 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
     for bad in (1, None, "yes"):
         with pytest.raises(TypeError, match="lookahead"):
             transformer(embedded_lm, lookahead=bad)
+
+
+@pytest.mark.slow
+async def test_siblings_are_the_likeliest_longer_tokens_and_the_tokens_on_their_way(embedded_lm, embedded_hf):
+    """A lone request ending with a short token (" ") runs, in the same pass, the likeliest
+    contexts the beam may ask for next inside a longer token: the likeliest longer tokens (" the")
+    and the tokens spelling their starts on the way (" th"), likeliest first, not cached ones."""
+    tok = embedded_hf[1]
+    lm = transformer(embedded_lm, draft_tokens=2)
+    vocab = lm.byte_vocab
+    ctx = [0] + tok.encode("The cat sat on")
+    row = await lm.next_token_logprobs(ctx)
+    space = vocab.index(b" ")
+    longer = [t for t in torch.topk(row, 8).indices.tolist() if vocab[t].startswith(b" ") and len(vocab[t]) > 1]
+    on_way = {u for t in longer for n in range(2, len(vocab[t])) if (u := lm.by_bytes.get(vocab[t][:n])) is not None}
+    allowed = set(longer) | on_way
+    sibs = lm._siblings(tuple(ctx + [space]), 3)
+    assert len(sibs) == 3 and set(sibs) <= allowed
+    assert sibs[0] == max(allowed, key=lambda t: float(row[t]))
+    ps = [float(row[t]) for t in sibs]
+    assert ps == sorted(ps, reverse=True), "likeliest first"
+    await lm.next_token_logprobs(ctx + [space])  # the pass runs the two likeliest with it
+    assert all(lm.has_logprobs(ctx + [t]) for t in sibs[:2])
+    assert lm._siblings(tuple(ctx + [space]), 3)[0] == sibs[2], "cached siblings are not offered again"
+    assert lm._siblings(tuple(ctx[:1]), 2) == [] and lm._siblings(tuple(ctx + [space]), 0) == []

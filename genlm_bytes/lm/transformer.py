@@ -54,14 +54,15 @@ WINDOW_BUDGET = 512 << 20
 PASS_SHARE = 0.2  # of the budget: what one pass's temporary tensors may take (longer passes are split)
 MAX_SEGMENTS = 64  # a past chained from more segments than this is stored whole by the next pass
 LOGP_CHUNK = 64  # output positions whose logits are in memory at once
-DRAFT_TOKENS = 1  # default of AsyncTransformer(draft_tokens=): guessed tokens run with a lone request
+DRAFT_TOKENS = 2  # default of AsyncTransformer(draft_tokens=): guessed tokens run with a lone request
 # (on a CPU a pass of two tokens costs about one, a third token ~25% more: measured 66-75 ms for
 # one token, 72 ms for two, 88-91 ms for three, 110-125 ms for four on the embedded model)
 DRAFT_MAX_NEW = 8  # ... whose context has at most this many uncached tokens
 DRAFT_SEARCH = 2048  # positions searched back for the draft
-SIBLING_TOP = 8  # ... and the likeliest tokens searched for a longer sibling (see _longer_sibling)
+SIBLING_TOP = 8  # ... and the likeliest tokens searched for longer siblings (see _siblings)
 AHEAD_SHORTER = 2  # a look-ahead pass also runs up to this many shorter tokens of its guess ...
 AHEAD_SHORTER_P = 0.01  # ... that have at least this probability (see _start_lookahead)
+AHEAD_SIBLING = True  # ... or the likeliest token after a longer sibling computed with the context
 # Arenas (see KVBlock): a lone request's pass (sequential generation) stores its whole context in
 # one block with room for ARENA_SPARE_MIN slots or ARENA_SPARE_SHARE of the context more (whichever
 # is more), if that block takes at most ARENA_BUDGET_SHARE of the budget; the passes extending it
@@ -167,7 +168,7 @@ class AsyncTransformer(AsyncLM):
         # its next layer (in that thread only: the model may run elsewhere meanwhile)
         self._abort: tuple[threading.Event, int] | None = None
         self._hooked = False  # the layers' abort checks are registered (see _abort_hooks)
-        self._by_bytes: dict[bytes, int] | None = None  # token id of each spelling (built on first use)
+        self._by_bytes: dict[bytes, int] | None = None  # see by_bytes
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -197,7 +198,7 @@ class AsyncTransformer(AsyncLM):
         hit = self.cache.get_logp(key, held=True)  # the caller holds it now: the cache's copy goes first
         ahead = self._ahead
         if hit is not None:
-            if ahead is not None and key == ahead.path and GUESS_AHEAD.get():  # the guess was right:
+            if ahead is not None and key in ahead.paths and GUESS_AHEAD.get():  # the guess was right:
                 self._start_lookahead(key, hit)  # guess the next one
             return hit
         if ahead is not None and key not in ahead.targets:
@@ -309,46 +310,55 @@ class AsyncTransformer(AsyncLM):
                 done[ids] = logp
         out = [hit if hit is not None else done[ids] for ids, _, _, hit in rows]
         if lone:
-            # Guess from the context the caller goes on with: a short token's likelier longer
-            # sibling (" the" for " "; computed with it, see _drafted) if there is one.
+            # The caller goes on with this context, or (it ends with a short token, " ") with
+            # the likeliest longer sibling computed with it (" the", see _drafted): guess both.
             ids = requests[0][0]
-            sibling = self._longer_sibling(ids, cached=True)
-            start = ids[:-1] + (sibling,) if sibling is not None else ids
-            row = out[0] if sibling is None else self.cache.get_logp(start)
-            if row is not None:
-                self._start_lookahead(start, row)
+            self._start_lookahead(ids, out[0], self._longer_sibling(ids))
         return out
 
-    def _start_lookahead(self, ids: tuple, row: torch.Tensor) -> None:
+    def _start_lookahead(self, ids: tuple, row: torch.Tensor, sibling: int | None = None) -> None:
         """Queue a look-ahead pass after the lone context ``ids`` (its distribution ``row``):
-        ``ids`` extended by its likeliest token ``a`` (the path, kept in the context's arena)
-        and by up to AHEAD_SHORTER tokens that spell a proper prefix of ``a`` with probability
-        at least AHEAD_SHORTER_P (a byte-level beam reaching " the" asks for " " first)."""
+        ``ids`` extended by its likeliest token ``a`` (the path, kept in the context's arena);
+        with ``sibling`` (a longer token in place of the last one, its distribution cached),
+        that sibling's context extended by its own likeliest token too; else ``ids`` extended
+        by up to AHEAD_SHORTER tokens that spell a proper prefix of ``a`` with probability at
+        least AHEAD_SHORTER_P (a byte-level beam reaching " the" asks for " " first)."""
         if not self.lookahead or not self.kv_reuse:
             return
         if self.max_positions and len(ids) + 1 > self.max_positions:
             return
-        lp = row.detach()
-        if lp.device.type != "cpu" or lp.dtype != torch.float32:
-            lp = lp.float().cpu()
-        lp = lp.numpy()  # numpy: no torch parallel region on the caller's thread
+        lp = _np_row(row)  # numpy: no torch parallel region on the caller's thread
         a = int(lp.argmax())
         if a in self.eos_token_ids or self.cache.get_logp(ids + (a,)) is not None:
             return
-        if self._by_bytes is None:
-            self._by_bytes = {b: t for t, b in enumerate(self.byte_vocab) if b}
-        spelled, shorter = self.byte_vocab[a], []
-        for n in range(len(spelled) - 1, 0, -1):
-            t = self._by_bytes.get(spelled[:n])
-            if t is not None and t != a and lp[t] >= AHEAD_SHORTER_P_LOG and len(shorter) < AHEAD_SHORTER:
-                shorter.append(t)
-        ahead = _Ahead(ids + (a,), frozenset([ids + (a,)] + [ids + (t,) for t in shorter]), threading.Event())
+        items, paths = [], [ids + (a,)]
+        sib_row = self.cache.get_logp(ids[:-1] + (sibling,)) if sibling is not None and AHEAD_SIBLING else None
+        if sib_row is not None and not (self.max_positions and len(ids) + 1 > self.max_positions):
+            b = int(_np_row(sib_row).argmax())
+            if b not in self.eos_token_ids:
+                items.append((len(ids) - 1, (sibling, b), ()))
+                paths.append(ids[:-1] + (sibling, b))
+        if not items:
+            spelled = self.byte_vocab[a]
+            for n in range(len(spelled) - 1, 0, -1):
+                t = self.by_bytes.get(spelled[:n])
+                if t is not None and t != a and lp[t] >= AHEAD_SHORTER_P_LOG and len(items) < AHEAD_SHORTER:
+                    items.append((len(ids), (t,), ()))
+        targets = frozenset(paths + [ids[:i] + chain for i, chain, _ in items])
+        ahead = _Ahead(frozenset(paths), targets, threading.Event())
         old, self._ahead = self._ahead, ahead
         if old is not None:
             old.abort.set()
-        self.batcher._executor.submit(self._lookahead, ahead, ids, a, tuple(shorter))
+        self.batcher._executor.submit(self._lookahead, ahead, ids, a, tuple(items))
 
-    def _lookahead(self, ahead: _Ahead, ids: tuple, a: int, shorter: tuple) -> None:
+    @property
+    def by_bytes(self) -> dict[bytes, int]:
+        """The token id of each spelling (built on first use)."""
+        if self._by_bytes is None:
+            self._by_bytes = {b: t for t, b in enumerate(self.byte_vocab) if b}
+        return self._by_bytes
+
+    def _lookahead(self, ahead: _Ahead, ids: tuple, a: int, items: tuple) -> None:
         """Run a look-ahead pass (model's thread; see :meth:`_start_lookahead`) unless stopped."""
         try:
             with self.batcher._lock, torch.inference_mode():
@@ -359,8 +369,8 @@ class AsyncTransformer(AsyncLM):
                     return  # (the context's past was evicted: no guessing then)
                 self._abort = (ahead.abort, threading.get_ident())
                 try:
-                    if shorter:
-                        self._tree_pass(ids + (a,), P, ref, 1, [(P, (t,), ()) for t in shorter], grow=True)
+                    if items:
+                        self._tree_pass(ids + (a,), P, ref, 1, list(items), grow=True)
                     else:
                         self._forward([(ids + (a,), ref, P)], all_positions=True, grow=True)
                 except _Stopped:
@@ -395,30 +405,52 @@ class AsyncTransformer(AsyncLM):
 
     def _drafted(self, ids: tuple, ref, p: int) -> torch.Tensor | None:
         """One context alone, a few new tokens: runs it with the tokens guessed to be asked for
-        next (see ``draft_tokens``: a longer sibling first, then tokens drafted from its own
+        next (see ``draft_tokens``: longer siblings first, then tokens drafted from its own
         text) in one pass, and returns its row; None when there is no guess."""
         if not self.draft_tokens or not self.kv_reuse or len(ids) - p > DRAFT_MAX_NEW:
             return None
-        sibling = self._longer_sibling(ids) if p == len(ids) - 1 else None
-        room = self.draft_tokens - (sibling is not None)
+        siblings = self._siblings(ids, self.draft_tokens) if p == len(ids) - 1 else []
+        room = self.draft_tokens - len(siblings)
         draft = lookup_draft(ids, room) if room else ()
         if self.max_positions:
             draft = draft[: max(0, self.max_positions - len(ids))]
-        # One row, one tree pass: the context, then the sibling's token in place of its last one,
-        # and the draft after it (branches: the context's own keys/values stay one path).
-        items = ([(p, (sibling,), ())] if sibling is not None else []) + ([(len(ids), draft, ())] if draft else [])
+        # One row, one tree pass: the context, then each sibling's token in place of its last
+        # one, and the draft after it (branches: the context's own keys/values stay one path).
+        items = [(p, (t,), ()) for t in siblings] + ([(len(ids), draft, ())] if draft else [])
         if not items:
             return None
         self._tree_pass(ids, p, ref, len(ids) - p, items, grow=True)
         # The guessed rows stay cached for the requests to come; this one is handed out.
         return self.cache.get_logp(ids, held=True)  # (None if a tiny budget evicted it at once)
 
-    def _longer_sibling(self, ids: tuple, cached: bool = False) -> int | None:
+    def _siblings(self, ids: tuple, k: int) -> list[int]:
+        """Up to ``k`` tokens ``t``, likeliest first after ``ids[:-1]``, that spell ``ids[-1]``'s
+        bytes and more, whose contexts ``ids[:-1] + (t,)`` are not cached: among the
+        SIBLING_TOP likeliest tokens, those that do, and the tokens spelling a prefix of one
+        of those on the way (a byte-level beam at " c" may ask for " ch" and " cheese")."""
+        if len(ids) < 2 or k < 1:
+            return []
+        row = self.cache.get_logp(ids[:-1])
+        if row is None:
+            return []
+        lp = _np_row(row)
+        vocab, last, by_bytes = self.byte_vocab, self.byte_vocab[ids[-1]], self.by_bytes
+        top = torch.topk(row, min(SIBLING_TOP, row.shape[0])).indices.tolist()
+        found = set()
+        for t in top:
+            spelled = vocab[t]
+            if len(spelled) > len(last) and spelled.startswith(last):
+                found.add(t)
+                found.update(u for n in range(len(last) + 1, len(spelled))
+                             if (u := by_bytes.get(spelled[:n])) is not None)
+        out = [t for t in found if self.cache.get_logp(ids[:-1] + (t,)) is None]
+        out.sort(key=lambda t: -lp[t])
+        return out[:k]
+
+    def _longer_sibling(self, ids: tuple) -> int | None:
         """The likeliest of the SIBLING_TOP tokens ``t`` after ``ids[:-1]`` that spells
-        ``ids[-1]``'s bytes and more (``ids`` ends a short token, say " ", while the beam is
-        likely inside a longer one, " the", whose context it will ask for a few bytes later),
-        if the distribution after ``ids[:-1] + (t,)`` is not cached (``cached``: only if it
-        is); else None."""
+        ``ids[-1]``'s bytes and more and whose context ``ids[:-1] + (t,)`` is cached (computed
+        with ``ids``, see :meth:`_siblings`), else None."""
         if len(ids) < 2:
             return None
         row = self.cache.get_logp(ids[:-1])
@@ -427,8 +459,8 @@ class AsyncTransformer(AsyncLM):
         vocab, last = self.byte_vocab, self.byte_vocab[ids[-1]]
         for t in torch.topk(row, min(SIBLING_TOP, row.shape[0])).indices.tolist():
             spelled = vocab[t]
-            if len(spelled) > len(last) and spelled.startswith(last):
-                return t if (self.cache.get_logp(ids[:-1] + (t,)) is not None) == cached else None
+            if len(spelled) > len(last) and spelled.startswith(last) and self.cache.get_logp(ids[:-1] + (t,)) is not None:
+                return t
         return None
 
     def _run_ahead(self, ids: tuple, ref, p: int) -> tuple[int, object]:
@@ -507,6 +539,7 @@ class AsyncTransformer(AsyncLM):
         put = self.cache.repoint_kv if new else self.cache.put_kv
         put(nodes, lambda node: KVRef(block, 0, 0, node.depth))
 
+    @torch.inference_mode()
     def _forward(self, rows, all_positions: bool, grow: bool = False):
         """One ragged forward. ``rows``: (ids, past ref or None, past length).
 
@@ -828,13 +861,21 @@ class _Stopped(Exception):
 
 
 class _Ahead:
-    """A look-ahead pass: the context it guesses (``path``), every context it computes, and the
-    event that stops it."""
+    """A look-ahead pass: the contexts it guesses the caller goes on with (``paths``: asking for
+    one starts the next guess), every context it computes, and the event that stops it."""
 
-    __slots__ = ("abort", "path", "targets")
+    __slots__ = ("abort", "paths", "targets")
 
-    def __init__(self, path: tuple, targets: frozenset, abort: threading.Event):
-        self.path, self.targets, self.abort = path, targets, abort
+    def __init__(self, paths: frozenset, targets: frozenset, abort: threading.Event):
+        self.paths, self.targets, self.abort = paths, targets, abort
+
+
+def _np_row(row: torch.Tensor):
+    """A (V,) log-prob row as a float32 numpy array (a view when it already is one on the CPU)."""
+    row = row.detach()
+    if row.device.type != "cpu" or row.dtype != torch.float32:
+        row = row.float().cpu()
+    return row.numpy()
 
 
 def lookup_draft(ids: tuple, k: int, window: int = DRAFT_SEARCH) -> tuple:
