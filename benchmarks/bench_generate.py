@@ -104,6 +104,9 @@ async def main(args) -> dict:
             "ours_forward_tokens": ours[-1]["forward_tokens"],
             "ours_batches": ours[-1]["batches"],
             "ratio": ours_bps / hf_bps,
+            # Fastest repetition of each side: a machine shared with others only ever slows a run
+            # down, so the minimum estimates each side's own cost (the verdict uses the medians).
+            "ratio_of_fastest": (ours_bytes / min(o["seconds"] for o in ours)) / (n_bytes / min(hf_t)),
             "same_text": ours[-1]["text"] == hf_text,
             "hf_seconds": hf_t,
             "ours_seconds": [o["seconds"] for o in ours],
@@ -126,10 +129,12 @@ def report(res: dict) -> None:
         ("prompt", "prompt", ""), ("hf_bytes", "bytes", "d"),
         ("hf_median_seconds", "generate s", ".3f"), ("hf_bytes_per_second", "generate B/s", ".1f"),
         ("ours_median_seconds", "greedy s", ".3f"), ("ours_bytes_per_second", "greedy B/s", ".1f"),
-        ("ratio", "ratio", ".2f"), ("ours_forward_tokens", "LM tokens", "d"), ("ours_batches", "batches", "d")])
+        ("ratio", "ratio", ".2f"), ("ratio_of_fastest", "fastest", ".2f"),
+        ("ours_forward_tokens", "LM tokens", "d"), ("ours_batches", "batches", "d")])
     for r in res["rows"]:
         print(f"\n{r['prompt']!r}\n  generate: {r['hf_text']!r}\n  greedy:   {r['ours_text']!r}")
-    print(f"\nworst greedy / generate = {res['worst_ratio']:.2f}x: {common.verdict(res['meets_target'])} "
+    print(f"\nworst greedy / generate = {res['worst_ratio']:.2f}x (medians; fastest runs: "
+          f"{min(r['ratio_of_fastest'] for r in res['rows']):.2f}x): {common.verdict(res['meets_target'])} "
           f"(target >= {TARGET}x; load average {res['settings']['load_average_1min']})")
 
 

@@ -29,6 +29,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import torch
 
 from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM, check_token_ids
@@ -55,8 +56,8 @@ PASS_SHARE = 0.2  # of the budget: what one pass's temporary tensors may take (l
 MAX_SEGMENTS = 64  # a past chained from more segments than this is stored whole by the next pass
 LOGP_CHUNK = 64  # output positions whose logits are in memory at once
 DRAFT_TOKENS = 2  # default of AsyncTransformer(draft_tokens=): guessed tokens run with a lone request
-# (on a CPU a pass of two tokens costs about one, a third token ~25% more: measured 66-75 ms for
-# one token, 72 ms for two, 88-91 ms for three, 110-125 ms for four on the embedded model)
+# (on a CPU a pass of 2-3 tokens costs 1-1.25 passes of one: measured 57-72 ms for one token, 61-89
+# for two, 60-85 for three, 82-125 for four on the embedded model, on a past of ~20 tokens)
 DRAFT_MAX_NEW = 8  # ... whose context has at most this many uncached tokens
 DRAFT_SEARCH = 2048  # positions searched back for the draft
 SIBLING_TOP = 8  # ... and the likeliest tokens searched for longer siblings (see _siblings)
@@ -89,14 +90,14 @@ class AsyncTransformer(AsyncLM):
         eos_token_ids: end-of-sequence ids (default: from the tokenizer and generation config).
         kv_reuse: run only the new tokens of a context whose prefix was computed before.
         draft_tokens: a pass run for one context alone (sequential generation) also runs up to
-            this many tokens guessed from the context itself (the tokens that followed the
-            last earlier occurrence of its last two tokens: "prompt lookup"), and caches the
-            distributions after them; and when the context ends with a short token (" ")
-            that begins a likelier token after the same prefix (" the"), the context ending
-            with that token too (a byte-level beam inside " the" asks for both, a few bytes
-            apart; that guess comes first). On a CPU a pass of two tokens costs about the same
-            as one, so a right guess saves a later pass and a wrong one costs little. 0: off.
-            Results are exact either way (every distribution is the model's own).
+            this many guessed tokens and caches the distributions after them: when the context
+            ends with a short token (" ") that begins likelier tokens after the same prefix,
+            those siblings (" the", or " th" on the way to " their": a byte-level beam inside
+            " the" asks for " " and " the" a few bytes apart), likeliest first; with the room
+            left, the tokens that followed the last earlier occurrence of its last two tokens
+            ("prompt lookup"). On a CPU a pass of 2-3 tokens costs 1-1.25 passes of one, so a
+            right guess saves a later pass and a wrong one costs little. 0: off. Results are
+            exact either way (every distribution is the model's own).
         lookahead: after serving a lone request (sequential generation), the model's thread
             runs the context extended by its likeliest next token (and by the likely shorter
             tokens that spell the start of that token, which a byte-level beam asks for first)
@@ -435,9 +436,8 @@ class AsyncTransformer(AsyncLM):
             return []
         lp = _np_row(row)
         vocab, last, by_bytes = self.byte_vocab, self.byte_vocab[ids[-1]], self.by_bytes
-        top = torch.topk(row, min(SIBLING_TOP, row.shape[0])).indices.tolist()
         found = set()
-        for t in top:
+        for t in _top(lp, SIBLING_TOP):
             spelled = vocab[t]
             if len(spelled) > len(last) and spelled.startswith(last):
                 found.add(t)
@@ -457,7 +457,7 @@ class AsyncTransformer(AsyncLM):
         if row is None:
             return None
         vocab, last = self.byte_vocab, self.byte_vocab[ids[-1]]
-        for t in torch.topk(row, min(SIBLING_TOP, row.shape[0])).indices.tolist():
+        for t in _top(_np_row(row), SIBLING_TOP):
             spelled = vocab[t]
             if len(spelled) > len(last) and spelled.startswith(last) and self.cache.get_logp(ids[:-1] + (t,)) is not None:
                 return t
@@ -870,6 +870,13 @@ class _Ahead:
         self.paths, self.targets, self.abort = paths, targets, abort
 
 
+def _top(lp, k: int) -> list[int]:
+    """The ``k`` largest entries' indices of the numpy row ``lp``, largest first."""
+    k = min(k, len(lp))
+    idx = np.argpartition(lp, len(lp) - k)[len(lp) - k:]
+    return idx[np.argsort(-lp[idx], kind="stable")].tolist()
+
+
 def _np_row(row: torch.Tensor):
     """A (V,) log-prob row as a float32 numpy array (a view when it already is one on the CPU)."""
     row = row.detach()
@@ -1075,9 +1082,9 @@ def _pass_layer_class():
                 self.arena_kv = (K, V)
             else:
                 K, V = block.keys[i], block.values[i]
-            K[:, :, P:P + n] = key_states
-            V[:, :, P:P + n] = value_states
             self.new_keys, self.new_values = K.narrow(2, P, n), V.narrow(2, P, n)
+            self.new_keys.copy_(key_states)
+            self.new_values.copy_(value_states)
             return K.narrow(2, 0, P + n), V.narrow(2, 0, P + n)
 
     return PassLayer
