@@ -1015,10 +1015,11 @@ async def test_generation_writes_one_arena_in_place_and_stays_exact(embedded_lm,
 
 @pytest.mark.slow
 async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded_lm, embedded_hf, hf64):
-    """After serving a lone request, the model's thread runs that context extended by its
-    likeliest token (and by the likely shorter tokens spelling that token's start, which a
-    byte-level beam asks for first) before anyone asks: those requests are then served from the
-    cache, exact. A request for another context stops such a pass at its next layer."""
+    """After serving a lone request, the model's thread runs that context extended by the token a
+    greedy byte walk of its distribution ends at, by its likeliest token, and by the likely
+    shorter tokens spelling the former's start (which a byte-level beam asks for first), before
+    anyone asks: those requests are then served from the cache, exact. A request for another
+    context stops such a pass at its next layer."""
     import threading
 
     import genlm_bytes.lm.transformer as tr
@@ -1030,17 +1031,21 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
     async def idle():  # the model's thread has finished what it queued
         await loop.run_in_executor(lm.batcher._executor, lambda: None)
 
+    def guess(row):  # the token a greedy byte walk ends at
+        lp = row.numpy()
+        return tr._byte_mode(lp, tr._top(lp, tr.AHEAD_TOP), lm.byte_vocab, lm.eos_token_ids)
+
     ctx = [0] + tok.encode("Once upon a time, there was")
     row = await lm.next_token_logprobs(ctx)
     await idle()
-    a = int(row.argmax())
+    a, best = guess(row), int(row.argmax())
     spelled = lm.byte_vocab[a]
     shorter = [t for t, b in enumerate(lm.byte_vocab) if b and len(b) < len(spelled) and spelled.startswith(b)
-               and row[t] >= math.log(tr.AHEAD_SHORTER_P)][:tr.AHEAD_SHORTER]
+               and row[t] >= math.log(tr.AHEAD_SHORTER_P)][:tr.AHEAD_SHORTER - (best != a)]
     batches = lm.batcher.n_batches
-    for t in shorter + [a]:
+    for t in [*shorter, a, best]:
         assert lm.has_logprobs(ctx + [t])
-    for t in shorter:
+    for t in {*shorter, best} - {a}:
         assert_close_to_uncached(hf_model, ctx + [t], await lm.next_token_logprobs(ctx + [t]))
     # Asking for the guess starts the next guess; a request for another context stops it.
     gate, entered = threading.Event(), threading.Event()
@@ -1055,7 +1060,7 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
     try:
         guessed = await lm.next_token_logprobs(ctx + [a])
         assert lm.batcher.n_batches == batches, "the guessed contexts should come from the cache"
-        nxt = ctx + [a, int(guessed.argmax())]
+        nxt = ctx + [a, guess(guessed)]
         assert await loop.run_in_executor(None, entered.wait, 30), "no look-ahead pass started"
         other = ctx + [a, 11]
         task = asyncio.ensure_future(lm.next_token_logprobs(other))
@@ -1105,3 +1110,19 @@ async def test_siblings_are_the_likeliest_longer_tokens_and_the_tokens_on_their_
     assert all(lm.has_logprobs(ctx + [t]) for t in sibs[:2])
     assert lm._siblings(tuple(ctx + [space]), 3)[0] == sibs[2], "cached siblings are not offered again"
     assert lm._siblings(tuple(ctx[:1]), 2) == [] and lm._siblings(tuple(ctx + [space]), 0) == []
+
+
+def test_byte_mode_follows_the_heaviest_bytes_not_the_likeliest_token():
+    from genlm_bytes.lm.transformer import _byte_mode
+
+    vocab = [b" a", b" the", b" there", b" they", b" an", b"x", b"<eos>"]
+
+    def mode(ps, eos=()):
+        lp = np.log(np.array(ps, dtype=np.float32))
+        return vocab[t] if (t := _byte_mode(lp, list(range(len(ps))), vocab, list(eos))) is not None else None
+
+    # " t" holds 0.37 against " a"'s 0.35, and " the" (0.15) outweighs " ther" (0.12) and " they" (0.1).
+    assert mode([0.3, 0.15, 0.12, 0.1, 0.05, 0.27, 0.01]) == b" the"
+    assert mode([0.5, 0.15, 0.12, 0.1, 0.05, 0.07, 0.01]) == b" a"
+    assert mode([0.05, 0.05, 0.05, 0.05, 0.05, 0.1, 0.65], eos=[6]) == b" the"  # EOS is never guessed
+    assert mode([0.01] * 6 + [0.94], eos=[0, 1, 2, 3, 4, 5, 6]) is None

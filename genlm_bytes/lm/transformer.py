@@ -64,6 +64,7 @@ SIBLING_TOP = 8  # ... and the likeliest tokens searched for longer siblings (se
 AHEAD_SHORTER = 2  # a look-ahead pass also runs up to this many shorter tokens of its guess ...
 AHEAD_SHORTER_P = 0.01  # ... that have at least this probability (see _start_lookahead)
 AHEAD_SIBLING = True  # ... or the likeliest token after a longer sibling computed with the context
+AHEAD_TOP = 64  # tokens a look-ahead's greedy byte walk considers (see _byte_mode)
 # Arenas (see KVBlock): a lone request's pass (sequential generation) stores its whole context in
 # one block with room for ARENA_SPARE_MIN slots or ARENA_SPARE_SHARE of the context more (whichever
 # is more), if that block takes at most ARENA_BUDGET_SHARE of the budget; the passes extending it
@@ -319,27 +320,32 @@ class AsyncTransformer(AsyncLM):
 
     def _start_lookahead(self, ids: tuple, row: torch.Tensor, sibling: int | None = None) -> None:
         """Queue a look-ahead pass after the lone context ``ids`` (its distribution ``row``):
-        ``ids`` extended by its likeliest token ``a`` (the path, kept in the context's arena);
-        with ``sibling`` (a longer token in place of the last one, its distribution cached),
-        that sibling's context extended by its own likeliest token too; else ``ids`` extended
-        by up to AHEAD_SHORTER tokens that spell a proper prefix of ``a`` with probability at
-        least AHEAD_SHORTER_P (a byte-level beam reaching " the" asks for " " first)."""
+        ``ids`` extended by the token a byte-by-byte greedy walk of that distribution ends at
+        (see :func:`_byte_mode`; the path, kept in the context's arena), and by the likeliest
+        token if that differs; with ``sibling`` (a longer token in place of the last one, its
+        distribution cached), that sibling's context extended by its own likeliest token;
+        else ``ids`` extended by up to AHEAD_SHORTER tokens that spell a proper prefix of the
+        path's token with probability at least AHEAD_SHORTER_P (a byte-level beam reaching
+        " the" asks for " " first)."""
         if not self.lookahead or not self.kv_reuse:
             return
         if self.max_positions and len(ids) + 1 > self.max_positions:
             return
         lp = _np_row(row)  # numpy: no torch parallel region on the caller's thread
-        a = int(lp.argmax())
-        if a in self.eos_token_ids or self.cache.get_logp(ids + (a,)) is not None:
+        top = _top(lp, AHEAD_TOP)
+        a = _byte_mode(lp, top, self.byte_vocab, self.eos_token_ids)
+        if a is None or self.cache.get_logp(ids + (a,)) is not None:
             return
         items, paths = [], [ids + (a,)]
+        if top[0] != a and top[0] not in self.eos_token_ids:
+            items.append((len(ids), (top[0],), ()))
         sib_row = self.cache.get_logp(ids[:-1] + (sibling,)) if sibling is not None and AHEAD_SIBLING else None
-        if sib_row is not None and not (self.max_positions and len(ids) + 1 > self.max_positions):
+        if sib_row is not None and not items:
             b = int(_np_row(sib_row).argmax())
             if b not in self.eos_token_ids:
                 items.append((len(ids) - 1, (sibling, b), ()))
                 paths.append(ids[:-1] + (sibling, b))
-        if not items:
+        if len(items) < AHEAD_SHORTER and not (items and len(items[0][1]) > 1):
             spelled = self.byte_vocab[a]
             for n in range(len(spelled) - 1, 0, -1):
                 t = self.by_bytes.get(spelled[:n])
@@ -868,6 +874,32 @@ class _Ahead:
 
     def __init__(self, paths: frozenset, targets: frozenset, abort: threading.Event):
         self.paths, self.targets, self.abort = paths, targets, abort
+
+
+def _byte_mode(lp, top: list[int], vocab, eos_ids) -> int | None:
+    """The token a byte-by-byte greedy walk through the spellings of the tokens ``top`` (their
+    log-probs in ``lp``) ends at: from the empty prefix, take the next byte whose tokens hold
+    the most probability, and stop at a token whose own probability is at least that of the
+    best longer group. What a byte-level beam generating greedily ends its next token at,
+    more often than at the likeliest token (" the" from " t..." holding more than " a")."""
+    cands = [(vocab[t], float(np.exp(lp[t])), t) for t in top if vocab[t] and t not in eos_ids]
+    prefix = b""
+    while cands:
+        n = len(prefix)
+        end, groups = None, {}
+        for b, p, t in cands:
+            if len(b) == n:
+                end = (p, t) if end is None or p > end[0] else end
+            else:
+                groups[b[n]] = groups.get(b[n], 0.0) + p
+        if not groups:
+            return end[1] if end else None
+        byte, mass = max(groups.items(), key=lambda kv: kv[1])
+        if end is not None and end[0] >= mass:
+            return end[1]
+        prefix += bytes([byte])
+        cands = [c for c in cands if len(c[0]) > n and c[0][n] == byte]
+    return None
 
 
 def _top(lp, k: int) -> list[int]:
