@@ -1040,8 +1040,9 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
     await idle()
     a, best = guess(row), int(row.argmax())
     spelled = lm.byte_vocab[a]
-    shorter = [t for t, b in enumerate(lm.byte_vocab) if b and len(b) < len(spelled) and spelled.startswith(b)
-               and row[t] >= math.log(tr.AHEAD_SHORTER_P)][:tr.AHEAD_SHORTER - (best != a)]
+    shorter = sorted((t for t, b in enumerate(lm.byte_vocab) if b and len(b) < len(spelled) and spelled.startswith(b)
+                      and t != best and row[t] >= math.log(tr.AHEAD_SHORTER_P)),
+                     key=lambda t: -len(lm.byte_vocab[t]))[:tr.AHEAD_SHORTER - (best != a)]  # longest first
     batches = lm.batcher.n_batches
     for t in [*shorter, a, best]:
         assert lm.has_logprobs(ctx + [t])

@@ -349,7 +349,8 @@ class AsyncTransformer(AsyncLM):
             spelled = self.byte_vocab[a]
             for n in range(len(spelled) - 1, 0, -1):
                 t = self.by_bytes.get(spelled[:n])
-                if t is not None and t != a and lp[t] >= AHEAD_SHORTER_P_LOG and len(items) < AHEAD_SHORTER:
+                if (t is not None and t != a and t != top[0] and lp[t] >= AHEAD_SHORTER_P_LOG
+                        and len(items) < AHEAD_SHORTER):  # (top[0]: already a branch if not a)
                     items.append((len(ids), (t,), ()))
         targets = frozenset(paths + [ids[:i] + chain for i, chain, _ in items])
         ahead = _Ahead(frozenset(paths), targets, threading.Event())
