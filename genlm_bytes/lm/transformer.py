@@ -431,44 +431,39 @@ class AsyncTransformer(AsyncLM):
         # The guessed rows stay cached for the requests to come; this one is handed out.
         return self.cache.get_logp(ids, held=True)  # (None if a tiny budget evicted it at once)
 
-    def _siblings(self, ids: tuple, k: int) -> list[int]:
-        """Up to ``k`` tokens ``t``, likeliest first after ``ids[:-1]``, that spell ``ids[-1]``'s
-        bytes and more, whose contexts ``ids[:-1] + (t,)`` are not cached: among the
-        SIBLING_TOP likeliest tokens, those that do, and the tokens spelling a prefix of one
-        of those on the way (a byte-level beam at " c" may ask for " ch" and " cheese")."""
-        if len(ids) < 2 or k < 1:
-            return []
-        row = self.cache.get_logp(ids[:-1])
+    def _longer_tokens(self, ids: tuple) -> tuple[list[int], object]:
+        """The tokens ``t`` among the SIBLING_TOP likeliest after ``ids[:-1]`` that spell
+        ``ids[-1]``'s bytes and more (``ids`` ends a short token, " ", while a byte-level beam
+        may be inside a longer one, " the"), likeliest first, and that distribution as a numpy
+        row (``[], None`` when it is not cached)."""
+        row = self.cache.get_logp(ids[:-1]) if len(ids) >= 2 else None
         if row is None:
-            return []
+            return [], None
         lp = _np_row(row)
-        vocab, last, by_bytes = self.byte_vocab, self.byte_vocab[ids[-1]], self.by_bytes
-        found = set()
-        for t in _top(lp, SIBLING_TOP):
-            spelled = vocab[t]
-            if len(spelled) > len(last) and spelled.startswith(last):
-                found.add(t)
-                found.update(u for n in range(len(last) + 1, len(spelled))
-                             if (u := by_bytes.get(spelled[:n])) is not None)
+        vocab, last = self.byte_vocab, self.byte_vocab[ids[-1]]
+        return [t for t in _top(lp, SIBLING_TOP) if len(vocab[t]) > len(last) and vocab[t].startswith(last)], lp
+
+    def _siblings(self, ids: tuple, k: int) -> list[int]:
+        """Up to ``k`` tokens, likeliest first, whose contexts ``ids[:-1] + (t,)`` a byte-level
+        beam may ask for next and that are not cached: the longer tokens (see
+        :meth:`_longer_tokens`) and the tokens spelling their starts on the way (at " c", " ch"
+        on the way to " cheese")."""
+        longer, lp = self._longer_tokens(ids) if k >= 1 else ([], None)
+        if not longer:
+            return []
+        n0, by_bytes, found = len(self.byte_vocab[ids[-1]]), self.by_bytes, set(longer)
+        for t in longer:
+            spelled = self.byte_vocab[t]
+            found.update(u for n in range(n0 + 1, len(spelled)) if (u := by_bytes.get(spelled[:n])) is not None)
         out = [t for t in found if self.cache.get_logp(ids[:-1] + (t,)) is None]
         out.sort(key=lambda t: -lp[t])
         return out[:k]
 
     def _longer_sibling(self, ids: tuple) -> int | None:
-        """The likeliest of the SIBLING_TOP tokens ``t`` after ``ids[:-1]`` that spells
-        ``ids[-1]``'s bytes and more and whose context ``ids[:-1] + (t,)`` is cached (computed
-        with ``ids``, see :meth:`_siblings`), else None."""
-        if len(ids) < 2:
-            return None
-        row = self.cache.get_logp(ids[:-1])
-        if row is None:
-            return None
-        vocab, last = self.byte_vocab, self.byte_vocab[ids[-1]]
-        for t in _top(_np_row(row), SIBLING_TOP):
-            spelled = vocab[t]
-            if len(spelled) > len(last) and spelled.startswith(last) and self.cache.get_logp(ids[:-1] + (t,)) is not None:
-                return t
-        return None
+        """The likeliest longer token (see :meth:`_longer_tokens`) whose context
+        ``ids[:-1] + (t,)`` is cached (computed with ``ids``, see :meth:`_siblings`), else None."""
+        return next((t for t in self._longer_tokens(ids)[0] if self.cache.get_logp(ids[:-1] + (t,)) is not None),
+                    None)
 
     def _run_ahead(self, ids: tuple, ref, p: int) -> tuple[int, object]:
         """A context far longer than its cached past ``p`` (e.g. one whose past was evicted) runs
@@ -539,7 +534,7 @@ class AsyncTransformer(AsyncLM):
         block.filled = filled
         return block
 
-    def _into_arena(self, nodes, block: KVBlock, new: bool) -> None:
+    def _point_at_arena(self, nodes, block: KVBlock, new: bool) -> None:
         """Point ``nodes`` (a context's, from depth 1) at ``block``'s slots. A new arena also
         takes over the prefix the pass ran on (which it holds a copy of), so the segments or
         the arena that prefix came from are freed unless other contexts still hold them."""
@@ -597,7 +592,7 @@ class AsyncTransformer(AsyncLM):
             path = self.cache.walk(ids, create=True)
             new_nodes = path[p:]
             if arena_block is not None:
-                self._into_arena(path if arena[0] is None else new_nodes, arena_block, arena[0] is None)
+                self._point_at_arena(path if arena[0] is None else new_nodes, arena_block, arena[0] is None)
             elif block is not None:
                 self._put_segment(new_nodes, block, b, 0, p, ref if p else None, layers)
             if all_positions:
@@ -845,7 +840,7 @@ class AsyncTransformer(AsyncLM):
                 continue
             nodes = self.cache.walk(ctx, create=True)
             if e == 0 and arena:
-                self._into_arena(nodes if arena[0] is None else nodes[i:], path_block, arena[0] is None)
+                self._point_at_arena(nodes if arena[0] is None else nodes[i:], path_block, arena[0] is None)
             else:
                 # Only the path's slots hold a whole past in the buffer (an item's ancestors are spread).
                 blk, start = at(s)
@@ -1074,7 +1069,7 @@ def _pass_layer_class():
             self.new_keys, self.new_values = key_states, value_states
             P, i = self.past, self.index
             if self.arena is not None:
-                return self._into_arena(key_states, value_states)
+                return self._write_arena(key_states, value_states)
             if P == 0:
                 K, V = key_states, value_states
             elif len(self.pasts) == 1:  # one row, no padding: one concatenation
@@ -1101,7 +1096,7 @@ def _pass_layer_class():
                 self.kept[row] = (K[row:row + 1, :, lo:hi].clone(), V[row:row + 1, :, lo:hi].clone())
             return K, V
 
-        def _into_arena(self, key_states, value_states):
+        def _write_arena(self, key_states, value_states):
             P, i, n = self.past, self.index, key_states.shape[2]
             block, cap = self.arena
             if block is None:
