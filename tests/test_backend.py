@@ -681,7 +681,7 @@ async def test_passes_use_grouped_attention_and_restore_the_model(embedded_lm, m
     grouped attention, without repeating the past per head; the model's own setting is unchanged."""
     import genlm_bytes.lm.transformer as tmod
 
-    lm = transformer(embedded_lm)
+    lm = transformer(embedded_lm, lean=False)  # (the lean decoder has its own grouped attention)
     seen = []
     inner = tmod._grouped_sdpa
 
@@ -1014,7 +1014,8 @@ async def test_generation_writes_one_arena_in_place_and_stays_exact(embedded_lm,
 
 
 @pytest.mark.slow
-async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded_lm, embedded_hf, hf64):
+@pytest.mark.parametrize("lean", [True, False])
+async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded_lm, embedded_hf, hf64, lean):
     """After serving a lone request, the model's thread runs that context extended by the token a
     greedy byte walk of its distribution ends at, by its likeliest token, and by the likely
     shorter tokens spelling the former's start (which a byte-level beam asks for first), before
@@ -1025,7 +1026,8 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
     import genlm_bytes.lm.transformer as tr
 
     hf_model, tok = hf64, embedded_hf[1]
-    lm = transformer(embedded_lm, hf_model, lookahead=True)
+    lm = transformer(embedded_lm, hf_model, lookahead=True, lean=lean)
+    assert (lm.lean is not None) == lean
     loop = asyncio.get_running_loop()
 
     async def idle():  # the model's thread has finished what it queued
@@ -1035,6 +1037,18 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
         lp = row.numpy()
         return tr._byte_mode(lp, tr._top(lp, tr.AHEAD_TOP), lm.byte_vocab, lm.eos_token_ids)
 
+    # A look-ahead pass checks before every layer whether it was stopped: armed, the check
+    # holds the pass at its first layer until the gate opens.
+    gate, entered, armed = threading.Event(), threading.Event(), threading.Event()
+    check = lm._check_abort
+
+    def hold(*args):
+        if armed.is_set() and lm._abort is not None and lm._abort[1] == threading.get_ident():
+            entered.set()
+            gate.wait(30)
+        check(*args)
+
+    lm._check_abort = hold
     ctx = [0] + tok.encode("Once upon a time, there was")
     row = await lm.next_token_logprobs(ctx)
     await idle()
@@ -1049,15 +1063,7 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
     for t in {*shorter, best} - {a}:
         assert_close_to_uncached(hf_model, ctx + [t], await lm.next_token_logprobs(ctx + [t]))
     # Asking for the guess starts the next guess; a request for another context stops it.
-    gate, entered = threading.Event(), threading.Event()
-    body = lm.model.get_decoder()
-
-    def hold(module, args):
-        if lm._abort is not None and lm._abort[1] == threading.get_ident():  # a look-ahead pass
-            entered.set()
-            gate.wait(30)
-
-    handle = body.layers[0].register_forward_pre_hook(hold)
+    armed.set()
     try:
         guessed = await lm.next_token_logprobs(ctx + [a])
         assert lm.batcher.n_batches == batches, "the guessed contexts should come from the cache"
@@ -1073,7 +1079,8 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
         gate.set()
         assert_close_to_uncached(hf_model, other, await asyncio.wait_for(task, 60))
     finally:
-        handle.remove()
+        armed.clear()
+        gate.set()
     await idle()
     assert not lm.has_logprobs(nxt), "the stopped pass should have cached nothing"
     assert lm._abort is None and lm.cache.reserved == lm._base_reserve

@@ -112,11 +112,13 @@ class AsyncTransformer(AsyncLM):
     def __init__(self, hf_model, hf_tokenizer, *, batch_size: int = 32,
                  cache_budget_bytes: int = DEFAULT_CACHE_BUDGET, initial_context=None,
                  eos_token_ids=None, kv_reuse: bool = True, byte_vocab=None,
-                 draft_tokens: int = DRAFT_TOKENS, lookahead: bool = True):
+                 draft_tokens: int = DRAFT_TOKENS, lookahead: bool = True, lean: bool = True):
         if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
             raise ValueError(f"draft_tokens must be a non-negative int, got {draft_tokens!r}")
         if not isinstance(lookahead, bool):
             raise TypeError(f"lookahead must be True or False, got {lookahead!r}")
+        if not isinstance(lean, bool):
+            raise TypeError(f"lean must be True or False, got {lean!r}")
         if byte_vocab is None:
             from genlm_bytes.lm.vocab import byte_vocab_from_tokenizer
 
@@ -171,6 +173,13 @@ class AsyncTransformer(AsyncLM):
         self._abort: tuple[threading.Event, int] | None = None
         self._hooked = False  # the layers' abort checks are registered (see _abort_hooks)
         self._by_bytes: dict[bytes, int] | None = None  # see by_bytes
+        # The decoder's passes without transformers' per-module overhead, when the model is one
+        # it computes exactly (checked on a few tokens; see genlm_bytes.lm.lean).
+        self.lean = None
+        if lean and self.kv_reuse:
+            from genlm_bytes.lm.lean import lean_decoder
+
+            self.lean = lean_decoder(hf_model)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -392,24 +401,37 @@ class AsyncTransformer(AsyncLM):
             if self._ahead is ahead and ahead.abort.is_set():
                 self._ahead = None
 
+    def _check_abort(self, *args) -> None:
+        """Stop a look-ahead pass whose abort event is set (raises :class:`_Stopped`), in the
+        model's thread only (see ``_abort``); run before every decoder layer."""
+        stop = self._abort
+        if stop is not None and stop[0].is_set() and stop[1] == threading.get_ident():
+            raise _Stopped
+
     def _abort_hooks(self) -> bool:
-        """Register (once) a check before every decoder layer that stops a pass whose abort
-        event is set (raising :class:`_Stopped`); False when the model's layers are not found."""
+        """Register (once) :meth:`_check_abort` before every decoder layer (the lean decoder
+        calls it itself); False when the model's layers are not found."""
+        if self.lean is not None:
+            return True
         if not self._hooked:
             body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
             layers = getattr(body, "layers", None)
             if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
                 return False
-
-            def check(module, args):
-                stop = self._abort
-                if stop is not None and stop[0].is_set() and stop[1] == threading.get_ident():
-                    raise _Stopped
-
             for layer in layers:
-                layer.register_forward_pre_hook(check)
+                layer.register_forward_pre_hook(self._check_abort)
             self._hooked = True
         return True
+
+    def _body(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """The decoder's final hidden states ``(B, T, H)`` for one pass (lean when possible)."""
+        if self.lean is not None:
+            return self.lean(input_ids, attention_mask, position_ids, cache,
+                             self._check_abort if self._abort is not None else None)
+        body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+        with _grouped_attention(self.model):
+            return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=cache, use_cache=True).last_hidden_state
 
     def _drafted(self, ids: tuple, ref, p: int) -> torch.Tensor | None:
         """One context alone, a few new tokens: runs it with the tokens guessed to be asked for
@@ -566,14 +588,8 @@ class AsyncTransformer(AsyncLM):
         self._reserve_pass(B, P + Kn, Kn, sum(ks) if all_positions else B, keep, arena)
         cache = self._make_cache(rows, P, keep, arena)
         dev = self.device
-        body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
-        with _grouped_attention(self.model):
-            # One row has no padding: transformers' own causal mask (none for one new token) is exact.
-            out = body(input_ids=input_ids.to(dev), attention_mask=attn.to(dev) if B > 1 else None,
-                       position_ids=pos.to(dev),
-                       past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state  # (B, Kn, H)
-        del out
+        # One row has no padding: the plain causal mask (none for one new token) is exact.
+        hidden = self._body(input_ids.to(dev), attn.to(dev) if B > 1 else None, pos.to(dev), cache)  # (B, Kn, H)
         self.n_forward_tokens += sum(ks)
         if all_positions:
             sel = [hidden[b, : ks[b]] for b in range(B)]  # each (k_b, H)
@@ -799,14 +815,11 @@ class AsyncTransformer(AsyncLM):
         keep = [(0, 0, n_path)] if _chain_full(ref) and not arena else []
         self._reserve_pass(1, P + Q, Q, Q, keep, arena)
         cache = self._make_cache([(ids[:P], ref, P)], P, keep, arena)
-        body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         dev = self.device
-        with _grouped_attention(self.model):
-            out = body(input_ids=torch.tensor([tokens], device=dev), attention_mask=mask.to(dev),
-                       position_ids=pos[None].to(dev), past_key_values=cache, use_cache=True)
+        hidden = self._body(torch.tensor([tokens], device=dev), mask.to(dev), pos[None].to(dev), cache)
         self.n_forward_tokens += Q
-        logp_rows = self._logprob_rows(out.last_hidden_state[0])  # Q rows, in slot order
-        del out
+        logp_rows = self._logprob_rows(hidden[0])  # Q rows, in slot order
+        del hidden
         layers = cache.layers
         path_block, alt_block = _split_block(layers, tail, bool(arena))
         if arena:

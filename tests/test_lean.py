@@ -1,0 +1,121 @@
+"""The lean decoder pass (genlm_bytes.lm.lean): the model's own hidden states, for the models it
+recognizes, and transformers' forward for the others."""
+
+import pytest
+import torch
+
+from genlm_bytes.lm.lean import LeanDecoder, lean_decoder
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def tiny(kind="llama", **overrides):
+    """A small random model of a transformers family (float32, eval mode)."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = {"vocab_size": 97, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2,
+                  "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 128}
+    common.update(overrides)
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(**common)
+        model = transformers.LlamaForCausalLM(cfg)
+    return model.eval()
+
+
+def hf_hidden(model, ids, mask, pos, cache):
+    return model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                               use_cache=True).last_hidden_state
+
+
+def passes(model, run):
+    """Hidden states of four kinds of pass: a causal prompt, new tokens on its past, a ragged batch
+    (left-padded pasts, right-padded new tokens) and a tree-masked pass on a past."""
+    from transformers import DynamicCache
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen)
+    out = []
+    c = DynamicCache(config=model.config)
+    out.append(run(ids[:1, :5], None, torch.arange(5)[None], c))
+    out.append(run(ids[:1, 5:8], None, torch.arange(5, 8)[None], c))
+    mask = torch.ones((2, 9), dtype=torch.long)
+    mask[0, :3] = 0  # row 0: 6 tokens, left-padded
+    mask[1, 8] = 0  # row 1: its last new token is padding
+    pos = torch.stack([torch.arange(-3, 6).clamp(min=0), torch.arange(9)])
+    full = run(ids, mask, pos, DynamicCache(config=model.config))
+    out += [full[0, 3:], full[1, :8]]
+    c = DynamicCache(config=model.config)
+    run(ids[:1, :4], None, torch.arange(4)[None], c)
+    # Four new tokens on a past of 4: a path of two, then a branch at position 4 and its child.
+    allowed = torch.ones(4, 8, dtype=torch.bool)
+    allowed[:, 4:] = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    tree = torch.zeros(1, 1, 4, 8).masked_fill_(~allowed, float("-inf"))
+    out.append(run(ids[:1, 4:8], tree, torch.tensor([[4, 5, 4, 5]]), c))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_lean_passes_equal_the_models_own(kind):
+    model = tiny(kind)
+    lean = lean_decoder(model)
+    assert isinstance(lean, LeanDecoder)
+    want = passes(model, lambda *a: hf_hidden(model, *a))
+    got = passes(model, lambda *a: lean(*a))
+    assert len(got) == len(want) == 5
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_a_check_before_each_layer_can_stop_the_pass():
+    from transformers import DynamicCache
+
+    model = tiny()
+    lean = lean_decoder(model)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def before():
+        seen.append(1)
+        if len(seen) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        lean(torch.tensor([[1, 2, 3]]), None, torch.arange(3)[None], DynamicCache(config=model.config), before)
+    assert len(seen) == 2
+
+
+def test_models_it_does_not_compute_exactly_run_through_transformers():
+    assert lean_decoder(tiny(hidden_act="gelu")) is None  # another activation
+    assert lean_decoder(tiny(rope_scaling={"rope_type": "dynamic", "factor": 2.0})) is None
+    odd = tiny()
+    odd.config.model_type = "gemma"  # a family with other norms and scaled embeddings
+    assert lean_decoder(odd) is None
+    # Recognized by its parts, but computing something else: the check on a few tokens says so.
+    changed = tiny()
+    changed.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    assert lean_decoder(changed) is None
+
+
+async def test_the_backend_uses_it_and_can_be_told_not_to(embedded_lm):
+    from genlm_bytes.lm.transformer import AsyncTransformer
+
+    assert embedded_lm.lean is not None  # the embedded model (LLaMA family) runs lean passes
+    common = {"byte_vocab": embedded_lm.byte_vocab, "initial_context": embedded_lm.initial_context,
+                  "eos_token_ids": embedded_lm.eos_token_ids, "lookahead": False}
+    off = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, lean=False, **common)
+    on = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, **common)
+    assert off.lean is None and on.lean is not None
+    ids = [0] + embedded_lm.tokenizer.encode("The quick brown fox jumps")
+    for ctx in (ids, ids + [11], ids[:-1]):
+        torch.testing.assert_close(await on.next_token_logprobs(ctx), await off.next_token_logprobs(ctx),
+                                   atol=1e-4, rtol=0)
+    for bad in (1, None, "no"):
+        with pytest.raises(TypeError, match="lean"):
+            AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, lean=bad, **common)
