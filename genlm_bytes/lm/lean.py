@@ -54,13 +54,31 @@ class LeanDecoder:
         rot = body.rotary_emb
         self.inv_freq = rot.inv_freq
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
+        self._cos = self._sin = None  # rotary tables by position (grown on demand)
+        # The parameters each layer reads, looked up once (a module attribute costs a Python call;
+        # the Parameter objects stay the model's own, so moving or loading the model is seen).
+        self._weights = []
+        for layer in self.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+            self._weights.append((
+                n1.weight, n1.variance_epsilon, at.q_proj.weight, at.q_proj.bias, at.k_proj.weight,
+                at.k_proj.bias, at.v_proj.weight, at.v_proj.bias, at.o_proj.weight, at.o_proj.bias,
+                n2.weight, n2.variance_epsilon, mlp.gate_proj.weight, mlp.gate_proj.bias,
+                mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias))
 
     def _rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, d/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(dtype)[:, None]  # (B, 1, T, d)
-        sin = (emb.sin() * self.rope_scale).to(dtype)[:, None]
-        return cos, sin
+        """cos and sin ``(B, 1, T, d)`` at ``position_ids``, from tables computed as transformers
+        does (float32 angles, scaled, then cast)."""
+        need = int(position_ids.max()) + 1
+        cos = self._cos
+        if cos is None or cos.shape[0] < need or cos.dtype != dtype or cos.device != position_ids.device:
+            n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
+            freqs = torch.arange(n, device=position_ids.device).float()[:, None] * self.inv_freq.float()[None]
+            emb = torch.cat((freqs, freqs), dim=-1)  # (n, d)
+            self._cos = (emb.cos() * self.rope_scale).to(dtype)
+            self._sin = (emb.sin() * self.rope_scale).to(dtype)
+        return self._cos[position_ids][:, None], self._sin[position_ids][:, None]
 
     def _mask(self, attention_mask, B: int, T: int, L: int, device):
         """None (attend to everything), or a mask broadcastable to ``(B, 1, T, L)``."""
@@ -78,42 +96,46 @@ class LeanDecoder:
     def __call__(self, input_ids, attention_mask, position_ids, cache, before_layer=None) -> torch.Tensor:
         body = self.body
         x = F.embedding(input_ids, body.embed_tokens.weight)  # (B, T, H)
-        B, T, _ = x.shape
+        B, T, H = x.shape
+        shape = (H,)
         cos, sin = self._rope(position_ids, x.dtype)
         h, hk, d, g = self.heads, self.kv_heads, self.head_dim, self.groups
         half = d // 2
+        linear, rms_norm, cat = F.linear, F.rms_norm, torch.cat
         mask = None
-        for i, layer in enumerate(self.layers):
+        for i, (w1, e1, wq, bq, wk, bk, wv, bv, wo, bo, w2, e2, wg, bg, wu, bu, wd, bd) in enumerate(self._weights):
             if before_layer is not None:
                 before_layer()
-            attn, mlp = layer.self_attn, layer.mlp
-            n1 = layer.input_layernorm
-            y = F.rms_norm(x, (x.shape[-1],), n1.weight, n1.variance_epsilon)
-            q = F.linear(y, attn.q_proj.weight, attn.q_proj.bias).view(B, T, h, d).transpose(1, 2)
-            k = F.linear(y, attn.k_proj.weight, attn.k_proj.bias).view(B, T, hk, d).transpose(1, 2)
-            v = F.linear(y, attn.v_proj.weight, attn.v_proj.bias).view(B, T, hk, d).transpose(1, 2)
-            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
-            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+            y = rms_norm(x, shape, w1, e1)
+            q = linear(y, wq, bq).view(B, T, h, d).transpose(1, 2)
+            k = linear(y, wk, bk).view(B, T, hk, d).transpose(1, 2)
+            v = linear(y, wv, bv).view(B, T, hk, d).transpose(1, 2)
+            q = q * cos + cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+            k = k * cos + cat((-k[..., half:], k[..., :half]), dim=-1) * sin
             K, V = cache.layers[i].update(k, v)
             L = K.shape[2]
             if i == 0:
                 mask = self._mask(attention_mask, B, T, L, x.device)
+                if mask is not None and g > 1:
+                    mask = mask.expand(B, 1, T, L)[:, :, None].expand(B, 1, g, T, L).reshape(B, 1, g * T, L)
             # The g query heads sharing a key/value head attend as one stacked group: no copy of
             # the keys and values per head.
-            qg = q.reshape(B, hk, g * T, d)
-            m = mask
-            if m is not None and g > 1:
-                m = m.expand(B, 1, T, L)[:, :, None].expand(B, 1, g, T, L).reshape(B, 1, g * T, L)
-            o = F.scaled_dot_product_attention(qg, K, V, attn_mask=m, scale=self.scaling)
-            o = o.reshape(B, h, T, d).transpose(1, 2).reshape(B, T, h * d)
-            x = x + F.linear(o, attn.o_proj.weight, attn.o_proj.bias)
-            n2 = layer.post_attention_layernorm
-            y = F.rms_norm(x, (x.shape[-1],), n2.weight, n2.variance_epsilon)
-            gp, up, dp = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-            y = F.silu(F.linear(y, gp.weight, gp.bias)) * F.linear(y, up.weight, up.bias)
-            x = x + F.linear(y, dp.weight, dp.bias)
+            o = F.scaled_dot_product_attention(q.reshape(B, hk, g * T, d), K, V, attn_mask=mask, scale=self.scaling)
+            x = x + linear(o.reshape(B, h, T, d).transpose(1, 2).reshape(B, T, h * d), wo, bo)
+            y = rms_norm(x, shape, w2, e2)
+            x = x + linear(F.silu(linear(y, wg, bg)) * linear(y, wu, bu), wd, bd)
         n = body.norm
-        return F.rms_norm(x, (x.shape[-1],), n.weight, n.variance_epsilon)
+        return rms_norm(x, shape, n.weight, n.variance_epsilon)
+
+
+class LeanCache:
+    """The cache a :class:`LeanDecoder` pass needs: ``layers[i].update(k, v)`` -> the layer's
+    whole keys and values (no transformers ``Cache`` object to build per pass)."""
+
+    __slots__ = ("layers",)
+
+    def __init__(self, layers):
+        self.layers = layers
 
 
 def _children(module) -> set[str]:

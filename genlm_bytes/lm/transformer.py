@@ -638,9 +638,16 @@ class AsyncTransformer(AsyncLM):
         reaches it, and lets it go after: one layer's pasts are copied at a time, not every
         layer's. ``keep``: ``(row, lo, hi)``, slots of a row whose context is kept whole (a chain
         of MAX_SEGMENTS segments is stored as one block by the pass, see :meth:`_put_segment`).
-        ``arena``: one row's pass writes into an arena (see :meth:`_arena_for`)."""
+        ``arena``: one row's pass writes into an arena (see :meth:`_arena_for`). The lean
+        decoder's passes take a plain list of such layers (a :class:`LeanCache`)."""
         from transformers import DynamicCache
 
+        if self.lean is not None and self.kv_reuse:
+            from genlm_bytes.lm.lean import LeanCache
+
+            pasts = [(ref.segments(p) if p else [], p) for _, ref, p in rows]
+            return LeanCache([_PassLayer(i, pasts, P, keep, arena, ready=True)
+                              for i in range(len(self.lean.layers))])
         cache = DynamicCache(config=self.model.config)
         if not self.kv_reuse:
             return cache
@@ -1066,8 +1073,9 @@ def _pass_layer_class():
         row's new tokens into that arena after its tip, ``(None, capacity)`` into a new arena
         buffer (``arena_kv``) after a copy of the past (see AsyncTransformer._arena_for)."""
 
-        def __init__(self, index: int, pasts, past: int, keep=(), arena=None):
+        def __init__(self, index: int, pasts, past: int, keep=(), arena=None, ready=False):
             super().__init__()
+            self.is_initialized = ready  # (True: no transformers bookkeeping on the first update)
             self.index, self.pasts, self.past, self.keep, self.arena = index, pasts, past, keep, arena
             self.new_keys = self.new_values = None
             self.arena_kv = None
@@ -1138,8 +1146,8 @@ def _piece(t: torch.Tensor, row: int, start: int, n: int) -> torch.Tensor:
     return t if start == 0 and n == t.shape[2] else t.narrow(2, start, n)
 
 
-def _PassLayer(index: int, pasts, past: int, keep=(), arena=None):  # a class made on first use
-    return _pass_layer_class()(index, pasts, past, keep, arena)  # (transformers imports late)
+def _PassLayer(index: int, pasts, past: int, keep=(), arena=None, ready=False):  # a class made on first use
+    return _pass_layer_class()(index, pasts, past, keep, arena, ready)  # (transformers imports late)
 
 
 GROUPED_SDPA = "genlm_grouped_sdpa"
