@@ -105,6 +105,9 @@ class AsyncTransformer(AsyncLM):
             while the caller is still working through that token's bytes; asking for it
             starts the next such pass, asking for any other context stops it at its next layer
             (:meth:`stop_lookahead` too). Exact either way; False: off.
+        lean: run the passes of a LLaMA-family model with :mod:`genlm_bytes.lm.lean` (the same
+            decoder without transformers' per-module overhead; used only if a check on a few
+            tokens agrees with the model's own forward). False: transformers' forward always.
     """
 
     _trusted_output = True
