@@ -1096,6 +1096,48 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
 
 
 @pytest.mark.slow
+async def test_a_few_contexts_asked_together_get_one_lookahead_pass(embedded_lm, embedded_hf, hf64):
+    """Contexts asked for in one go (a beam whose covers follow the same text in two
+    segmentations, a few states stepping together) are guessed together: each extended by the
+    token its greedy byte walk ends at, in one pass; asking for those guesses in one go serves
+    them from the cache (exact) and guesses the next ones. Larger batches get no guesses."""
+    import genlm_bytes.lm.transformer as tr
+
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model, lookahead=True)
+    loop = asyncio.get_running_loop()
+
+    async def idle():
+        await loop.run_in_executor(lm.batcher._executor, lambda: None)
+
+    def guess(row):
+        lp = row.numpy()
+        return tr._byte_mode(lp, tr._top(lp, tr.AHEAD_TOP), lm.byte_vocab, lm.eos_token_ids)
+
+    ctxs = [[0] + tok.encode("Once upon a time, there was"), [0] + tok.encode("The three primary colors are")]
+    rows = await asyncio.gather(*(lm.next_token_logprobs(c) for c in ctxs))
+    assert lm.batcher.n_batches == 1, "asked in one go: one batch"
+    await idle()
+    nxt = [c + [guess(r)] for c, r in zip(ctxs, rows)]
+    batches = lm.batcher.n_batches
+    assert all(lm.has_logprobs(c) for c in nxt)
+    got = await asyncio.gather(*(lm.next_token_logprobs(c) for c in nxt))
+    assert lm.batcher.n_batches == batches, "the guessed contexts should come from the cache"
+    for c, r in zip(nxt, got):
+        assert_close_to_uncached(hf_model, c, r)
+    await idle()
+    after = [c + [guess(r)] for c, r in zip(nxt, got)]
+    assert all(lm.has_logprobs(c) for c in after), "asking for the guesses guesses the next ones"
+    assert lm._abort is None and lm.cache.reserved == lm._base_reserve
+    assert_cache_consistent(lm.cache)
+    # More than AHEAD_GROUP contexts at once: no guesses.
+    many = [[0] + tok.encode(f"Item {i} of the list is") for i in range(tr.AHEAD_GROUP + 1)]
+    rows = await asyncio.gather(*(lm.next_token_logprobs(c) for c in many))
+    await idle()
+    assert not any(lm.has_logprobs(c + [guess(r)]) for c, r in zip(many, rows))
+
+
+@pytest.mark.slow
 async def test_siblings_are_the_likeliest_longer_tokens_and_the_tokens_on_their_way(embedded_lm, embedded_hf):
     """A lone request ending with a short token (" ") runs, in the same pass, the likeliest
     contexts the beam may ask for next inside a longer token: the likeliest longer tokens (" the")

@@ -65,6 +65,7 @@ AHEAD_SHORTER = 2  # a look-ahead pass also runs up to this many shorter tokens 
 AHEAD_SHORTER_P = 0.01  # ... that have at least this probability (see _start_lookahead)
 AHEAD_SIBLING = True  # ... or the likeliest token after a longer sibling computed with the context
 AHEAD_TOP = 64  # tokens a look-ahead's greedy byte walk considers (see _byte_mode)
+AHEAD_GROUP = 4  # a batch of at most this many generation requests gets a look-ahead pass too
 # Arenas (see KVBlock): a lone request's pass (sequential generation) stores its whole context in
 # one block with room for ARENA_SPARE_MIN slots or ARENA_SPARE_SHARE of the context more (whichever
 # is more), if that block takes at most ARENA_BUDGET_SHARE of the budget; the passes extending it
@@ -213,7 +214,10 @@ class AsyncTransformer(AsyncLM):
         ahead = self._ahead
         if hit is not None:
             if ahead is not None and key in ahead.paths and GUESS_AHEAD.get():  # the guess was right:
-                self._start_lookahead(key, hit)  # guess the next one
+                if len(ahead.paths) > 1:  # guess the next one(s)
+                    self._group_hit(ahead, key, hit)
+                else:
+                    self._start_lookahead(key, hit)
             return hit
         if ahead is not None and key not in ahead.targets:
             ahead.abort.set()  # a look-ahead pass for other contexts: stop it
@@ -328,7 +332,82 @@ class AsyncTransformer(AsyncLM):
             # the likeliest longer sibling computed with it (" the", see _drafted): guess both.
             ids = requests[0][0]
             self._start_lookahead(ids, out[0], self._longer_sibling(ids))
+        elif 1 < len(requests) <= AHEAD_GROUP and all(may for _, may in requests):
+            self._start_group_lookahead([ids for ids, _ in requests], out)
         return out
+
+    def _start_group_lookahead(self, contexts: list[tuple], rows: list) -> None:
+        """Queue one look-ahead pass for a few contexts asked for together (a beam whose covers
+        follow the same text in different segmentations, or a few states stepping together):
+        each extended by the token a greedy byte walk of its distribution ends at (see
+        :func:`_byte_mode`), as one batch. Asking for all of them (or some, in one go) starts
+        the next guess; asking for any other context stops it, as for one context."""
+        if not self.lookahead or not self.kv_reuse:
+            return
+        paths = []
+        for ids, row in zip(contexts, rows):
+            if self.max_positions and len(ids) + 1 > self.max_positions:
+                continue
+            lp = _np_row(row)
+            a = _byte_mode(lp, _top(lp, AHEAD_TOP), self.byte_vocab, self.eos_token_ids)
+            if a is not None and self.cache.get_logp(ids + (a,)) is None:
+                paths.append(ids + (a,))
+        paths = tuple(dict.fromkeys(paths))
+        if not paths:
+            return
+        ahead = _Ahead(frozenset(paths), frozenset(paths), threading.Event())
+        old, self._ahead = self._ahead, ahead
+        if old is not None:
+            old.abort.set()
+        self.batcher._executor.submit(self._lookahead_rows, ahead, paths)
+
+    def _lookahead_rows(self, ahead: _Ahead, paths: tuple) -> None:
+        """Run a group look-ahead pass (model's thread; see :meth:`_start_group_lookahead`)
+        unless stopped: the paths whose contexts are cached, in one batch."""
+        try:
+            with self.batcher._lock, torch.inference_mode():
+                if ahead.abort.is_set():
+                    return
+                rows = []
+                for path in paths:
+                    if self.cache.get_logp(path) is None:
+                        P, ref = self.cache.deepest_kv(path, len(path) - 1)
+                        if P == len(path) - 1:  # (a context whose past was evicted: no guess)
+                            rows.append((path, ref, P))
+                if not rows or not self._abort_hooks():
+                    return
+                self._abort = (ahead.abort, threading.get_ident())
+                try:
+                    self._forward(rows, all_positions=True, grow=len(rows) == 1)
+                except _Stopped:
+                    self.cache.reserve(self._base_reserve)
+                    logger.debug("group look-ahead pass stopped")
+                finally:
+                    self._abort = None
+        except Exception:  # a failed guess fails no caller (a real request would report the error)
+            logger.debug("group look-ahead pass failed", exc_info=True)
+        finally:
+            if self._ahead is ahead and ahead.abort.is_set():
+                self._ahead = None
+
+    def _group_hit(self, ahead: _Ahead, key: tuple, row: torch.Tensor) -> None:
+        """A path of a group look-ahead was asked for: once the requests of this turn of the
+        event loop are in, guess what follows the paths asked for (see
+        :meth:`_start_group_lookahead`)."""
+        first = not ahead.hits
+        ahead.hits[key] = row
+        if first:
+            asyncio.get_running_loop().call_soon(self._after_group_hits, ahead)
+
+    def _after_group_hits(self, ahead: _Ahead) -> None:
+        if ahead.abort.is_set() or self._ahead is not ahead:
+            return  # (another context was asked for meanwhile: its own pass guesses next)
+        hits, ahead.hits = ahead.hits, {}
+        if len(hits) == 1:
+            (key, row), = hits.items()
+            self._start_lookahead(key, row)
+        else:
+            self._start_group_lookahead(list(hits), list(hits.values()))
 
     def _start_lookahead(self, ids: tuple, row: torch.Tensor, sibling: int | None = None) -> None:
         """Queue a look-ahead pass after the lone context ``ids`` (its distribution ``row``):
@@ -889,10 +968,11 @@ class _Ahead:
     """A look-ahead pass: the contexts it guesses the caller goes on with (``paths``: asking for
     one starts the next guess), every context it computes, and the event that stops it."""
 
-    __slots__ = ("abort", "paths", "targets")
+    __slots__ = ("abort", "hits", "paths", "targets")
 
     def __init__(self, paths: frozenset, targets: frozenset, abort: threading.Event):
         self.paths, self.targets, self.abort = paths, targets, abort
+        self.hits: dict[tuple, torch.Tensor] = {}  # paths asked for this turn (group passes)
 
 
 def _byte_mode(lp, top: list[int], vocab, eos_ids) -> int | None:
