@@ -364,31 +364,16 @@ class AsyncTransformer(AsyncLM):
     def _lookahead_rows(self, ahead: _Ahead, paths: tuple) -> None:
         """Run a group look-ahead pass (model's thread; see :meth:`_start_group_lookahead`)
         unless stopped: the paths whose contexts are cached, in one batch."""
-        try:
-            with self.batcher._lock, torch.inference_mode():
-                if ahead.abort.is_set():
-                    return
-                rows = []
-                for path in paths:
-                    if self.cache.get_logp(path) is None:
-                        P, ref = self.cache.deepest_kv(path, len(path) - 1)
-                        if P == len(path) - 1:  # (a context whose past was evicted: no guess)
-                            rows.append((path, ref, P))
-                if not rows or not self._abort_hooks():
-                    return
-                self._abort = (ahead.abort, threading.get_ident())
-                try:
-                    self._forward(rows, all_positions=True, grow=len(rows) == 1)
-                except _Stopped:
-                    self.cache.reserve(self._base_reserve)
-                    logger.debug("group look-ahead pass stopped")
-                finally:
-                    self._abort = None
-        except Exception:  # a failed guess fails no caller (a real request would report the error)
-            logger.debug("group look-ahead pass failed", exc_info=True)
-        finally:
-            if self._ahead is ahead and ahead.abort.is_set():
-                self._ahead = None
+        def prepare():
+            rows = []
+            for path in paths:
+                if self.cache.get_logp(path) is None:
+                    P, ref = self.cache.deepest_kv(path, len(path) - 1)
+                    if P == len(path) - 1:  # (a context whose past was evicted: no guess)
+                        rows.append((path, ref, P))
+            return (lambda: self._forward(rows, all_positions=True, grow=len(rows) == 1)) if rows else None
+
+        self._guarded_pass(ahead, prepare)
 
     def _group_hit(self, ahead: _Ahead, key: tuple, row: torch.Tensor) -> None:
         """A path of a group look-ahead was asked for: once the requests of this turn of the
@@ -459,19 +444,32 @@ class AsyncTransformer(AsyncLM):
 
     def _lookahead(self, ahead: _Ahead, ids: tuple, a: int, items: tuple) -> None:
         """Run a look-ahead pass (model's thread; see :meth:`_start_lookahead`) unless stopped."""
+        def prepare():
+            if self.cache.get_logp(ids + (a,)) is not None:
+                return None
+            P, ref = self.cache.deepest_kv(ids, len(ids))
+            if P < len(ids):
+                return None  # (the context's past was evicted: no guessing then)
+            if items:
+                return lambda: self._tree_pass(ids + (a,), P, ref, 1, list(items), grow=True)
+            return lambda: self._forward([(ids + (a,), ref, P)], all_positions=True, grow=True)
+
+        self._guarded_pass(ahead, prepare)
+
+    def _guarded_pass(self, ahead: _Ahead, prepare) -> None:
+        """In the model's thread: unless ``ahead`` was stopped, ``prepare()`` (under the model's
+        lock) returns the look-ahead pass to run (or None), which runs with the abort check on
+        (see :meth:`_check_abort`); a stopped or failed pass caches nothing and fails no caller."""
         try:
             with self.batcher._lock, torch.inference_mode():
-                if ahead.abort.is_set() or self.cache.get_logp(ids + (a,)) is not None:
+                if ahead.abort.is_set():
                     return
-                P, ref = self.cache.deepest_kv(ids, len(ids))
-                if P < len(ids) or not self._abort_hooks():
-                    return  # (the context's past was evicted: no guessing then)
+                run = prepare()
+                if run is None or not self._abort_hooks():
+                    return
                 self._abort = (ahead.abort, threading.get_ident())
                 try:
-                    if items:
-                        self._tree_pass(ids + (a,), P, ref, 1, list(items), grow=True)
-                    else:
-                        self._forward([(ids + (a,), ref, P)], all_positions=True, grow=True)
+                    run()
                 except _Stopped:
                     self.cache.reserve(self._base_reserve)
                     logger.debug("look-ahead pass stopped")
