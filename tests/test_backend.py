@@ -732,6 +732,32 @@ async def test_long_chains_are_stored_whole_and_stay_exact(embedded_lm, embedded
 
 
 @pytest.mark.slow
+async def test_generation_batches_store_short_chains(embedded_lm, embedded_hf, hf64, monkeypatch):
+    """Contexts generated a token at a time, several per pass, are stored whole once their chain
+    has MIN_SEGMENTS segments (on a short past), so no pass gathers long chains; the requests of
+    a known text (scoring) keep chains up to MAX_SEGMENTS."""
+    import genlm_bytes.lm.transformer as tr
+    from genlm_bytes.lm.base import known_text
+
+    monkeypatch.setattr(tr, "MIN_SEGMENTS", 3)
+    hf_model, tok = hf64, embedded_hf[1]
+    a = [0] + tok.encode(TEXT)
+    b = [0] + list(range(77, 90))
+
+    async def step_together(lm):
+        for n in range(3, 11):
+            rows = await asyncio.gather(lm.next_token_logprobs(a[:n]), lm.next_token_logprobs(b[:n]))
+        for ctx, row in zip((a[:10], b[:10]), rows):
+            assert_close_to_uncached(hf_model, ctx, row)
+        assert_cache_consistent(lm.cache)
+        return max(node.kv.nseg for node in lm.cache.walk(a[:10]) + lm.cache.walk(b[:10]))
+
+    assert await step_together(transformer(embedded_lm, hf_model)) <= 3
+    with known_text():
+        assert await step_together(transformer(embedded_lm, hf_model)) == 8
+
+
+@pytest.mark.slow
 async def test_passes_split_to_fit_the_budget_stay_exact(embedded_lm, embedded_hf, hf64, monkeypatch):
     """When one pass's temporaries would exceed PASS_SHARE of the budget, a prefetch runs the path
     and its alternatives in smaller passes, with the same results."""

@@ -54,6 +54,7 @@ SPECULATION_WINDOW = 128
 WINDOW_BUDGET = 512 << 20
 PASS_SHARE = 0.2  # of the budget: what one pass's temporary tensors may take (longer passes are split)
 MAX_SEGMENTS = 64  # a past chained from more segments than this is stored whole by the next pass
+MIN_SEGMENTS = 8  # ... and one from this many, on a short past (see _chain_full)
 LOGP_CHUNK = 64  # output positions whose logits are in memory at once
 DRAFT_TOKENS = 2  # default of AsyncTransformer(draft_tokens=): guessed tokens run with a lone request
 # (on a CPU a pass of 2-3 tokens costs 1-1.25 passes of one: measured 57-72 ms for one token, 61-89
@@ -323,8 +324,10 @@ class AsyncTransformer(AsyncLM):
         if lone and todo and (row := self._drafted(*todo[0])) is not None:
             done[todo[0][0]] = row
             todo = []
+        generating = all(may for _, may in requests)  # (no known text: see _chain_full)
         for group in self._memory_groups(todo):
-            for (ids, _, _), logp in zip(group, self._forward(group, all_positions=False, grow=lone)):
+            for (ids, _, _), logp in zip(group, self._forward(group, all_positions=False, grow=lone,
+                                                              short_chains=generating)):
                 done[ids] = logp
         out = [hit if hit is not None else done[ids] for ids, _, _, hit in rows]
         if lone:
@@ -644,13 +647,14 @@ class AsyncTransformer(AsyncLM):
         put(nodes, lambda node: KVRef(block, 0, 0, node.depth))
 
     @torch.inference_mode()
-    def _forward(self, rows, all_positions: bool, grow: bool = False):
+    def _forward(self, rows, all_positions: bool, grow: bool = False, short_chains: bool = False):
         """One ragged forward. ``rows``: (ids, past ref or None, past length).
 
         Returns per row the (V,) log-probs after the whole context (nothing with
         ``all_positions``: then the log-probs after each new token are only cached).
         Caches log-probs and KV of every new prefix. One row extending an arena's tip
         writes into it; ``grow``: one row starts a new arena (see :meth:`_arena_for`).
+        ``short_chains``: generation requests (see :func:`_chain_full`).
         """
         B = len(rows)
         P = max(p for _, _, p in rows)  # common past length (left-padded)
@@ -664,7 +668,8 @@ class AsyncTransformer(AsyncLM):
             attn[b, P - p: P + ks[b]] = 1
             pos[b] = p + torch.arange(Kn)
         arena = self._arena_for(rows[0][1], P, Kn, grow) if B == 1 else None
-        keep = [] if arena else [(b, P - p, P + ks[b]) for b, (_, ref, p) in enumerate(rows) if _chain_full(ref)]
+        keep = [] if arena else [(b, P - p, P + ks[b]) for b, (_, ref, p) in enumerate(rows)
+                                 if _chain_full(ref, short_chains)]
         self._reserve_pass(B, P + Kn, Kn, sum(ks) if all_positions else B, keep, arena)
         cache = self._make_cache(rows, P, keep, arena)
         dev = self.device
@@ -1061,10 +1066,20 @@ def _split_block(layers, tail: int, arena: bool = False) -> tuple[KVBlock | None
     return KVBlock(pk, pv), KVBlock(ak, av)
 
 
-def _chain_full(ref) -> bool:
-    """Whether a context on the past ``ref`` is stored whole by its pass (its chain of segments
-    is MAX_SEGMENTS long; see AsyncTransformer._put_segment)."""
-    return ref is not None and ref.nseg >= MAX_SEGMENTS
+def _chain_full(ref, short: bool = False) -> bool:
+    """Whether a context on the past ``ref`` is stored whole by its pass (see
+    AsyncTransformer._put_segment): its chain has MAX_SEGMENTS segments or, ``short``, from
+    MIN_SEGMENTS on a short past (more on a long one). Each pass gathers every segment of its
+    rows' pasts (two copies per segment and layer), while storing a context whole copies its
+    past once: the two balance near sqrt(past / 16) segments on a CPU (a copy of one token's
+    keys and values for a layer costs ~1/30 of a copy call). Short chains are for generation
+    (contexts growing a token at a time, several per pass); scoring keeps long chains, whose
+    whole copies would crowd a small cache budget (measured: 8 KB at 256 MiB recomputed 2.6x
+    the tokens and went over budget)."""
+    if ref is None:
+        return False
+    limit = min(MAX_SEGMENTS, max(MIN_SEGMENTS, math.isqrt(ref.depth // 16))) if short else MAX_SEGMENTS
+    return ref.nseg >= limit
 
 
 def _kv_bytes_per_token(model) -> int:
