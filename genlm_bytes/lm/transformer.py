@@ -106,7 +106,8 @@ class AsyncTransformer(AsyncLM):
             tokens that spell the start of that token, which a byte-level beam asks for first)
             while the caller is still working through that token's bytes; asking for it
             starts the next such pass, asking for any other context stops it at its next layer
-            (:meth:`stop_lookahead` too). Exact either way; False: off.
+            (:meth:`stop_lookahead` too). A batch of at most AHEAD_GROUP generation requests
+            gets one batched pass of each context's guess. Exact either way; False: off.
         lean: run the passes of a LLaMA-family model with :mod:`genlm_bytes.lm.lean` (the same
             decoder without transformers' per-module overhead; used only if a check on a few
             tokens agrees with the model's own forward). False: transformers' forward always.
