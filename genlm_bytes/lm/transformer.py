@@ -336,7 +336,7 @@ class AsyncTransformer(AsyncLM):
             # the likeliest longer sibling computed with it (" the", see _drafted): guess both.
             ids = requests[0][0]
             self._start_lookahead(ids, out[0], self._longer_sibling(ids))
-        elif 1 < len(requests) <= AHEAD_GROUP and all(may for _, may in requests):
+        elif generating and 1 < len(requests) <= AHEAD_GROUP:
             self._start_group_lookahead([ids for ids, _ in requests], out)
         return out
 
