@@ -138,6 +138,11 @@ class LeanCache:
         self.layers = layers
 
 
+def decoder_of(hf_model):
+    """The decoder stack of a transformers causal LM (what runs before the output layer)."""
+    return hf_model.get_decoder() if hasattr(hf_model, "get_decoder") else getattr(hf_model, "base_model", None)
+
+
 def _children(module) -> set[str]:
     return {name for name, _ in module.named_children()}
 
@@ -224,7 +229,7 @@ def lean_decoder(hf_model) -> LeanDecoder | None:
     """A :class:`LeanDecoder` for ``hf_model``'s decoder, or None (not recognized, or the check
     on a few tokens disagrees with the model's own forward; logged at debug level). The check
     runs once per model (and again if its dtype or device changed)."""
-    body = hf_model.get_decoder() if hasattr(hf_model, "get_decoder") else getattr(hf_model, "base_model", None)
+    body = decoder_of(hf_model)
     config = getattr(hf_model, "config", None)
     if body is None or config is None:
         return None

@@ -35,6 +35,7 @@ import torch
 from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM, check_token_ids
 from genlm_bytes.lm.batching import Batcher
 from genlm_bytes.lm.cache import KVBlock, KVRef, PrefixCache
+from genlm_bytes.lm.lean import LeanCache, decoder_of, lean_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +184,6 @@ class AsyncTransformer(AsyncLM):
         # it computes exactly (checked on a few tokens; see genlm_bytes.lm.lean).
         self.lean = None
         if lean and self.kv_reuse:
-            from genlm_bytes.lm.lean import lean_decoder
-
             self.lean = lean_decoder(hf_model)
 
     # ---------------------------------------------------------------- loading
@@ -249,7 +248,7 @@ class AsyncTransformer(AsyncLM):
         self.cache.clear()
 
     def stop_lookahead(self) -> None:
-        """Stop a look-ahead pass (see ``draft_tokens``) queued or running, if any: the model's
+        """Stop a look-ahead pass (see ``lookahead``) queued or running, if any: the model's
         thread is then free within one layer."""
         ahead = self._ahead
         if ahead is not None:
@@ -359,11 +358,15 @@ class AsyncTransformer(AsyncLM):
         paths = tuple(dict.fromkeys(paths))
         if not paths:
             return
-        ahead = _Ahead(frozenset(paths), frozenset(paths), threading.Event())
+        self._queue_ahead(_Ahead(frozenset(paths), frozenset(paths), threading.Event()), self._lookahead_rows, paths)
+
+    def _queue_ahead(self, ahead: _Ahead, job, *args) -> None:
+        """Make ``ahead`` the look-ahead pass (stopping the one before) and queue ``job(ahead,
+        *args)`` in the model's thread."""
         old, self._ahead = self._ahead, ahead
         if old is not None:
             old.abort.set()
-        self.batcher._executor.submit(self._lookahead_rows, ahead, paths)
+        self.batcher._executor.submit(job, ahead, *args)
 
     def _lookahead_rows(self, ahead: _Ahead, paths: tuple) -> None:
         """Run a group look-ahead pass (model's thread; see :meth:`_start_group_lookahead`)
@@ -433,11 +436,7 @@ class AsyncTransformer(AsyncLM):
                         and len(items) < AHEAD_SHORTER):  # (top[0]: already a branch if not a)
                     items.append((len(ids), (t,), ()))
         targets = frozenset(paths + [ids[:i] + chain for i, chain, _ in items])
-        ahead = _Ahead(frozenset(paths), targets, threading.Event())
-        old, self._ahead = self._ahead, ahead
-        if old is not None:
-            old.abort.set()
-        self.batcher._executor.submit(self._lookahead, ahead, ids, a, tuple(items))
+        self._queue_ahead(_Ahead(frozenset(paths), targets, threading.Event()), self._lookahead, ids, a, tuple(items))
 
     @property
     def by_bytes(self) -> dict[bytes, int]:
@@ -498,8 +497,7 @@ class AsyncTransformer(AsyncLM):
         if self.lean is not None:
             return True
         if not self._hooked:
-            body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
-            layers = getattr(body, "layers", None)
+            layers = getattr(decoder_of(self.model), "layers", None)
             if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
                 return False
             for layer in layers:
@@ -512,9 +510,8 @@ class AsyncTransformer(AsyncLM):
         if self.lean is not None:
             return self.lean(input_ids, attention_mask, position_ids, cache,
                              self._check_abort if self._abort is not None else None)
-        body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         with _grouped_attention(self.model):
-            return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            return decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=cache, use_cache=True).last_hidden_state
 
     def _drafted(self, ids: tuple, ref, p: int) -> torch.Tensor | None:
@@ -728,16 +725,12 @@ class AsyncTransformer(AsyncLM):
         decoder's passes take a plain list of such layers (a :class:`LeanCache`)."""
         from transformers import DynamicCache
 
-        if self.lean is not None and self.kv_reuse:
-            from genlm_bytes.lm.lean import LeanCache
-
-            pasts = [(ref.segments(p) if p else [], p) for _, ref, p in rows]
-            return LeanCache([_PassLayer(i, pasts, P, keep, arena, ready=True)
-                              for i in range(len(self.lean.layers))])
-        cache = DynamicCache(config=self.model.config)
         if not self.kv_reuse:
-            return cache
+            return DynamicCache(config=self.model.config)
         pasts = [(ref.segments(p) if p else [], p) for _, ref, p in rows]  # (block, row, start, n) pieces
+        if self.lean is not None:
+            return LeanCache([_PassLayer(i, pasts, P, keep, arena, ready=True) for i in range(len(self.lean.layers))])
+        cache = DynamicCache(config=self.model.config)
         cache.layers = [_PassLayer(i, pasts, P, keep, arena) for i in range(len(cache.layers))]
         return cache
 
