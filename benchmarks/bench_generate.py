@@ -66,6 +66,8 @@ async def beam_greedy(lm, prompt: bytes, n_bytes: int) -> dict:
 
 async def main(args) -> dict:
     kwargs = {} if args.draft_tokens is None else {"draft_tokens": args.draft_tokens}
+    if args.no_lean:
+        kwargs["lean"] = False
     lm = common.setup(args.threads, **kwargs)
     rows = []
     # Warm-up: both paths once.
@@ -115,7 +117,7 @@ async def main(args) -> dict:
     return {
         "question": "3. greedy bytes/s vs transformers greedy generate bytes/s (target >= 0.8x)",
         "settings": common.environment(args.threads, repeats=args.repeats, new_tokens=args.new_tokens,
-                                       draft_tokens=lm.draft_tokens),
+                                       draft_tokens=lm.draft_tokens, lean=lm.lean is not None),
         "rows": rows,
         "worst_ratio": worst,
         "target": TARGET,
@@ -144,6 +146,8 @@ if __name__ == "__main__":
     parser.add_argument("--new-tokens", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=common.THREADS)
+    parser.add_argument("--no-lean", action="store_true",
+                        help="AsyncTransformer(lean=False): our passes run through transformers' modules")
     parser.add_argument("--draft-tokens", type=int, default=None,
                         help="AsyncTransformer(draft_tokens=...); 0 turns prompt-lookup drafts off "
                              "(default: the library's)")
