@@ -101,6 +101,9 @@ def test_models_it_does_not_compute_exactly_run_through_transformers():
     changed = tiny()
     changed.model.layers[1].mlp.act_fn = torch.nn.GELU()
     assert lean_decoder(changed) is None
+    assert lean_decoder(torch.nn.Linear(2, 2)) is None  # not a transformers model at all
+    with pytest.raises(TypeError, match="LeanDecoder"):
+        LeanDecoder(torch.nn.Linear(2, 2))
 
 
 async def test_the_backend_uses_it_and_can_be_told_not_to(embedded_lm):

@@ -43,6 +43,9 @@ class LeanDecoder:
     """
 
     def __init__(self, body):
+        if not all(hasattr(body, part) for part in _BODY_PARTS):
+            raise TypeError(f"LeanDecoder needs a LLaMA-style transformers decoder (with {sorted(_BODY_PARTS)}), "
+                            f"got {type(body).__name__}; lean_decoder(model) checks a model first")
         self.body = body
         self.layers = list(body.layers)
         a = self.layers[0].self_attn
