@@ -32,7 +32,7 @@ from collections.abc import Callable, Hashable, Iterable
 
 import numpy as np
 
-from genlm_bytes.symbols import EOS, EOT, N_SYMBOLS, check_symbol, symbol_name
+from genlm_bytes.symbols import EOS, EOT, N_BYTES, N_SYMBOLS, check_symbol, symbol_name
 
 
 def logsumexp(x: Iterable[float] | np.ndarray) -> float:
@@ -61,7 +61,7 @@ def _key_text(key) -> str:
 
 
 class Chart(dict):
-    """A dict from keys (symbols or readable names) to numbers, printed best first.
+    """A dict from keys (symbols, bytes or names) to numbers, printed best first (str keys unquoted).
 
     The values are probabilities when the chart comes from :meth:`LazyByteProbs.materialize`
     (log-probabilities with ``log=True``); every method here returns a new Chart (or a number)
@@ -132,8 +132,8 @@ class Chart(dict):
         return out
 
     def to_dict(self) -> dict:
-        """A plain ``dict`` copy (readable names become plain ``str``)."""
-        return {str(k) if isinstance(k, _Name) else k: v for k, v in self.items()}
+        """A plain ``dict`` copy."""
+        return dict(self)
 
     def normalize(self) -> Chart:
         """The values divided by their sum, so they sum to 1.
@@ -187,7 +187,7 @@ class LazyByteProbs:
         ps: ``(258,)`` float64 log-probs (slots: bytes 0-255, EOT 256, EOS 257).
 
     The charts this hands out are keyed by symbol (an int: bytes 0-255, ``EOT``, ``EOS``;
-    readable names from :meth:`pretty`) and leave impossible symbols out. Methods that hand
+    ``b'd'`` / ``"EOT"`` / ``"EOS"`` from :meth:`pretty`) and leave impossible symbols out. Methods that hand
     out values take ``log=True`` for log-probabilities instead of probabilities.
     """
 
@@ -234,8 +234,8 @@ class LazyByteProbs:
         return Chart({int(i): float(ps[i]) if log else math.exp(ps[i]) for i in idx})
 
     def pretty(self, *, log: bool = False) -> Chart:
-        """A :class:`Chart` keyed by readable names: ``b'd'``, ``EOS``, ``EOT``."""
-        return self.materialize(log=log).map_keys(lambda k: _Name(symbol_name(k)))
+        """A :class:`Chart` keyed readably: a 1-byte ``bytes`` for a byte (``b'd'``), ``"EOT"``, ``"EOS"``."""
+        return self.materialize(log=log).map_keys(lambda k: bytes([k]) if k < N_BYTES else symbol_name(k))
 
     def top(self, k: int, *, log: bool = False) -> list[tuple[int, float]]:
         """The ``k`` most probable ``(symbol, probability)`` pairs, best first."""
@@ -305,13 +305,6 @@ class LazyByteProbs:
 
     def __repr__(self) -> str:
         return f"LazyByteProbs({self.pretty().top(5)!r})"
-
-
-class _Name(str):
-    """A symbol's readable name; its repr is the name itself (``b'd'``, not ``"b'd'"``)."""
-
-    def __repr__(self) -> str:
-        return str(self)
 
 
 __all__ = ["EOS", "EOT", "Chart", "LazyByteProbs", "logsumexp"]

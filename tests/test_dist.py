@@ -125,9 +125,10 @@ def test_lazy_probs_or_logprobs_on_request():
     assert d.to_dict(log=True) == {s: float(d.ps[s]) for s in (ord("a"), ord("b"), EOT, EOS)}
     assert type(d.to_dict()) is dict
     pretty = d.pretty(log=True)
-    assert pretty["EOS"] == math.log(0.1) and pretty["EOT"] == math.log(0.2) and pretty["b'a'"] == math.log(0.5)
-    assert d.pretty().to_dict() == pytest.approx({"b'a'": 0.5, "b'b'": 0.2, "EOT": 0.2, "EOS": 0.1})
-    assert all(type(k) is str for k in d.pretty().to_dict())
+    assert pretty["EOS"] == math.log(0.1) and pretty["EOT"] == math.log(0.2) and pretty[b"a"] == math.log(0.5)
+    assert d.pretty().to_dict() == pytest.approx({b"a": 0.5, b"b": 0.2, "EOT": 0.2, "EOS": 0.1})
+    assert repr(d.pretty()) == "Chart({b'a': 0.5, b'b': 0.2, EOT: 0.2, EOS: 0.1})"
+    assert repr(dist_of(**{"\n": 1.0}).pretty()) == "Chart({b'\\n': 1})"
     np.testing.assert_allclose(d.probs(), np.exp(d.ps))
 
 
