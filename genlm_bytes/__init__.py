@@ -32,10 +32,14 @@ def __getattr__(name):
         from genlm_bytes.lm.transformer import AsyncTransformer
 
         return AsyncTransformer
-    if name in ("SamplingParams", "generate", "generate_tokens"):
-        from genlm_bytes import sampling
+    if name == "SamplingParams":
+        from genlm_bytes.sampling import SamplingParams
 
-        return getattr(sampling, name)
+        return SamplingParams
+    if name in ("generate", "generate_tokens"):
+        from genlm_bytes import generation
+
+        return getattr(generation, name)
     if name in _CONSTRAINTS:
         from genlm_bytes import constraints
 
