@@ -40,11 +40,10 @@ def texts_of(args) -> list[dict]:
     return [{"name": args.text, "kind": args.text.rsplit(".", 1)[-1], "data": data}]
 
 
-async def measure(lm, text: dict, repeats: int) -> dict:
+async def measure(lm, text: dict, repeats: int, model_time: common.Timers) -> dict:
     """One text: forward passes and prefills alternating; the row of the table."""
     data = text["data"]
     ids = common.canonical_ids(lm, data)
-    model_time = common.time_model(lm)
     fwd, runs, in_model, calls, passes = [], [], [], [], []
     for r in range(repeats):
         for which in ((0, 1) if r % 2 == 0 else (1, 0)):
@@ -94,7 +93,8 @@ async def main(args) -> dict:
     warm = texts[0]["data"]
     common.forward_seconds(lm, common.canonical_ids(lm, warm))
     await common.prefill_run(lm, warm)
-    rows = [await measure(lm, t, args.repeats) for t in texts]
+    model_time = common.time_model(lm)
+    rows = [await measure(lm, t, args.repeats, model_time) for t in texts]
     s = suite.spread(rows, "ratio", higher_is_better=False)
     return {
         "question": "prefill of each text vs one token-level forward pass (target <= 2x on every text, "
