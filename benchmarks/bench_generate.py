@@ -109,7 +109,7 @@ async def measure(lm, prompt: dict, args) -> dict:
         # Fastest repetition of each side: a machine shared with others only ever slows a run
         # down, so the minimum estimates each side's own cost (the verdict uses the medians).
         "ratio_of_fastest": (ours_bytes / min(o["seconds"] for o in ours)) / (len(hf_text) / min(hf_t)),
-        "same_text": ours[-1]["text"] == hf_text[:ours_bytes],
+        "same_text": ours[-1]["text"] == hf_text[:ours_bytes],  # ours is the start of generate's text
         "hf_seconds": hf_t,
         "ours_seconds": [o["seconds"] for o in ours],
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -274,16 +275,25 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
+def library_root() -> Path:
+    """The checkout holding the ``genlm_bytes`` that will be imported (``PYTHONPATH`` may point at
+    another checkout than this one, e.g. an older commit for a before/after comparison)."""
+    spec = importlib.util.find_spec("genlm_bytes")  # locates it without importing it
+    if spec is None or spec.origin is None:
+        return HERE.parent
+    return Path(spec.origin).resolve().parents[1]
+
+
 def library_commit() -> str:
     """The last commit that changed ``genlm_bytes/``, with ``+dirty`` for uncommitted changes there."""
-    root = HERE.parent
+    root = library_root()
     try:
         head = subprocess.run(["git", "log", "-1", "--format=%h", "--", "genlm_bytes"], cwd=root,
                               capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "genlm_bytes"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return f"unknown ({root})"
     return head + ("+dirty" if dirty else "")
 
 
@@ -296,6 +306,7 @@ def environment(threads: int = THREADS, **extra) -> dict:
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "commit": COMMIT_AT_START if COMMIT_AT_START == end else f"{COMMIT_AT_START} -> {end}",
+        "library": str(library_root()),
         "model": MODEL_NAME,
         "K": K,
         "prune_threshold": PRUNE_THRESHOLD,
