@@ -132,6 +132,7 @@ def summarize(kind: str, rows: list[dict], window: dict) -> dict:
         "max_rows": max((r.get("max_rows") or 0 for r in rows), default=0),
         "lm_tokens_per_token": _div(_sum(rows, "forward_tokens_beyond_prompt"), ntok),
         "batches": _sum(rows, "batches"), "backend_requests": requests,
+        "requests_per_batch": _div(requests, _sum(rows, "batches")),  # the batcher's batch sizes
         "model_busy_s": model_busy, "model_busy_share": _div(model_busy, model_busy + model_idle),
         "model_ms_per_pass": _div(1e3 * model_busy, passes),
         "trie_ms_per_byte": _div(1e3 * by_cat.get("trie & distributions", 0.0), nbytes),
@@ -162,6 +163,8 @@ def report(s: dict) -> None:
           f"{f(s['rows_per_pass'])} (max {s['max_rows']}); tokens per pass {f(s['tokens_per_pass'])}; "
           f"LM tokens per {per} {f(s['lm_tokens_per_token'])}"
           + (" (passes: the prompts' included; LM tokens: beyond the prompt)" if s["phase"] == "greedy" else ""))
+    print(f"backend: {_fmt(s['batches'], 'd')} batches of {_fmt(s['backend_requests'], 'd')} requests "
+          f"({f(s['requests_per_batch'])} per batch)")
     print(f"model thread: busy {f(s['model_busy_s'])} s ({f(s['model_busy_share'] and 100 * s['model_busy_share'], '.0f')}%"
           f" of the phase), {f(s['model_ms_per_pass'], '.1f')} ms per pass")
     print(f"trie & distributions {f(s['trie_ms_per_byte'], '.3f')} ms/byte, beam & byte states "

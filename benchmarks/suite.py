@@ -51,7 +51,7 @@ def load_prompts(path: str | Path = PROMPT_SUITE, limit: int | None = None) -> l
 
 def prompts_from_strings(texts: list[str]) -> list[dict]:
     """Prompts given on the command line, in the suite's format (named by their start)."""
-    return [{"name": t[:24], "kind": "cli", "text": t} for t in texts]
+    return [{"name": t[:24].replace("\n", "\\n"), "kind": "cli", "text": t} for t in texts]
 
 
 def load_texts(folder: str | Path = TEXT_SUITE, limit: int | None = None) -> list[dict]:
