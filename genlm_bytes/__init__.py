@@ -32,6 +32,10 @@ def __getattr__(name):
         from genlm_bytes.lm.transformer import AsyncTransformer
 
         return AsyncTransformer
+    if name == "RayLM":
+        from genlm_bytes.lm.replicas import RayLM
+
+        return RayLM
     if name in ("SamplingParams", "generate", "generate_tokens"):
         from genlm_bytes import sampling
 
@@ -74,6 +78,7 @@ __all__ = [
     "MLSTMConfig",
     "MockLM",
     "Predicate",
+    "RayLM",
     "Regex",
     "SamplingParams",
     "StatefulByteLM",
