@@ -52,41 +52,35 @@ class RandomRouter:
 
 
 async def greedy_states(lm, n: int, steps: int) -> list[bytes]:
+    """Each state's prompt and greedy bytes."""
     from genlm_bytes import ByteBeamState
 
     b0 = await ByteBeamState.initial(lm, common.beam_params())
-
-    async def one(i):
-        state = await b0.prefill(f"Entry {i}: ".encode() + PROMPT)
-        out = b""
-        for _ in range(steps):
-            sym = int((await state.logp_next()).ps.argmax())
-            if sym > 255:
-                break
-            out += bytes([sym])
-            state = await (state.prune() << sym)
-        return out
-
-    return await asyncio.gather(*(one(i) for i in range(n)))
+    return await asyncio.gather(*(b0.greedy(f"Entry {i}: ".encode() + PROMPT, steps) for i in range(n)))
 
 
-def forward_tokens(lm) -> int:
+def counters(lm) -> tuple[list[int], int, int]:
+    """(tokens each model ran, actor calls, requests they carried); calls 0 for a local model."""
     if hasattr(lm, "n_forward_tokens"):
-        return lm.n_forward_tokens
-    return sum(s.get("forward_tokens") or 0 for s in lm.stats()["replicas"] if s["alive"])
+        return [lm.n_forward_tokens], 0, 0
+    s = lm.stats()
+    return [r.get("forward_tokens") or 0 for r in s["replicas"]], s["actor_calls"], s["requests_sent"]
 
 
 def run(lm, args, random_routing: bool = False) -> dict:
     lm.clear_cache()
     if random_routing:
         lm.router = RandomRouter(len(lm.replicas))
-    tok0 = forward_tokens(lm)
+    before = counters(lm)
     t0 = time.perf_counter()
     outs = asyncio.run(greedy_states(lm, args.states, args.steps))
     seconds = time.perf_counter() - t0
-    steps = sum(len(f"Entry {i}: ") + len(PROMPT) + len(o) for i, o in enumerate(outs))
+    steps = sum(len(o) for o in outs)
+    after = counters(lm)
+    tokens = [b - a for a, b in zip(before[0], after[0])]
+    calls, sent = after[1] - before[1], after[2] - before[2]
     res = {"seconds": seconds, "byte_steps": steps, "byte_steps_per_second": steps / seconds,
-           "forward_tokens": forward_tokens(lm) - tok0, "outputs": outs}
+           "forward_tokens": sum(tokens), "tokens_per_replica": tokens, "requests_per_call": sent / calls if calls else None, "outputs": outs}
     if hasattr(lm, "router"):
         res["hit_rates"] = lm.router.hit_rates()
         res["requests_routed"] = lm.router.n_routed
@@ -134,7 +128,8 @@ def main(args) -> dict:
         rows.append({"setting": label, "replicas": len(threads[key]), "threads_each": threads[key][0],
                      "byte_steps_per_second": common.median([r["byte_steps_per_second"] for r in rs]),
                      "vs_1_replica": common.median([r["byte_steps_per_second"] for r in rs]) / base,
-                     "forward_tokens": last["forward_tokens"],
+                     "forward_tokens": last["forward_tokens"], "requests_per_call": last["requests_per_call"],
+                     "tokens_per_replica": "/".join(map(str, last["tokens_per_replica"])),
                      "hit_requests": (last.get("hit_rates") or {}).get("requests"),
                      "hit_tokens": (last.get("hit_rates") or {}).get("tokens"),
                      "seconds": [round(r["seconds"], 2) for r in rs]})
@@ -155,7 +150,8 @@ def report(res: dict) -> None:
     common.print_table(res["rows"], [
         ("setting", "setting", ""), ("replicas", "replicas", "d"), ("threads_each", "threads each", "d"),
         ("byte_steps_per_second", "byte steps/s", ".1f"), ("vs_1_replica", "vs 1 replica", ".2f"),
-        ("forward_tokens", "model tokens", "d"), ("hit_requests", "hit (requests)", ".3f"),
+        ("forward_tokens", "model tokens", "d"), ("tokens_per_replica", "per replica", ""), ("requests_per_call", "requests/call", ".1f"),
+        ("hit_requests", "hit (requests)", ".3f"),
         ("hit_tokens", "hit (tokens)", ".3f")])
     s = res["settings"]
     print()

@@ -127,6 +127,26 @@ def test_a_script_that_starts_its_own_ray_exits_and_leaves_nothing():
     assert not alive, f"Ray processes {alive} outlived the script ({time.monotonic() - t0:.0f} s)"
 
 
+@needs_ray
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+@pytest.mark.timeout(600)
+def test_a_vllm_replica_gives_the_transformers_log_probs(embedded_lm):
+    """backend="vllm": one AsyncVLLM replica (runs before this module's own Ray starts)."""
+    import torch
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    contexts = [[0, 504], [0, 504, 3458, 314], [0, 19556, 905]]
+
+    async def run():
+        async with RayLM.from_name(replicas=1, backend="vllm", num_cpus=1, enforce_eager=True) as lm:
+            return await lm.batch_next_token_logprobs(contexts)
+
+    got = asyncio.run(run())
+    want = torch.stack([embedded_lm.next_token_logprobs_sync(c) for c in contexts])
+    assert got.shape == want.shape
+    assert torch.allclose(got.float(), want.float(), atol=1e-3)
+
+
 def _not_zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -147,6 +167,7 @@ def test_two_replicas_match_one_local_model(ray_lm, reference, request):
     stats = ray_lm.stats()
     assert all(s["forward_tokens"] > 0 for s in stats["replicas"])  # both replicas worked
     assert stats["hit_rates"]["requests"] > 0.5  # beams stayed on their replica
+    assert stats["requests_sent"] > 2 * stats["actor_calls"]  # requests travel in batches
     request.config.cache.set("genlm_bytes/ray_routed", ray_lm.router.n_routed)
 
 

@@ -35,7 +35,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from genlm_bytes.lm.base import AsyncLM
+from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM
 from genlm_bytes.lm.batching import Batcher
 from genlm_bytes.lm.routing import PrefixRouter
 
@@ -86,10 +86,16 @@ class Replica:
                 "initial_context": list(self.lm.initial_context),
                 "threads": torch.get_num_threads(), "pid": os.getpid()}
 
-    async def logprobs(self, contexts: list) -> np.ndarray:
-        """Log-probs ``(B, V)`` after each of ``contexts``, computed concurrently (batched by the backend)."""
-        rows = await asyncio.gather(*(self.lm.next_token_logprobs(c) for c in contexts))
+    async def logprobs(self, requests: list) -> np.ndarray:
+        """Log-probs ``(B, V)`` after the context of each ``(context, guess)`` request, computed
+        concurrently (batched by the backend); ``guess``: the caller's ``GUESS_AHEAD`` (False
+        while it reads a known text)."""
+        rows = await asyncio.gather(*(self._one(ids, guess) for ids, guess in requests))
         return torch.stack(rows).numpy()
+
+    async def _one(self, ids, guess: bool) -> torch.Tensor:
+        GUESS_AHEAD.set(guess)  # (this task's own context)
+        return await self.lm.next_token_logprobs(ids)
 
     def stats(self) -> dict:
         return {"forward_tokens": getattr(self.lm, "n_forward_tokens", None)}
@@ -212,6 +218,7 @@ class RayLM(AsyncLM):
         self._closed = False
         self._load = [0] * len(self.replicas)  # requests in flight per replica
         self._rows: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._inflight: dict[tuple, asyncio.Task] = {}
         self._batchers = [Batcher(functools.partial(self._serve, r), max_batch_size=REQUESTS_PER_CALL,
                                   name=f"RayLM-replica{r}") for r in range(len(self.replicas))]
 
@@ -256,6 +263,8 @@ class RayLM(AsyncLM):
         owns_ray = not ray.is_initialized()
         if owns_ray:
             ray.init(address=address)
+        elif address is not None:
+            logger.warning("Ray is already initialized in this process: address=%r is not used", address)
         handles = []
         try:
             _check_resources(ray, replicas, num_cpus, num_gpus)
@@ -288,6 +297,24 @@ class RayLM(AsyncLM):
         if row is not None:
             self._rows.move_to_end(key)
             return row
+        # Callers asking for the same context share one request (so a replica's load counts contexts).
+        loop = asyncio.get_running_loop()
+        shared = self._inflight.get(key)
+        if shared is None or shared.get_loop() is not loop:
+            shared = self._inflight[key] = loop.create_task(self._fetch(key, GUESS_AHEAD.get()))
+            shared.add_done_callback(functools.partial(self._landed, key))
+        return await asyncio.shield(shared)
+
+    def _landed(self, key: tuple, task: asyncio.Task) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled() and task.exception() is None:  # (marks an error retrieved)
+            self._rows[key] = task.result()
+            if len(self._rows) > ROWS_KEPT:
+                self._rows.popitem(last=False)
+
+    async def _fetch(self, key: tuple, guess: bool) -> torch.Tensor:
+        """The row of ``key`` from a live replica, re-sent to another when its replica dies."""
         while True:
             if self._closed:
                 raise RuntimeError("this RayLM is closed")
@@ -297,22 +324,18 @@ class RayLM(AsyncLM):
             r = self.router.choose(key, self._load, self.alive)
             self._load[r] += 1
             try:
-                row = await self._batchers[r].submit(key, key)
+                return await self._batchers[r].submit(key, (key, guess))
             except self._faults as e:
                 self._lost(r, e)
                 self.n_failovers += 1
-                continue
             finally:
                 self._load[r] -= 1
-            self._rows[key] = row
-            if len(self._rows) > ROWS_KEPT:
-                self._rows.popitem(last=False)
-            return row
 
-    def _serve(self, r: int, contexts: list[tuple]) -> list[torch.Tensor]:
-        """One actor call for a batch (in replica ``r``'s batcher thread): one row per context."""
+    def _serve(self, r: int, requests: list[tuple]) -> list[torch.Tensor]:
+        """One actor call for a batch of ``(context, guess)`` (in replica ``r``'s batcher thread):
+        one row per context."""
         try:
-            out = self._ray.get(self.replicas[r].logprobs.remote(contexts))  # (B, V)
+            out = self._ray.get(self.replicas[r].logprobs.remote(requests))  # (B, V)
         except self._ray.exceptions.RayTaskError as e:  # the backend's own error: the same on any replica
             raise (e.cause if isinstance(e.cause, Exception) else e) from None
         return [torch.from_numpy(np.array(row)) for row in out]  # copies: the object store's array is read-only
@@ -344,8 +367,8 @@ class RayLM(AsyncLM):
                 self._lost(r, e)
 
     def stats(self) -> dict:
-        """Routing hit rates, failovers, and each live replica's ``forward_tokens`` (the tokens
-        its model ran, where the backend counts them)."""
+        """Routing hit rates, failovers, actor calls and the requests they carried, and each live
+        replica's ``forward_tokens`` (the tokens its model ran, where the backend counts them)."""
         per = []
         for r, h in enumerate(self.replicas):
             s = {"alive": self.alive[r], "threads": self.replica_info[r].get("threads")}
@@ -355,7 +378,9 @@ class RayLM(AsyncLM):
                 except self._faults:
                     pass
             per.append(s)
-        return {"hit_rates": self.router.hit_rates(), "failovers": self.n_failovers, "replicas": per}
+        return {"hit_rates": self.router.hit_rates(), "failovers": self.n_failovers,
+                "actor_calls": sum(b.n_batches for b in self._batchers),
+                "requests_sent": sum(b.n_requests for b in self._batchers), "replicas": per}
 
     # ---------------------------------------------------------------- closing
     async def close(self) -> None:
