@@ -32,7 +32,7 @@ import time
 
 import common
 
-PROMPT = b"Once upon a time, in a small village by the sea,"
+PROMPT = b"Once upon a time,"
 
 
 class RandomRouter:

@@ -249,3 +249,18 @@ def test_with_every_replica_dead_every_waiter_gets_a_runtime_error_quickly(ray_s
     got, after_kill = asyncio.run(run())
     assert all(isinstance(g, RuntimeError) and "replicas of this RayLM have died" in str(g) for g in got), got
     assert after_kill < 10
+
+
+@needs_ray
+def test_resources_no_node_has_fail_at_once(ray_session):
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="no node of the Ray cluster has num_cpus=1 and num_gpus=1"):
+        RayLM.from_name(replicas=1, num_gpus=1)
+    assert time.monotonic() - t0 < 30
+
+
+@needs_ray
+@pytest.mark.timeout(300)
+def test_a_bad_backend_argument_is_the_backends_own_error(ray_session):
+    with pytest.raises(ValueError, match="draft_tokens must be a non-negative int"):
+        RayLM.from_name(replicas=1, num_cpus=1, draft_tokens=-1)
