@@ -4,8 +4,9 @@ the replicas' caches warm.
 Set-up: a local Ray told ``--ray-cpus`` (3) logical CPUs, so that a 1-replica and a 2-replica
 RayLM of the embedded model stay up side by side and alternate repetition by repetition (only
 one runs at a time); each replica reserves 1 CPU and runs 1 torch thread. Baselines in the same
-process: one local ``AsyncTransformer`` with 1 thread, and the 2 replicas with random routing
-(each request to a random live replica: what prefix-affine routing saves).
+process: one local ``AsyncTransformer`` with 1 and with 2 threads (what 2 cores give one model;
+it also prefetches prompts, which RayLM does not), and the 2 replicas with random routing (each
+request to a random live replica: what prefix-affine routing saves).
 
 A run: ``--states`` greedy beams from distinct prompts (``"Entry i: " + PROMPT``) prefill their
 prompt and generate ``--steps`` bytes each, concurrently, from cold caches; timed whole.
@@ -80,7 +81,8 @@ def run(lm, args, random_routing: bool = False) -> dict:
     tokens = [b - a for a, b in zip(before[0], after[0])]
     calls, sent = after[1] - before[1], after[2] - before[2]
     res = {"seconds": seconds, "byte_steps": steps, "byte_steps_per_second": steps / seconds,
-           "forward_tokens": sum(tokens), "tokens_per_replica": tokens, "requests_per_call": sent / calls if calls else None, "outputs": outs}
+           "forward_tokens": sum(tokens), "tokens_per_replica": tokens,
+           "requests_per_call": sent / calls if calls else None, "outputs": outs}
     if hasattr(lm, "router"):
         res["hit_rates"] = lm.router.hit_rates()
         res["requests_routed"] = lm.router.n_routed
@@ -101,20 +103,23 @@ def main(args) -> dict:
         lms["local"] = common.setup(threads=1)
         lms["ray1"] = RayLM.from_name(replicas=1, num_cpus=1)
         lms["ray2"] = RayLM.from_name(replicas=2, num_cpus=1)
-        settings = [("local", "local AsyncTransformer", False), ("ray1", "RayLM, 1 replica", False),
-                    ("ray2", "RayLM, 2 replicas", False)]
+        # (lm, label, random routing, torch threads of the local model)
+        settings = [("local", "local AsyncTransformer, 1 thread", False, 1),
+                    ("local", "local AsyncTransformer, 2 threads", False, 2),
+                    ("ray1", "RayLM, 1 replica", False, None), ("ray2", "RayLM, 2 replicas", False, None)]
         if not args.no_random:
-            settings.append(("ray2", "RayLM, 2 replicas, random routing", True))
-        for key in ("ray1", "ray2"):  # warm-up (first passes, imports)
+            settings.append(("ray2", "RayLM, 2 replicas, random routing", True, None))
+        for key in ("local", "ray1", "ray2"):  # warm-up (first passes, imports)
             run(lms[key], argparse.Namespace(states=2, steps=2))
-        runs = {label: [] for _, label, _ in settings}
+        runs = {label: [] for _, label, _, _ in settings}
         for rep in range(args.repeats):
-            for key, label, rnd in (settings if rep % 2 == 0 else settings[::-1]):
+            for key, label, rnd, local_threads in (settings if rep % 2 == 0 else settings[::-1]):
+                torch.set_num_threads(local_threads or 1)
                 runs[label].append(run(lms[key], args, rnd))
                 print(f"  rep {rep + 1}/{args.repeats} {label}: {runs[label][-1]['byte_steps_per_second']:.1f} "
                       f"byte steps/s", flush=True)
+        torch.set_num_threads(1)
         threads = {key: [i["threads"] for i in lms[key].replica_info] for key in ("ray1", "ray2")}
-        threads["local"] = [torch.get_num_threads()]
     finally:
         for key in ("ray1", "ray2"):
             if key in lms:
@@ -122,10 +127,11 @@ def main(args) -> dict:
         ray.shutdown()
     base = common.median([r["byte_steps_per_second"] for r in runs["RayLM, 1 replica"]])
     rows = []
-    for key, label, _ in settings:
+    for key, label, _, local_threads in settings:
         rs = runs[label]
         last = rs[-1]
-        rows.append({"setting": label, "replicas": len(threads[key]), "threads_each": threads[key][0],
+        rows.append({"setting": label, "replicas": len(threads[key]) if key in threads else None,
+                     "threads_each": local_threads or threads[key][0],
                      "byte_steps_per_second": common.median([r["byte_steps_per_second"] for r in rs]),
                      "vs_1_replica": common.median([r["byte_steps_per_second"] for r in rs]) / base,
                      "forward_tokens": last["forward_tokens"], "requests_per_call": last["requests_per_call"],
@@ -141,7 +147,7 @@ def main(args) -> dict:
                                        physical_cpus=os.cpu_count()),
         "rows": rows,
         "same_bytes_everywhere": all(o == outputs[0] for o in outputs),
-        "ratio_2_vs_1": rows[2]["vs_1_replica"],
+        "ratio_2_vs_1": next(r["vs_1_replica"] for r in rows if r["setting"] == "RayLM, 2 replicas"),
     }
 
 
