@@ -32,6 +32,10 @@ def __getattr__(name):
         from genlm_bytes.lm.transformer import AsyncTransformer
 
         return AsyncTransformer
+    if name == "RayLM":
+        from genlm_bytes.lm.replicas import RayLM
+
+        return RayLM
     if name == "SamplingParams":
         from genlm_bytes.sampling import SamplingParams
 
@@ -78,6 +82,7 @@ __all__ = [
     "MLSTMConfig",
     "MockLM",
     "Predicate",
+    "RayLM",
     "Regex",
     "SamplingParams",
     "StatefulByteLM",
