@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from genlm_bytes import AsyncLM, BeamParams, ByteBeamState, MockLM
-from genlm_bytes.lm.batching import Batcher
+from genlm_bytes.batching import Batcher
 from genlm_bytes.lm.cache import _KV, _LOGP, KVBlock, KVRef, PrefixCache
 
 TOL = 1e-4  # float64 model vs its plain forward

@@ -38,7 +38,7 @@ from test_backend import (  # noqa: F401 - one_torch_thread is an autouse fixtur
 )
 
 from genlm_bytes import AsyncLM, BeamParams, ByteBeamState, MockLM
-from genlm_bytes.lm.batching import Batcher
+from genlm_bytes.batching import Batcher
 
 LEAK_MESSAGES = ("never retrieved", "destroyed but it is pending", "was never awaited")
 

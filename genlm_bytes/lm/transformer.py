@@ -32,8 +32,8 @@ import time
 import numpy as np
 import torch
 
+from genlm_bytes.batching import Batcher
 from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM, check_token_ids
-from genlm_bytes.lm.batching import Batcher
 from genlm_bytes.lm.cache import KVBlock, KVRef, PrefixCache
 from genlm_bytes.lm.lean import LeanCache, decoder_of, lean_decoder
 

@@ -11,7 +11,7 @@ and runs only the remaining tokens, so extending a context by k tokens runs k to
 Forking is free: sibling contexts (a beam extending one parent by several tokens)
 share the parent's state object, and every state is immutable.
 
-Requests that miss the cache go through a :class:`~genlm_bytes.lm.batching.Batcher`:
+Requests that miss the cache go through a :class:`~genlm_bytes.batching.Batcher`:
 concurrent misses are computed in one call (padded for the transformer, stacked
 states for one-token extensions of the mLSTM).
 
@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
+from genlm_bytes.batching import Batcher
 from genlm_bytes.lm.base import AsyncLM
-from genlm_bytes.lm.batching import Batcher
 from genlm_bytes.models.llama import LlamaTransformer
 from genlm_bytes.models.mlstm import MLSTMLM, MLSTMState
 
