@@ -15,21 +15,26 @@ global hooks), no module has an instance ``forward``, and every module's class h
 forward of the library it comes from (transformers or torch; a PEFT/LoRA layer, a user
 subclass overriding ``forward`` are not).
 
-:class:`ModelWatch` keeps a fingerprint of what these depend on (hook dict sizes, the identity
-of every submodule and parameter, the parameters' version counters and data pointers, instance
-``forward`` attributes) and compares it before every pass: a few C-level maps over flat lists
-built once, no walk of the module tree. When it differs, the watch decides again (and the
-backend drops its cached results: they were computed by the model before the change). Hooks
-are also caught between passes by a constant-time key (torch's hook-handle counter and the
-global hook dicts), which the backend checks before serving a cached row.
+:class:`ModelWatch` compares a fingerprint before every pass: torch's hook-handle counter (every
+hook registration bumps it), a count of module and parameter registrations anywhere in the
+process (torch's global registration hooks), instance ``forward`` attributes, module classes,
+and the parameters' version counters and data pointers: C-level maps over flat lists built
+once, no walk of the module tree. Only when it changed is the model itself compared (hook
+dicts, the identity of every submodule and parameter); if that changed, the watch decides
+again and the backend drops its cached results (computed by the model before the change).
+Hooks are also caught between passes by a constant-time key, which the backend checks before
+serving a cached row; other changes are seen by the next pass (a fresh request).
 
-Not detected: in-place changes through ``param.data`` (``p.data.mul_(2)``): torch gives them no
-version counter. The fast path reads the live parameters, so passes stay exact, but results
-cached before such a change stay cached: call ``clear_cache()`` after one.
+Not detected: in-place changes through ``param.data`` (``p.data.mul_(2)``: torch gives them no
+version counter) and writes into a module's private dicts (``m._modules[k] = ...``). The fast
+path reads the live parameters, but results and pasts cached before such a change stay cached:
+call ``clear_cache()`` after one. Side effect: the first watch registers torch's global module
+and parameter registration hooks (they count and change nothing).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 from itertools import chain, repeat
@@ -49,6 +54,22 @@ def _global_hook_dicts() -> list[dict]:
     return [getattr(_torch_module, name) for name in _GLOBAL_HOOKS if hasattr(_torch_module, name)]
 
 
+_REGISTRATIONS = [0]  # modules and parameters registered (or set) on any module since the first watch
+
+
+def _count_registration(*args) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+@functools.cache
+def _watch_registrations() -> None:
+    """Count every module and parameter registration in the process (``module.sub = other``,
+    ``module.weight = Parameter(...)``, new modules): torch's global registration hooks, which
+    return None and so change nothing registered. Once per process."""
+    _torch_module.register_module_module_registration_hook(_count_registration)
+    _torch_module.register_module_parameter_registration_hook(_count_registration)
+
+
 def _library_forward(module: torch.nn.Module) -> bool:
     fwd = getattr(type(module), "forward", None)
     return getattr(fwd, "__module__", "").startswith(_LIBRARIES)
@@ -64,12 +85,15 @@ class ModelWatch:
     """
 
     def __init__(self, model, lean: bool, make_lean):
+        _watch_registrations()
         self.model, self.want_lean, self.make_lean = model, lean, make_lean
         self.lean = None  # the LeanDecoder while mode == "lean"
         self.mode = "decoder"
         self.pristine = True
         self._globals = _global_hook_dicts()
-        self._quick = self._full = self._rope_buffers = None
+        self._quick = self._full = self._model = self._rope_buffers = None
+        self.pristine = False
+        self._snapshot()
         self.refresh()
 
     # ------------------------------------------------------------------ fingerprints
@@ -78,46 +102,61 @@ class ModelWatch:
         return (RemovableHandle.next_id, *map(len, self._globals))
 
     def _snapshot(self) -> None:
-        """The flat lists the fingerprint reads (rebuilt when the model changed)."""
+        """The flat lists the fingerprints read (rebuilt when the model changed)."""
         mods = list(self.model.modules())
         self._mods = mods
         self._dicts = [m.__dict__ for m in mods]
         self._hooks = [m._forward_hooks for m in mods] + [m._forward_pre_hooks for m in mods]
-        self._children = [m._modules for m in mods]
-        self._param_dicts = [m._parameters for m in mods]
-        self._params = [p for m in mods for p in m._parameters.values() if p is not None]
+        self._children = [m._modules for m in mods if m._modules]
+        self._param_dicts = [m._parameters for m in mods if m._parameters]
+        self._params = [p for d in self._param_dicts for p in d.values() if p is not None]
 
     def full_key(self) -> tuple:
-        """What a pass's faithfulness depends on (see the module docstring). Objects are compared
-        by ``id`` (a tensor's ``==`` is elementwise)."""
-        values, flat, params = dict.values, chain.from_iterable, self._params
-        rope = self._rope_buffers
-        return (tuple(map(len, self._hooks)), tuple(map(len, self._globals)),
+        """Changes whenever what a pass computes may have (read before every pass): hooks
+        registered (torch's handle counter; the per-module hook dicts too while hooks are
+        registered, to see them removed), modules or parameters set anywhere
+        (:func:`_watch_registrations`), instance ``forward`` attributes, module classes, the
+        parameters' versions and data pointers, the lean decoder's rotary buffer."""
+        params, rope = self._params, self._rope_buffers
+        return (self.quick_key(), _REGISTRATIONS[0],
+                None if self.pristine else tuple(map(len, self._hooks)),
                 any(map(operator.contains, self._dicts, repeat("forward"))), tuple(map(type, self._mods)),
-                tuple(map(len, self._children)), tuple(map(id, flat(map(values, self._children)))),
-                tuple(map(len, self._param_dicts)), tuple(map(id, flat(map(values, self._param_dicts)))),
                 tuple(map(_version, params)), tuple(map(torch.Tensor.data_ptr, params)),
                 id(rope.get("inv_freq")) if rope is not None else None)
+
+    def _model_key(self) -> tuple:
+        """What this model's passes depend on, exactly (read only when :meth:`full_key` changed,
+        which a registration elsewhere in the process does too): the hook dicts' sizes and
+        the identity of every submodule and parameter, besides what :meth:`full_key` reads."""
+        values, flat = dict.values, chain.from_iterable
+        return (tuple(map(len, self._hooks)), tuple(map(len, self._globals)),
+                tuple(map(id, flat(map(values, self._children)))), tuple(map(id, flat(map(values, self._param_dicts)))),
+                self.full_key()[3:])
 
     def hooks_changed(self) -> bool:
         """Whether a hook was registered anywhere since the last :meth:`refresh` (constant time)."""
         return self.quick_key() != self._quick
 
     def stale(self) -> bool:
-        """Whether the model changed since the last :meth:`refresh` (read only)."""
-        return self.hooks_changed() or self.full_key() != self._full
+        """Whether the model may have changed since the last :meth:`refresh` (read only)."""
+        return self.full_key() != self._full
 
     # ------------------------------------------------------------------ deciding
     def refresh(self) -> bool:
         """Check the model (before a pass, under the model's lock); decide the mode again if it
         changed. True when it changed since the last check (cached results are stale)."""
-        if self._full is not None and self.full_key() == self._full:
-            self._quick = self.quick_key()  # (a hook registered elsewhere: a tensor's, another model's)
+        key = self.full_key()
+        if key == self._full:
             return False
         first = self._full is None
+        if not first and self._model_key() == self._model:  # (a registration elsewhere)
+            self._quick, self._full = key[0], key
+            return False
         self._snapshot()
         self._decide()
-        self._quick, self._full = self.quick_key(), self.full_key()
+        self._model = self._model_key()
+        self._full = self.full_key()
+        self._quick = self._full[0]
         if not first:
             logger.debug("the model changed: passes run %r", self.mode)
         return not first
