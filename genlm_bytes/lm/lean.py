@@ -2,17 +2,19 @@
 
 transformers runs a decoder layer as a few dozen small modules and checks, each a
 Python call with its own bookkeeping; on a CPU a one-token decode step of a small model
-spends about a third of its time there rather than in the matrix products (measured on
-SmolLM2-135M: ~45 ms of products and ~70 ms for the step). :class:`LeanDecoder` computes
-the same function (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU) with one
-torch call per operation, reading the weights of the transformers modules in place (no
-copy), and the same cache protocol as the model (``past_key_values.layers[i].update(k, v)``
+spends a large share of its time there rather than in the matrix products
+(``benchmarks/bench_lean.py``). :class:`LeanDecoder` computes the same function with the
+math of :mod:`genlm_bytes.models.layers` (RMSNorm, rotary embeddings, grouped-query
+attention, SwiGLU), one torch call per operation, reading the weights of the transformers
+modules in place (no copy), and the same cache protocol as the model (``past_key_values.layers[i].update(k, v)``
 returns the layer's whole keys and values).
 
 It is used only for models it recognizes by structure (``model_type`` llama, mistral
 without a sliding window, qwen2 without sliding layers; SiLU; static rotary frequencies),
 and only after a check on a few tokens gives the same hidden states as the model's own
-forward (:func:`lean_decoder`); anything else runs through transformers as before.
+forward (:func:`lean_decoder`); anything else runs through transformers as before. The
+backend also runs it only while the model is pristine (no hooks, no overridden forward,
+no replaced module: :mod:`genlm_bytes.lm.hf.faithful`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class LeanDecoder:
 
     ``attention_mask``: None (one row: causal), ``(B, past + T)`` of 0/1 (padding; causal
     over the new tokens), or an additive ``(B, 1, T, past + T)`` float mask used as is.
-    ``before_layer``: optional callable run before each layer (may raise to stop the pass).
+    ``before_layer``: optional callable run before each layer (may raise to stop the pass; the
+    backend stops its passes in the cache's ``update`` instead, see ``lm/hf/pass_cache.py``).
     """
 
     def __init__(self, body):
