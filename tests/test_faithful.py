@@ -108,10 +108,10 @@ async def test_a_forward_hook_added_later_is_followed_and_removing_it_restores_t
     assert lm.runner.passes["lean"] == lean_passes, "no lean pass while a hook is registered"
     assert lm.runner.passes["model"] > 0 and lm.lean is None
     handle.remove()
+    assert_follows(model, ctx, await lm.next_token_logprobs(ctx))  # (not a row cached under the hook)
     again = [0] + tok.encode("A different request")
     assert_follows(model, again, await lm.next_token_logprobs(again))
-    assert lm.runner.passes["lean"] == lean_passes + 1 and lm.lean is not None
-    assert_follows(model, ctx, await lm.next_token_logprobs(ctx))  # (not a row cached under the hook)
+    assert lm.runner.passes["lean"] == lean_passes + 2 and lm.lean is not None
 
 
 @pytest.mark.slow

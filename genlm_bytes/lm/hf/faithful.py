@@ -22,8 +22,9 @@ and the parameters' version counters and data pointers: C-level maps over flat l
 once, no walk of the module tree. Only when it changed is the model itself compared (hook
 dicts, the identity of every submodule and parameter); if that changed, the watch decides
 again and the backend drops its cached results (computed by the model before the change).
-Hooks are also caught between passes by a constant-time key, which the backend checks before
-serving a cached row; other changes are seen by the next pass (a fresh request).
+Hooks registered (and, while the model has hooks, removed) are also seen before a cached row is
+served (:meth:`ModelWatch.hooks_changed`: constant time on a pristine model); other changes are
+seen by the next pass (a fresh request).
 
 Not detected: in-place changes through ``param.data`` (``p.data.mul_(2)``: torch gives them no
 version counter) and writes into a module's private dicts (``m._modules[k] = ...``). The fast
@@ -91,22 +92,18 @@ class ModelWatch:
         self.mode = "decoder"
         self.pristine = True
         self._globals = _global_hook_dicts()
-        self._quick = self._full = self._model = self._rope_buffers = None
+        self._next_id = self._hook_lens = self._full = self._model = self._rope_buffers = None
         self.pristine = False
         self._snapshot()
         self.refresh()
 
     # ------------------------------------------------------------------ fingerprints
-    def quick_key(self) -> tuple:
-        """Changes when a hook is registered anywhere (constant time)."""
-        return (RemovableHandle.next_id, *map(len, self._globals))
-
     def _snapshot(self) -> None:
         """The flat lists the fingerprints read (rebuilt when the model changed)."""
         mods = list(self.model.modules())
         self._mods = mods
         self._dicts = [m.__dict__ for m in mods]
-        self._hooks = [m._forward_hooks for m in mods] + [m._forward_pre_hooks for m in mods]
+        self._hooks = [m._forward_hooks for m in mods] + [m._forward_pre_hooks for m in mods] + self._globals
         self._children = [m._modules for m in mods if m._modules]
         self._param_dicts = [m._parameters for m in mods if m._parameters]
         self._params = [p for d in self._param_dicts for p in d.values() if p is not None]
@@ -118,7 +115,7 @@ class ModelWatch:
         (:func:`_watch_registrations`), instance ``forward`` attributes, module classes, the
         parameters' versions and data pointers, the lean decoder's rotary buffer."""
         params, rope = self._params, self._rope_buffers
-        return (self.quick_key(), _REGISTRATIONS[0],
+        return (RemovableHandle.next_id, _REGISTRATIONS[0],
                 None if self.pristine else tuple(map(len, self._hooks)),
                 any(map(operator.contains, self._dicts, repeat("forward"))), tuple(map(type, self._mods)),
                 tuple(map(_version, params)), tuple(map(torch.Tensor.data_ptr, params)),
@@ -129,13 +126,16 @@ class ModelWatch:
         which a registration elsewhere in the process does too): the hook dicts' sizes and
         the identity of every submodule and parameter, besides what :meth:`full_key` reads."""
         values, flat = dict.values, chain.from_iterable
-        return (tuple(map(len, self._hooks)), tuple(map(len, self._globals)),
+        return (tuple(map(len, self._hooks)),
                 tuple(map(id, flat(map(values, self._children)))), tuple(map(id, flat(map(values, self._param_dicts)))),
                 self.full_key()[3:])
 
     def hooks_changed(self) -> bool:
-        """Whether a hook was registered anywhere since the last :meth:`refresh` (constant time)."""
-        return self.quick_key() != self._quick
+        """Whether a hook was registered anywhere since the last :meth:`refresh` (constant time),
+        or, while hooks are registered on the model, removed."""
+        if RemovableHandle.next_id != self._next_id:
+            return True
+        return not self.pristine and tuple(map(len, self._hooks)) != self._hook_lens
 
     def stale(self) -> bool:
         """Whether the model may have changed since the last :meth:`refresh` (read only)."""
@@ -150,20 +150,20 @@ class ModelWatch:
             return False
         first = self._full is None
         if not first and self._model_key() == self._model:  # (a registration elsewhere)
-            self._quick, self._full = key[0], key
+            self._next_id, self._full = key[0], key
             return False
         self._snapshot()
         self._decide()
         self._model = self._model_key()
         self._full = self.full_key()
-        self._quick = self._full[0]
+        self._next_id, self._hook_lens = self._full[0], tuple(map(len, self._hooks))
         if not first:
             logger.debug("the model changed: passes run %r", self.mode)
         return not first
 
     def _decide(self) -> None:
         mods = self._mods
-        hooked = any(self._hooks) or any(self._globals)
+        hooked = any(self._hooks)
         overridden = [type(m).__name__ for m in mods if "forward" in m.__dict__ or not _library_forward(m)]
         self.pristine = not hooked and not overridden
         self.lean = self._rope_buffers = None
