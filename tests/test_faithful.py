@@ -181,7 +181,25 @@ CHANGES = {
     "global forward hook": lambda m: torch.nn.modules.module.register_module_forward_hook(_global_hook).remove,
     "instance forward": lambda m: _set_forward(m.model.layers[1].mlp),
     "replaced submodule": lambda m: _replace(m.model.layers[2].self_attn, "o_proj"),
+    "subclass with its own forward": lambda m: _subclass(m),
 }
+
+
+def _subclass(model):
+    """Make ``model`` an instance of a subclass whose forward (a fixed signature, without
+    ``logits_to_keep``) tempers the logits."""
+    base = type(model)
+
+    class Tempered(base):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None):
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, use_cache=use_cache)
+            out.logits = out.logits / 2.0
+            return out
+
+    model.__class__ = Tempered
+    return lambda: setattr(model, "__class__", base)
 
 
 def _set_forward(mlp):

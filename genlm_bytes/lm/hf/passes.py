@@ -114,6 +114,7 @@ class PassRunner:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.n_forward_tokens = 0  # tokens run through the model: for tests and benchmarks
         self.passes = collections.Counter()  # passes run per forward kind ("lean", "decoder", "model")
+        self._keeps_logits = True  # the model's forward takes logits_to_keep
         self.before_layer = None  # run once per layer of a pass (may raise to stop it; see speculation)
 
     # ------------------------------------------------------------------ running
@@ -146,12 +147,25 @@ class PassRunner:
                 hidden = decoder_of(self.model)(input_ids=args[0], attention_mask=args[1], position_ids=args[2],
                                                 past_key_values=cache, use_cache=True).last_hidden_state
                 return hidden, self._head
-            logits = self.model(input_ids=args[0], attention_mask=args[1], position_ids=args[2],
-                                past_key_values=cache, use_cache=True, logits_to_keep=n_keep).logits
+            logits = self._model_logits(args, cache, n_keep)
         T = input_ids.shape[1]
         if logits.shape[1] < T:  # (front positions not kept: never read)
             logits = torch.nn.functional.pad(logits, (0, 0, T - logits.shape[1], 0))
         return logits, lambda x: x
+
+    def _model_logits(self, args, cache, n_keep: int) -> torch.Tensor:
+        """The model's own forward: logits ``(B, n_keep, V)`` of the last ``n_keep`` positions (all
+        of them for a model whose forward takes no ``logits_to_keep``)."""
+        kwargs = {"input_ids": args[0], "attention_mask": args[1], "position_ids": args[2],
+                  "past_key_values": cache, "use_cache": True}
+        if self._keeps_logits:
+            try:
+                return self.model(**kwargs, logits_to_keep=n_keep).logits
+            except TypeError as e:  # (a user's forward with a fixed signature)
+                if "logits_to_keep" not in str(e):
+                    raise
+                self._keeps_logits = False
+        return self.model(**kwargs).logits
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)  # (N, V)
