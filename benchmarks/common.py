@@ -125,9 +125,10 @@ class _Deadline:
     """Makes every model pass of ``lm`` raise :class:`PrefillTimeout` once ``time.perf_counter()``
     passes ``at`` (the backend hands the error to every caller waiting on that pass)."""
 
-    NAMES = ("_forward", "_tree_pass")
+    NAMES = ("forward", "tree_pass")  # (of the engine's PassRunner)
 
     def __init__(self, lm, at: float):
+        lm = lm.runner
         self.lm, self.at = lm, at
         names = [name for name in self.NAMES if callable(getattr(lm, name, None))]  # a restructured backend:
         self.saved = {name: lm.__dict__.get(name) for name in names}  # only the progress check applies

@@ -29,7 +29,7 @@ _MODELS = ("LlamaConfig", "LlamaTransformer", "MLSTMConfig", "MLSTMLM", "AsyncLl
 def __getattr__(name):
     # Heavier pieces load on first use.
     if name == "AsyncTransformer":
-        from genlm_bytes.lm.transformer import AsyncTransformer
+        from genlm_bytes.lm.hf import AsyncTransformer
 
         return AsyncTransformer
     if name == "RayLM":

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from genlm_bytes.lm.batching import Batcher
+from genlm_bytes.batching import Batcher
 
 
 def _check_device(device) -> torch.device:

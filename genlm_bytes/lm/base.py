@@ -12,7 +12,7 @@ range, non-integer ids) and output checks (shape, NaN, a row with no finite
 entry), and provides the batched and synchronous forms.
 
 Not handled here: batching across coroutines and caching. Backends that want
-them (``AsyncTransformer``) use :mod:`genlm_bytes.lm.batching`.
+them (``AsyncTransformer``) use :mod:`genlm_bytes.batching`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ the weights), and decides where each request goes:
 - routing (:class:`~genlm_bytes.lm.routing.PrefixRouter`): a context goes to the replica
   that served its longest prefix, whose cache holds that prefix's keys/values; a new prefix
   goes to the least loaded replica;
-- batching: each replica has a :class:`~genlm_bytes.lm.batching.Batcher`; one actor call
+- batching: each replica has a :class:`~genlm_bytes.batching.Batcher`; one actor call
   carries the requests queued for it in one event-loop tick (and those queued while its
   previous call ran), and returns one ``(B, V)`` numpy array;
 - faults: when a replica dies, the requests it held and every later one go to the survivors
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM
-from genlm_bytes.lm.batching import Batcher
+from genlm_bytes.batching import Batcher
 from genlm_bytes.lm.routing import PrefixRouter
 
 logger = logging.getLogger(__name__)
