@@ -35,8 +35,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM
 from genlm_bytes.batching import Batcher
+from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM
 from genlm_bytes.lm.routing import PrefixRouter
 
 logger = logging.getLogger(__name__)
