@@ -211,6 +211,25 @@ def _log(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
 
 
+def log_total(weights) -> float:
+    """``log Σ exp(w)`` of log-weights (-inf when there are none or all are -inf)."""
+    ws = [w for w in weights if w > -math.inf]
+    if not ws:
+        return -math.inf
+    m = max(ws)
+    return m + math.log(sum(math.exp(w - m) for w in ws))
+
+
+def heaviest(covers: list, K: int, threshold: float) -> list:
+    """The ``K`` heaviest of ``covers`` (sorted heaviest first) whose weight is at least
+    ``threshold`` × their total (``threshold`` 0 keeps every weight)."""
+    keep = covers
+    if threshold > 0 and keep:
+        cut = log_total(c.weight for c in covers) + math.log(threshold)
+        keep = [c for c in keep if c.weight >= cut]
+    return keep[:K]
+
+
 class LazyTrieState:
     """One cover: a token context, a trie node, and the distribution of the next token.
 
