@@ -118,23 +118,33 @@ class ContextDist:
             self._bs = p.reshape(sp.n_blocks, BLOCK).sum(axis=1, dtype=np.float64)
             self._p = p
 
+    def _p32(self, idx) -> np.ndarray:
+        """float32 probabilities of the sorted tokens ``idx`` (a slice or positions): the very
+        values :meth:`prepare` stores, computed alone before it runs."""
+        if self._p is not None:
+            return self._p[idx]
+        return np.exp(self._logp_np()[self.space.trie.order[idx]], dtype=np.float32, casting="unsafe")
+
     def _probs(self, idx) -> np.ndarray:
         """float64 probabilities of the sorted tokens ``idx`` (a slice or positions), from the log-probs."""
         return np.exp(self._logp_np()[self.space.trie.order[idx]].astype(np.float64))
 
     def _sum(self, lo: int, hi: int) -> float:
-        """Sum of the probabilities of sorted tokens ``[lo, hi)`` (EOS included)."""
-        if self._p is None:
-            if hi - lo > _LAZY_RANGE:
-                self.prepare()
-            else:  # before preparing: small and mid-sized ranges directly from the log-probs
-                return float(self._probs(slice(lo, hi)).sum())
-        p = self._p
+        """Sum of the probabilities of sorted tokens ``[lo, hi)`` (EOS included). The same float
+        whether or not the distribution is prepared (which depends on what ran before: a beam's
+        result must not), so the unprepared path sums whole blocks as :meth:`prepare` does."""
         if hi - lo <= 2 * BLOCK:
-            return float(p[lo:hi].sum(dtype=np.float64))
+            return float(self._p32(slice(lo, hi)).sum(dtype=np.float64))
+        if self._p is None and hi - lo > _LAZY_RANGE:
+            self.prepare()
         a, b = -(-lo // BLOCK), hi // BLOCK  # whole blocks [a, b), partial ones at both ends
-        return (float(self._bs[a:b].sum()) + float(p[lo: a * BLOCK].sum(dtype=np.float64))
-                + float(p[b * BLOCK: hi].sum(dtype=np.float64)))
+        if self._p is not None:
+            whole = float(self._bs[a:b].sum())
+        else:
+            whole = float(self._p32(slice(a * BLOCK, b * BLOCK)).reshape(b - a, BLOCK)
+                          .sum(axis=1, dtype=np.float64).sum())
+        return (whole + float(self._p32(slice(lo, a * BLOCK)).sum(dtype=np.float64))
+                + float(self._p32(slice(b * BLOCK, hi)).sum(dtype=np.float64)))
 
     def _eos_in(self, lo, hi) -> np.ndarray:
         eos = self.space.eos_pos
@@ -156,10 +166,7 @@ class ContextDist:
         inside = self._eos_in(lo, hi)
         if not len(inside):
             return s
-        if self._p is not None:  # the very terms ``s`` summed, so that a sum of EOS alone cancels
-            e = float(self._p[inside].sum(dtype=np.float64))
-        else:
-            e = float(self._probs(inside).sum())
+        e = float(self._p32(inside).sum(dtype=np.float64))  # the very terms ``s`` summed
         m = s - e
         return m if m > _TINY * s else self._without_eos(lo, hi)
 
@@ -171,11 +178,7 @@ class ContextDist:
             a, b = int(lo[0]), int(hi[-1])
             if self._p is None and b - a > _LAZY_RANGE:
                 self.prepare()
-            if self._p is not None:
-                x = self._p[a:b]
-            else:
-                x = np.exp(self._logp_np()[self.space.trie.order[a:b]])
-            m = np.add.reduceat(x, (lo - a).astype(np.intp), dtype=np.float64)
+            m = np.add.reduceat(self._p32(slice(a, b)), (lo - a).astype(np.intp), dtype=np.float64)
             if not text and len(self.space.eos_pos):
                 eos = self._eos_in(a, b)
                 for k in set(np.searchsorted(lo, eos, side="right") - 1):  # the ranges holding EOS
