@@ -8,11 +8,14 @@ byte ``a`` inside its token, and also ends the token of every cover that can
 enough to hold every cover, ``logZ`` is exactly ``log P(x)``; otherwise it is
 a lower bound.
 
-The next-symbol distribution is the step's: ``logp_next()`` and ``<<`` end
-every token the covers can end, so ``logp_next()[a] == (beam << a).logZ -
-beam.logZ`` for every symbol ``a`` (healing aside). ``K`` and
-``prune_threshold`` limit the beam after a step (``prune``), never the symbols
-a step can take.
+The next-symbol distribution is the step's: ``logp_next()`` and ``<<`` end the
+tokens of the same covers (every token ending whose weight reaches
+``prune_threshold`` × the total), so ``logp_next()[a] - ((beam << a).logZ -
+beam.logZ)`` is one constant for every symbol ``a`` the step takes (0 with no
+threshold), and a symbol with log-probability -inf is one the step rejects.
+``K`` limits the beam after a step (``prune``), never the symbols a step can
+take. With ``heal=True`` a step that leaves no cover is rescued (the skipped
+token endings, then :mod:`~genlm_bytes.byte_lm.heal`): the one exception.
 
 Prefill of a known text:
 - the cover that follows the vocabulary's encoding of the text (the tokenizer's
@@ -260,12 +263,15 @@ class ByteBeamState(StatefulByteLM):
         return new
 
     # ------------------------------------------------------------- extensions
-    def _extensions(self) -> list[tuple[int, int, float]]:
-        """Every token ending ``(i, token, weight)`` of the covers (weight > 0): what ``<<`` and
-        ``logp_next`` extend. The same set whatever symbol comes next, and none left out, so the
-        next-symbol distribution is exactly the step's (a symbol only an extension can take is
-        never lost, however narrow the beam)."""
-        return [(i, t, w) for i, s in enumerate(self.states) for t, w in s.end_tokens() if w > -math.inf]
+    def _extensions(self, threshold: float | None = None) -> list[tuple[int, int, float]]:
+        """The token endings ``(i, token, weight)`` that ``<<`` and ``logp_next`` extend: those
+        whose weight reaches ``prune_threshold`` × the total (every one with no threshold). The
+        same set whatever symbol comes next, so the next-symbol distribution is the step's; ``K``
+        plays no part (a symbol only an extension can take is not lost to a narrow beam)."""
+        thr = self.params.prune_threshold if threshold is None else threshold
+        cut = self.logZ + math.log(thr) if thr > 0 and self.logZ > -math.inf else -math.inf
+        return [(i, t, w) for i, s in enumerate(self.states) for t, w in s.end_tokens()
+                if w > -math.inf and w >= cut]
 
     def _candidates(self, others: list[float], ref_logZ: float):
         """Prefill's extensions ``(i, token, bound)``: those that could survive the prune after
@@ -328,8 +334,14 @@ class ByteBeamState(StatefulByteLM):
             if c is not None:
                 cont.append(c)
         if not cont and self.params.heal and not self.terminated:
-            cont = await healing.heal(self.states, sym, self.params)
+            cont = await self._rescue(sym)
         return ByteBeamState(cont, self.params, canon=self._canon)
+
+    async def _rescue(self, sym: int) -> list[LazyTrieState]:
+        """Covers taking ``sym`` when the step left none: first the token endings it skipped
+        (below the threshold), then re-split partial tokens (:mod:`~genlm_bytes.byte_lm.heal`)."""
+        cont = [c for e in await self._extend(self._extensions(threshold=0.0)) if (c := e.consume(sym)) is not None]
+        return cont or await healing.heal(self.states, sym, self.params)
 
     def _drop_stale_canon(self, covers) -> None:
         """A cover that moved past the end of the canonical token it was inside (into a longer
