@@ -178,7 +178,6 @@ class ByteBeamState(StatefulByteLM):
         self.logZ: float = log_total([s.weight for s in self.states])
         self._canon = canon  # the tokenizer's encoding of the text being prefilled
         self._ext: dict[tuple[int, int], LazyTrieState] = {}  # (state index, token) -> extension
-        self._miss: dict[tuple[int, int], tuple[int, int, int]] = {}  # prefill look-ahead bookkeeping
 
     @classmethod
     async def initial(cls, lm: AsyncLM, params: BeamParams, initial_context=None, *,
@@ -299,8 +298,6 @@ class ByteBeamState(StatefulByteLM):
         todo = [(i, t) for i, t, _ in cands if (i, t) not in self._ext]
         if todo:
             new = await asyncio.gather(*(self.states[i].extend(t, self._canon) for i, t in todo))
-            for key, e in zip(todo, new):
-                e.miss, e.ahead, e.path_end = self._miss.get(key, (0, 0, 0))
             self._ext.update(zip(todo, new))
         return [self._ext[(i, t)] for i, t, _ in cands]
 
@@ -329,7 +326,10 @@ class ByteBeamState(StatefulByteLM):
             cands = self._candidates(ws, log_total(ws))
             if planner is not None:
                 await planner.before_extensions(self, cands, pos)
-        for e in await self._extend(cands):
+        exts = await self._extend(cands)
+        if planner is not None:
+            planner.after_extensions(self, cands, exts)
+        for e in exts:
             c = e.consume(sym)
             if c is not None:
                 cont.append(c)

@@ -250,22 +250,18 @@ class LazyTrieState:
     """
 
     __slots__ = (
-        "ahead",
         "canon",
         "ctx_weight",
         "dist",
         "lm_state",
-        "miss",
         "node",
-        "path_end",
         "terminated",
         "text",
         "weight",
     )
 
     def __init__(self, lm_state: StatefulTokenizedLM, node: int, ctx_weight: float, dist: ContextDist,
-                 *, terminated: bool = False, text: bool = False, canon: int = -1, weight: float | None = None,
-                 miss: int = 0, ahead: int = 0, path_end: int = 0):
+                 *, terminated: bool = False, text: bool = False, canon: int = -1, weight: float | None = None):
         self.lm_state = lm_state
         self.node = node
         self.ctx_weight = ctx_weight
@@ -274,11 +270,6 @@ class LazyTrieState:
         self.text = text
         self.canon = canon
         self.weight = self._weight() if weight is None else weight
-        # Prefill bookkeeping of the beam's look-ahead: consecutive uncached extensions along this
-        # cover's lineage, and the length of its last look-ahead.
-        self.miss = miss
-        self.ahead = ahead
-        self.path_end = path_end  # context length where that look-ahead ends
 
     @classmethod
     async def initial(cls, lm, space: TrieSpace | None = None, initial_context=None,
@@ -345,8 +336,7 @@ class LazyTrieState:
         if m <= 0.0:
             return None
         return LazyTrieState(self.lm_state, child, self.ctx_weight, self.dist, text=self.text,
-                             canon=self.canon, weight=self.ctx_weight + math.log(m), miss=self.miss,
-                             ahead=self.ahead, path_end=self.path_end)
+                             canon=self.canon, weight=self.ctx_weight + math.log(m))
 
     def end_tokens(self) -> list[tuple[int, float]]:
         """``(token id, ctx_weight + log p(token))`` for each token ending exactly here."""
