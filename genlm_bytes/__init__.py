@@ -32,6 +32,10 @@ def __getattr__(name):
         from genlm_bytes.lm.transformer import AsyncTransformer
 
         return AsyncTransformer
+    if name == "AsyncVLLM":  # (vllm itself is imported when an engine is built)
+        from genlm_bytes.lm.vllm import AsyncVLLM
+
+        return AsyncVLLM
     if name in ("SamplingParams", "generate", "generate_tokens"):
         from genlm_bytes import sampling
 
@@ -61,6 +65,7 @@ __all__ = [
     "AsyncMLSTM",
     "AsyncTokenByteTrie",
     "AsyncTransformer",
+    "AsyncVLLM",
     "BeamParams",
     "ByteBeamState",
     "Chart",
