@@ -16,7 +16,6 @@ eager engine with 2 GiB of KV cache on the CPU build. Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 import os
 import time
@@ -28,14 +27,12 @@ CPU_ENGINE = {"enforce_eager": True, "block_size": 32, "max_model_len": 2048}  #
 
 
 def engine_arg(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE a Python literal (else a string): ``tensor_parallel_size=2``."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    from genlm_bytes.lm.vllm import parse_engine_arg
+
     try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+        return parse_engine_arg(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 async def run(lm, seeds: list[int], steps: int) -> dict:

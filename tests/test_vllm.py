@@ -9,7 +9,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -197,18 +196,18 @@ async def test_close_resolves_waiting_requests_and_refuses_new_ones(vllm_lm):
 
 
 @pytest.mark.vllm
-def test_a_script_that_never_closes_exits(vllm_env, tmp_path):
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(f"""
-        import asyncio
-        from genlm_bytes import load_model
+async def test_cli_on_vllm_matches_the_api_and_exits(vllm_env, embedded_lm):
+    # The CLI never closes its model: the engine is shut down at exit (atexit), and the process ends.
+    from test_cli import api_sample
 
-        if __name__ == "__main__":
-            lm = load_model(backend="vllm", **{ENGINE_ARGS!r})
-            row = asyncio.run(lm.next_token_logprobs([0, 504]))
-            print("row", row.shape[0])
-    """))
-    out = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=240,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "row 49152" in out.stdout
+    prompt = "The capital of France is"
+    engine = [f"--engine-arg={k}={v}" for k, v in ENGINE_ARGS.items()]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "genlm_bytes", "generate", prompt, "--greedy", "--max-bytes", "20",
+        "--backend", "vllm", *engine, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    expected = await api_sample(embedded_lm, prompt, 20, greedy=True)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=400)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert "Traceback" not in err.decode() and "Exception ignored" not in err.decode(), err.decode()[-3000:]
+    assert out.decode() == expected.decode()

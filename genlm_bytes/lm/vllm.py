@@ -82,6 +82,25 @@ def check_engine_args(engine_args: dict, fields) -> None:
         raise TypeError(f"unknown engine argument {name!r}: vLLM's AsyncEngineArgs has no such field{hint}")
 
 
+def parse_engine_arg(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` (a command-line engine argument) as ``(key, value)``, the value a Python literal
+    if it reads as one, else the string.
+
+    Example:
+        >>> parse_engine_arg("tensor_parallel_size=2"), parse_engine_arg("dtype=bfloat16")
+        (('tensor_parallel_size', 2), ('dtype', 'bfloat16'))
+    """
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise ValueError(f"an engine argument is KEY=VALUE (e.g. tensor_parallel_size=2), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def load_tokenizer(model: str, engine_args: dict):
     """The fast transformers tokenizer of ``model`` (a folder, a GGUF file or a hub id), or a
     ValueError naming the model when there is none: checked before any engine starts."""
