@@ -215,6 +215,10 @@ def load_lm(args: argparse.Namespace):
     t0 = time.perf_counter()
     try:
         if args.backend == "vllm":
+            # vLLM logs to stdout by default: stdout carries the generated text only.
+            os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+            if not args.verbose:
+                os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
             lm = load_model(args.model, device=args.device, backend="vllm", **dict(args.engine_arg))
         else:
             lm = load_model(args.model, device=args.device)

