@@ -162,6 +162,26 @@ async def test_byte_level_does_not_depend_on_the_backend(vllm_lm, embedded_lm):
 
 
 @pytest.mark.vllm
+async def test_cached_rows_stay_within_the_budget(vllm_lm):
+    from genlm_bytes.lm.cache import PrefixCache
+
+    row_bytes = vllm_lm.vocab_size * 4
+    cache, vllm_lm.cache = vllm_lm.cache, PrefixCache(2 * row_bytes)  # room for two rows
+    try:
+        contexts = [[0, 504], [0, 504, 100], [0, 504, 101]]
+        first = [await vllm_lm.next_token_logprobs(c) for c in contexts]
+        assert vllm_lm.cache.nbytes <= 2 * row_bytes and vllm_lm.cache.n_evicted == 1
+        # As in AsyncTransformer: a row handed to its caller is the first the cache drops.
+        assert [vllm_lm.has_logprobs(c) for c in contexts] == [True, True, False]
+        n = vllm_lm.n_requests
+        again = await vllm_lm.next_token_logprobs(contexts[2])  # evicted: asked of the engine again
+        assert vllm_lm.n_requests == n + 1
+        assert (again - first[2]).abs().max().item() < 1e-5
+    finally:
+        vllm_lm.cache = cache
+
+
+@pytest.mark.vllm
 async def test_too_long_a_context_is_refused(vllm_lm):
     with pytest.raises(ValueError, match="max_model_len=2048"):
         await vllm_lm.next_token_logprobs([0] * 2048)
