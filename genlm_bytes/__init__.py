@@ -32,6 +32,10 @@ def __getattr__(name):
         from genlm_bytes.lm.hf import AsyncTransformer
 
         return AsyncTransformer
+    if name == "AsyncVLLM":  # (vllm itself is imported when an engine is built)
+        from genlm_bytes.lm.vllm import AsyncVLLM
+
+        return AsyncVLLM
     if name == "RayLM":
         from genlm_bytes.lm.replicas import RayLM
 
@@ -69,6 +73,7 @@ __all__ = [
     "AsyncMLSTM",
     "AsyncTokenByteTrie",
     "AsyncTransformer",
+    "AsyncVLLM",
     "BeamParams",
     "ByteBeamState",
     "Chart",

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from genlm_bytes import AsyncLM, BeamParams, ByteBeamState, MockLM
 from genlm_bytes.batching import Batcher
 from genlm_bytes.lm.hf import EngineConfig
-from genlm_bytes.lm.hf.prefix_cache import _KV, _LOGP, KVBlock, KVRef, PrefixCache
+from genlm_bytes.lm.prefix_cache import _KV, _LOGP, KVBlock, KVRef, PrefixCache
 
 TOL = 1e-4  # float64 model vs its plain forward
 TOL32 = 2e-4  # float32 model vs its plain forward
@@ -780,7 +780,7 @@ async def test_passes_split_to_fit_the_budget_stay_exact(embedded_lm, embedded_h
 async def test_rows_read_ahead_outlive_rows_handed_out(embedded_lm, embedded_hf):
     """``next_token_logprobs`` hands a row out (the cache's copy goes first under pressure);
     ``peek_next_token_logprobs`` (a look-ahead) keeps it for the reader to come."""
-    from genlm_bytes.lm.hf.prefix_cache import _LOGP
+    from genlm_bytes.lm.prefix_cache import _LOGP
 
     lm = transformer(embedded_lm)
     ids = [0] + embedded_hf[1].encode(TEXT)

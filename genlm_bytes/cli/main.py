@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session.check_model(args.model)
         session.check_device(args.device)
+        session.check_backend(args)
         return COMMANDS[args.command](args)
     except session.CliError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

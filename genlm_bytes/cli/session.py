@@ -86,6 +86,13 @@ def check_device(device: str | None) -> None:
         raise CliError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
 
 
+def check_backend(args: argparse.Namespace) -> None:
+    if args.engine_arg and args.backend != "vllm":
+        raise CliError("--engine-arg is for --backend vllm")
+    if args.backend == "vllm" and args.device is not None:
+        raise CliError("--device is for --backend hf: vLLM picks its platform (CUDA, else its CPU build)")
+
+
 def load_lm(args: argparse.Namespace):
     """The model named by ``--model`` (default: the embedded one) on ``--device``."""
     if not args.verbose:
@@ -98,7 +105,14 @@ def load_lm(args: argparse.Namespace):
     name = args.model or "the embedded model"
     t0 = time.perf_counter()
     try:
-        lm = load_model(args.model, device=args.device)
+        if args.backend == "vllm":
+            # vLLM logs to stdout by default: stdout carries the generated text only.
+            os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+            if not args.verbose:
+                os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+            lm = load_model(args.model, backend="vllm", **dict(args.engine_arg))
+        else:
+            lm = load_model(args.model, device=args.device)
     except Exception as e:  # any failure to load is reported as one line
         if args.verbose:
             logger.exception("loading %s failed", name)

@@ -95,17 +95,51 @@ def load_embedded_hf(dtype=torch.float32):
     return model, tok
 
 
-def load_model(name: str | None = None, *, initial_context=None, device: str | None = None, **kwargs):
-    """An :class:`~genlm_bytes.lm.hf.AsyncTransformer`.
+def embedded_model_folder() -> Path:
+    """The converted (float32 safetensors) folder of the embedded model, converting it on first use.
+
+    Raises:
+        OSError: the converted copy cannot be written to the cache folder.
+    """
+    folder = _converted_folder()
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        load_embedded_hf()
+        if not (folder / "model.safetensors").is_file():
+            raise OSError(f"could not cache the converted embedded model in {folder} (see the log); "
+                          f"set GENLM_BYTES_CACHE to a writable folder")
+    return folder
+
+
+def load_model(name: str | None = None, *, initial_context=None, device: str | None = None,
+               backend: str = "hf", **kwargs):
+    """An :class:`~genlm_bytes.lm.hf.AsyncTransformer` (or an ``AsyncVLLM``).
 
     Args:
         name: ``None`` for the embedded SmolLM2-135M-Instruct, else a local transformers model folder
             (or a hub id already in the local cache).
         initial_context: token ids states start from; default ``[0]`` (``<|endoftext|>``) for the
             embedded model, the model's BOS token otherwise.
-        device: e.g. ``"cpu"`` or ``"cuda"``.
-        **kwargs: passed to ``AsyncTransformer`` (``batch_size``, ``cache_budget_bytes``, ...).
+        device: e.g. ``"cpu"`` or ``"cuda"`` (the transformers backend only: vLLM picks its platform).
+        backend: ``"hf"`` (transformers, in this process) or ``"vllm"`` (vLLM's engine: see
+            :class:`~genlm_bytes.lm.vllm.AsyncVLLM`; the embedded model is served in float32 unless
+            ``dtype=`` says otherwise).
+        **kwargs: passed to ``AsyncTransformer`` (``batch_size``, ``cache_budget_bytes``, ...) or to
+            ``AsyncVLLM.from_name`` (``cache_budget_bytes`` and vLLM's engine arguments).
     """
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
+    if backend == "vllm":
+        if device is not None:
+            raise TypeError("device= is for the transformers backend; vLLM picks its platform "
+                            "(CUDA, else the CPU build): leave device out with backend='vllm'")
+        from genlm_bytes.lm.vllm import AsyncVLLM
+
+        if name is not None:
+            return AsyncVLLM.from_name(name, initial_context=initial_context, **kwargs)
+        kwargs.setdefault("dtype", "float32")  # as the transformers backend serves it
+        if initial_context is None:
+            initial_context = [ENDOFTEXT_ID]
+        return AsyncVLLM.from_name(str(embedded_model_folder()), initial_context=initial_context, **kwargs)
     from genlm_bytes.lm.hf import AsyncTransformer
 
     if name is not None:

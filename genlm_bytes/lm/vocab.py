@@ -37,11 +37,12 @@ import logging
 import re
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["byte_level_alphabet", "byte_vocab_from_tokenizer", "encode_bytes"]
+__all__ = ["TokenizerDefaults", "byte_level_alphabet", "byte_vocab_from_tokenizer", "encode_bytes",
+           "tokenizer_defaults"]
 
 # SentencePiece's byte-fallback pieces: "<0x0A>" is the single byte 0x0A.
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -427,3 +428,62 @@ def encode_bytes(tokenizer: Any, byte_vocab: list[bytes], data: bytes) -> list[i
         logger.debug("the tokenizer's encoding of %r spells %r; no exact encoding", data[:60], spelled[:60])
         return None
     return ids
+
+
+# ----------------------------------------------------------------------------
+# What every backend takes from its tokenizer
+# ----------------------------------------------------------------------------
+
+
+class TokenizerDefaults(NamedTuple):
+    """What a backend hands ``AsyncLM.__init__``: see :func:`tokenizer_defaults`."""
+
+    byte_vocab: list[bytes]
+    eos_token_ids: list[int]
+    initial_context: list[int]
+
+
+def tokenizer_defaults(tokenizer: Any, *, generation_eos=None, config_eos=None, n_logits: int | None = None,
+                       byte_vocab=None, eos_token_ids=None, initial_context=None) -> TokenizerDefaults:
+    """The byte vocabulary, EOS ids and initial context of a model served by any backend.
+
+    Each of ``byte_vocab``, ``eos_token_ids`` and ``initial_context`` given (not None) is kept;
+    the others come from the tokenizer:
+
+    - ``byte_vocab``: :func:`byte_vocab_from_tokenizer`, padded with ``b""`` to ``n_logits``
+      entries when the model's output layer is larger than the tokenizer (ids no text spells);
+    - ``eos_token_ids``: the tokenizer's ``eos_token_id``, then the generation config's and the
+      model config's ``eos_token_id`` (``generation_eos``, ``config_eos``: an id, a list of ids
+      or None), in that order, without repeats;
+    - ``initial_context``: ``[bos_token_id]``, else the first EOS id, else ``[]``.
+
+    Args:
+        tokenizer: a fast transformers tokenizer.
+        generation_eos, config_eos: ``eos_token_id`` of the model's generation config and config.
+        n_logits: the length of the model's log-prob vectors (None: the byte vocabulary's).
+
+    Raises:
+        ValueError: the tokenizer has more tokens than the model has logits.
+
+    Example:
+        >>> d = tokenizer_defaults(tok, config_eos=0, n_logits=49152)  # doctest: +SKIP
+        >>> len(d.byte_vocab), d.eos_token_ids, d.initial_context  # doctest: +SKIP
+        (49152, [2, 0], [1])
+    """
+    if byte_vocab is None:
+        byte_vocab = byte_vocab_from_tokenizer(tokenizer)
+    if eos_token_ids is None:
+        eos_token_ids = []
+        for source in (getattr(tokenizer, "eos_token_id", None), generation_eos, config_eos):
+            for t in source if isinstance(source, (list, tuple)) else [source]:
+                if t is not None and int(t) not in eos_token_ids:
+                    eos_token_ids.append(int(t))
+    if initial_context is None:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        initial_context = [bos] if bos is not None else list(eos_token_ids[:1])
+    if n_logits is not None:
+        if len(byte_vocab) < n_logits:  # the output layer is padded beyond the tokenizer
+            byte_vocab = list(byte_vocab) + [b""] * (n_logits - len(byte_vocab))
+        elif len(byte_vocab) > n_logits:
+            raise ValueError(f"the tokenizer has {len(byte_vocab)} tokens but the model outputs {n_logits} logits")
+    return TokenizerDefaults(list(byte_vocab), list(eos_token_ids), list(initial_context))

@@ -18,7 +18,7 @@ states for one-token extensions of the mLSTM).
 With ``max_cache_entries=0`` nothing is cached: every call runs its whole context
 (the reference that the cached path is tested against).
 
-Why not :class:`genlm_bytes.lm.hf.prefix_cache.PrefixCache`: its past is a ``KVRef`` into a
+Why not :class:`genlm_bytes.lm.prefix_cache.PrefixCache`: its past is a ``KVRef`` into a
 transformers KV block; here a state is any immutable object (a ``KVCache`` or an
 ``MLSTMState``), so the trie below stores it as is.
 
@@ -256,15 +256,14 @@ class AsyncLlama(_CachedModelLM):
         The byte vocabulary, EOS ids and initial context (BOS, else the first EOS) come from
         the tokenizer and the model, as for ``AsyncTransformer``; ``kwargs`` override them.
         """
-        from genlm_bytes.lm.hf.backend import _eos_ids
-        from genlm_bytes.lm.vocab import byte_vocab_from_tokenizer
+        from genlm_bytes.lm.vocab import tokenizer_defaults
 
-        kwargs.setdefault("eos_token_ids", _eos_ids(hf_model, hf_tokenizer))
-        if kwargs.get("initial_context") is None:
-            bos = hf_tokenizer.bos_token_id
-            kwargs["initial_context"] = [bos] if bos is not None else list(kwargs["eos_token_ids"][:1])
-        return cls(LlamaTransformer.from_hf(hf_model), byte_vocab_from_tokenizer(hf_tokenizer),
-                   tokenizer=hf_tokenizer, **kwargs)
+        defaults = tokenizer_defaults(
+            hf_tokenizer, generation_eos=getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None),
+            config_eos=getattr(hf_model.config, "eos_token_id", None),
+            eos_token_ids=kwargs.pop("eos_token_ids", None), initial_context=kwargs.pop("initial_context", None))
+        return cls(LlamaTransformer.from_hf(hf_model), defaults.byte_vocab, tokenizer=hf_tokenizer,
+                   eos_token_ids=defaults.eos_token_ids, initial_context=defaults.initial_context, **kwargs)
 
     def _extend(self, rows):
         logits, caches = self.model.forward_ragged([toks for _, toks in rows], [c for c, _ in rows])

@@ -13,7 +13,7 @@ One request, in the order the modules meet it:
    or the model's own forward: ``faithful.py`` decides) on a ``pass_cache.py`` cache that
    gathers the pasts layer by layer, and turns hidden states into log-prob rows.
 4. ``kv.py``: stores the pass's keys/values (segments, whole contexts, arenas) in the
-   ``prefix_cache.py`` trie, under the budget; ``memory.py`` hands freed heap pages back.
+   ``lm/prefix_cache.py`` trie (shared with the vLLM backend), under the budget; ``memory.py`` hands freed heap pages back.
 5. back in ``scheduler.py``: after a lone request, ``speculation.py`` queues a look-ahead pass
    for the context the caller will most likely ask for next.
 

@@ -34,10 +34,10 @@ from genlm_bytes.lm.hf.faithful import ModelWatch
 from genlm_bytes.lm.hf.kv import KVStore, plain_cache
 from genlm_bytes.lm.hf.memory import HeapTrimmer
 from genlm_bytes.lm.hf.passes import PassRunner
-from genlm_bytes.lm.hf.prefix_cache import PrefixCache
 from genlm_bytes.lm.hf.scheduler import Scheduler
 from genlm_bytes.lm.hf.speculation import Drafter, LookAhead, Spellings
 from genlm_bytes.lm.lean import lean_decoder
+from genlm_bytes.lm.prefix_cache import PrefixCache
 
 
 class AsyncTransformer(AsyncLM):
@@ -86,21 +86,14 @@ class AsyncTransformer(AsyncLM):
         config = EngineConfig() if config is None else config
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
-        if byte_vocab is None:
-            from genlm_bytes.lm.vocab import byte_vocab_from_tokenizer
+        from genlm_bytes.lm.vocab import tokenizer_defaults
 
-            byte_vocab = byte_vocab_from_tokenizer(hf_tokenizer)
-        if eos_token_ids is None:
-            eos_token_ids = _eos_ids(hf_model, hf_tokenizer)
-        if initial_context is None:
-            bos = hf_tokenizer.bos_token_id
-            initial_context = [bos] if bos is not None else list(eos_token_ids[:1])
-        n_out = hf_model.get_output_embeddings().weight.shape[0]
-        if len(byte_vocab) < n_out:  # the output layer is padded beyond the tokenizer
-            byte_vocab = list(byte_vocab) + [b""] * (n_out - len(byte_vocab))
-        elif len(byte_vocab) > n_out:
-            raise ValueError(f"the tokenizer has {len(byte_vocab)} tokens but the model outputs {n_out} logits")
-        super().__init__(byte_vocab=byte_vocab, initial_context=initial_context, eos_token_ids=eos_token_ids)
+        defaults = tokenizer_defaults(
+            hf_tokenizer, generation_eos=getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None),
+            config_eos=getattr(hf_model.config, "eos_token_id", None),
+            n_logits=hf_model.get_output_embeddings().weight.shape[0],
+            byte_vocab=byte_vocab, eos_token_ids=eos_token_ids, initial_context=initial_context)
+        super().__init__(**defaults._asdict())
         self.model = hf_model.eval()
         self.tokenizer = hf_tokenizer
         self.config = config
@@ -269,13 +262,3 @@ class AsyncTransformer(AsyncLM):
             raise ValueError(f"a context of {n} tokens is longer than the model's window of "
                              f"{self.max_positions} tokens; use max_context_length to truncate")
 
-
-def _eos_ids(hf_model, hf_tokenizer) -> list[int]:
-    ids = []
-    for src in (getattr(hf_tokenizer, "eos_token_id", None),
-                getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None),
-                getattr(hf_model.config, "eos_token_id", None)):
-        for t in (src if isinstance(src, (list, tuple)) else [src]):
-            if t is not None and t not in ids:
-                ids.append(int(t))
-    return ids

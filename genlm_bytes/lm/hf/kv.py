@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from genlm_bytes.lm.hf.prefix_cache import KVBlock, KVRef, PrefixCache
+from genlm_bytes.lm.prefix_cache import KVBlock, KVRef, PrefixCache
 
 
 class KVStore:

@@ -27,8 +27,8 @@ import torch
 
 from genlm_bytes.lm.hf.attention import grouped_attention
 from genlm_bytes.lm.hf.pass_cache import make_pass_cache
-from genlm_bytes.lm.hf.prefix_cache import KVBlock, KVRef
 from genlm_bytes.lm.lean import decoder_of
+from genlm_bytes.lm.prefix_cache import KVBlock, KVRef
 
 logger = logging.getLogger(__name__)
 
