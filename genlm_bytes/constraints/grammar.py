@@ -32,6 +32,7 @@ import numpy as np
 
 from genlm_bytes.constraints.base import Constraint, Cursor, check_bytes
 from genlm_bytes.constraints.engine import (
+    byte_tokenizer,
     compile_grammar,
     llguidance_module,
     matcher_mask,
@@ -132,6 +133,22 @@ class GrammarConstraint(Constraint):
         return self.cursor(prefix).mask()
 
 
+_UNICODE_ESCAPES = "json_allow_general_unicode_escapes"
+
+
+def _json_grammar(schema, options: dict) -> str:
+    """llguidance's grammar for ``schema``; without ``\\uXXXX`` escapes of printable characters on
+    llguidance versions that lack the option (1.7, the one vLLM 0.32 pins)."""
+    llg = llguidance_module()
+    try:
+        grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=options)
+    except ValueError as e:
+        raise ValueError(f"invalid JSON schema: {e}") from None
+    if _UNICODE_ESCAPES in options and _UNICODE_ESCAPES in llg.LLMatcher.validate_grammar(grammar, byte_tokenizer()):
+        return _json_grammar(schema, {k: v for k, v in options.items() if k != _UNICODE_ESCAPES})
+    return grammar
+
+
 class JsonSchema(GrammarConstraint):
     """Any JSON text whose value validates against a JSON Schema.
 
@@ -144,7 +161,10 @@ class JsonSchema(GrammarConstraint):
             amount. No whitespace before the value or after it.
 
     Properties must come in the schema's order; properties the schema does not list are
-    allowed unless ``"additionalProperties": false``.
+    allowed unless ``"additionalProperties": false``. Strings may hold ``\\uXXXX`` escapes of
+    any character (``json.dumps``'s default for non-ASCII) from llguidance 1.9 on; 1.7 (the
+    version vLLM 0.32 pins) allows them for control characters only, and ignores the whitespace
+    bound (whitespace is then unbounded unless ``max_whitespace=0``).
 
     Raises:
         ValueError: the schema is not JSON, or llguidance rejects it (unknown type or format,
@@ -164,17 +184,12 @@ class JsonSchema(GrammarConstraint):
             raise ValueError(f"max_whitespace must be an int >= 0 or None (unbounded), got {max_whitespace!r}")
         self.schema = schema
         self.max_whitespace = max_whitespace
-        if max_whitespace is None:
-            options = {}
-        elif max_whitespace == 0:
-            options = {"whitespace_flexible": False}
-        else:
-            options = {"whitespace_pattern": rf"(\r?\n)?[\x20\x09]{{0,{int(max_whitespace)}}}"}
-        try:
-            grammar = llguidance_module().LLMatcher.grammar_from_json_schema(schema, overrides=options)
-        except ValueError as e:
-            raise ValueError(f"invalid JSON schema: {e}") from None
-        super().__init__(grammar, "invalid JSON schema")
+        options = {_UNICODE_ESCAPES: True}  # "\u00e9", as json.dumps writes by default
+        if max_whitespace == 0:
+            options["whitespace_flexible"] = False
+        elif max_whitespace is not None:
+            options["whitespace_pattern"] = rf"(\r?\n)?[\x20\x09]{{0,{int(max_whitespace)}}}"
+        super().__init__(_json_grammar(schema, options), "invalid JSON schema")
 
     def __repr__(self) -> str:
         text = json.dumps(self.schema, separators=(",", ":"))
