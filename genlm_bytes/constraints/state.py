@@ -21,6 +21,7 @@ Example (wrap a beam that has already read an unconstrained prompt):
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import numpy as np
@@ -35,6 +36,10 @@ from genlm_bytes.constraints.base import (
 from genlm_bytes.dist import LazyByteProbs
 from genlm_bytes.sampling import SamplingParams, as_generator, sample_symbol
 from genlm_bytes.symbols import EOS, N_BYTES, check_symbol, symbol_name
+
+#: The most allowed bytes :meth:`ConstrainedState._stepped_logp` steps the beam along (one beam step
+#: each, concurrent); a forced byte is typically one of a few (a closing quote, a digit).
+MAX_STEPPED = 16
 
 
 def logsumexp(x: np.ndarray) -> float:
@@ -84,6 +89,7 @@ class ConstrainedState(StatefulByteLM):
         if cursor is not None and not isinstance(cursor, Cursor):
             raise TypeError(f"cursor must be a Cursor of the constraint, got {type(cursor).__name__}")
         self.cursor = constraint.cursor(self.text) if cursor is None else cursor
+        self._stepped: dict[int, StatefulByteLM] = {}  # byte -> child, from _stepped_logp
 
     def __repr__(self) -> str:
         return f"ConstrainedState({self.text!r}, {self.constraint!r}, ended={self.ended})"
@@ -134,7 +140,30 @@ class ConstrainedState(StatefulByteLM):
         if not m.any():
             return np.full(m.shape, -np.inf), -math.inf
         logp = np.where(m, (await self.state.logp_next()).ps, -np.inf)  # (258,)
-        return logp, float(logsumexp(logp))
+        log_kept = float(logsumexp(logp))
+        if log_kept == -math.inf:
+            logp = await self._stepped_logp(m)
+            log_kept = float(logsumexp(logp))
+        return logp, log_kept
+
+    async def _stepped_logp(self, m: np.ndarray) -> np.ndarray:
+        """Log-probs ``(258,)`` of the allowed bytes found by stepping the wrapped beam along each.
+
+        A pruned beam can give every byte a constraint allows probability 0 (its covers sit inside
+        tokens that the forced byte cannot continue); stepping heals them (see
+        :mod:`genlm_bytes.byte_lm.heal`), and ``logZ(child) - logZ`` is the byte's log-probability.
+        The children are kept for :meth:`__lshift__`. All -inf when the state has no ``logZ``.
+        """
+        logp = np.full(m.shape, -np.inf)
+        syms = [int(b) for b in np.nonzero(m[:N_BYTES])[0]]
+        log_z = getattr(self.state, "logZ", None)
+        if log_z is None or log_z == -math.inf or not syms or len(syms) > MAX_STEPPED:
+            return logp
+        children = await asyncio.gather(*(self.state << b for b in syms))
+        for b, child in zip(syms, children):
+            logp[b] = getattr(child, "logZ", -math.inf) - log_z
+            self._stepped[b] = child
+        return logp
 
     async def logp_next(self, max_bytes: int | None = None) -> LazyByteProbs:
         """The masked, renormalized next-symbol distribution ``q(· | text)``.
@@ -179,7 +208,7 @@ class ConstrainedState(StatefulByteLM):
         if not self.cursor.mask()[sym]:
             raise ConstraintError(f"the constraint {self.constraint!r} does not allow {symbol_name(sym)} "
                                   f"after {self.text!r}")
-        inner = await (self.state << sym)
+        inner = self._stepped[sym] if sym in self._stepped else await (self.state << sym)
         if sym == EOS:
             return ConstrainedState(inner, self.constraint, self.text, has_eos=self.has_eos, ended=True,
                                     cursor=self.cursor)
@@ -190,8 +219,10 @@ class ConstrainedState(StatefulByteLM):
         inner = self.state.prune()
         if inner is self.state:
             return self
-        return ConstrainedState(inner, self.constraint, self.text, has_eos=self.has_eos, ended=self.ended,
-                                cursor=self.cursor)
+        pruned = ConstrainedState(inner, self.constraint, self.text, has_eos=self.has_eos, ended=self.ended,
+                                  cursor=self.cursor)
+        pruned._stepped = self._stepped  # children of the unpruned state: still the best known
+        return pruned
 
     async def sample(self, context: bytes, steps: int, params=None, *, rng=None, greedy: bool = False,
                      stream=None, **sampling_kwargs) -> bytes:
