@@ -161,13 +161,23 @@ def test_json_schema_refuses_invalid_documents():
     assert not c.accepts(b" " + doc) and not c.accepts(doc[:-1])
 
 
-def test_json_schema_whitespace_is_bounded_and_configurable():
+@pytest.mark.parametrize("llguidance_bounds_it", [True, False])
+def test_json_schema_whitespace_is_bounded_and_configurable(llguidance_bounds_it, monkeypatch):
+    import genlm_bytes.constraints.grammar as grammar_module
+
+    if not llguidance_bounds_it:  # as on llguidance 1.7: the bound is kept beside the grammar
+        monkeypatch.setattr(grammar_module, "whitespace_pattern_honoured", lambda: False)
+    from genlm_bytes.constraints.base import AllOfCursor
+
+    assert isinstance(JsonSchema({"type": "object"}).cursor(), AllOfCursor) != llguidance_bounds_it
     deep = {"a": {"a": {"a": {"a": {"a": {"a": {"a": {"a": [1]}}}}}}}}
     any_obj = {"type": "object"}
     assert JsonSchema(any_obj).accepts(json.dumps(deep, indent=2).encode())  # 8 levels deep
     long_run = b'{"a":' + b" " * 41 + b"1}"
     assert not JsonSchema(any_obj).accepts(long_run)
     assert not JsonSchema(any_obj).accepts(b'{"a":\n\n1}')  # one line break at a time
+    assert not JsonSchema(any_obj).accepts(b'{"a":  \n1}')  # the line break comes first
+    assert JsonSchema(any_obj).accepts(b'{"a":\r\n' + b" " * 40 + b'"  \\"' + b" " * 50 + b'"}')  # in strings: any
     assert JsonSchema(any_obj, max_whitespace=None).accepts(long_run + b"")
     assert JsonSchema(any_obj, max_whitespace=60).accepts(long_run)
     compact = JsonSchema(any_obj, max_whitespace=0)

@@ -30,13 +30,17 @@ from collections import OrderedDict
 
 import numpy as np
 
-from genlm_bytes.constraints.base import Constraint, Cursor, check_bytes
+from genlm_bytes.constraints.base import AllOfCursor, Constraint, Cursor, check_bytes
 from genlm_bytes.constraints.engine import (
     byte_tokenizer,
     compile_grammar,
     llguidance_module,
     matcher_mask,
     new_matcher,
+)
+from genlm_bytes.constraints.whitespace import (
+    WhitespaceRunCursor,
+    whitespace_pattern_honoured,
 )
 from genlm_bytes.symbols import N_BYTES
 
@@ -163,8 +167,8 @@ class JsonSchema(GrammarConstraint):
     Properties must come in the schema's order; properties the schema does not list are
     allowed unless ``"additionalProperties": false``. Strings may hold ``\\uXXXX`` escapes of
     any character (``json.dumps``'s default for non-ASCII) from llguidance 1.9 on; 1.7 (the
-    version vLLM 0.32 pins) allows them for control characters only, and ignores the whitespace
-    bound (whitespace is then unbounded unless ``max_whitespace=0``).
+    version vLLM 0.32 pins) allows them for control characters only (there the whitespace bound
+    is kept beside llguidance, by :mod:`genlm_bytes.constraints.whitespace`).
 
     Raises:
         ValueError: the schema is not JSON, or llguidance rejects it (unknown type or format,
@@ -190,6 +194,14 @@ class JsonSchema(GrammarConstraint):
         elif max_whitespace is not None:
             options["whitespace_pattern"] = rf"(\r?\n)?[\x20\x09]{{0,{int(max_whitespace)}}}"
         super().__init__(_json_grammar(schema, options), "invalid JSON schema")
+        # llguidance 1.7 ignores whitespace_pattern: bound the runs beside the grammar instead.
+        self._run_limit = None if max_whitespace in (0, None) or whitespace_pattern_honoured() else max_whitespace
+
+    def cursor(self, text: bytes = b"") -> Cursor:
+        c = super().cursor(text)
+        if self._run_limit is None:
+            return c
+        return AllOfCursor((c, WhitespaceRunCursor.at(self._run_limit, c.text)), c.text)
 
     def __repr__(self) -> str:
         text = json.dumps(self.schema, separators=(",", ":"))
