@@ -7,9 +7,9 @@ here. EOT is never allowed (a whole byte state does not emit it).
 
 A constraint should allow byte ``b`` only when ``prefix + b`` can still be
 completed into an accepted text; then a sampler never reaches a prefix where
-nothing is allowed (a *dead end*). Constraints that cannot promise this (a
-lookahead in a regex, an intersection of two constraints) may lead to dead
-ends; the samplers report them (:class:`ConstraintError`) or, in SMC, give the
+nothing is allowed (a *dead end*). ``Regex``, ``JsonSchema``, ``Grammar`` and
+``StringSet`` promise it; those that cannot (a ``Predicate`` that is not
+prefix-closed, an intersection of two constraints) may lead to dead ends; the samplers report them (:class:`ConstraintError`) or, in SMC, give the
 particle weight zero.
 
 Masks are cached per prefix (the last :attr:`Constraint.cache_size` prefixes),
