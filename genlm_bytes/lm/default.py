@@ -96,7 +96,7 @@ def load_embedded_hf(dtype=torch.float32):
 
 
 def load_model(name: str | None = None, *, initial_context=None, device: str | None = None, **kwargs):
-    """An :class:`~genlm_bytes.lm.transformer.AsyncTransformer`.
+    """An :class:`~genlm_bytes.lm.hf.AsyncTransformer`.
 
     Args:
         name: ``None`` for the embedded SmolLM2-135M-Instruct, else a local transformers model folder
@@ -106,7 +106,7 @@ def load_model(name: str | None = None, *, initial_context=None, device: str | N
         device: e.g. ``"cpu"`` or ``"cuda"``.
         **kwargs: passed to ``AsyncTransformer`` (``batch_size``, ``cache_budget_bytes``, ...).
     """
-    from genlm_bytes.lm.transformer import AsyncTransformer
+    from genlm_bytes.lm.hf import AsyncTransformer
 
     if name is not None:
         return AsyncTransformer.from_name(name, device=device, initial_context=initial_context, **kwargs)
