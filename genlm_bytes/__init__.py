@@ -22,7 +22,8 @@ from genlm_bytes.trie import AsyncTokenByteTrie, TokenByteTrie
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_CONSTRAINTS = ("Regex", "StringSet", "Predicate", "ConstrainedState", "ConstraintError", "Constraint")
+_CONSTRAINTS = ("Regex", "StringSet", "Predicate", "ConstrainedState", "ConstraintError", "Constraint",
+                "JsonSchema", "Grammar", "AllOf")
 _MODELS = ("LlamaConfig", "LlamaTransformer", "MLSTMConfig", "MLSTMLM", "AsyncLlama", "AsyncMLSTM")
 
 
@@ -68,6 +69,7 @@ __all__ = [
     "EOT",
     "MLSTMLM",
     "N_SYMBOLS",
+    "AllOf",
     "AsyncLM",
     "AsyncLlama",
     "AsyncMLSTM",
@@ -80,6 +82,8 @@ __all__ = [
     "ConstrainedState",
     "Constraint",
     "ConstraintError",
+    "Grammar",
+    "JsonSchema",
     "LazyByteProbs",
     "LazyTrieState",
     "LlamaConfig",

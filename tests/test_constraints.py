@@ -23,7 +23,6 @@ from genlm_bytes.constraints import (
     Regex,
     StringSet,
 )
-from genlm_bytes.constraints.pattern import split_utf8, utf8_partial_ok
 
 TINY_VOCAB = [b"<eos>", b"a", b"b", b"c", b"ab", b"ba", b"abc", b"cc"]
 
@@ -51,8 +50,9 @@ def test_regex_phone_mask():
 
 
 # Patterns whose matches over "abc" are all at most 4 characters long, so the oracle is finite.
-BOUNDED = [r"(ab|c){1,2}", r"a[bc]?b", r"c*?a{0,2}b?", r"(a|ab)(c|bc)?", r"abc|ab|b", r"[^a]{2}", r"(a|b)\1?c?",
-           r"(a)b\1?"]
+# (Backreferences are not regular: `(a|b)\1?c?` and `(a)b\1?` are written out.)
+BOUNDED = [r"(ab|c){1,2}", r"a[bc]?b", r"c*?a{0,2}b?", r"(a|ab)(c|bc)?", r"abc|ab|b", r"[^a]{2}",
+           r"(a|aa|b|bb)c?", r"aba?"]
 
 
 @settings(max_examples=60, deadline=None)
@@ -88,8 +88,9 @@ def test_regex_never_allows_invalid_utf8():
     assert allowed(c.mask(b"\xed")) == set(range(0x80, 0xA0))  # no surrogates
     assert allowed(c.mask(b"\xf4")) == set(range(0x80, 0x90))  # nothing above U+10FFFF
     assert not c.mask(b"\xff").any()  # a prefix that is not UTF-8 allows nothing
-    assert split_utf8("né".encode()[:-1]) == ("n", b"\xc3") and split_utf8(b"a\xc3\xa9") == ("aé", b"")
-    assert split_utf8(b"\xed\xa0") is None and not utf8_partial_ok(b"\xe0\x80") and utf8_partial_ok(b"\xf0\x9f")
+    assert allowed(c.mask("né".encode()[:-1])) == set(range(0x80, 0xC0))  # inside a character: no EOS
+    assert c.is_complete(b"a\xc3\xa9") and not c.mask(b"\xed\xa0").any()  # a surrogate half is dead
+    assert not c.allows(b"\xe0", 0x80) and c.allows(b"\xf0", 0x9F)  # no overlong forms; 4-byte ones fine
 
 
 @settings(max_examples=30, deadline=None)
@@ -231,11 +232,12 @@ async def test_no_eos_model_ends_when_the_constraint_is_complete_and_closed():
 
 async def test_errors_instead_of_loops(mock_lm):
     beam = await ByteBeamState.initial(mock_lm, BeamParams(K=3, eos_tokens=(b"<eos>",)))
-    for impossible in (Regex("(?!)"), Predicate(lambda t: False)):
+    for impossible in (Regex("[a&&b]"), Predicate(lambda t: False)):  # an empty class: no text matches
         with pytest.raises(ConstraintError, match="cannot be satisfied by any text"):
             await ConstrainedState(beam, impossible).sample(b"", 10, rng=0)
+    dead_after_a = Predicate(lambda t: t in (b"", b"a"), complete=lambda t: False)  # "a" leads nowhere
     with pytest.raises(ConstraintError, match="no continuation can satisfy it"):
-        await ConstrainedState(beam, Regex("ab(?!)")).sample(b"", 10, rng=0)  # "a" is a partial match
+        await ConstrainedState(beam, dead_after_a).sample(b"", 10, rng=0)
     with pytest.raises(ConstraintError, match="does not allow"):
         await ConstrainedState(beam, Regex("[0-9]+")).sample(b"x", 10, rng=0)
     tiny = await exact_beam()  # the tiny vocabulary has no "z"
@@ -356,9 +358,26 @@ def test_cli_regex_and_smc_on_the_embedded_model(embedded_lm, monkeypatch, capsy
     out, err = capsys.readouterr()
     assert regex.fullmatch(pattern, out) and json.loads(out)["name"], (out, err)
     assert "stopped by EOS" in err
-    assert cli_main.main(["generate", "Hi", "--regex", "(?!)"]) == 1
+    assert cli_main.main(["generate", "Hi", "--regex", "[a&&b]"]) == 1
     err = capsys.readouterr().err
     assert "cannot be satisfied by any text" in err and "Traceback" not in err, err
     code, out, err = finish(phone)
     assert code == 0 and regex.fullmatch(r"[0-9]{3}-[0-9]{4}", out), (out, err)
     assert "stopped by EOS; 2 particles" in err and "log P(match)" in err
+
+
+async def test_a_byte_the_pruned_beam_lost_is_found_by_stepping():
+    # K=1: after "bc" the one cover sits where the next "b" has probability 0; stepping heals it.
+    lm = MockLM([b"<eos>", b"a", b"b", b"c", b"ab", b"ba", b"abc", b"cc", b"bca", b"cab"], seed=0,
+                eos_token_ids=[0])
+    beam = await ByteBeamState.initial(lm, BeamParams(K=1, eos_tokens=(b"<eos>",)))
+    for b in b"bc":
+        beam = (await (beam.prune() << b)).prune()
+    assert (await beam.logp_next())[ord("b")] == -math.inf
+    healed = await (beam << ord("b"))
+    cs = ConstrainedState(beam, StringSet(["b", "bc"]))
+    logp, log_kept = await cs.masked_logp_next()
+    assert logp[ord("b")] == log_kept and log_kept == pytest.approx(healed.logZ - beam.logZ) and log_kept > -math.inf
+    assert (await cs.logp_next()).probs()[ord("b")] == pytest.approx(1.0)
+    nxt = await (cs << ord("b"))
+    assert nxt.text == b"b" and nxt.state.logZ == pytest.approx(healed.logZ)

@@ -181,8 +181,15 @@ class ByteBeamState(StatefulByteLM):
 
     @classmethod
     async def initial(cls, lm: AsyncLM, params: BeamParams, initial_context=None, *,
-                      text_hint: bytes | None = None) -> ByteBeamState:
+                      text_hint: bytes | None = None, chat=None) -> ByteBeamState:
         """The beam of the empty byte string: one cover at the root of the initial context.
+
+        ``chat``: a conversation ``[{"role": ..., "content": ...}, ...]``; the beam starts after
+        the tokenizer's chat template with the generation prompt (instead of
+        ``initial_context``), so bytes generated from it are the assistant's reply. When
+        ``params.eos_tokens`` is empty, the reply ends (EOS) at the template's end-of-turn
+        token or the model's EOS tokens; the returned beam's ``params`` say which.
+        Needs ``lm.tokenizer`` with a chat template (else ``ValueError``).
 
         ``text_hint``: the text a ``prefill`` will consume next, if known (scoring). The
         distribution after the initial context is then computed in the same pass as the
@@ -194,6 +201,18 @@ class ByteBeamState(StatefulByteLM):
             raise TypeError(f"lm must be an AsyncLM, got {type(lm).__name__}")
         if not isinstance(params, BeamParams):
             raise TypeError(f"params must be a BeamParams, got {type(params).__name__}")
+        if chat is not None:
+            from dataclasses import replace
+
+            from genlm_bytes.lm.chat import chat_prompt, tokenizer_of
+
+            if initial_context is not None:
+                raise ValueError("pass chat= or initial_context=, not both (chat= sets the initial context)")
+            prompt = chat_prompt(tokenizer_of(lm), chat, end_of_turn=not params.eos_tokens)
+            initial_context = prompt.token_ids
+            if not params.eos_tokens:
+                ends = tuple(dict.fromkeys([*prompt.end_of_turn_ids, *lm.eos_token_ids]))
+                params = replace(params, eos_tokens=ends)
         space = shared_space(lm, eos_token_ids(lm, params.eos_tokens))
         if text_hint is None and lm.supports_prefetch:
             return cls([LazyTrieState.pending(lm, space, initial_context, params.max_context_length)], params)

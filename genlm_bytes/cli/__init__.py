@@ -6,7 +6,9 @@ model, beam), one module per command (``next``, ``generate``, ``score``), :mod:`
 
 - ``next TEXT``: the most likely next bytes after TEXT, and TEXT's log-probability;
 - ``generate TEXT``: stream a continuation of TEXT to stdout (greedy or sampled;
-  ``--regex`` constrains it to a pattern, ``--smc N`` samples it with N particles);
+  ``--regex``, ``--json-schema`` or ``--grammar`` constrains it, ``--smc N`` samples it
+  with N particles); ``generate --chat MESSAGE [--system TEXT]`` prints the model's reply
+  (after its chat template) instead;
 - ``score [FILE]``: log-probability and bits per byte of a file (or stdin).
 
 TEXT is taken as the UTF-8 bytes of the argument, or read from stdin when it is
@@ -24,6 +26,6 @@ continuation only, as UTF-8 text; bytes that are not valid UTF-8 appear as
 ``\\xNN``, and a multi-byte character is printed once it is complete. The
 progress bar of ``score`` (inputs over 256 bytes) goes to stderr.
 
-Not handled: chat templates, constraints other than one regex, several texts per call,
+Not handled: several constraints or chat turns at once, several texts per call,
 appending EOS when scoring (a score is that of the bytes as a prefix).
 """

@@ -129,7 +129,12 @@ def _add_generate(sub, common) -> None:
     p = sub.add_parser("generate", parents=[common], help="stream a continuation of TEXT",
                        description="Stream a continuation of TEXT to stdout until EOS, --stop or "
                                    "--max-bytes; then a summary line on stderr.")
-    p.add_argument("text", metavar="TEXT", help="the prompt (its UTF-8 bytes), or - to read bytes from stdin")
+    p.add_argument("text", metavar="TEXT", nargs="?", default=None,
+                   help="the prompt (its UTF-8 bytes), or - to read bytes from stdin (or give --chat)")
+    p.add_argument("--chat", metavar="MESSAGE", default=None,
+                   help="instead of TEXT: a user message; the model's chat template is applied and only "
+                        "the reply is printed (it ends at the template's end of turn)")
+    p.add_argument("--system", metavar="TEXT", default=None, help="with --chat: the system message")
     p.add_argument("--max-bytes", metavar="N", type=int_at_least(0), default=100,
                    help="the most bytes to generate (default: 100)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely byte")
@@ -144,11 +149,17 @@ def _add_generate(sub, common) -> None:
     p.add_argument("--stop", metavar="STR", default=None,
                    help="stop once the generated text contains STR (it is printed)")
     p.add_argument("--regex", metavar="PATTERN", default=None,
-                   help="the generated text (after TEXT) must fully match PATTERN, a Python regex; "
+                   help="the generated text must fully match PATTERN (Rust regex syntax, exact over UTF-8); "
                         "bytes that cannot lead to a match are never chosen, and EOS only where it matches")
+    p.add_argument("--json-schema", metavar="FILE|JSON", default=None,
+                   help="the generated text must be JSON whose value validates against this JSON Schema "
+                        "(a file, or the schema's JSON text)")
+    p.add_argument("--grammar", metavar="FILE", default=None,
+                   help="the generated text must be a sentence of this Lark grammar (rule 'start')")
     p.add_argument("--smc", metavar="N", type=int_at_least(1), default=None,
-                   help="with --regex: run N particles (sequential Monte Carlo), which follow the model's "
-                        "distribution given the pattern, and print one of their texts (not streamed)")
+                   help="with --regex, --json-schema or --grammar: run N particles (sequential Monte Carlo), "
+                        "which follow the model's distribution given the constraint, and print one of "
+                        "their texts (not streamed)")
 
 
 def _add_score(sub, common) -> None:

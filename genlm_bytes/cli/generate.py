@@ -11,7 +11,7 @@ import dataclasses
 import sys
 import time
 
-from genlm_bytes.cli import session
+from genlm_bytes.cli import constrain, session
 from genlm_bytes.cli.args import PROG
 from genlm_bytes.cli.format import Utf8Writer
 from genlm_bytes.sampling import SamplingParams
@@ -49,45 +49,47 @@ def sampling_params(args: argparse.Namespace):
         raise session.CliError(str(e)) from None
 
 
-def regex_constraint(args: argparse.Namespace):
-    """The ``--regex`` constraint (None without it), checked with ``--smc`` before the model loads."""
+def constraint_of(args: argparse.Namespace):
+    """``(constraint, flag)`` of ``--regex`` / ``--json-schema`` / ``--grammar`` (``(None, None)``
+    without one), checked with ``--smc`` before the model loads."""
+    flag = constrain.constraint_flag(args)
     if args.smc is not None:
-        if args.regex is None:
-            raise session.CliError("--smc needs --regex (the pattern the particles are conditioned on)")
-        given = ["--greedy"] * args.greedy + [flag for flag, v in (
+        if flag is None:
+            raise session.CliError("--smc needs --regex, --json-schema or --grammar (the constraint the "
+                                   "particles are conditioned on)")
+        given = ["--greedy"] * args.greedy + [name for name, v in (
             ("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
             ("--stop", args.stop)) if v is not None]
         if given:
             raise session.CliError(f"--smc cannot be combined with {', '.join(given)} (the particles sample from the "
                            f"model's own distribution and print once at the end)")
-    if args.regex is None:
-        return None
-    try:
-        from genlm_bytes.constraints import Regex
-    except ImportError as e:
-        raise session.CliError(f"--regex needs the `regex` package ({e}): pip install regex") from None
-    try:
-        return Regex(args.regex)
-    except ValueError as e:
-        raise session.CliError(f"--regex: {e}") from None
+    return constrain.build_constraint(args)
 
 
-async def _generate_constrained(lm, args, prompt: bytes, params, constraint, on_byte, run: GenerationRun) -> None:
-    """``--regex`` (and ``--smc``): generation that must match the pattern."""
+async def _start(lm, args, prompt: bytes, chat):
+    """The beam generation starts from: after ``prompt``, or at the start of the reply to ``chat``."""
+    if chat is not None:
+        return await session.chat_beam(lm, args, chat)
+    return session.alive(*await session.prefill(lm, args, prompt), prompt)
+
+
+async def _generate_constrained(lm, args, prompt: bytes, params, constraint, on_byte, run: GenerationRun,
+                                chat=None, flag: str = "--regex") -> None:
+    """A constraint flag (and ``--smc``): generation that the constraint accepts."""
     from genlm_bytes.constraints import ConstrainedState, ConstraintError
     from genlm_bytes.sampling import as_generator
     from genlm_bytes.smc import smc
 
-    beam = session.alive(*await session.prefill(lm, args, prompt), prompt)
+    beam = await _start(lm, args, prompt, chat)
     run.t_start = time.perf_counter()
     try:
         if args.smc is None:
             final, _ = await ConstrainedState(beam, constraint).generate(
                 args.max_bytes, params, rng=args.seed, greedy=params is None, stream=on_byte)
             if final.finished:
-                run.reason = "EOS" if final.ended else "--regex (complete, nothing more allowed)"
+                run.reason = "EOS" if final.ended else f"{flag} (complete, nothing more allowed)"
             else:
-                run.reason = "--max-bytes (the text does not match --regex yet)"
+                run.reason = f"--max-bytes (the text does not satisfy {flag} yet)"
             return
         gen = as_generator(args.seed)
         res = await smc(beam, constraint, args.smc, args.max_bytes, rng=gen)
@@ -96,7 +98,7 @@ async def _generate_constrained(lm, args, prompt: bytes, params, constraint, on_
     i = int(gen.choice(len(res.particles), p=res.weights))  # one text, drawn by weight
     for byte in res.particles[i].text:
         on_byte(byte)
-    run.reason = (f"{'EOS' if res.particles[i].state.ended else '--regex'}; {args.smc} particles, "
+    run.reason = (f"{'EOS' if res.particles[i].state.ended else flag}; {args.smc} particles, "
                   f"{len(res.posterior())} distinct texts, log P(match) ~ {res.log_ml:.2f} nats")
 
 
@@ -105,7 +107,7 @@ class _StopString(Exception):
 
 
 async def _generate(lm, args, prompt: bytes, params, stop: bytes | None, writer: Utf8Writer,
-                    run: GenerationRun, constraint=None) -> None:
+                    run: GenerationRun, constraint=None, chat=None, flag: str | None = None) -> None:
     """Generate after ``prompt`` with :meth:`StatefulByteLM.sample`, writing each byte as it comes."""
     out = bytearray()
 
@@ -118,9 +120,9 @@ async def _generate(lm, args, prompt: bytes, params, stop: bytes | None, writer:
 
     try:
         if constraint is not None:
-            await _generate_constrained(lm, args, prompt, params, constraint, on_byte, run)
+            await _generate_constrained(lm, args, prompt, params, constraint, on_byte, run, chat, flag)
             return
-        beam = session.alive(*await session.prefill(lm, args, prompt), prompt)
+        beam = await _start(lm, args, prompt, chat)
         run.t_start = time.perf_counter()
         await beam.sample(b"", args.max_bytes, params, rng=args.seed, greedy=params is None, stream=on_byte)
     except _StopString:
@@ -135,14 +137,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stop == "":
         raise session.CliError("--stop must not be empty")
     stop = args.stop.encode("utf-8", "surrogateescape") if args.stop is not None else None
-    constraint = regex_constraint(args)
-    prompt = session.read_text(args.text)
+    chat = constrain.chat_messages(args)
+    constraint, flag = constraint_of(args)
+    prompt = session.read_text(args.text) if chat is None else b""
     lm = session.load_lm(args)
     writer = Utf8Writer(sys.stdout)
     run = GenerationRun()
     code = 0
     try:
-        asyncio.run(_generate(lm, args, prompt, params, stop, writer, run, constraint))
+        asyncio.run(_generate(lm, args, prompt, params, stop, writer, run, constraint, chat, flag))
     except KeyboardInterrupt:
         run.reason, code = "Ctrl-C", 130
     writer.close()

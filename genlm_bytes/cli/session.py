@@ -147,6 +147,16 @@ async def prefill(lm, args: argparse.Namespace, data: bytes, on_progress=None):
     return beam, (None if beam.states else n_done - 1)
 
 
+async def chat_beam(lm, args: argparse.Namespace, messages: list[dict]):
+    """A :class:`ByteBeamState` (``--beam``, ``--prune``) at the start of the reply to ``messages``;
+    EOS is the chat template's end of turn (or the model's EOS)."""
+    params = BeamParams(K=args.beam, prune_threshold=args.prune)
+    try:
+        return await ByteBeamState.initial(lm, params, chat=messages)
+    except ValueError as e:  # no tokenizer or no chat template
+        raise CliError(f"--chat: {str(e).splitlines()[0]}") from None
+
+
 def impossible(data: bytes, dead_at: int) -> str:
     """Why ``data`` has probability 0, for messages."""
     return f"no token sequence of the model covers byte {data[dead_at]:#04x} at offset {dead_at}"

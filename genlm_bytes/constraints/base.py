@@ -7,13 +7,19 @@ here. EOT is never allowed (a whole byte state does not emit it).
 
 A constraint should allow byte ``b`` only when ``prefix + b`` can still be
 completed into an accepted text; then a sampler never reaches a prefix where
-nothing is allowed (a *dead end*). Constraints that cannot promise this (a
-lookahead in a regex, an intersection of two constraints) may lead to dead
-ends; the samplers report them (:class:`ConstraintError`) or, in SMC, give the
+nothing is allowed (a *dead end*). ``Regex``, ``JsonSchema``, ``Grammar`` and
+``StringSet`` promise it; those that cannot (a ``Predicate`` that is not
+prefix-closed, an intersection of two constraints) may lead to dead ends; the samplers report them (:class:`ConstraintError`) or, in SMC, give the
 particle weight zero.
 
 Masks are cached per prefix (the last :attr:`Constraint.cache_size` prefixes),
 so a constraint must not change its answers after it is built.
+
+Samplers walk a constraint with a :class:`Cursor` (``constraint.cursor()``):
+the mask at one text and the cursor one byte on. The default cursor asks
+``mask(text)``; a constraint that parses incrementally (``Regex``,
+``JsonSchema``, ``Grammar`` on llguidance) keeps its parse in the cursor, so
+a byte costs one mask and one step of the parser, not a re-parse of the text.
 
 Example:
     >>> c = Predicate(lambda text: text.isdigit() or text == b"")
@@ -52,6 +58,41 @@ def describe_mask(mask: np.ndarray, limit: int = 12) -> str:
     names = [symbol_name(int(i)) for i in idx[:limit]]
     more = f" and {len(idx) - limit} more" if len(idx) > limit else ""
     return (", ".join(names) + more) if names else "nothing"
+
+
+class Cursor(abc.ABC):
+    """Where a text stands under a constraint; never changes once built.
+
+    Attributes:
+        text: the bytes generated so far.
+    """
+
+    __slots__ = ()
+    text: bytes
+
+    @abc.abstractmethod
+    def mask(self) -> np.ndarray:
+        """The read-only ``(258,)`` bool mask of the symbols allowed after :attr:`text`."""
+
+    @abc.abstractmethod
+    def advance(self, byte: int) -> Cursor:
+        """The cursor after :attr:`text` + ``byte`` (0-255); it allows nothing if ``byte`` is forbidden."""
+
+
+class PrefixCursor(Cursor):
+    """The default cursor: asks ``constraint.mask(text)`` (cached per prefix by the constraint)."""
+
+    __slots__ = ("constraint", "text")
+
+    def __init__(self, constraint: Constraint, text: bytes):
+        self.constraint = constraint
+        self.text = text
+
+    def mask(self) -> np.ndarray:
+        return self.constraint.mask(self.text)
+
+    def advance(self, byte: int) -> Cursor:
+        return PrefixCursor(self.constraint, self.text + bytes([byte]))
 
 
 class Constraint(abc.ABC):
@@ -93,6 +134,10 @@ class Constraint(abc.ABC):
         if len(cache) > self.cache_size:
             cache.popitem(last=False)
         return m
+
+    def cursor(self, text: bytes = b"") -> Cursor:
+        """A :class:`Cursor` at ``text`` (the bytes generated so far)."""
+        return PrefixCursor(self, check_bytes(text, "text"))
 
     def allows(self, prefix: bytes, sym) -> bool:
         """Whether symbol ``sym`` (a byte 0-255 or EOS) may follow ``prefix``."""
@@ -184,12 +229,37 @@ class AllOf(Constraint):
         self.parts = tuple(flat)
 
     def _mask(self, prefix: bytes) -> np.ndarray:
-        m = np.ones(N_SYMBOLS, dtype=bool)
-        for p in self.parts:
-            m &= p.mask(prefix)
-            if not m.any():
-                break
-        return m
+        return self.cursor(prefix).mask()
+
+    def cursor(self, text: bytes = b"") -> Cursor:
+        text = check_bytes(text, "text")
+        return AllOfCursor(tuple(p.cursor(text) for p in self.parts), text)
 
     def __repr__(self) -> str:
         return " & ".join(map(repr, self.parts))
+
+
+class AllOfCursor(Cursor):
+    """The cursors of the parts of an :class:`AllOf`, stepped together."""
+
+    __slots__ = ("_mask", "parts", "text")
+
+    def __init__(self, parts: tuple[Cursor, ...], text: bytes):
+        self.parts = parts
+        self.text = text
+        self._mask = None
+
+    def mask(self) -> np.ndarray:
+        if self._mask is None:
+            m = np.ones(N_SYMBOLS, dtype=bool)
+            for p in self.parts:
+                m &= p.mask()
+                if not m.any():
+                    break
+            m[EOT] = False
+            m.flags.writeable = False
+            self._mask = m
+        return self._mask
+
+    def advance(self, byte: int) -> Cursor:
+        return AllOfCursor(tuple(p.advance(byte) for p in self.parts), self.text + bytes([byte]))

@@ -21,15 +21,25 @@ Example (wrap a beam that has already read an unconstrained prompt):
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import numpy as np
 
 from genlm_bytes.byte_lm.lm_state import StatefulByteLM, check_prompt, check_steps
-from genlm_bytes.constraints.base import Constraint, ConstraintError, describe_mask
+from genlm_bytes.constraints.base import (
+    Constraint,
+    ConstraintError,
+    Cursor,
+    describe_mask,
+)
 from genlm_bytes.dist import LazyByteProbs
 from genlm_bytes.sampling import SamplingParams, as_generator, sample_symbol
 from genlm_bytes.symbols import EOS, N_BYTES, check_symbol, symbol_name
+
+#: The most allowed bytes :meth:`ConstrainedState._stepped_logp` steps the beam along (one beam step
+#: each, concurrent); a forced byte is typically one of a few (a closing quote, a digit).
+MAX_STEPPED = 16
 
 
 def logsumexp(x: np.ndarray) -> float:
@@ -54,14 +64,16 @@ class ConstrainedState(StatefulByteLM):
         constraint: applies to the bytes generated from ``state`` on (not to its prompt).
         text: bytes already generated under the constraint (used by ``<<``; normally empty).
         has_eos: whether ``state`` can produce EOS; default from ``state.params.eos_tokens``.
+        cursor: the constraint's :class:`~genlm_bytes.constraints.Cursor` at ``text`` (used by
+            ``<<``; default ``constraint.cursor(text)``).
 
     Attributes:
-        state, constraint, text, has_eos: as given.
+        state, constraint, text, has_eos, cursor: as given.
         ended: True after EOS was consumed.
     """
 
     def __init__(self, state: StatefulByteLM, constraint: Constraint, text: bytes = b"", *,
-                 has_eos: bool | None = None, ended: bool = False):
+                 has_eos: bool | None = None, ended: bool = False, cursor: Cursor | None = None):
         if not isinstance(state, StatefulByteLM):
             raise TypeError(f"state must be a byte-level state (StatefulByteLM), got {type(state).__name__}")
         if not isinstance(constraint, Constraint):
@@ -74,6 +86,10 @@ class ConstrainedState(StatefulByteLM):
         self.text = bytes(text)
         self.has_eos = infer_has_eos(state) if has_eos is None else has_eos
         self.ended = ended
+        if cursor is not None and not isinstance(cursor, Cursor):
+            raise TypeError(f"cursor must be a Cursor of the constraint, got {type(cursor).__name__}")
+        self.cursor = constraint.cursor(self.text) if cursor is None else cursor
+        self._stepped: dict[int, StatefulByteLM] = {}  # byte -> child, from _stepped_logp
 
     def __repr__(self) -> str:
         return f"ConstrainedState({self.text!r}, {self.constraint!r}, ended={self.ended})"
@@ -82,7 +98,7 @@ class ConstrainedState(StatefulByteLM):
     def mask(self, max_bytes: int | None = None) -> np.ndarray:
         """The ``(258,)`` bool mask of allowed symbols; bytes are all forbidden once
         ``len(text) >= max_bytes``. Without EOS the EOS slot is cleared (see :attr:`finished`)."""
-        m = self.constraint.mask(self.text)
+        m = self.cursor.mask()
         if (max_bytes is not None and len(self.text) >= max_bytes) or not self.has_eos:
             m = m.copy()
             if max_bytes is not None and len(self.text) >= max_bytes:
@@ -97,7 +113,7 @@ class ConstrainedState(StatefulByteLM):
             return True
         if self.has_eos:
             return False
-        m = self.constraint.mask(self.text)
+        m = self.cursor.mask()
         at_limit = max_bytes is not None and len(self.text) >= max_bytes
         return bool(m[EOS]) and (at_limit or not m[:N_BYTES].any())
 
@@ -124,7 +140,30 @@ class ConstrainedState(StatefulByteLM):
         if not m.any():
             return np.full(m.shape, -np.inf), -math.inf
         logp = np.where(m, (await self.state.logp_next()).ps, -np.inf)  # (258,)
-        return logp, float(logsumexp(logp))
+        log_kept = float(logsumexp(logp))
+        if log_kept == -math.inf:
+            logp = await self._stepped_logp(m)
+            log_kept = float(logsumexp(logp))
+        return logp, log_kept
+
+    async def _stepped_logp(self, m: np.ndarray) -> np.ndarray:
+        """Log-probs ``(258,)`` of the allowed bytes found by stepping the wrapped beam along each.
+
+        A pruned beam can give every byte a constraint allows probability 0 (its covers sit inside
+        tokens that the forced byte cannot continue); stepping heals them (see
+        :mod:`genlm_bytes.byte_lm.heal`), and ``logZ(child) - logZ`` is the byte's log-probability.
+        The children are kept for :meth:`__lshift__`. All -inf when the state has no ``logZ``.
+        """
+        logp = np.full(m.shape, -np.inf)
+        syms = [int(b) for b in np.nonzero(m[:N_BYTES])[0]]
+        log_z = getattr(self.state, "logZ", None)
+        if log_z is None or log_z == -math.inf or not syms or len(syms) > MAX_STEPPED:
+            return logp
+        children = await asyncio.gather(*(self.state << b for b in syms))
+        for b, child in zip(syms, children):
+            logp[b] = getattr(child, "logZ", -math.inf) - log_z
+            self._stepped[b] = child
+        return logp
 
     async def logp_next(self, max_bytes: int | None = None) -> LazyByteProbs:
         """The masked, renormalized next-symbol distribution ``q(· | text)``.
@@ -166,19 +205,24 @@ class ConstrainedState(StatefulByteLM):
         sym = check_symbol(sym)
         if self.ended:
             raise ValueError("this state has ended (EOS) and accepts nothing")
-        if not self.constraint.mask(self.text)[sym]:
+        if not self.cursor.mask()[sym]:
             raise ConstraintError(f"the constraint {self.constraint!r} does not allow {symbol_name(sym)} "
                                   f"after {self.text!r}")
-        inner = await (self.state << sym)
+        inner = self._stepped[sym] if sym in self._stepped else await (self.state << sym)
         if sym == EOS:
-            return ConstrainedState(inner, self.constraint, self.text, has_eos=self.has_eos, ended=True)
-        return ConstrainedState(inner, self.constraint, self.text + bytes([sym]), has_eos=self.has_eos)
+            return ConstrainedState(inner, self.constraint, self.text, has_eos=self.has_eos, ended=True,
+                                    cursor=self.cursor)
+        return ConstrainedState(inner, self.constraint, self.text + bytes([sym]), has_eos=self.has_eos,
+                                cursor=self.cursor.advance(sym))
 
     def prune(self) -> ConstrainedState:
         inner = self.state.prune()
         if inner is self.state:
             return self
-        return ConstrainedState(inner, self.constraint, self.text, has_eos=self.has_eos, ended=self.ended)
+        pruned = ConstrainedState(inner, self.constraint, self.text, has_eos=self.has_eos, ended=self.ended,
+                                  cursor=self.cursor)
+        pruned._stepped = self._stepped  # children of the unpruned state: still the best known
+        return pruned
 
     async def sample(self, context: bytes, steps: int, params=None, *, rng=None, greedy: bool = False,
                      stream=None, **sampling_kwargs) -> bytes:
