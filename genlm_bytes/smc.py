@@ -44,8 +44,8 @@ import numpy as np
 
 from genlm_bytes.byte_lm.lm_state import StatefulByteLM
 from genlm_bytes.constraints.base import Constraint, ConstraintError
-from genlm_bytes.constraints.state import ConstrainedState, logsumexp
-from genlm_bytes.dist import Chart
+from genlm_bytes.constraints.state import ConstrainedState
+from genlm_bytes.dist import Chart, logsumexp
 from genlm_bytes.sampling import RngLike, as_generator
 
 logger = logging.getLogger(__name__)

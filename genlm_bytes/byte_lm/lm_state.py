@@ -132,23 +132,43 @@ class StatefulByteLM(abc.ABC):
         """
         context = check_prompt(context)
         steps = check_steps(steps)
-        if not greedy:
-            from genlm_bytes.sampling import SamplingParams, as_generator, sample_symbol
-
-            params = SamplingParams.resolve(params, **sampling_kwargs)
-            gen = as_generator(rng)
         state = await self.prefill(context)
-        out = bytearray(context)
+        _, out = await state.generate_bytes(steps, params, rng=rng, greedy=greedy, stream=stream, **sampling_kwargs)
+        return context + out
+
+    async def generate_bytes(self, steps: int, params=None, *, rng=None, greedy: bool = False, stream=None,
+                             step_eos: bool = False, **sampling_kwargs) -> tuple[StatefulByteLM, bytes]:
+        """The one byte-generation loop every state uses: choose a symbol from :meth:`logp_next`
+        (the argmax, or a draw with ``params``), stop at EOS, else ``prune() << byte``.
+
+        Args:
+            steps, params, rng, greedy, stream: as in :meth:`sample`.
+            step_eos: also step with EOS when it is chosen (a state that records its end, such as
+                a constrained one); a state whose ``finished`` is true stops there.
+
+        Returns:
+            ``(final_state, generated_bytes)`` (EOS is not among the bytes).
+        """
+        from genlm_bytes.sampling import SamplingParams, as_generator, sample_symbol
+
+        steps = check_steps(steps)
+        params = SamplingParams.resolve(params, **sampling_kwargs)
+        gen = None if greedy or params.is_greedy else as_generator(rng)
+        state, out = self, bytearray()
         for _ in range(steps):
-            logp = (await state.logp_next()).ps
-            sym = int(logp.argmax()) if greedy else int(sample_symbol(logp, params, gen))
+            if getattr(state, "finished", False):
+                break
+            logp = (await state.logp_next()).ps  # (258,) log-probs
+            sym = int(logp.argmax()) if gen is None else int(sample_symbol(logp, params, gen))
             if sym == EOS:
+                if step_eos:
+                    state = await (state.prune() << sym)
                 break
             out.append(sym)
             if stream is not None:
                 stream(sym)
             state = await (state.prune() << sym)
-        return bytes(out)
+        return state, bytes(out)
 
     async def cleanup(self) -> None:
         """Release what this state holds (its covers); the state is unusable afterwards."""

@@ -26,28 +26,19 @@ import math
 
 import numpy as np
 
-from genlm_bytes.byte_lm.lm_state import StatefulByteLM, check_prompt, check_steps
+from genlm_bytes.byte_lm.lm_state import StatefulByteLM, check_prompt
 from genlm_bytes.constraints.base import (
     Constraint,
     ConstraintError,
     Cursor,
     describe_mask,
 )
-from genlm_bytes.dist import LazyByteProbs
-from genlm_bytes.sampling import SamplingParams, as_generator, sample_symbol
+from genlm_bytes.dist import LazyByteProbs, logsumexp
 from genlm_bytes.symbols import EOS, N_BYTES, check_symbol, symbol_name
 
 #: The most allowed bytes :meth:`ConstrainedState._stepped_logp` steps the beam along (one beam step
 #: each, concurrent); a forced byte is typically one of a few (a closing quote, a digit).
 MAX_STEPPED = 16
-
-
-def logsumexp(x: np.ndarray) -> float:
-    """``log Σ exp(x)`` of a 1-D float array; -inf when every entry is -inf (no warning)."""
-    top = float(np.max(x)) if len(x) else -math.inf
-    if top == -math.inf:
-        return -math.inf
-    return top + math.log(float(np.sum(np.exp(x - top))))
 
 
 def infer_has_eos(state: StatefulByteLM) -> bool:
@@ -262,19 +253,5 @@ class ConstrainedState(StatefulByteLM):
             ``(final_state, generated_bytes)``; ``final_state.finished`` tells whether the text ended
             (EOS, or complete with nothing more allowed) rather than hitting the step limit.
         """
-        steps = check_steps(steps)
-        params = SamplingParams.resolve(params, **sampling_kwargs)
-        gen = None if greedy or params.is_greedy else as_generator(rng)
-        state, out = self, bytearray()
-        for _ in range(steps):
-            if state.finished:
-                break
-            logp = (await state.logp_next()).ps  # (258,) masked and normalized
-            sym = int(logp.argmax()) if gen is None else int(sample_symbol(logp, params, gen))
-            state = await (state.prune() << sym)  # 1 step: a byte, or EOS (then state.ended)
-            if sym == EOS:
-                break
-            out.append(sym)
-            if stream is not None:
-                stream(sym)
-        return state, bytes(out)
+        return await self.generate_bytes(steps, params, rng=rng, greedy=greedy, stream=stream, step_eos=True,
+                                         **sampling_kwargs)
