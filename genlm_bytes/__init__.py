@@ -4,6 +4,7 @@
 an HF backend is built.
 """
 
+import importlib
 import logging
 
 from genlm_bytes.byte_lm import (
@@ -22,46 +23,28 @@ from genlm_bytes.trie import AsyncTokenByteTrie, TokenByteTrie
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_CONSTRAINTS = ("Regex", "StringSet", "Predicate", "ConstrainedState", "ConstraintError", "Constraint",
-                "JsonSchema", "Grammar", "AllOf")
-_MODELS = ("LlamaConfig", "LlamaTransformer", "MLSTMConfig", "MLSTMLM", "AsyncLlama", "AsyncMLSTM")
+# Heavier pieces load on first use: public name -> the module that defines it.
+_LAZY = {
+    "AsyncTransformer": "genlm_bytes.lm.hf",
+    "EngineConfig": "genlm_bytes.lm.hf",
+    "AsyncVLLM": "genlm_bytes.lm.vllm",  # (vllm itself is imported when an engine is built)
+    "RayLM": "genlm_bytes.lm.replicas",  # (ray itself is imported when replicas start)
+    "SamplingParams": "genlm_bytes.sampling",
+    "generate": "genlm_bytes.generation",
+    "generate_tokens": "genlm_bytes.generation",
+    "smc": "genlm_bytes.smc",
+    **dict.fromkeys(("Regex", "StringSet", "Predicate", "ConstrainedState", "ConstraintError", "Constraint",
+                     "JsonSchema", "Grammar", "AllOf"), "genlm_bytes.constraints"),
+    **dict.fromkeys(("LlamaConfig", "LlamaTransformer", "MLSTMConfig", "MLSTMLM", "AsyncLlama", "AsyncMLSTM"),
+                    "genlm_bytes.models"),
+}
 
 
 def __getattr__(name):
-    # Heavier pieces load on first use.
-    if name == "AsyncTransformer":
-        from genlm_bytes.lm.hf import AsyncTransformer
-
-        return AsyncTransformer
-    if name == "AsyncVLLM":  # (vllm itself is imported when an engine is built)
-        from genlm_bytes.lm.vllm import AsyncVLLM
-
-        return AsyncVLLM
-    if name == "RayLM":
-        from genlm_bytes.lm.replicas import RayLM
-
-        return RayLM
-    if name == "SamplingParams":
-        from genlm_bytes.sampling import SamplingParams
-
-        return SamplingParams
-    if name in ("generate", "generate_tokens"):
-        from genlm_bytes import generation
-
-        return getattr(generation, name)
-    if name in _CONSTRAINTS:
-        from genlm_bytes import constraints
-
-        return getattr(constraints, name)
-    if name == "smc":
-        from genlm_bytes.smc import smc
-
-        return smc
-    if name in _MODELS:
-        from genlm_bytes import models
-
-        return getattr(models, name)
-    raise AttributeError(f"module 'genlm_bytes' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'genlm_bytes' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 __all__ = [
@@ -82,6 +65,7 @@ __all__ = [
     "ConstrainedState",
     "Constraint",
     "ConstraintError",
+    "EngineConfig",
     "Grammar",
     "JsonSchema",
     "LazyByteProbs",
