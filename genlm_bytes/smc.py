@@ -162,6 +162,47 @@ def _check_args(state, constraint, n_particles, max_bytes, ess_threshold):
                          f"0 never resamples), got {ess_threshold!r}")
 
 
+async def _propose(states: list, active: list[int], logw: np.ndarray, max_bytes: int, gen):
+    """Steps 1-2 of an SMC step: each distinct active state's constrained distribution (all at
+    once), ``logw`` (N,) weighted by the kept mass in place, and each particle's drawn symbol.
+
+    Returns:
+        ``(moves, last_dead, n_cut)``: ``moves[(id(state), symbol)]`` lists the particles taking
+        that step; a state that reached a dead end (or None); how many particles hit ``max_bytes``
+        where their text could not end.
+    """
+    groups: dict[int, list[int]] = {}
+    for i in active:
+        groups.setdefault(id(states[i]), []).append(i)
+    reps = [states[g[0]] for g in groups.values()]
+    dists = await asyncio.gather(*(s.masked_logp_next(max_bytes) for s in reps))
+    moves: dict[tuple[int, int], list[int]] = {}
+    last_dead, n_cut = None, 0
+    for s, (logp, log_kept), members in zip(reps, dists, groups.values()):
+        logw[members] += log_kept
+        if log_kept == -math.inf:
+            if len(s.text) >= max_bytes:
+                n_cut += len(members)
+            else:
+                last_dead = s
+            continue
+        for i, sym in zip(members, _draw(logp - log_kept, len(members), gen)):
+            moves.setdefault((id(s), int(sym)), []).append(i)
+    return moves, last_dead, n_cut
+
+
+def _no_text(constraint: Constraint, max_bytes: int, last_dead, n_cut: int) -> ConstraintError:
+    """The error when no particle finished: where they stopped."""
+    why = []
+    if last_dead is not None:
+        why.append(f"a dead end (nothing allowed has probability > 0), e.g. after {last_dead.text!r}")
+    if n_cut:
+        why.append(f"the {max_bytes}-byte limit where the text could not end (incomplete, or EOS has "
+                   f"probability 0 there); raise max_bytes")
+    return ConstraintError(f"no particle produced a text that {constraint!r} accepts within {max_bytes} bytes: "
+                           f"particles stopped at " + "; or at ".join(why))
+
+
 async def smc(state: StatefulByteLM, constraint: Constraint, n_particles: int, max_bytes: int, *,
               ess_threshold: float = 0.5, rng: RngLike = None, has_eos: bool | None = None) -> SMCResult:
     """Sample texts from the LM conditioned on ``constraint`` with ``n_particles`` particles.
@@ -195,31 +236,15 @@ async def smc(state: StatefulByteLM, constraint: Constraint, n_particles: int, m
         active = [i for i in range(N) if logw[i] > -math.inf and not states[i].is_finished(max_bytes)]
         if not active:
             break
-        # 1. The constrained distribution of each distinct state, all at once.
-        groups: dict[int, list[int]] = {}
-        for i in active:
-            groups.setdefault(id(states[i]), []).append(i)
-        reps = [states[g[0]] for g in groups.values()]
-        dists = await asyncio.gather(*(s.masked_logp_next(max_bytes) for s in reps))
-        # 2. Weight by the kept mass, draw each particle's symbol.
-        moves: dict[tuple[int, int], list[int]] = {}
-        for s, (logp, log_kept), members in zip(reps, dists, groups.values()):
-            logw[members] += log_kept
-            if log_kept == -math.inf:
-                if len(s.text) >= max_bytes:
-                    n_cut += len(members)
-                else:
-                    last_dead = s
-                continue
-            for i, sym in zip(members, _draw(logp - log_kept, len(members), gen)):
-                moves.setdefault((id(s), int(sym)), []).append(i)
-        # 3. Step: one child per distinct (state, symbol).
+        moves, dead, cut = await _propose(states, active, logw, max_bytes, gen)
+        last_dead, n_cut = dead or last_dead, n_cut + cut
+        # Step: one child per distinct (state, symbol).
         keys = list(moves)
         children = await asyncio.gather(*(states[moves[k][0]].prune() << k[1] for k in keys))
         for k, child in zip(keys, children):
             for i in moves[k]:
                 states[i] = child
-        # 4. Resample when the weights degenerate.
+        # Resample when the weights degenerate.
         ess = effective_sample_size(logw)
         ess_log.append(ess)
         if ess == 0.0:
@@ -236,14 +261,7 @@ async def smc(state: StatefulByteLM, constraint: Constraint, n_particles: int, m
     logw[~np.array(finished, dtype=bool)] = -math.inf  # the step bound finishes every live particle: a guard
     lse = logsumexp(logw)
     if lse == -math.inf:
-        why = []
-        if last_dead is not None:
-            why.append(f"a dead end (nothing allowed has probability > 0), e.g. after {last_dead.text!r}")
-        if n_cut:
-            why.append(f"the {max_bytes}-byte limit where the text could not end (incomplete, or EOS has "
-                       f"probability 0 there); raise max_bytes")
-        raise ConstraintError(f"no particle produced a text that {constraint!r} accepts within {max_bytes} bytes: "
-                              f"particles stopped at " + "; or at ".join(why))
+        raise _no_text(constraint, max_bytes, last_dead, n_cut)
     logger.debug("smc: N=%d, %d resamples, log_ml=%.4f", N, n_resamples, lse - math.log(N))
     return SMCResult(
         particles=[Particle(s, float(w), f) for s, w, f in zip(states, logw, finished)],
