@@ -40,6 +40,10 @@ def __getattr__(name):
         from genlm_bytes import constraints
 
         return getattr(constraints, name)
+    if name == "EnsembleState":
+        from genlm_bytes.ensemble import EnsembleState
+
+        return EnsembleState
     if name == "smc":
         from genlm_bytes.smc import smc
 
@@ -67,6 +71,7 @@ __all__ = [
     "ConstrainedState",
     "Constraint",
     "ConstraintError",
+    "EnsembleState",
     "LazyByteProbs",
     "LazyTrieState",
     "LlamaConfig",
