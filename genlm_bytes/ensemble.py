@@ -136,6 +136,28 @@ class EnsembleState(StatefulByteLM):
         members = check_members(members, kind)
         self._set(members, check_weights(weights, len(members), kind), kind, 0.0, False)
 
+    @classmethod
+    async def initial(cls, lms: Sequence, params, weights=None, kind: str = "mixture", *,
+                      text_hint: bytes | None = None) -> EnsembleState:
+        """The ensemble of one :class:`~genlm_bytes.ByteBeamState` per model, at the empty text.
+
+        Args:
+            lms: the models (:class:`~genlm_bytes.AsyncLM`, any tokenizers).
+            params: a :class:`~genlm_bytes.BeamParams` for every member, or a list of one per model.
+            weights, kind: as for the constructor.
+            text_hint: the text a ``prefill`` will read next, if known (see ``ByteBeamState.initial``).
+        """
+        from genlm_bytes.byte_lm.beam import ByteBeamState
+
+        if isinstance(lms, (str, bytes)) or not isinstance(lms, Sequence) or not lms:
+            raise ValueError(f"lms must be a non-empty list of models, got {lms!r}")
+        per = list(params) if isinstance(params, (list, tuple)) else [params] * len(lms)
+        if len(per) != len(lms):
+            raise ValueError(f"{len(per)} BeamParams for {len(lms)} models: give one, or one per model")
+        members = await asyncio.gather(*(ByteBeamState.initial(lm, p, text_hint=text_hint)
+                                         for lm, p in zip(lms, per)))
+        return cls(list(members), weights, kind)
+
     def _set(self, members: tuple, weights: np.ndarray, kind: str, chain: float, ended: bool) -> None:
         self.members = members
         self.weights = weights
@@ -242,18 +264,49 @@ class EnsembleState(StatefulByteLM):
             return self
         return self._new(pruned, self._chain, self.terminated)
 
-    async def prefill(self, data: bytes) -> EnsembleState:
+    async def prefill(self, data: bytes, progress=None) -> EnsembleState:
         """The ensemble after ``data``: a mixture prefills its members concurrently (their fast
-        path); a product steps byte by byte (its ``logZ`` is the chain of its own distributions)."""
+        path); a product steps byte by byte (its ``logZ`` is the chain of its own distributions).
+
+        Args:
+            data: the bytes.
+            progress: optional callable receiving the number of bytes every member has consumed
+                (for progress bars).
+        """
         data = check_prompt(data)
         if not data:
             return self
-        if self.kind == "product":
-            return await super().prefill(data)
         if self.terminated:
             raise ValueError("this ensemble has ended (EOS) and accepts nothing")
-        members = await asyncio.gather(*(m.prefill(data) for m in self.members))
+        if self.kind == "product":
+            state = self
+            for n, b in enumerate(data, 1):
+                state = await (state.prune() << b)
+                if progress is not None:
+                    progress(n)
+                if state.logZ == -math.inf:
+                    logger.debug("prefill: the product gives byte %r probability 0", bytes([b]))
+                    break
+            return state
+        done = [0] * len(self.members)
+
+        def member_progress(i: int):
+            def report(n: int) -> None:
+                low = min(done)
+                done[i] = n
+                if progress is not None and min(done) > low:
+                    progress(min(done))
+            return report
+
+        members = await asyncio.gather(*(self._prefill_member(m, data, member_progress(i) if progress else None)
+                                         for i, m in enumerate(self.members)))
         return self._new(tuple(members))
+
+    @staticmethod
+    async def _prefill_member(member: StatefulByteLM, data: bytes, progress) -> StatefulByteLM:
+        if progress is None:
+            return await member.prefill(data)
+        return await member.prefill(data, progress=progress)
 
     async def cleanup(self) -> None:
         """Release every member's covers; the ensemble is unusable afterwards."""

@@ -247,6 +247,25 @@ async def test_bad_input():
         s.posterior()
 
 
+@pytest.mark.parametrize("kind", ["mixture", "product"])
+async def test_initial_from_models_and_prefill_progress(kind):
+    lms = [MockLM(seed=1), MockLM([b"<eos>"] + [bytes([i]) for i in range(256)] + [b"ab", b"ba"],
+                                  seed=2, eos_token_ids=[0])]
+    text = b"abba"
+    made = await EnsembleState.initial(lms, EXACT_PARAMS, [0.3, 0.7], kind)
+    by_hand = EnsembleState(await exact_beams(lms), [0.3, 0.7], kind)
+    seen = []
+    a = await made.prefill(text, progress=seen.append)
+    b = await by_hand.prefill(text)
+    assert seen[-1] == len(text) and seen == sorted(seen)
+    assert a.logZ == pytest.approx(b.logZ, abs=1e-9)
+    np.testing.assert_allclose((await a.logp_next()).ps, (await b.logp_next()).ps, atol=1e-9)
+    with pytest.raises(ValueError, match="3 BeamParams for 2 models"):
+        await EnsembleState.initial(lms, [EXACT_PARAMS] * 3)
+    with pytest.raises(ValueError, match="non-empty list of models"):
+        await EnsembleState.initial([], EXACT_PARAMS)
+
+
 # --------------------------------------------------------------------------- constraints and SMC
 
 
@@ -287,7 +306,7 @@ async def test_smollm2_gemma_mixture_prefill(embedded_lm):
     from genlm_bytes import load_model
 
     gemma = load_model("gemma3-270m")
-    params = BeamParams(K=8, prune_threshold=0.0)
+    params = BeamParams(K=5, prune_threshold=0.05)
     text = b"The cat sat on the mat."
     alone = []
     for lm in (embedded_lm, gemma):
