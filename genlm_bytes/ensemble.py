@@ -270,8 +270,10 @@ class EnsembleState(StatefulByteLM):
 
         Args:
             data: the bytes.
-            progress: optional callable receiving the number of bytes every member has consumed
-                (for progress bars).
+            progress: optional callable receiving the number of bytes read so far: by the member
+                furthest along (a mixture; so when every member died, ``n - 1`` is the offset of the
+                byte the last one died on), or by the product (which stops at a byte it gives
+                probability 0, after reporting it).
         """
         data = check_prompt(data)
         if not data:
@@ -292,10 +294,10 @@ class EnsembleState(StatefulByteLM):
 
         def member_progress(i: int):
             def report(n: int) -> None:
-                low = min(done)
+                high = max(done)
                 done[i] = n
-                if progress is not None and min(done) > low:
-                    progress(min(done))
+                if n > high:
+                    progress(n)
             return report
 
         members = await asyncio.gather(*(self._prefill_member(m, data, member_progress(i) if progress else None)

@@ -208,6 +208,17 @@ async def test_impossible_byte_and_dead_members():
         await (await (prod << EOS)).logp_next()
 
 
+async def test_prefill_progress_tells_where_the_text_became_impossible():
+    a = MockLM([b"<eos>", b"a", b"b"], seed=1, eos_token_ids=[0])
+    b = MockLM([b"<eos>", b"a", b"c"], seed=2, eos_token_ids=[0])
+    seen = []
+    mix = await EnsembleState(await exact_beams([a, b]), [0.5, 0.5]).prefill(b"abcab", progress=seen.append)
+    assert mix.logZ == -math.inf and seen[-1] - 1 == 2  # the second member died at offset 1, the first at 2
+    seen.clear()
+    prod = await EnsembleState(await exact_beams([a, b]), [1, 1], "product").prefill(b"abcab", progress=seen.append)
+    assert prod.logZ == -math.inf and seen[-1] - 1 == 1
+
+
 async def test_bad_input():
     lm = MockLM(seed=0)
     beam = await ByteBeamState.initial(lm, EXACT_PARAMS)
