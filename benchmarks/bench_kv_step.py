@@ -10,7 +10,7 @@ asked before, which runs exactly one new token on the cached past. Reported:
 
 - ``ms_step``: median wall time of that call (``await lm.next_token_logprobs``);
 - ``ms_build_past``: median time of the backend building the padded past for the
-  forward pass (``AsyncTransformer._make_cache``, part of ``ms_step``);
+  forward pass (``PassRunner.make_cache`` of ``genlm_bytes.lm.hf.passes``, part of ``ms_step``);
 - ``ms_full``: median time of the same context with KV reuse off (the whole
   context runs again), for scale;
 - ``ratio``: ``ms_step`` at the longest context / ``ms_step`` at the shortest.
@@ -58,7 +58,7 @@ class Timed:
     """One context length: a backend with the context's KV cached, and its timings."""
 
     def __init__(self, model, tok, n: int):
-        from genlm_bytes.lm.transformer import AsyncTransformer
+        from genlm_bytes.lm.hf import AsyncTransformer
 
         self.n = n
         self.ctx = context_ids(tok, n)
@@ -67,15 +67,15 @@ class Timed:
         self.steps: list[float] = []
         self.builds: list[float] = []
         self.full: list[float] = []
-        make_cache = self.lm._make_cache
+        make_cache = self.lm.runner.make_cache
 
-        def timed_make_cache(rows, P, n_new):
+        def timed_make_cache(*args, **kwargs):
             t0 = time.perf_counter()
-            out = make_cache(rows, P, n_new)
+            out = make_cache(*args, **kwargs)
             self.builds.append(time.perf_counter() - t0)
             return out
 
-        self.lm._make_cache = timed_make_cache
+        self.lm.runner.make_cache = timed_make_cache
 
     async def prepare(self) -> None:
         await self.lm.next_token_logprobs(self.ctx)  # the context's KV is now cached

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -21,12 +22,23 @@ import subprocess
 import time
 from pathlib import Path
 
+import probes
 import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DATA = HERE / "data"
-SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
+
+def _shared_bench() -> Path:
+    """``shared/bench`` beside the checkout (``/work/shared/bench`` for ``/work/main`` and for the
+    worktrees under ``/work/wt/``): the nearest ancestor that has one."""
+    for up in Path(__file__).resolve().parents[1:]:
+        if (up / "shared" / "bench").is_dir():
+            return up / "shared" / "bench"
+    return Path(__file__).resolve().parents[2] / "shared" / "bench"
+
+
+SHARED_BENCH = _shared_bench()
 
 K = 5
 PRUNE_THRESHOLD = 0.05
@@ -113,12 +125,14 @@ class _Deadline:
     """Makes every model pass of ``lm`` raise :class:`PrefillTimeout` once ``time.perf_counter()``
     passes ``at`` (the backend hands the error to every caller waiting on that pass)."""
 
-    NAMES = ("_forward", "_tree_pass")
+    NAMES = ("forward", "tree_pass")  # (of the engine's PassRunner)
 
     def __init__(self, lm, at: float):
+        lm = lm.runner
         self.lm, self.at = lm, at
-        self.saved = {name: lm.__dict__.get(name) for name in self.NAMES}
-        for name in self.NAMES:
+        names = [name for name in self.NAMES if callable(getattr(lm, name, None))]  # a restructured backend:
+        self.saved = {name: lm.__dict__.get(name) for name in names}  # only the progress check applies
+        for name in names:
             inner = getattr(lm, name)
 
             def checked(*args, _inner=inner, **kwargs):
@@ -152,7 +166,7 @@ async def prefill_run(lm, data: bytes, params=None, time_limit: float | None = N
 
     params = params or beam_params()
     lm.clear_cache()
-    tok0, bat0, req0 = lm.n_forward_tokens, lm.batcher.n_batches, lm.batcher.n_requests
+    before = probes.counters(lm)
     done = [0]
 
     def progress(n: int) -> None:
@@ -177,9 +191,7 @@ async def prefill_run(lm, data: bytes, params=None, time_limit: float | None = N
         "completed": completed,
         "bytes_done": done[0],
         "logZ": logz,
-        "forward_tokens": lm.n_forward_tokens - tok0,
-        "batches": lm.batcher.n_batches - bat0,
-        "requests": lm.batcher.n_requests - req0,
+        **probes.since(before, probes.counters(lm)),  # forward_tokens, batches, requests
         "covers": covers,
     }
 
@@ -198,8 +210,11 @@ class Timers:
         self.calls = 0
         self.log: list[dict] = []
 
-    def wrap(self, owner, name: str, describe=None) -> None:
-        inner = getattr(owner, name)
+    def wrap(self, owner, name: str, describe=None) -> bool:
+        """Time ``owner.name`` from now on; False (nothing wrapped) if ``owner`` has no such callable."""
+        inner = getattr(owner, name, None)
+        if not callable(inner):
+            return False
 
         @functools.wraps(inner)
         def timed(*args, **kwargs):
@@ -215,13 +230,22 @@ class Timers:
                 self.calls += 1
                 self.depth -= 1
                 if describe is not None:
-                    self.log.append({"call": name, "seconds": round(dt, 4), **describe(*args, **kwargs)})
+                    self.log.append({"call": name, "seconds": round(dt, 4), **_described(describe, args, kwargs)})
 
         setattr(owner, name, timed)
+        return True
 
     def reset(self) -> None:
         self.seconds, self.calls = 0.0, 0
         self.log = []
+
+
+def _described(describe, args, kwargs) -> dict:
+    """``describe(*args, **kwargs)``, or ``{}`` where the backend's signature is not the one it reads."""
+    try:
+        return describe(*args, **kwargs)
+    except (TypeError, ValueError, AttributeError, IndexError):
+        return {}
 
 
 def _describe_forward(rows, all_positions=False):
@@ -239,7 +263,8 @@ def _describe_tree(ids, P, ref, tail, items):
 def time_model(lm) -> Timers:
     """Timers around every model pass of the backend (they run in its worker thread):
     ``_forward`` (batched requests, long prefetch chunks) and ``_tree_pass`` (the end of a
-    prefetched path with its tree-masked branches), each call logged with its shape."""
+    prefetched path with its tree-masked branches), each call logged with its shape.
+    A backend without these methods (a restructured one) gets no timers: ``seconds`` stays 0."""
     model = Timers()
     model.wrap(lm, "_forward", _describe_forward)
     model.wrap(lm, "_tree_pass", _describe_tree)
@@ -251,16 +276,25 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
+def library_root() -> Path:
+    """The checkout holding the ``genlm_bytes`` that will be imported (``PYTHONPATH`` may point at
+    another checkout than this one, e.g. an older commit for a before/after comparison)."""
+    spec = importlib.util.find_spec("genlm_bytes")  # locates it without importing it
+    if spec is None or spec.origin is None:
+        return HERE.parent
+    return Path(spec.origin).resolve().parents[1]
+
+
 def library_commit() -> str:
     """The last commit that changed ``genlm_bytes/``, with ``+dirty`` for uncommitted changes there."""
-    root = HERE.parent
+    root = library_root()
     try:
         head = subprocess.run(["git", "log", "-1", "--format=%h", "--", "genlm_bytes"], cwd=root,
                               capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "genlm_bytes"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return f"unknown ({root})"
     return head + ("+dirty" if dirty else "")
 
 
@@ -273,6 +307,7 @@ def environment(threads: int = THREADS, **extra) -> dict:
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "commit": COMMIT_AT_START if COMMIT_AT_START == end else f"{COMMIT_AT_START} -> {end}",
+        "library": str(library_root()),
         "model": MODEL_NAME,
         "K": K,
         "prune_threshold": PRUNE_THRESHOLD,

@@ -48,7 +48,7 @@ def plain_forward(model, ids: list[int]) -> torch.Tensor:
 
 async def main(args) -> dict:
     from genlm_bytes import load_model
-    from genlm_bytes.lm.transformer import AsyncTransformer
+    from genlm_bytes.lm.hf import AsyncTransformer
 
     torch.set_num_threads(args.threads)
     base = load_model()

@@ -29,13 +29,21 @@ _MODELS = ("LlamaConfig", "LlamaTransformer", "MLSTMConfig", "MLSTMLM", "AsyncLl
 def __getattr__(name):
     # Heavier pieces load on first use.
     if name == "AsyncTransformer":
-        from genlm_bytes.lm.transformer import AsyncTransformer
+        from genlm_bytes.lm.hf import AsyncTransformer
 
         return AsyncTransformer
-    if name in ("SamplingParams", "generate", "generate_tokens"):
-        from genlm_bytes import sampling
+    if name == "RayLM":
+        from genlm_bytes.lm.replicas import RayLM
 
-        return getattr(sampling, name)
+        return RayLM
+    if name == "SamplingParams":
+        from genlm_bytes.sampling import SamplingParams
+
+        return SamplingParams
+    if name in ("generate", "generate_tokens"):
+        from genlm_bytes import generation
+
+        return getattr(generation, name)
     if name in _CONSTRAINTS:
         from genlm_bytes import constraints
 
@@ -79,6 +87,7 @@ __all__ = [
     "MLSTMConfig",
     "MockLM",
     "Predicate",
+    "RayLM",
     "Regex",
     "SamplingParams",
     "StatefulByteLM",

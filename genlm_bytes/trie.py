@@ -25,7 +25,35 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from genlm_bytes.lm.batching import Batcher
+from genlm_bytes.batching import Batcher
+
+
+def _check_device(device) -> torch.device:
+    """The device the trie's tensors live on; a ValueError naming ``device`` when it is not usable here.
+
+    >>> _check_device(None), _check_device("cpu")
+    (device(type='cpu'), device(type='cpu'))
+    """
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):  # a ValueError too: every bad device is one (issue 20)
+        raise ValueError(  # noqa: TRY004
+            f"device={device!r} ({type(device).__name__}) is not a device: pass a string such as 'cpu' or "
+            f"'cuda:0', or a torch.device")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists every backend it knows; ours says what the trie runs on
+        raise ValueError(f"device={device!r} is not a device name: use 'cpu', 'cuda' or 'cuda:<index>'") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device={device!r}: the trie runs on 'cpu' or 'cuda' devices, not {dev.type!r}")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine; use device='cpu'")
+    if dev.index is not None and dev.index >= n:
+        raise ValueError(f"device={device!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return dev
 
 
 class TokenByteTrie:
@@ -35,7 +63,8 @@ class TokenByteTrie:
         vocab: ``vocab[t]`` is the byte string of token ``t``.
         eos_tokens: byte strings (or token ids) of end-of-sequence tokens: in
             :meth:`weight_sum` their mass goes to the extra ``eos_node`` instead of the byte nodes.
-        device: where the sparse reachability matrix lives (``"cpu"``, ``"cuda"``).
+        device: where the sparse reachability matrix lives: ``"cpu"`` (default), ``"cuda"`` or
+            ``"cuda:i"`` (a string or ``torch.device``); a device this machine lacks is a ValueError.
 
     Attributes:
         order: ``(n_sorted,)`` token ids in byte order (empty tokens left out).
@@ -57,7 +86,7 @@ class TokenByteTrie:
         self.vocab = [bytes(b) for b in vocab]
         self.V = len(self.vocab)
         self.eos_ids = self._eos_ids(eos_tokens)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = _check_device(device)
         self._build()
         self._M = None  # sparse reachability, built on first use
 
@@ -214,6 +243,9 @@ class AsyncTokenByteTrie:
     coroutines are batched into one sparse product each."""
 
     def __init__(self, trie: TokenByteTrie, max_batch_size: int = 64):
+        if not isinstance(trie, TokenByteTrie):
+            raise TypeError(f"trie must be a TokenByteTrie (or use AsyncTokenByteTrie.from_vocab(vocab, "
+                            f"device=...)), got {type(trie).__name__}")
         self.trie = trie
         self._sum = Batcher(lambda ps: list(trie.batch_weight_sum(torch.stack(ps))), max_batch_size,
                             name="trie-sum")
@@ -222,6 +254,8 @@ class AsyncTokenByteTrie:
 
     @classmethod
     def from_vocab(cls, vocab, **kwargs) -> AsyncTokenByteTrie:
+        """A batched trie of ``vocab``: keywords of :class:`TokenByteTrie` (``eos_tokens``, ``device``)
+        and ``max_batch_size``."""
         return cls(TokenByteTrie(vocab, **{k: v for k, v in kwargs.items() if k != "max_batch_size"}),
                    **{k: v for k, v in kwargs.items() if k == "max_batch_size"})
 

@@ -25,8 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from genlm_bytes import AsyncLM, BeamParams, ByteBeamState, MockLM
-from genlm_bytes.lm.batching import Batcher
-from genlm_bytes.lm.cache import _KV, _LOGP, KVBlock, KVRef, PrefixCache
+from genlm_bytes.batching import Batcher
+from genlm_bytes.lm.hf import EngineConfig
+from genlm_bytes.lm.hf.prefix_cache import _KV, _LOGP, KVBlock, KVRef, PrefixCache
 
 TOL = 1e-4  # float64 model vs its plain forward
 TOL32 = 2e-4  # float32 model vs its plain forward
@@ -63,7 +64,7 @@ def transformer(embedded_lm, hf_model=None, **kwargs):
     """A fresh AsyncTransformer on the embedded model's weights, or on ``hf_model`` (a copy of them),
     with its own cache, batcher and counters; without look-ahead passes unless asked (they run in
     the background, and the tests here count the passes and tokens their requests cause)."""
-    from genlm_bytes.lm.transformer import AsyncTransformer
+    from genlm_bytes.lm.hf import AsyncTransformer
 
     kwargs.setdefault("lookahead", False)
     return AsyncTransformer(embedded_lm.model if hf_model is None else hf_model, embedded_lm.tokenizer,
@@ -195,14 +196,10 @@ async def test_duplicate_concurrent_requests_run_once(embedded_lm, embedded_hf, 
 @pytest.mark.slow
 async def test_prefetch_with_tree_masked_alternatives_matches_uncached(embedded_lm, embedded_hf, hf64,
                                                                      monkeypatch):
-    import genlm_bytes.lm.transformer as tmod
-
     hf_model, tok = hf64, embedded_hf[1]
     # Small chunks so that the prefix pass runs in several chunks and the alternatives in several
     # tree-masked passes.
-    monkeypatch.setattr(tmod, "PREFETCH_CHUNK", 7)
-    monkeypatch.setattr(tmod, "ALT_CHUNK", 3)
-    lm = transformer(embedded_lm, hf_model)
+    lm = transformer(embedded_lm, hf_model, config=EngineConfig(prefetch_chunk=7, alt_chunk=3))
     ids = [0] + tok.encode(TEXT)[:20]
     n = len(ids)
     alts = [(1, 504), (4, 1000), (4, 1001), (9, 42), (n, 7), (n, 8), (n - 1, 300), (4, 1000),
@@ -427,7 +424,7 @@ async def test_transformer_forward_that_raises_once_fails_its_callers_only(embed
     lm = transformer(embedded_lm, hf_model)
     ids = [0] + tok.encode("Once upon a time")
     await lm.next_token_logprobs(ids)
-    real_forward = lm._forward
+    real_forward = lm.runner.forward
     calls = []
 
     def broken_forward(rows, all_positions, **kw):
@@ -436,7 +433,7 @@ async def test_transformer_forward_that_raises_once_fails_its_callers_only(embed
             raise ModelError("CUDA out of memory (simulated)")
         return real_forward(rows, all_positions, **kw)
 
-    lm._forward = broken_forward
+    lm.runner.forward = broken_forward
     contexts = [ids + [t] for t in (11, 12, 13)] + [[0, 7, 8]]
     results = await asyncio.wait_for(
         asyncio.gather(*(lm.next_token_logprobs(c) for c in contexts), return_exceptions=True), 60)
@@ -660,7 +657,7 @@ def test_grouped_attention_equals_repeated_heads(mask_kind):
     SDPA attention (keys and values repeated per head) under tree-shaped and ragged masks."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from genlm_bytes.lm.transformer import _grouped_sdpa
+    from genlm_bytes.lm.hf.attention import grouped_sdpa as _grouped_sdpa
 
     gen = torch.Generator().manual_seed(0)
     B, H, Hkv, Q, L, d = 2, 6, 2, 5, 11, 8
@@ -679,18 +676,18 @@ def test_grouped_attention_equals_repeated_heads(mask_kind):
 async def test_passes_use_grouped_attention_and_restore_the_model(embedded_lm, monkeypatch):
     """A tree-masked pass of the embedded model (9 query heads on 3 key/value heads) runs the
     grouped attention, without repeating the past per head; the model's own setting is unchanged."""
-    import genlm_bytes.lm.transformer as tmod
+    import genlm_bytes.lm.hf.attention as tmod
 
     lm = transformer(embedded_lm, lean=False)  # (the lean decoder has its own grouped attention)
     seen = []
-    inner = tmod._grouped_sdpa
+    inner = tmod.grouped_sdpa
 
     def spy(module, query, key, *args, **kwargs):
         seen.append((query.shape[1], key.shape[1], module.config._attn_implementation))
         return inner(module, query, key, *args, **kwargs)
 
-    monkeypatch.setattr(tmod, "_grouped_sdpa", spy)
-    tmod._register_grouped_sdpa.cache_clear()
+    monkeypatch.setattr(tmod, "grouped_sdpa", spy)
+    tmod.register_grouped_sdpa.cache_clear()
     try:
         ids = [0] + embedded_lm.tokenizer.encode(TEXT)[:12]
         await lm.prefetch(ids, alternatives=[(5, 1000), (9, 42)])
@@ -706,12 +703,9 @@ async def test_passes_use_grouped_attention_and_restore_the_model(embedded_lm, m
 async def test_long_chains_are_stored_whole_and_stay_exact(embedded_lm, embedded_hf, hf64, monkeypatch):
     """A past chained from MAX_SEGMENTS segments is stored as one block by the next pass (alone or
     as one row of a ragged batch), copied from the layer's buffer while the pass runs."""
-    import genlm_bytes.lm.transformer as tr
-
-    monkeypatch.setattr(tr, "MAX_SEGMENTS", 3)
-    monkeypatch.setattr(tr, "ARENA_SPARE_MIN", 0)  # lone requests would write one arena instead
+    # (arena_spare_min=0: lone requests would write one arena instead)
     hf_model, tok = hf64, embedded_hf[1]
-    lm = transformer(embedded_lm, hf_model)
+    lm = transformer(embedded_lm, hf_model, config=EngineConfig(max_segments=3, arena_spare_min=0))
     ids = [0] + tok.encode(TEXT)
     for n in range(2, 8):  # one token per pass: each adds a segment to the chain
         assert_close_to_uncached(hf_model, ids[:n], await lm.next_token_logprobs(ids[:n]))
@@ -736,10 +730,9 @@ async def test_generation_batches_store_short_chains(embedded_lm, embedded_hf, h
     """Contexts generated a token at a time, several per pass, are stored whole once their chain
     has MIN_SEGMENTS segments (on a short past), so no pass gathers long chains; the requests of
     a known text (scoring) keep chains up to MAX_SEGMENTS."""
-    import genlm_bytes.lm.transformer as tr
     from genlm_bytes.lm.base import known_text
 
-    monkeypatch.setattr(tr, "MIN_SEGMENTS", 3)
+    config = EngineConfig(min_segments=3)
     hf_model, tok = hf64, embedded_hf[1]
     a = [0] + tok.encode(TEXT)
     b = [0] + list(range(77, 90))
@@ -752,28 +745,25 @@ async def test_generation_batches_store_short_chains(embedded_lm, embedded_hf, h
         assert_cache_consistent(lm.cache)
         return max(node.kv.nseg for node in lm.cache.walk(a[:10]) + lm.cache.walk(b[:10]))
 
-    assert await step_together(transformer(embedded_lm, hf_model)) <= 3
+    assert await step_together(transformer(embedded_lm, hf_model, config=config)) <= 3
     with known_text():
-        assert await step_together(transformer(embedded_lm, hf_model)) == 8
+        assert await step_together(transformer(embedded_lm, hf_model, config=config)) == 8
 
 
 @pytest.mark.slow
 async def test_passes_split_to_fit_the_budget_stay_exact(embedded_lm, embedded_hf, hf64, monkeypatch):
     """When one pass's temporaries would exceed PASS_SHARE of the budget, a prefetch runs the path
     and its alternatives in smaller passes, with the same results."""
-    import genlm_bytes.lm.transformer as tr
-
     hf_model, tok = hf64, embedded_hf[1]
-    lm = transformer(embedded_lm, hf_model)
     ids = [0] + tok.encode(TEXT + " " + TEXT)
-    assert lm._pass_tokens(0, len(ids)) == len(ids)
-    monkeypatch.setattr(tr, "PASS_SHARE", 1e-6)  # every pass at the 16-token minimum
-    assert lm._pass_tokens(0, len(ids)) == 16
+    assert transformer(embedded_lm, hf_model).runner.store.pass_tokens(0, len(ids)) == len(ids)
+    lm = transformer(embedded_lm, hf_model, config=EngineConfig(pass_share=1e-6))  # every pass at 16 tokens
+    assert lm.runner.store.pass_tokens(0, len(ids)) == 16
     passes = []
-    forward, tree = lm._forward, lm._tree_pass
-    monkeypatch.setattr(lm, "_forward", lambda rows, all_positions, **kw: passes.append("F") or forward(
+    forward, tree = lm.runner.forward, lm.runner.tree_pass
+    monkeypatch.setattr(lm.runner, "forward", lambda rows, all_positions, **kw: passes.append("F") or forward(
         rows, all_positions, **kw))
-    monkeypatch.setattr(lm, "_tree_pass", lambda *a, **kw: passes.append("T") or tree(*a, **kw))
+    monkeypatch.setattr(lm.runner, "tree_pass", lambda *a, **kw: passes.append("T") or tree(*a, **kw))
     alts = [(k, 1000 + k) for k in range(3, len(ids), 2)]
     await lm.prefetch(ids, alternatives=alts)
     n_alt_passes = -(-len(alts) // 16)
@@ -790,7 +780,7 @@ async def test_passes_split_to_fit_the_budget_stay_exact(embedded_lm, embedded_h
 async def test_rows_read_ahead_outlive_rows_handed_out(embedded_lm, embedded_hf):
     """``next_token_logprobs`` hands a row out (the cache's copy goes first under pressure);
     ``peek_next_token_logprobs`` (a look-ahead) keeps it for the reader to come."""
-    from genlm_bytes.lm.cache import _LOGP
+    from genlm_bytes.lm.hf.prefix_cache import _LOGP
 
     lm = transformer(embedded_lm)
     ids = [0] + embedded_hf[1].encode(TEXT)
@@ -827,18 +817,16 @@ async def test_beams_of_one_model_share_prepared_distributions(embedded_lm, embe
 def test_batched_requests_on_long_pasts_are_grouped_within_the_pass_share(embedded_lm):
     """A batch of requests on long pasts runs in groups whose temporaries fit PASS_SHARE of the
     budget (every row is left-padded to the longest past of its group)."""
-    import genlm_bytes.lm.transformer as tr
-
     lm = transformer(embedded_lm, cache_budget_bytes=64 << 20)
-    cap = tr.PASS_SHARE * lm.cache.budget_bytes
+    cap = lm.config.pass_share * lm.cache.budget_bytes
     rows = [(tuple(range(p + 1)), None, p) for p in (10, 900, 20, 1500, 1400, 30, 1200, 5)]
-    groups = lm._memory_groups(rows)
+    groups = lm.runner.store.memory_groups(rows)
     assert sorted(r[2] for g in groups for r in g) == sorted(r[2] for r in rows)
     assert len(groups) > 1
     for g in groups:
         P = max(r[2] for r in g)
-        assert len(g) == 1 or lm._pass_bytes(len(g), P + 1, 1, len(g)) <= cap
-    assert lm._memory_groups(rows[:1]) == [rows[:1]]
+        assert len(g) == 1 or lm.runner.store.pass_bytes(len(g), P + 1, 1, len(g)) <= cap
+    assert lm.runner.store.memory_groups(rows[:1]) == [rows[:1]]
 
 
 @pytest.mark.slow
@@ -846,15 +834,12 @@ async def test_a_request_far_past_its_cached_past_runs_in_passes_that_fit(embedd
                                                                           monkeypatch):
     """A context with many uncached tokens (say, its past was evicted) runs them in passes within
     PASS_SHARE of the budget, each token once, with the result of a plain forward."""
-    import genlm_bytes.lm.transformer as tr
-
     hf_model, tok = hf64, embedded_hf[1]
-    lm = transformer(embedded_lm, hf_model)
+    lm = transformer(embedded_lm, hf_model, config=EngineConfig(pass_share=1e-6))  # 16 tokens per pass
     ids = [0] + tok.encode(TEXT + " " + TEXT)
-    monkeypatch.setattr(tr, "PASS_SHARE", 1e-6)  # 16 tokens per pass
     news = []
-    forward = lm._forward
-    monkeypatch.setattr(lm, "_forward", lambda rows, all_positions, **kw: news.append(
+    forward = lm.runner.forward
+    monkeypatch.setattr(lm.runner, "forward", lambda rows, all_positions, **kw: news.append(
         [len(i) - p for i, _, p in rows]) or forward(rows, all_positions, **kw))
     other = ids[:5] + [77]
     rows = await asyncio.gather(lm.next_token_logprobs(ids), lm.next_token_logprobs(other))
@@ -879,7 +864,7 @@ async def test_tree_pass_stores_path_and_alternatives_apart(embedded_lm, embedde
     off_path = lm.cache.walk(ids[:9] + [502])[-1].kv
     assert path.block is not off_past.block and off_past.block is off_path.block
     assert off_path.prev.block is path.block, "a branch off this pass's path tokens chains to the path's block"
-    per_token = lm._kv_per_token
+    per_token = lm.runner.store.kv_per_token
     assert path.block.nbytes == (len(ids) - 5) * per_token
     assert off_past.block.nbytes == 3 * per_token
     for block in (path.block, off_past.block):
@@ -893,18 +878,18 @@ async def test_tree_pass_stores_path_and_alternatives_apart(embedded_lm, embedde
 
 
 def test_mmap_threshold_fixed_once_unless_the_user_set_it(monkeypatch):
-    import genlm_bytes.lm.transformer as tr
+    import genlm_bytes.lm.hf.memory as tr
 
     if tr._MALLOPT is None:
         pytest.skip("not glibc")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert tr._fix_mmap_threshold.__wrapped__() is False
+    assert tr.fix_mmap_threshold.__wrapped__() is False
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    assert tr._fix_mmap_threshold.__wrapped__() is True
+    assert tr.fix_mmap_threshold.__wrapped__() is True
 
 
 def test_lookup_draft_follows_the_last_earlier_occurrence():
-    from genlm_bytes.lm.transformer import lookup_draft
+    from genlm_bytes.lm.hf.speculation import lookup_draft
 
     assert lookup_draft((1, 2, 3, 1, 2), 2) == (3, 1)
     assert lookup_draft((1, 2, 3, 1, 2), 1) == (3,)
@@ -943,7 +928,7 @@ async def test_prompt_lookup_drafts_are_exact_and_save_passes(embedded_lm, embed
     assert lm.n_forward_tokens == before + 2
     # A known text (prefill) asks for what it needs: no guesses.
     from genlm_bytes.lm.base import known_text
-    from genlm_bytes.lm.transformer import lookup_draft
+    from genlm_bytes.lm.hf.speculation import lookup_draft
 
     other = ids + mat + ids[1:4]  # its last two tokens occurred before
     assert lookup_draft(tuple(other), 2)
@@ -993,12 +978,9 @@ async def test_generation_writes_one_arena_in_place_and_stays_exact(embedded_lm,
     the tip of one arena (one segment: no gathering of the past per pass); a full arena moves to
     a larger one and is freed; a branch off an earlier prefix, or a sibling in a tree pass, gets
     its own memory and leaves the tip alone. Every distribution equals a plain forward."""
-    import genlm_bytes.lm.transformer as tr
-
-    monkeypatch.setattr(tr, "ARENA_SPARE_MIN", 4)
-    monkeypatch.setattr(tr, "ARENA_SPARE_SHARE", 0.0)
     hf_model, tok = hf64, embedded_hf[1]
-    lm = transformer(embedded_lm, hf_model, draft_tokens=0)
+    arenas = EngineConfig(arena_spare_min=4, arena_spare_share=0.0)
+    lm = transformer(embedded_lm, hf_model, draft_tokens=0, config=arenas)
     ids = [0] + tok.encode(TEXT)
     assert_close_to_uncached(hf_model, ids[:3], await lm.next_token_logprobs(ids[:3]))
     first = lm.cache.walk(ids[:3])[-1].kv.block
@@ -1025,7 +1007,7 @@ async def test_generation_writes_one_arena_in_place_and_stays_exact(embedded_lm,
     assert_cache_consistent(lm.cache)
     # A tree pass (a lone request and its longer sibling): the path goes into the arena, the
     # sibling's slot is copied out, and the path's extension is written in place again.
-    lm = transformer(embedded_lm, hf_model, draft_tokens=1)
+    lm = transformer(embedded_lm, hf_model, draft_tokens=1, config=arenas)
     ctx = [0] + tok.encode("The cat sat on")
     await lm.next_token_logprobs(ctx)
     arena = lm.cache.walk(ctx)[-1].kv.block
@@ -1049,7 +1031,7 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
     context stops such a pass at its next layer."""
     import threading
 
-    import genlm_bytes.lm.transformer as tr
+    import genlm_bytes.lm.hf.speculation as tr
 
     hf_model, tok = hf64, embedded_hf[1]
     lm = transformer(embedded_lm, hf_model, lookahead=True, lean=lean)
@@ -1061,28 +1043,28 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
 
     def guess(row):  # the token a greedy byte walk ends at
         lp = row.numpy()
-        return tr._byte_mode(lp, tr._top(lp, tr.AHEAD_TOP), lm.byte_vocab, lm.eos_token_ids)
+        return tr.byte_mode(lp, tr.top_tokens(lp, lm.config.ahead_top), lm.byte_vocab, lm.eos_token_ids)
 
     # A look-ahead pass checks before every layer whether it was stopped: armed, the check
     # holds the pass at its first layer until the gate opens.
     gate, entered, armed = threading.Event(), threading.Event(), threading.Event()
-    check = lm._check_abort
+    check = lm.ahead.check_abort
 
     def hold(*args):
-        if armed.is_set() and lm._abort is not None and lm._abort[1] == threading.get_ident():
+        if armed.is_set() and lm.ahead.abort is not None and lm.ahead.abort[1] == threading.get_ident():
             entered.set()
             gate.wait(30)
         check(*args)
 
-    lm._check_abort = hold
+    lm.ahead.check_abort = hold
     ctx = [0] + tok.encode("Once upon a time, there was")
     row = await lm.next_token_logprobs(ctx)
     await idle()
     a, best = guess(row), int(row.argmax())
     spelled = lm.byte_vocab[a]
     shorter = sorted((t for t, b in enumerate(lm.byte_vocab) if b and len(b) < len(spelled) and spelled.startswith(b)
-                      and t != best and row[t] >= math.log(tr.AHEAD_SHORTER_P)),
-                     key=lambda t: -len(lm.byte_vocab[t]))[:tr.AHEAD_SHORTER - (best != a)]  # longest first
+                      and t != best and row[t] >= math.log(lm.config.ahead_shorter_p)),
+                     key=lambda t: -len(lm.byte_vocab[t]))[:lm.config.ahead_shorter - (best != a)]  # longest first
     batches = lm.batcher.n_batches
     for t in [*shorter, a, best]:
         assert lm.has_logprobs(ctx + [t])
@@ -1098,7 +1080,7 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
         other = ctx + [a, 11]
         task = asyncio.ensure_future(lm.next_token_logprobs(other))
         await asyncio.sleep(0.05)
-        assert lm._ahead.abort.is_set()
+        assert lm.ahead.ahead.abort.is_set()
         # The model runs elsewhere meanwhile (here, in this thread): the stop concerns the
         # look-ahead pass's thread only.
         assert_close_to_uncached(hf_model, ctx + [a], guessed)
@@ -1109,7 +1091,7 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
         gate.set()
     await idle()
     assert not lm.has_logprobs(nxt), "the stopped pass should have cached nothing"
-    assert lm._abort is None and lm.cache.reserved == lm._base_reserve
+    assert lm.ahead.abort is None and lm.cache.reserved == lm.runner.store.base_reserve
     assert_cache_consistent(lm.cache)
     assert_close_to_uncached(hf_model, nxt, await lm.next_token_logprobs(nxt))
     off = transformer(embedded_lm, hf_model)
@@ -1127,7 +1109,7 @@ async def test_a_few_contexts_asked_together_get_one_lookahead_pass(embedded_lm,
     segmentations, a few states stepping together) are guessed together: each extended by the
     token its greedy byte walk ends at, in one pass; asking for those guesses in one go serves
     them from the cache (exact) and guesses the next ones. Larger batches get no guesses."""
-    import genlm_bytes.lm.transformer as tr
+    import genlm_bytes.lm.hf.speculation as tr
 
     hf_model, tok = hf64, embedded_hf[1]
     lm = transformer(embedded_lm, hf_model, lookahead=True)
@@ -1138,7 +1120,7 @@ async def test_a_few_contexts_asked_together_get_one_lookahead_pass(embedded_lm,
 
     def guess(row):
         lp = row.numpy()
-        return tr._byte_mode(lp, tr._top(lp, tr.AHEAD_TOP), lm.byte_vocab, lm.eos_token_ids)
+        return tr.byte_mode(lp, tr.top_tokens(lp, lm.config.ahead_top), lm.byte_vocab, lm.eos_token_ids)
 
     ctxs = [[0] + tok.encode("Once upon a time, there was"), [0] + tok.encode("The three primary colors are")]
     rows = await asyncio.gather(*(lm.next_token_logprobs(c) for c in ctxs))
@@ -1154,10 +1136,10 @@ async def test_a_few_contexts_asked_together_get_one_lookahead_pass(embedded_lm,
     await idle()
     after = [c + [guess(r)] for c, r in zip(nxt, got)]
     assert all(lm.has_logprobs(c) for c in after), "asking for the guesses guesses the next ones"
-    assert lm._abort is None and lm.cache.reserved == lm._base_reserve
+    assert lm.ahead.abort is None and lm.cache.reserved == lm.runner.store.base_reserve
     assert_cache_consistent(lm.cache)
     # More than AHEAD_GROUP contexts at once: no guesses.
-    many = [[0] + tok.encode(f"Item {i} of the list is") for i in range(tr.AHEAD_GROUP + 1)]
+    many = [[0] + tok.encode(f"Item {i} of the list is") for i in range(lm.config.ahead_group + 1)]
     rows = await asyncio.gather(*(lm.next_token_logprobs(c) for c in many))
     await idle()
     assert not any(lm.has_logprobs(c + [guess(r)]) for c, r in zip(many, rows))
@@ -1177,19 +1159,19 @@ async def test_siblings_are_the_likeliest_longer_tokens_and_the_tokens_on_their_
     longer = [t for t in torch.topk(row, 8).indices.tolist() if vocab[t].startswith(b" ") and len(vocab[t]) > 1]
     on_way = {u for t in longer for n in range(2, len(vocab[t])) if (u := lm.by_bytes.get(vocab[t][:n])) is not None}
     allowed = set(longer) | on_way
-    sibs = lm._siblings(tuple(ctx + [space]), 3)
+    sibs = lm.scheduler.drafter.siblings(tuple(ctx + [space]), 3)
     assert len(sibs) == 3 and set(sibs) <= allowed
     assert sibs[0] == max(allowed, key=lambda t: float(row[t]))
     ps = [float(row[t]) for t in sibs]
     assert ps == sorted(ps, reverse=True), "likeliest first"
     await lm.next_token_logprobs(ctx + [space])  # the pass runs the two likeliest with it
     assert all(lm.has_logprobs(ctx + [t]) for t in sibs[:2])
-    assert lm._siblings(tuple(ctx + [space]), 3)[0] == sibs[2], "cached siblings are not offered again"
-    assert lm._siblings(tuple(ctx[:1]), 2) == [] and lm._siblings(tuple(ctx + [space]), 0) == []
+    assert lm.scheduler.drafter.siblings(tuple(ctx + [space]), 3)[0] == sibs[2], "cached siblings are not offered again"
+    assert lm.scheduler.drafter.siblings(tuple(ctx[:1]), 2) == [] and lm.scheduler.drafter.siblings(tuple(ctx + [space]), 0) == []
 
 
 def test_byte_mode_follows_the_heaviest_bytes_not_the_likeliest_token():
-    from genlm_bytes.lm.transformer import _byte_mode
+    from genlm_bytes.lm.hf.speculation import byte_mode as _byte_mode
 
     vocab = [b" a", b" the", b" there", b" they", b" an", b"x", b"<eos>"]
 

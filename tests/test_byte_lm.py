@@ -366,9 +366,9 @@ async def test_the_initial_distribution_runs_with_the_first_text_and_changes_not
         lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0], draft_tokens=0,
                               lookahead=False)
         passes = []
-        for name in ("_forward", "_tree_pass"):
-            inner = getattr(lm, name)
-            setattr(lm, name, lambda *a, _inner=inner, _passes=passes, **k: (_passes.append(1), _inner(*a, **k))[1])
+        for name in ("forward", "tree_pass"):  # (the engine's passes: lm.runner)
+            inner = getattr(lm.runner, name)
+            setattr(lm.runner, name, lambda *a, _inner=inner, _passes=passes, **k: (_passes.append(1), _inner(*a, **k))[1])
         if how == "eager":
             beam = ByteBeamState([await LazyTrieState.initial(lm, space_of(lm))], params)
         else:
@@ -466,8 +466,8 @@ async def test_prefill_in_small_speculation_windows_matches_one_window(embedded_
                             cache_budget_bytes=256 << 20).speculation_window == 64
     assert speculation_window(MockLM([b"<eos>", b"a"], seed=0)) == WINDOW
     passes = []
-    inner = small._tree_pass
-    small._tree_pass = lambda *a, **kw: (passes.append(a[3]), inner(*a, **kw))[1]
+    inner = small.runner.tree_pass
+    small.runner.tree_pass = lambda *a, **kw: (passes.append(a[3]), inner(*a, **kw))[1]
     windowed = await (await ByteBeamState.initial(small, params)).prefill(text)
     whole = await (await ByteBeamState.initial(embedded_lm, params)).prefill(text)
     assert len(embedded_lm.encode_bytes(text)) > 3 * 16 and len(passes) >= 3

@@ -1,4 +1,4 @@
-"""Tests of the command line (genlm_bytes.__main__ and genlm_bytes.cli_utils).
+"""Tests of the command line (genlm_bytes.cli: the parser, the commands, genlm_bytes.cli.format).
 
 Layers: pure helpers; argument and input checks run in-process through
 ``main([...])``, with the model loader replaced by one that fails, so they
@@ -23,9 +23,11 @@ from pathlib import Path
 
 import pytest
 
-import genlm_bytes.__main__ as cli
+import genlm_bytes.cli.main as cli
+import genlm_bytes.cli.score as cli_score
+import genlm_bytes.cli.session as cli_session
 from genlm_bytes import BeamParams, ByteBeamState
-from genlm_bytes.cli_utils import Utf8Writer, bits_per_byte
+from genlm_bytes.cli.format import Utf8Writer, bits_per_byte
 from genlm_bytes.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,13 +83,13 @@ def no_model(monkeypatch):
     def fail(args):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli, "load_lm", fail)
+    monkeypatch.setattr(cli_session, "load_lm", fail)
 
 
 @pytest.fixture
 def cli_lm(monkeypatch, embedded_lm):
     """main() runs in-process on the session's embedded model."""
-    monkeypatch.setattr(cli, "load_lm", lambda args: embedded_lm)
+    monkeypatch.setattr(cli_session, "load_lm", lambda args: embedded_lm)
     return embedded_lm
 
 
@@ -222,7 +224,7 @@ def test_score_shows_a_progress_bar_for_long_inputs(capsys, monkeypatch, cli_lm,
     assert cli.main(["score", str(path)]) == 0  # short input: no bar
     out, err = capsys.readouterr()
     assert "bits per byte" in out and err == ""
-    monkeypatch.setattr(cli, "PROGRESS_MIN_BYTES", 8)
+    monkeypatch.setattr(cli_score, "PROGRESS_MIN_BYTES", 8)
     assert cli.main(["score", str(path)]) == 0  # piped stderr: a bar too
     out, err = capsys.readouterr()
     assert "bits per byte" in out and "scoring" in err

@@ -107,7 +107,7 @@ def test_models_it_does_not_compute_exactly_run_through_transformers():
 
 
 async def test_the_backend_uses_it_and_can_be_told_not_to(embedded_lm):
-    from genlm_bytes.lm.transformer import AsyncTransformer
+    from genlm_bytes.lm.hf import AsyncTransformer
 
     assert embedded_lm.lean is not None  # the embedded model (LLaMA family) runs lean passes
     common = {"byte_vocab": embedded_lm.byte_vocab, "initial_context": embedded_lm.initial_context,

@@ -38,7 +38,7 @@ from test_backend import (  # noqa: F401 - one_torch_thread is an autouse fixtur
 )
 
 from genlm_bytes import AsyncLM, BeamParams, ByteBeamState, MockLM
-from genlm_bytes.lm.batching import Batcher
+from genlm_bytes.batching import Batcher
 
 LEAK_MESSAGES = ("never retrieved", "destroyed but it is pending", "was never awaited")
 
@@ -172,7 +172,7 @@ def test_process_returning_the_wrong_number_of_results_fails_the_batch(caplog):
 def test_transformer_failing_batch_among_others(embedded_lm, embedded_hf, caplog):
     hf_model, _ = embedded_hf
     lm = transformer(embedded_lm, batch_size=2)
-    real_forward, calls = lm._forward, []
+    real_forward, calls = lm.runner.forward, []
 
     def forward(rows, all_positions, **kw):
         calls.append([r[0] for r in rows])
@@ -180,7 +180,7 @@ def test_transformer_failing_batch_among_others(embedded_lm, embedded_hf, caplog
             raise ModelError("simulated failure of the second pass")
         return real_forward(rows, all_positions, **kw)
 
-    lm._forward = forward
+    lm.runner.forward = forward
     contexts = [[0, 504, t] for t in (11, 12, 13, 14, 15, 16)]
 
     async def scenario():
@@ -260,14 +260,14 @@ async def test_transformer_cancellation_leaves_complete_cache_entries(embedded_l
     lm = transformer(embedded_lm)
     ids = [0] + tok.encode("The cat sat on the mat")
     gate, entered = threading.Event(), threading.Event()
-    real_forward = lm._forward
+    real_forward = lm.runner.forward
 
     def gated_forward(rows, all_positions, **kw):
         entered.set()
         gate.wait(30)
         return real_forward(rows, all_positions, **kw)
 
-    lm._forward = gated_forward
+    lm.runner.forward = gated_forward
     contexts = [ids[:4], ids[:6] + [13], ids, [0, 99]]
     with no_asyncio_leaks(caplog):
         tasks = [asyncio.create_task(lm.next_token_logprobs(c)) for c in contexts]

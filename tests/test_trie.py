@@ -2,6 +2,7 @@
 
 import asyncio
 import math
+import re
 
 import numpy as np
 import pytest
@@ -170,3 +171,39 @@ def test_context_dist_masses_match_brute_force(prepared):
                     got = d.masses(trie.lo[kids], trie.hi[kids], text)
                     want = [d.mass(int(a), int(b), text) for a, b in zip(trie.lo[kids], trie.hi[kids])]
                     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+CUDA_COUNT = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize("device", [
+    "gpu", "CUDA", "", "cuda:-1", "cuda:x", "meta", "xla",  # not a device name, or not one the trie runs on
+    f"cuda:{CUDA_COUNT + 8}", torch.device("cuda", CUDA_COUNT + 8),  # a CUDA device this machine lacks
+    *(["cuda", torch.device("cuda")] if CUDA_COUNT == 0 else []),
+    0, 1.5, ["cpu"], b"cpu", True,  # not a string or torch.device
+])
+def test_invalid_device_raises_value_error_naming_it(device):
+    with pytest.raises(ValueError, match=re.escape(f"device={device!r}")):
+        TokenByteTrie([b"a", b"b"], device=device)
+    with pytest.raises(ValueError, match="device="):
+        AsyncTokenByteTrie.from_vocab([b"a", b"b"], device=device)
+
+
+def test_valid_devices_and_async_trie_type_check():
+    for device in (None, "cpu", torch.device("cpu"), "cpu:0"):
+        trie = TokenByteTrie([b"a", b"ab"], device=device)
+        assert trie.device.type == "cpu"
+        torch.testing.assert_close(trie.weight_sum(torch.tensor([0.25, 0.75])),
+                                   torch.tensor([1.0, 1.0, 0.75, 0.0], dtype=torch.float64))
+    with pytest.raises(TypeError, match="TokenByteTrie"):
+        AsyncTokenByteTrie([b"a", b"b"])
+
+
+@pytest.mark.skipif(CUDA_COUNT == 0, reason="needs a CUDA device")
+def test_cuda_trie_matches_cpu():
+    vocab = [b"a", b"ab", b"b", b"ba"]
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    cpu, gpu = TokenByteTrie(vocab), TokenByteTrie(vocab, device="cuda")
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.weight_sum(p).cpu(), cpu.weight_sum(p))
+    torch.testing.assert_close(gpu.weight_max(p).cpu(), cpu.weight_max(p))

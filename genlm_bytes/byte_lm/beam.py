@@ -8,14 +8,29 @@ byte ``a`` inside its token, and also ends the token of every cover that can
 enough to hold every cover, ``logZ`` is exactly ``log P(x)``; otherwise it is
 a lower bound.
 
-Two things make prefill of a known text fast and safe:
-- the tokenizer's own encoding of the text is computed in one forward pass
-  up front (``lm.prefetch``), so the covers along it cost no extra LM call;
-- the cover that follows that encoding is never pruned during prefill, so
-  ``logZ`` is never below the log-probability of the tokenizer's encoding.
+The next-symbol distribution is the step's: ``logp_next()`` and ``<<`` end the
+tokens of the same covers (every token ending whose weight reaches
+``prune_threshold`` × the total), so ``logp_next()[a] - ((beam << a).logZ -
+beam.logZ)`` is one constant for every symbol ``a`` the step takes (0 with no
+threshold), and a symbol with log-probability -inf is one the step rejects.
+``K`` limits the beam after a step (``prune``), never the symbols a step can
+take. With ``heal=True`` a step that leaves no cover is rescued (the skipped
+token endings, then :mod:`~genlm_bytes.byte_lm.heal`): the one exception.
 
-An extension whose weight bound already rules it out of the next prune (below
-the threshold, or beaten by ``K`` covers) is not computed at all.
+Prefill of a known text:
+- the cover that follows the vocabulary's encoding of the text (the tokenizer's
+  own, see :class:`~genlm_bytes.lm.base.ByteVocabulary`) is never pruned, so
+  ``logZ`` is never below the log-probability of that encoding, on any backend;
+- an extension whose weight bound already rules it out of the next prune
+  (below the threshold, or beaten by ``K`` covers) is not computed at all;
+- on a backend that prefetches (``supports_prefetch``), the encoding's
+  distributions come from one forward pass and the planner
+  (:mod:`~genlm_bytes.byte_lm.speculate`) computes likely extensions ahead.
+  That changes how passes are grouped, never which covers the beam keeps: the
+  choice of covers depends on the weights alone.
+
+Not handled: a backend whose distributions depend on how requests were grouped
+(beyond float rounding) gives different beams on different groupings.
 """
 
 from __future__ import annotations
@@ -28,14 +43,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from genlm_bytes.byte_lm.lm_state import StatefulByteLM, check_prompt
-from genlm_bytes.byte_lm.trie_state import LazyTrieState, shared_space
+from genlm_bytes.byte_lm import heal as healing
+from genlm_bytes.byte_lm.lm_state import (
+    StatefulByteLM,
+    StatefulTokenizedLM,
+    check_prompt,
+)
+from genlm_bytes.byte_lm.trie_state import (
+    LazyTrieState,
+    heaviest,
+    log_total,
+    shared_space,
+)
 from genlm_bytes.dist import LazyByteProbs
-from genlm_bytes.lm.base import AsyncLM, kept_on_model, known_text
+from genlm_bytes.lm.base import AsyncLM, kept_on_model, known_text, vocabulary_of
 from genlm_bytes.symbols import EOS, N_SYMBOLS, check_symbol
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -48,6 +72,9 @@ class BeamParams:
         eos_tokens: byte strings (or ids) of tokens that end a sequence (symbol EOS = 257).
         heal: re-split the partial token when every cover would die on the next byte.
         max_context_length: keep only the last this many tokens of each context (None: all).
+        heal_max_backoff: the most bytes a heal may back off inside a partial token (None: any).
+        heal_max_splits: the most re-splits (a shorter token ended, the rest replayed) one heal
+            may try (None: any).
     """
 
     K: int
@@ -55,6 +82,8 @@ class BeamParams:
     eos_tokens: tuple = ()
     heal: bool = True
     max_context_length: int | None = None
+    heal_max_backoff: int | None = None
+    heal_max_splits: int | None = None
 
     def __post_init__(self):
         if isinstance(self.K, bool) or not isinstance(self.K, numbers.Integral) or self.K < 1:
@@ -75,6 +104,14 @@ class BeamParams:
         m = self.max_context_length
         if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1):
             raise ValueError(f"max_context_length must be a positive int or None, got {m!r}")
+        for name in ("heal_max_backoff", "heal_max_splits"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be an int or None (no limit), got {v!r}")
+            if v < 0:
+                raise ValueError(f"{name} must be >= 0 or None (no limit), got {v!r}")
 
 
 def eos_token_ids(lm: AsyncLM, eos_tokens) -> list[int]:
@@ -110,26 +147,17 @@ def _spelling_index(lm: AsyncLM) -> dict[bytes, list[int]]:
 async def _warm_first_window(lm: AsyncLM, params: BeamParams, initial_context, data: bytes) -> None:
     """Cache the distributions after the initial context and along the first speculation window
     of ``data``'s encoding, in one pass (what ``prefill`` computes first)."""
-    if not data or type(lm).prefetch is AsyncLM.prefetch or not hasattr(lm, "has_logprobs"):
+    if not data or not lm.supports_prefetch:
         return
-    from genlm_bytes.byte_lm.lm_state import StatefulTokenizedLM
     from genlm_bytes.byte_lm.speculate import first_window, speculation_window
 
     ctx0 = StatefulTokenizedLM.initial(lm, initial_context, params.max_context_length).context
-    enc = lm.encode_bytes(data)
+    enc = vocabulary_of(lm).encode(data)
     if not enc or lm.has_logprobs(ctx0):
         return
     ids = list(ctx0) + list(enc[: first_window(len(enc), speculation_window(lm)) + 1])
     if params.max_context_length is None or len(ids) <= params.max_context_length:
         await lm.prefetch(ids, start=len(ctx0) - 1)
-
-
-def _logsumexp(ws) -> float:
-    ws = [w for w in ws if w > -math.inf]
-    if not ws:
-        return -math.inf
-    m = max(ws)
-    return m + math.log(sum(math.exp(w - m) for w in ws))
 
 
 class ByteBeamState(StatefulByteLM):
@@ -147,10 +175,9 @@ class ByteBeamState(StatefulByteLM):
             raise TypeError(f"params must be a BeamParams, got {type(params).__name__}")
         self.states: list[LazyTrieState] = sorted(states, key=lambda s: -s.weight)
         self.params = params
-        self.logZ: float = _logsumexp([s.weight for s in self.states])
+        self.logZ: float = log_total([s.weight for s in self.states])
         self._canon = canon  # the tokenizer's encoding of the text being prefilled
         self._ext: dict[tuple[int, int], LazyTrieState] = {}  # (state index, token) -> extension
-        self._miss: dict[tuple[int, int], tuple[int, int, int]] = {}  # prefill look-ahead bookkeeping
 
     @classmethod
     async def initial(cls, lm: AsyncLM, params: BeamParams, initial_context=None, *,
@@ -168,7 +195,7 @@ class ByteBeamState(StatefulByteLM):
         if not isinstance(params, BeamParams):
             raise TypeError(f"params must be a BeamParams, got {type(params).__name__}")
         space = shared_space(lm, eos_token_ids(lm, params.eos_tokens))
-        if text_hint is None and type(lm).prefetch is not AsyncLM.prefetch and hasattr(lm, "has_logprobs"):
+        if text_hint is None and lm.supports_prefetch:
             return cls([LazyTrieState.pending(lm, space, initial_context, params.max_context_length)], params)
         if text_hint is not None:
             await _warm_first_window(lm, params, initial_context, check_prompt(text_hint))
@@ -186,7 +213,7 @@ class ByteBeamState(StatefulByteLM):
         for s in todo:
             await s.resolve()
         self.states.sort(key=lambda s: -s.weight)
-        self.logZ = _logsumexp([s.weight for s in self.states])
+        self.logZ = log_total([s.weight for s in self.states])
 
     # ---------------------------------------------------------------- basics
     def __len__(self) -> int:
@@ -218,12 +245,8 @@ class ByteBeamState(StatefulByteLM):
 
     def prune(self) -> ByteBeamState:
         """The ``K`` heaviest covers with weight >= ``prune_threshold`` × total."""
-        K, thr = self.params.K, self.params.prune_threshold
-        keep = self.states
-        if thr > 0 and keep:
-            cut = self.logZ + math.log(thr)
-            keep = [s for s in keep if s.weight >= cut]
-        keep = keep[:K]
+        K = self.params.K
+        keep = heaviest(self.states, K, self.params.prune_threshold)
         pin = self._pinned()
         if pin >= 0 and self.states[pin] not in keep:
             keep = keep[: K - 1] + [self.states[pin]]
@@ -239,32 +262,42 @@ class ByteBeamState(StatefulByteLM):
         return new
 
     # ------------------------------------------------------------- extensions
-    def _candidates(self, others: list[float], ref_logZ: float | None):
-        """Extension candidates ``(i, token, bound)`` that could survive the next prune.
+    def _extensions(self, threshold: float | None = None) -> list[tuple[int, int, float]]:
+        """The token endings ``(i, token, weight)`` that ``<<`` and ``logp_next`` extend: those
+        whose weight reaches ``prune_threshold`` × the total (every one with no threshold). The
+        same set whatever symbol comes next, so the next-symbol distribution is the step's; ``K``
+        plays no part (a symbol only an extension can take is not lost to a narrow beam)."""
+        thr = self.params.prune_threshold if threshold is None else threshold
+        cut = self.logZ + math.log(thr) if thr > 0 and self.logZ > -math.inf else -math.inf
+        return [(i, t, w) for i, s in enumerate(self.states) for t, w in s.end_tokens()
+                if w > -math.inf and w >= cut]
+
+    def _candidates(self, others: list[float], ref_logZ: float):
+        """Prefill's extensions ``(i, token, bound)``: those that could survive the prune after
+        the (known) next byte, and the one following the canonical encoding.
 
         ``others``: weights of covers certainly in the next beam; ``ref_logZ``: a lower bound of
         the next total. A candidate's final weight is at most its bound.
         """
         K, thr = self.params.K, self.params.prune_threshold
-        cut = ref_logZ + math.log(thr) if (thr > 0 and ref_logZ is not None and ref_logZ > -math.inf) else None
+        cut = ref_logZ + math.log(thr) if thr > 0 and ref_logZ > -math.inf else -math.inf
         ranked = sorted(others, reverse=True)
         kth = ranked[K - 1] if len(ranked) >= K else -math.inf
         out = []
         for i, s in enumerate(self.states):
             for t, w in s.end_tokens():
+                if w == -math.inf:
+                    continue
                 pinned = s.canon >= 0 and self._canon is not None and s.canon < len(self._canon) \
                     and self._canon[s.canon] == t
-                if not pinned and ((cut is not None and w < cut) or w < kth or w == -math.inf):
-                    continue
-                out.append((i, t, w))
+                if pinned or (w >= cut and w >= kth):
+                    out.append((i, t, w))
         return out
 
     async def _extend(self, cands) -> list[LazyTrieState]:
         todo = [(i, t) for i, t, _ in cands if (i, t) not in self._ext]
         if todo:
             new = await asyncio.gather(*(self.states[i].extend(t, self._canon) for i, t in todo))
-            for key, e in zip(todo, new):
-                e.miss, e.ahead, e.path_end = self._miss.get(key, (0, 0, 0))
             self._ext.update(zip(todo, new))
         return [self._ext[(i, t)] for i, t, _ in cands]
 
@@ -273,30 +306,42 @@ class ByteBeamState(StatefulByteLM):
         """The beam after one more symbol (a byte 0-255, or EOS=257). Impossible: an empty beam."""
         return await self._step(check_symbol(sym))
 
-    async def _step(self, sym: int, planner=None, pos: int = 0) -> ByteBeamState:
+    async def _step(self, sym: int, planner=None, pos: int | None = None) -> ByteBeamState:
+        """One symbol. ``pos``: the position of ``sym`` in the text a prefill reads (its
+        extensions then follow :meth:`_candidates`), else None (:meth:`_extensions`)."""
         if not self.states:
             return self
         await self._ready()
         if sym == EOS:
-            exts = await self._extend(self._candidates([], None))
+            exts = await self._extend(self._extensions())
             ended = [e for s in (*self.states, *exts) if (e := s.end_sequence()) is not None]
             return ByteBeamState(ended, self.params)
         cont = [c for s in self.states if (c := s.consume(sym)) is not None]
-        if self._canon is not None:
-            self._drop_stale_canon(cont)
-        ws = [c.weight for c in cont]
-        cands = self._candidates(ws, _logsumexp(ws))
+        if pos is None:
+            cands = self._extensions()
+        else:
+            if self._canon is not None:
+                self._drop_stale_canon(cont)
+            ws = [c.weight for c in cont]
+            cands = self._candidates(ws, log_total(ws))
+            if planner is not None:
+                await planner.before_extensions(self, cands, pos)
+        exts = await self._extend(cands)
         if planner is not None:
-            await planner.before_extensions(self, cands, pos)
-        for e in await self._extend(cands):
+            planner.after_extensions(self, cands, exts)
+        for e in exts:
             c = e.consume(sym)
             if c is not None:
                 cont.append(c)
         if not cont and self.params.heal and not self.terminated:
-            from genlm_bytes.byte_lm.heal import heal
-
-            cont = await heal(self, sym)
+            cont = await self._rescue(sym)
         return ByteBeamState(cont, self.params, canon=self._canon)
+
+    async def _rescue(self, sym: int) -> list[LazyTrieState]:
+        """Covers taking ``sym`` when the step left none: first the token endings it skipped
+        (below the threshold), then re-split partial tokens (:mod:`~genlm_bytes.byte_lm.heal`)."""
+        cont = [c for e in await self._extend(self._extensions(threshold=0.0)) if (c := e.consume(sym)) is not None]
+        return cont or await healing.heal(self.states, sym, self.params)
 
     def _drop_stale_canon(self, covers) -> None:
         """A cover that moved past the end of the canonical token it was inside (into a longer
@@ -315,7 +360,7 @@ class ByteBeamState(StatefulByteLM):
         if self.terminated:
             raise ValueError("this beam has ended (EOS) and accepts nothing")
         await self._ready()
-        exts = await self._extend(self._candidates([s.weight for s in self.states], self.logZ))
+        exts = await self._extend(self._extensions())
         covers = [s for s in (*self.states, *exts) if not s.terminated]
         ref = max(s.weight for s in covers)
         acc = np.zeros(N_SYMBOLS)
@@ -353,13 +398,13 @@ class ByteBeamState(StatefulByteLM):
                       None)
         planner = None
         if anchor is not None:
-            enc = lm.encode_bytes(data)
+            enc = vocabulary_of(lm).encode(data)
             if enc:
                 canon = tuple(enc)
                 a = states[anchor]
                 states[anchor] = LazyTrieState(a.lm_state, 0, a.ctx_weight, a.dist, text=True, canon=0)
         beam = ByteBeamState([s for s in states if s is not None], self.params, canon=canon)
-        if canon is not None and type(lm).prefetch is not AsyncLM.prefetch and hasattr(lm, "has_logprobs"):
+        if canon is not None and lm.supports_prefetch:
             from genlm_bytes.byte_lm.speculate import PrefillPlanner
 
             planner = PrefillPlanner(beam, data)

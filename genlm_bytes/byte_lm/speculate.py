@@ -163,6 +163,10 @@ class PrefillPlanner:
     branch starts at 4 tokens and stops growing at ``MAX_AHEAD``, a strong one (within
     ``DOMINANT`` of the heaviest cover) starts at ``MAX_AHEAD`` and doubles up to ``MAX_STRONG``, so a
     branch that dies soon wastes little and one that carries the beam is computed in few passes.
+
+    The lineage bookkeeping (how many uncached extensions in a row, the last look-ahead) is the
+    planner's own, keyed by the token context object a cover holds (the covers of one lineage
+    share it); the covers carry none of it.
     """
 
     DOMINANT = math.log(0.5)
@@ -178,6 +182,9 @@ class PrefillPlanner:
         self.data = data
         self.params = beam.params
         self.paths: list[PathSpeculator] = []
+        # id(a live cover's token context) -> (misses in a row, look-ahead, context length where it ends)
+        self._lineage: dict[int, tuple[int, int, int]] = {}
+        self._planned: dict[tuple[int, int], tuple[int, int, int]] = {}  # (id(context), token) -> the same
 
     def fits(self, n_tokens: int) -> bool:
         m = self.params.max_context_length
@@ -190,7 +197,11 @@ class PrefillPlanner:
         self.paths.append(spec)
 
     async def advance(self, pos: int, beam) -> None:
-        """Speculate the next windows of the paths the beam still follows; forget the others."""
+        """Speculate the next windows of the paths the beam still follows; forget the others
+        (and the bookkeeping of covers no longer in the beam: a key is the id of a live object)."""
+        held = {id(s.lm_state) for s in beam.states}
+        self._lineage = {k: v for k, v in self._lineage.items() if k in held}
+        self._planned.clear()
         live = []
         for k, spec in enumerate(self.paths):
             if spec.due(pos):
@@ -209,17 +220,19 @@ class PrefillPlanner:
             if (i, t) in beam._ext:
                 continue
             s = beam.states[i]
+            miss, ahead0, path_end = self._lineage.get(id(s.lm_state), (0, 0, 0))
+            key = (id(s.lm_state), t)
             ctx = s.lm_state.context + (t,)
             if lm.has_logprobs(ctx):
-                beam._miss[(i, t)] = (0, s.ahead, s.path_end)
+                self._planned[key] = (0, ahead0, path_end)
                 continue
             strong = w >= top + self.DOMINANT
             # A first miss starts a new branch (its look-ahead starts small again), unless the
             # branch just ran past the end of its look-ahead: then it goes on doubling at once.
-            first = s.miss == 0
-            going_on = first and s.ahead > 0 and len(s.lm_state.context) >= s.path_end
-            base = s.ahead if (going_on or not first) else 0
-            beam._miss[(i, t)] = (s.miss + 1, base, 0)
+            first = miss == 0
+            going_on = first and ahead0 > 0 and len(s.lm_state.context) >= path_end
+            base = ahead0 if (going_on or not first) else 0
+            self._planned[key] = (miss + 1, base, 0)
             if first and not going_on and not self.FIRST_AHEAD:
                 continue
             if strong:
@@ -231,9 +244,17 @@ class PrefillPlanner:
             enc = self.encode_ahead(pos, ahead)
             if enc and self.fits(len(ctx) + len(enc)):
                 new.append((ctx, tuple(enc)))
-                beam._miss[(i, t)] = (0, ahead, len(ctx) + len(enc))
+                self._planned[key] = (0, ahead, len(ctx) + len(enc))
         if new:
             await self.add_paths(new, pos)
+
+    def after_extensions(self, beam, cands, extensions) -> None:
+        """Called by a beam step with the extensions it computed for ``cands``: each inherits the
+        bookkeeping planned for it."""
+        for (i, t, _), e in zip(cands, extensions):
+            info = self._planned.pop((id(beam.states[i].lm_state), t), None)
+            if info is not None:
+                self._lineage[id(e.lm_state)] = info
 
     async def add_paths(self, paths: list[tuple[tuple, tuple]], pos: int) -> None:
         """Start look-ahead paths from text position ``pos`` in as few tree passes as possible:

@@ -118,23 +118,33 @@ class ContextDist:
             self._bs = p.reshape(sp.n_blocks, BLOCK).sum(axis=1, dtype=np.float64)
             self._p = p
 
+    def _p32(self, idx) -> np.ndarray:
+        """float32 probabilities of the sorted tokens ``idx`` (a slice or positions): the very
+        values :meth:`prepare` stores, computed alone before it runs."""
+        if self._p is not None:
+            return self._p[idx]
+        return np.exp(self._logp_np()[self.space.trie.order[idx]], dtype=np.float32, casting="unsafe")
+
     def _probs(self, idx) -> np.ndarray:
         """float64 probabilities of the sorted tokens ``idx`` (a slice or positions), from the log-probs."""
         return np.exp(self._logp_np()[self.space.trie.order[idx]].astype(np.float64))
 
     def _sum(self, lo: int, hi: int) -> float:
-        """Sum of the probabilities of sorted tokens ``[lo, hi)`` (EOS included)."""
-        if self._p is None:
-            if hi - lo > _LAZY_RANGE:
-                self.prepare()
-            else:  # before preparing: small and mid-sized ranges directly from the log-probs
-                return float(self._probs(slice(lo, hi)).sum())
-        p = self._p
+        """Sum of the probabilities of sorted tokens ``[lo, hi)`` (EOS included). The same float
+        whether or not the distribution is prepared (which depends on what ran before: a beam's
+        result must not), so the unprepared path sums whole blocks as :meth:`prepare` does."""
         if hi - lo <= 2 * BLOCK:
-            return float(p[lo:hi].sum(dtype=np.float64))
+            return float(self._p32(slice(lo, hi)).sum(dtype=np.float64))
+        if self._p is None and hi - lo > _LAZY_RANGE:
+            self.prepare()
         a, b = -(-lo // BLOCK), hi // BLOCK  # whole blocks [a, b), partial ones at both ends
-        return (float(self._bs[a:b].sum()) + float(p[lo: a * BLOCK].sum(dtype=np.float64))
-                + float(p[b * BLOCK: hi].sum(dtype=np.float64)))
+        if self._p is not None:
+            whole = float(self._bs[a:b].sum())
+        else:
+            whole = float(self._p32(slice(a * BLOCK, b * BLOCK)).reshape(b - a, BLOCK)
+                          .sum(axis=1, dtype=np.float64).sum())
+        return (whole + float(self._p32(slice(lo, a * BLOCK)).sum(dtype=np.float64))
+                + float(self._p32(slice(b * BLOCK, hi)).sum(dtype=np.float64)))
 
     def _eos_in(self, lo, hi) -> np.ndarray:
         eos = self.space.eos_pos
@@ -156,10 +166,7 @@ class ContextDist:
         inside = self._eos_in(lo, hi)
         if not len(inside):
             return s
-        if self._p is not None:  # the very terms ``s`` summed, so that a sum of EOS alone cancels
-            e = float(self._p[inside].sum(dtype=np.float64))
-        else:
-            e = float(self._probs(inside).sum())
+        e = float(self._p32(inside).sum(dtype=np.float64))  # the very terms ``s`` summed
         m = s - e
         return m if m > _TINY * s else self._without_eos(lo, hi)
 
@@ -171,11 +178,7 @@ class ContextDist:
             a, b = int(lo[0]), int(hi[-1])
             if self._p is None and b - a > _LAZY_RANGE:
                 self.prepare()
-            if self._p is not None:
-                x = self._p[a:b]
-            else:
-                x = np.exp(self._logp_np()[self.space.trie.order[a:b]])
-            m = np.add.reduceat(x, (lo - a).astype(np.intp), dtype=np.float64)
+            m = np.add.reduceat(self._p32(slice(a, b)), (lo - a).astype(np.intp), dtype=np.float64)
             if not text and len(self.space.eos_pos):
                 eos = self._eos_in(a, b)
                 for k in set(np.searchsorted(lo, eos, side="right") - 1):  # the ranges holding EOS
@@ -211,6 +214,25 @@ def _log(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
 
 
+def log_total(weights) -> float:
+    """``log Σ exp(w)`` of log-weights (-inf when there are none or all are -inf)."""
+    ws = [w for w in weights if w > -math.inf]
+    if not ws:
+        return -math.inf
+    m = max(ws)
+    return m + math.log(sum(math.exp(w - m) for w in ws))
+
+
+def heaviest(covers: list, K: int, threshold: float) -> list:
+    """The ``K`` heaviest of ``covers`` (sorted heaviest first) whose weight is at least
+    ``threshold`` × their total (``threshold`` 0 keeps every weight)."""
+    keep = covers
+    if threshold > 0 and keep:
+        cut = log_total(c.weight for c in covers) + math.log(threshold)
+        keep = [c for c in keep if c.weight >= cut]
+    return keep[:K]
+
+
 class LazyTrieState:
     """One cover: a token context, a trie node, and the distribution of the next token.
 
@@ -228,22 +250,18 @@ class LazyTrieState:
     """
 
     __slots__ = (
-        "ahead",
         "canon",
         "ctx_weight",
         "dist",
         "lm_state",
-        "miss",
         "node",
-        "path_end",
         "terminated",
         "text",
         "weight",
     )
 
     def __init__(self, lm_state: StatefulTokenizedLM, node: int, ctx_weight: float, dist: ContextDist,
-                 *, terminated: bool = False, text: bool = False, canon: int = -1, weight: float | None = None,
-                 miss: int = 0, ahead: int = 0, path_end: int = 0):
+                 *, terminated: bool = False, text: bool = False, canon: int = -1, weight: float | None = None):
         self.lm_state = lm_state
         self.node = node
         self.ctx_weight = ctx_weight
@@ -252,11 +270,6 @@ class LazyTrieState:
         self.text = text
         self.canon = canon
         self.weight = self._weight() if weight is None else weight
-        # Prefill bookkeeping of the beam's look-ahead: consecutive uncached extensions along this
-        # cover's lineage, and the length of its last look-ahead.
-        self.miss = miss
-        self.ahead = ahead
-        self.path_end = path_end  # context length where that look-ahead ends
 
     @classmethod
     async def initial(cls, lm, space: TrieSpace | None = None, initial_context=None,
@@ -323,8 +336,7 @@ class LazyTrieState:
         if m <= 0.0:
             return None
         return LazyTrieState(self.lm_state, child, self.ctx_weight, self.dist, text=self.text,
-                             canon=self.canon, weight=self.ctx_weight + math.log(m), miss=self.miss,
-                             ahead=self.ahead, path_end=self.path_end)
+                             canon=self.canon, weight=self.ctx_weight + math.log(m))
 
     def end_tokens(self) -> list[tuple[int, float]]:
         """``(token id, ctx_weight + log p(token))`` for each token ending exactly here."""

@@ -12,7 +12,7 @@ range, non-integer ids) and output checks (shape, NaN, a row with no finite
 entry), and provides the batched and synchronous forms.
 
 Not handled here: batching across coroutines and caching. Backends that want
-them (``AsyncTransformer``) use :mod:`genlm_bytes.lm.batching`.
+them (``AsyncTransformer``) use :mod:`genlm_bytes.batching`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import contextvars
 import functools
 import inspect
 import numbers
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -117,11 +118,101 @@ def _short(ids: list[int], n: int = 12) -> str:
     return f"[{', '.join(map(str, ids[:4]))}, ... ({len(ids)} tokens) ..., {', '.join(map(str, ids[-4:]))}]"
 
 
+class ByteVocabulary(list):
+    """The byte strings of a vocabulary's tokens (``vocab[t]``: what token ``t`` spells), and how
+    text is encoded into them.
+
+    :meth:`encode` gives the one token path a beam anchors a prefill on: the tokenizer's own
+    encoding when the vocabulary knows its encoder, else (no encoder, or text the tokenizer
+    cannot encode exactly, such as invalid UTF-8) the path with the fewest tokens. It depends on
+    the vocabulary alone, so every backend serving the same vocabulary anchors on the same path.
+
+    Args:
+        spellings: the byte strings, in token-id order.
+        encoder: ``encoder(data) -> list[int] | None``, the tokenizer's encoding (None: unknown).
+
+    Example:
+        >>> ByteVocabulary([b"a", b"b", b"ab", b"abb"]).encode(b"abab")
+        [2, 2]
+    """
+
+    __slots__ = ("_index", "encoder")
+
+    def __init__(self, spellings=(), encoder=None):
+        super().__init__(spellings)
+        self.encoder = encoder
+        self._index = None
+
+    def encode(self, data: bytes) -> list[int] | None:
+        """A token path spelling ``data`` (see the class), or None when no path spells it."""
+        data = bytes(data)
+        if self.encoder is not None:
+            ids = self.encoder(data)
+            if ids is not None and all(0 <= t < len(self) for t in ids) \
+                    and b"".join(self[t] for t in ids) == data:
+                return list(ids)
+        return self.fewest_tokens(data)
+
+    def __reduce__(self):
+        # A backend's own encoder (held weakly) does not travel; a plain function does.
+        enc = None if isinstance(self.encoder, _EncoderOf) else self.encoder
+        return (ByteVocabulary, (list(self), enc))
+
+    def fewest_tokens(self, data: bytes) -> list[int] | None:
+        """The path spelling ``data`` with the fewest tokens (None if none does). Ties go to the
+        longest first token, then the next, and so on; a spelling shared by several ids, to the
+        smallest id. Dynamic programming from the end: ``O(len(data) × distinct token lengths)``.
+
+        Example:
+            >>> ByteVocabulary([b"a", b"b", b"ab", b"ba"]).fewest_tokens(b"aba")
+            [2, 0]
+        """
+        if self._index is None:
+            by_bytes: dict[bytes, int] = {}
+            for t, b in enumerate(self):
+                if b and b not in by_bytes:
+                    by_bytes[b] = t
+            self._index = (by_bytes, sorted({len(b) for b in by_bytes}, reverse=True))
+        by_bytes, lengths = self._index
+        n = len(data)
+        n_tokens = [0] + [n + 1] * n  # n_tokens[k]: fewest tokens spelling the last k bytes
+        first: list[int | None] = [None] * (n + 1)  # the first token of that path
+        for k in range(1, n + 1):
+            i = n - k
+            for length in lengths:  # longest first: strict improvement keeps the longest on ties
+                if length <= k and n_tokens[k - length] + 1 < n_tokens[k]:
+                    t = by_bytes.get(data[i: i + length])
+                    if t is not None:
+                        n_tokens[k], first[k] = n_tokens[k - length] + 1, t
+        if n_tokens[n] > n:
+            return None
+        out, k = [], n
+        while k:
+            out.append(first[k])
+            k -= len(self[first[k]])
+        return out
+
+
+class _EncoderOf:
+    """A backend's ``encode_bytes`` as its vocabulary's encoder. Holds the backend weakly (no
+    reference cycle: a backend's memory is freed when its last user drops it)."""
+
+    __slots__ = ("_lm",)
+
+    def __init__(self, lm):
+        self._lm = weakref.ref(lm)
+
+    def __call__(self, data: bytes) -> list[int] | None:
+        lm = self._lm()
+        return None if lm is None else lm.encode_bytes(data)
+
+
 class AsyncLM(abc.ABC):
     """A token-level language model queried asynchronously.
 
     Attributes:
-        byte_vocab: ``byte_vocab[t]`` is the byte string token ``t`` spells.
+        byte_vocab: ``byte_vocab[t]`` is the byte string token ``t`` spells (a
+            :class:`ByteVocabulary`, which also carries the tokenizer's encoder).
         vocab_size: ``len(byte_vocab)``; the length of every log-prob vector.
         initial_context: token ids every byte-level state starts from (e.g. a BOS token).
         eos_token_ids: ids of the model's end-of-sequence tokens.
@@ -142,7 +233,12 @@ class AsyncLM(abc.ABC):
             vocab.append(b)
         if not vocab:
             raise ValueError("byte_vocab is empty")
-        self.byte_vocab: list[bytes] = vocab
+        # The tokenizer's encoder travels with the vocabulary: a backend's own ``encode_bytes``,
+        # else the one of the vocabulary it was handed (a wrapper passing its inner model's
+        # ``byte_vocab`` keeps that model's encoding, hence the same canonical covers).
+        self._inherited_encoder = getattr(byte_vocab, "encoder", None)
+        encoder = _EncoderOf(self) if type(self).encode_bytes is not AsyncLM.encode_bytes else self._inherited_encoder
+        self.byte_vocab: ByteVocabulary = ByteVocabulary(vocab, encoder)
         self.vocab_size: int = len(vocab)
         self.eos_token_ids: list[int] = check_token_ids(list(eos_token_ids), self.vocab_size, allow_empty=True)
         if initial_context is None:
@@ -218,8 +314,20 @@ class AsyncLM(abc.ABC):
         return await self.next_token_logprobs(token_ids)
 
     def encode_bytes(self, data: bytes) -> list[int] | None:
-        """The tokenizer's own encoding of ``data`` (no special tokens), or None if unknown."""
-        return None
+        """The tokenizer's own encoding of ``data`` (no special tokens), or None if unknown.
+
+        The default is the encoder of the ``byte_vocab`` this model was built with (see
+        :class:`ByteVocabulary`): None for a plain list of byte strings."""
+        enc = getattr(self, "_inherited_encoder", None)
+        return None if enc is None else enc(data)
+
+    @property
+    def supports_prefetch(self) -> bool:
+        """Whether :meth:`prefetch` computes distributions ahead and ``has_logprobs(token_ids)``
+        says which are cached: the beam then plans a prefill's passes with it. Planning changes
+        how passes are grouped, never which covers a beam keeps. Derived from the methods a
+        backend implements; a backend may also declare it (``supports_prefetch = True``)."""
+        return type(self).prefetch is not AsyncLM.prefetch and callable(getattr(self, "has_logprobs", None))
 
     def clear_cache(self) -> None:
         """Drop cached results (the default model has none)."""
@@ -232,6 +340,15 @@ class AsyncLM(abc.ABC):
 
             self._trie = TokenByteTrie(self.byte_vocab)
         return self._trie
+
+
+def vocabulary_of(lm: AsyncLM) -> ByteVocabulary:
+    """``lm.byte_vocab`` as a :class:`ByteVocabulary` (a backend that replaced it by a plain list
+    after construction gets one built once, with its ``encode_bytes`` as the encoder)."""
+    vocab = lm.byte_vocab
+    if isinstance(vocab, ByteVocabulary):
+        return vocab
+    return kept_on_model(lm, "_genlm_vocabulary", vocab, lambda: ByteVocabulary(vocab, _EncoderOf(lm)))
 
 
 def _no_running_loop(name: str, async_name: str) -> None:

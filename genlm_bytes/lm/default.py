@@ -161,7 +161,7 @@ def load_embedded_hf(dtype=torch.float32):
 
 
 def load_model(name: str | None = None, *, initial_context=None, device: str | None = None, **kwargs):
-    """An :class:`~genlm_bytes.lm.transformer.AsyncTransformer`.
+    """An :class:`~genlm_bytes.lm.hf.AsyncTransformer`.
 
     Args:
         name: ``None`` or ``"smollm2-135m"`` for the embedded SmolLM2-135M-Instruct,
@@ -176,7 +176,7 @@ def load_model(name: str | None = None, *, initial_context=None, device: str | N
         ImportError: a named model whose package is not installed (the message names the command).
         ValueError: a folder that does not hold a model.
     """
-    from genlm_bytes.lm.transformer import AsyncTransformer
+    from genlm_bytes.lm.hf import AsyncTransformer
 
     if name is not None and not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"name must be a model name ({', '.join(NAMED_MODELS)}) or a folder, "

@@ -2,17 +2,19 @@
 
 transformers runs a decoder layer as a few dozen small modules and checks, each a
 Python call with its own bookkeeping; on a CPU a one-token decode step of a small model
-spends about a third of its time there rather than in the matrix products (measured on
-SmolLM2-135M: ~45 ms of products and ~70 ms for the step). :class:`LeanDecoder` computes
-the same function (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU) with one
-torch call per operation, reading the weights of the transformers modules in place (no
-copy), and the same cache protocol as the model (``past_key_values.layers[i].update(k, v)``
+spends a large share of its time there rather than in the matrix products
+(``benchmarks/bench_lean.py``). :class:`LeanDecoder` computes the same function with the
+math of :mod:`genlm_bytes.models.layers` (RMSNorm, rotary embeddings, grouped-query
+attention, SwiGLU), one torch call per operation, reading the weights of the transformers
+modules in place (no copy), and the same cache protocol as the model (``past_key_values.layers[i].update(k, v)``
 returns the layer's whole keys and values).
 
 It is used only for models it recognizes by structure (``model_type`` llama, mistral
 without a sliding window, qwen2 without sliding layers; SiLU; static rotary frequencies),
 and only after a check on a few tokens gives the same hidden states as the model's own
-forward (:func:`lean_decoder`); anything else runs through transformers as before.
+forward (:func:`lean_decoder`); anything else runs through transformers as before. The
+backend also runs it only while the model is pristine (no hooks, no overridden forward,
+no replaced module: :mod:`genlm_bytes.lm.hf.faithful`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+
+from genlm_bytes.models.layers import (
+    apply_rope,
+    attend,
+    group_mask,
+    merge_heads,
+    rms_norm,
+    rope_tables,
+    split_heads,
+    swiglu,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +52,8 @@ class LeanDecoder:
 
     ``attention_mask``: None (one row: causal), ``(B, past + T)`` of 0/1 (padding; causal
     over the new tokens), or an additive ``(B, 1, T, past + T)`` float mask used as is.
-    ``before_layer``: optional callable run before each layer (may raise to stop the pass).
+    ``before_layer``: optional callable run before each layer (may raise to stop the pass; the
+    backend stops its passes in the cache's ``update`` instead, see ``lm/hf/pass_cache.py``).
     """
 
     def __init__(self, body):
@@ -77,10 +91,8 @@ class LeanDecoder:
         cos = self._cos
         if cos is None or cos.shape[0] < need or cos.dtype != dtype or cos.device != position_ids.device:
             n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
-            freqs = torch.arange(n, device=position_ids.device).float()[:, None] * self.inv_freq.float()[None]
-            emb = torch.cat((freqs, freqs), dim=-1)  # (n, d)
-            self._cos = (emb.cos() * self.rope_scale).to(dtype)
-            self._sin = (emb.sin() * self.rope_scale).to(dtype)
+            self._cos, self._sin = rope_tables(torch.arange(n, device=position_ids.device), self.inv_freq.float(),
+                                               dtype, self.rope_scale)  # (n, d) each
         return self._cos[position_ids][:, None], self._sin[position_ids][:, None]
 
     def _mask(self, attention_mask, B: int, T: int, L: int, device):
@@ -99,36 +111,24 @@ class LeanDecoder:
     def __call__(self, input_ids, attention_mask, position_ids, cache, before_layer=None) -> torch.Tensor:
         body = self.body
         x = F.embedding(input_ids, body.embed_tokens.weight)  # (B, T, H)
-        B, T, H = x.shape
-        shape = (H,)
-        cos, sin = self._rope(position_ids, x.dtype)
+        B, T, _ = x.shape
+        cos, sin = self._rope(position_ids, x.dtype)  # (B, 1, T, d) each
         h, hk, d, g = self.heads, self.kv_heads, self.head_dim, self.groups
-        half = d // 2
-        linear, rms_norm, cat = F.linear, F.rms_norm, torch.cat
         mask = None
         for i, (w1, e1, wq, bq, wk, bk, wv, bv, wo, bo, w2, e2, wg, bg, wu, bu, wd, bd) in enumerate(self._weights):
             if before_layer is not None:
                 before_layer()
-            y = rms_norm(x, shape, w1, e1)
-            q = linear(y, wq, bq).view(B, T, h, d).transpose(1, 2)
-            k = linear(y, wk, bk).view(B, T, hk, d).transpose(1, 2)
-            v = linear(y, wv, bv).view(B, T, hk, d).transpose(1, 2)
-            q = q * cos + cat((-q[..., half:], q[..., :half]), dim=-1) * sin
-            k = k * cos + cat((-k[..., half:], k[..., :half]), dim=-1) * sin
-            K, V = cache.layers[i].update(k, v)
-            L = K.shape[2]
+            y = rms_norm(x, w1, e1)  # (B, T, H)
+            q = apply_rope(split_heads(F.linear(y, wq, bq), h, d), cos, sin)  # (B, h, T, d)
+            k = apply_rope(split_heads(F.linear(y, wk, bk), hk, d), cos, sin)  # (B, hk, T, d)
+            K, V = cache.layers[i].update(k, split_heads(F.linear(y, wv, bv), hk, d))  # (B, hk, L, d)
             if i == 0:
-                mask = self._mask(attention_mask, B, T, L, x.device)
-                if mask is not None and g > 1:
-                    mask = mask.expand(B, 1, T, L)[:, :, None].expand(B, 1, g, T, L).reshape(B, 1, g * T, L)
-            # The g query heads sharing a key/value head attend as one stacked group: no copy of
-            # the keys and values per head.
-            o = F.scaled_dot_product_attention(q.reshape(B, hk, g * T, d), K, V, attn_mask=mask, scale=self.scaling)
-            x = x + linear(o.reshape(B, h, T, d).transpose(1, 2).reshape(B, T, h * d), wo, bo)
-            y = rms_norm(x, shape, w2, e2)
-            x = x + linear(F.silu(linear(y, wg, bg)) * linear(y, wu, bu), wd, bd)
+                L = K.shape[2]
+                mask = group_mask(self._mask(attention_mask, B, T, L, x.device), B, g, T, L)
+            x = x + F.linear(merge_heads(attend(q, K, V, mask, self.scaling)), wo, bo)
+            x = x + swiglu(rms_norm(x, w2, e2), wg, bg, wu, bu, wd, bd)
         n = body.norm
-        return rms_norm(x, shape, n.weight, n.variance_epsilon)
+        return rms_norm(x, n.weight, n.variance_epsilon)
 
 
 class LeanCache:

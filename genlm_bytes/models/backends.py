@@ -11,14 +11,14 @@ and runs only the remaining tokens, so extending a context by k tokens runs k to
 Forking is free: sibling contexts (a beam extending one parent by several tokens)
 share the parent's state object, and every state is immutable.
 
-Requests that miss the cache go through a :class:`~genlm_bytes.lm.batching.Batcher`:
+Requests that miss the cache go through a :class:`~genlm_bytes.batching.Batcher`:
 concurrent misses are computed in one call (padded for the transformer, stacked
 states for one-token extensions of the mLSTM).
 
 With ``max_cache_entries=0`` nothing is cached: every call runs its whole context
 (the reference that the cached path is tested against).
 
-Why not :class:`genlm_bytes.lm.cache.PrefixCache`: its past is a ``KVRef`` into a
+Why not :class:`genlm_bytes.lm.hf.prefix_cache.PrefixCache`: its past is a ``KVRef`` into a
 transformers KV block; here a state is any immutable object (a ``KVCache`` or an
 ``MLSTMState``), so the trie below stores it as is.
 
@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
+from genlm_bytes.batching import Batcher
 from genlm_bytes.lm.base import AsyncLM
-from genlm_bytes.lm.batching import Batcher
 from genlm_bytes.models.llama import LlamaTransformer
 from genlm_bytes.models.mlstm import MLSTMLM, MLSTMState
 
@@ -256,7 +256,7 @@ class AsyncLlama(_CachedModelLM):
         The byte vocabulary, EOS ids and initial context (BOS, else the first EOS) come from
         the tokenizer and the model, as for ``AsyncTransformer``; ``kwargs`` override them.
         """
-        from genlm_bytes.lm.transformer import _eos_ids
+        from genlm_bytes.lm.hf.backend import _eos_ids
         from genlm_bytes.lm.vocab import byte_vocab_from_tokenizer
 
         kwargs.setdefault("eos_token_ids", _eos_ids(hf_model, hf_tokenizer))

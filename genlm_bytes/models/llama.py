@@ -31,6 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genlm_bytes.models.layers import (
+    apply_rope,
+    attend,
+    group_mask,
+    inv_frequencies,
+    merge_heads,
+    rope_tables,
+    split_heads,
+    swiglu,
+)
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -223,16 +234,8 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables for ``positions`` (B, S): cos and sin of shape (B, 1, S, hs)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=work) / head_dim)  # (hs/2,)
-    angles = positions.to(work)[..., None] * inv_freq  # (B, S, hs/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (B, S, hs)
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + hs/2) of ``x`` (B, nh, S, hs) by the position angles."""
-    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, S, hs/2) each
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    cos, sin = rope_tables(positions, inv_frequencies(head_dim, theta, work), dtype)  # (B, S, hs) each
+    return cos[:, None], sin[:, None]
 
 
 class SelfAttention(nn.Module):
@@ -251,19 +254,17 @@ class SelfAttention(nn.Module):
         self.dropout_rate = config.dropout_rate
 
     def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
-        B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hs)
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
+        """``mask``: from :func:`~genlm_bytes.models.layers.group_mask` (or None)."""
+        q = split_heads(self.q_proj(x), self.n_heads, self.head_dim)  # (B, nh, S, hs)
+        k = split_heads(self.k_proj(x), self.n_kv_heads, self.head_dim)  # (B, nkv, S, hs)
+        v = split_heads(self.v_proj(x), self.n_kv_heads, self.head_dim)  # (B, nkv, S, hs)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if past_k is not None:
             k = torch.cat([past_k, k], dim=2)  # (B, nkv, T, hs)
             v = torch.cat([past_v, v], dim=2)  # (B, nkv, T, hs)
         dropout = self.dropout_rate if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, nh, S, hs)
-        y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # (B, S, nh*hs)
-        return self.o_proj(y), k, v
+        y = attend(q, k, v, mask, dropout_p=dropout)  # (B, nh, S, hs)
+        return self.o_proj(merge_heads(y)), k, v  # (B, S, D)
 
 
 class SwiGLU(nn.Module):
@@ -277,7 +278,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(H, D, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, S, D)
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        return swiglu(x, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)  # (B, S, D)
 
 
 class TransformerBlock(nn.Module):
@@ -348,6 +350,9 @@ class LlamaTransformer(nn.Module):
         """Blocks over ``input_ids`` (B, S) at ``positions`` (B, S) with boolean ``mask`` (B|1, 1, S, T)."""
         x = self.embed(input_ids)  # (B, S, D)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.theta, x.dtype)  # (B, 1, S, hs)
+        B, S = x.shape[:2]
+        T = S + (past.length if past is not None else 0)  # keys: past + new
+        mask = group_mask(mask, B, self.config.n_heads // self.config.n_kv_heads, S, T)  # once for every block
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             past_k = past.keys[i] if past is not None else None

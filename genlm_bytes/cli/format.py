@@ -1,81 +1,15 @@
-"""Pure helpers of the command line (``python -m genlm_bytes``): argument checks, formatting, streaming.
+"""Output of the command line: numbers, reports and UTF-8 streaming. Nothing here loads a model.
 
-Nothing here loads a model, so every function is cheap to test.
-
-Not handled here: the subcommands themselves (see :mod:`genlm_bytes.__main__`).
+Not handled here: argument parsing (:mod:`genlm_bytes.cli.args`), the commands themselves.
 """
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import math
 from typing import TextIO
 
 LN2 = math.log(2)
-
-
-# --------------------------------------------------------------------------- argument types
-# argparse ``type=`` callables: they raise ArgumentTypeError, which argparse turns into
-# "argument --top-p: <message>".
-
-
-def int_at_least(low: int):
-    """An argparse type: an int ``>= low``.
-
-    >>> int_at_least(0)("3")
-    3
-    """
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"int >= {low}"
-    return parse
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if math.isnan(value):
-        raise argparse.ArgumentTypeError("expected a number, got nan")
-    return value
-
-
-def temperature(text: str) -> float:
-    """A finite number ``>= 0`` (0 means greedy)."""
-    value = _float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 means greedy), got {text}")
-    return value
-
-
-def top_p(text: str) -> float:
-    """A probability in ``(0, 1]``.
-
-    >>> top_p("0.9")
-    0.9
-    """
-    value = _float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 keeps everything), got {text}")
-    return value
-
-
-def prune_threshold(text: str) -> float:
-    """A fraction in ``[0, 1)`` (0 keeps every cover)."""
-    value = _float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (0 keeps every cover), got {text}")
-    return value
 
 
 # --------------------------------------------------------------------------- numbers

@@ -1,0 +1,145 @@
+"""What every command does before its own work: read the input, load the model, prefill a beam.
+
+Errors are :class:`CliError` (one line on stderr, an exit code); arguments and files are checked
+before the (slow) model load. Not handled here: the commands' own output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from genlm_bytes import BeamParams, ByteBeamState
+
+# Not getLogger(__name__) for messages users see with -v: one name for the whole command line.
+logger = logging.getLogger("genlm_bytes.cli")
+
+
+class CliError(Exception):
+    """A failure reported as one line on stderr, with exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def one_line(e: BaseException) -> str:
+    """``Type: first line of the message``, for reports."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+# --------------------------------------------------------------------------- input
+
+
+def read_text(arg: str) -> bytes:
+    """The bytes of a TEXT argument: stdin for ``-``, else the argument's bytes as the shell gave them."""
+    if arg == "-":
+        return _read_stdin()
+    return arg.encode("utf-8", "surrogateescape")  # undoes how Python decoded argv
+
+
+def read_file(path: str) -> bytes:
+    if path == "-":
+        return _read_stdin()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise CliError(f"cannot read {path!r}: {e.strerror or e}") from None
+
+
+def _read_stdin() -> bytes:
+    if sys.stdin is None:
+        raise CliError("stdin is closed: pass the text as an argument")
+    stream = getattr(sys.stdin, "buffer", None)
+    return stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def check_model(model: str | None) -> None:
+    """Catch a --model that is plainly not a model folder before the (slow) load."""
+    if model is None or not os.path.exists(model):
+        return  # the embedded model, a hub id, or a missing path (load_model says which)
+    if not os.path.isdir(model):
+        raise CliError(f"--model {model!r} is a file; pass a transformers model folder")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise CliError(f"--model {model!r} has no config.json: not a transformers model folder "
+                       f"(one made by save_pretrained: config.json, weights, tokenizer files)")
+
+
+def check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {device!r} is not a torch device (try cpu or cuda)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+
+
+def load_lm(args: argparse.Namespace):
+    """The model named by ``--model`` (default: the embedded one) on ``--device``."""
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    from genlm_bytes.lm.default import load_model
+
+    name = args.model or "the embedded model"
+    t0 = time.perf_counter()
+    try:
+        lm = load_model(args.model, device=args.device)
+    except Exception as e:  # any failure to load is reported as one line
+        if args.verbose:
+            logger.exception("loading %s failed", name)
+        if isinstance(e, (ValueError, ImportError)) and str(e):  # the library's own messages name the model
+            raise CliError(str(e).splitlines()[0]) from None
+        raise CliError(f"cannot load {name}: {one_line(e)}") from None
+    logger.info("loaded %s in %.1f s", name, time.perf_counter() - t0)
+    return lm
+
+
+# --------------------------------------------------------------------------- the beam
+
+
+async def prefill(lm, args: argparse.Namespace, data: bytes, on_progress=None):
+    """A :class:`ByteBeamState` (``--beam``, ``--prune``, the model's EOS tokens) after ``data``.
+
+    Returns:
+        ``(beam, dead_at)``: ``dead_at`` is the offset of the byte no cover survived (the
+        model gives ``data`` probability 0; the beam is empty), else None.
+    """
+    eos = tuple(lm.byte_vocab[t] or t for t in lm.eos_token_ids)  # an id when the token has no bytes
+    params = BeamParams(K=args.beam, prune_threshold=args.prune, eos_tokens=eos)
+    n_done = 0
+
+    def progress(n: int) -> None:  # called after each byte, the last surviving one or not
+        nonlocal n_done
+        n_done = n
+        if on_progress is not None:
+            on_progress(n)
+
+    beam = await (await ByteBeamState.initial(lm, params, text_hint=data)).prefill(data, progress=progress)
+    return beam, (None if beam.states else n_done - 1)
+
+
+def impossible(data: bytes, dead_at: int) -> str:
+    """Why ``data`` has probability 0, for messages."""
+    return f"no token sequence of the model covers byte {data[dead_at]:#04x} at offset {dead_at}"
+
+
+def alive(beam, dead_at: int | None, data: bytes):
+    """``beam``, or a CliError when ``data`` has probability 0."""
+    if dead_at is not None:
+        raise CliError(f"the model gives this text probability 0: {impossible(data, dead_at)}", code=1)
+    return beam

@@ -1,0 +1,1 @@
+"""Token-level language models (backends): the AsyncLM interface and its implementations."""

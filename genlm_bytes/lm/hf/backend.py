@@ -1,0 +1,281 @@
+"""AsyncTransformer: any transformers causal LM as an AsyncLM, batched, with automatic KV reuse.
+
+The public face of the engine in this package (see ``genlm_bytes/lm/hf/__init__.py`` for the
+path of one request through it). A request for a cached context returns at once; otherwise it
+joins the :class:`~genlm_bytes.batching.Batcher`'s queue, and the model's thread runs the
+queued contexts through :class:`~genlm_bytes.lm.hf.scheduler.Scheduler`.
+
+What is cached (under ``cache_budget_bytes``, LRU): the next-token log-probs of every context
+computed, and the keys/values of their prefixes. A change to the model (hooks added or removed,
+modules or parameters replaced, weights changed in place through torch ops) is detected before
+the next pass and drops them; in-place changes through ``param.data`` are not: call
+:meth:`AsyncTransformer.clear_cache` after those.
+
+Not handled: models whose cache layers are not plain full-attention layers (sliding windows,
+recurrent states). For those, KV reuse is switched off and every request runs its whole
+context (results are still cached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import torch
+
+from genlm_bytes.batching import Batcher
+from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM, check_token_ids, parse_alternative
+from genlm_bytes.lm.hf.config import (
+    DEFAULT_CACHE_BUDGET,
+    DEFAULT_DRAFT_TOKENS,
+    EngineConfig,
+)
+from genlm_bytes.lm.hf.faithful import ModelWatch
+from genlm_bytes.lm.hf.kv import KVStore, plain_cache
+from genlm_bytes.lm.hf.memory import HeapTrimmer
+from genlm_bytes.lm.hf.passes import PassRunner
+from genlm_bytes.lm.hf.prefix_cache import PrefixCache
+from genlm_bytes.lm.hf.scheduler import Scheduler
+from genlm_bytes.lm.hf.speculation import Drafter, LookAhead, Spellings
+from genlm_bytes.lm.lean import lean_decoder
+
+
+class AsyncTransformer(AsyncLM):
+    """A transformers causal LM behind the AsyncLM interface.
+
+    Args:
+        hf_model: a loaded ``AutoModelForCausalLM`` (put in eval mode here).
+        hf_tokenizer: its tokenizer (gives the byte vocabulary).
+        batch_size: the most contexts in one forward pass.
+        cache_budget_bytes: memory for cached log-probs and KV blocks (LRU eviction).
+        initial_context: token ids byte-level states start from (default: the BOS token,
+            else the first EOS token).
+        eos_token_ids: end-of-sequence ids (default: from the tokenizer and generation config).
+        kv_reuse: run only the new tokens of a context whose prefix was computed before.
+        draft_tokens: a pass run for one context alone (sequential generation) also runs up to
+            this many guessed tokens and caches the distributions after them: longer siblings
+            of a short last token (" the" after " "), then the tokens that followed the last
+            earlier occurrence of its last two tokens ("prompt lookup"). 0: off. Results are
+            exact either way (every distribution is the model's own).
+        lookahead: after serving a lone request (sequential generation), the model's thread
+            runs the context extended by its guessed next token (and the likely shorter tokens
+            spelling its start) while the caller is still working through that token's bytes;
+            asking for it starts the next such pass, asking for any other context stops it at
+            its next layer (:meth:`stop_lookahead` too). A batch of at most ``ahead_group``
+            generation requests gets one batched pass of each context's guess. Exact either
+            way; False: off.
+        lean: run the passes of a LLaMA-family model with :mod:`genlm_bytes.lm.lean` (the same
+            decoder without transformers' per-module overhead), while it computes exactly what
+            the model computes (see :mod:`genlm_bytes.lm.hf.faithful`). False: transformers'
+            forward always.
+        config: the engine's tuning knobs (:class:`~genlm_bytes.lm.hf.config.EngineConfig`).
+    """
+
+    _trusted_output = True
+
+    def __init__(self, hf_model, hf_tokenizer, *, batch_size: int = 32,
+                 cache_budget_bytes: int = DEFAULT_CACHE_BUDGET, initial_context=None,
+                 eos_token_ids=None, kv_reuse: bool = True, byte_vocab=None,
+                 draft_tokens: int = DEFAULT_DRAFT_TOKENS, lookahead: bool = True, lean: bool = True,
+                 config: EngineConfig | None = None):
+        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be a non-negative int, got {draft_tokens!r}")
+        for name, flag in (("lookahead", lookahead), ("lean", lean)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        config = EngineConfig() if config is None else config
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        if byte_vocab is None:
+            from genlm_bytes.lm.vocab import byte_vocab_from_tokenizer
+
+            byte_vocab = byte_vocab_from_tokenizer(hf_tokenizer)
+        if eos_token_ids is None:
+            eos_token_ids = _eos_ids(hf_model, hf_tokenizer)
+        if initial_context is None:
+            bos = hf_tokenizer.bos_token_id
+            initial_context = [bos] if bos is not None else list(eos_token_ids[:1])
+        n_out = hf_model.get_output_embeddings().weight.shape[0]
+        if len(byte_vocab) < n_out:  # the output layer is padded beyond the tokenizer
+            byte_vocab = list(byte_vocab) + [b""] * (n_out - len(byte_vocab))
+        elif len(byte_vocab) > n_out:
+            raise ValueError(f"the tokenizer has {len(byte_vocab)} tokens but the model outputs {n_out} logits")
+        super().__init__(byte_vocab=byte_vocab, initial_context=initial_context, eos_token_ids=eos_token_ids)
+        self.model = hf_model.eval()
+        self.tokenizer = hf_tokenizer
+        self.config = config
+        self.kv_reuse = bool(kv_reuse) and plain_cache(hf_model)
+        self.draft_tokens, self.lookahead, self._use_lean = draft_tokens, lookahead, lean
+        self.max_positions = getattr(hf_model.config, "max_position_embeddings", None)
+        self.cache = PrefixCache(cache_budget_bytes)
+        self._build_engine(batch_size)
+
+    def _build_engine(self, batch_size: int) -> None:
+        """The engine's parts, in the order a request meets them (see the package docstring)."""
+        cfg, budget, model = self.config, self.cache.budget_bytes, self.model
+        # The byte level's working set, charged to the budget: prepared distributions (a
+        # probability row in byte order plus the log-prob row each keeps, 8 bytes per token)
+        # and a speculation window's worth (1.5 rows per boundary) being built.
+        self.prepared_dists = max(32, min(cfg.prepared_dists, cfg.prepared_dists * budget // DEFAULT_CACHE_BUDGET))
+        self.speculation_window = max(16, min(cfg.speculation_window,
+                                              cfg.speculation_window * budget // cfg.window_budget))
+        reserve = ((self.prepared_dists + self.speculation_window * 3 // 2) * len(self.byte_vocab) * 8
+                   + int(cfg.heap_share * budget))
+        store = KVStore(self.cache, cfg, model, self.kv_reuse, self.vocab_size, reserve)
+        watch = ModelWatch(model, lean=self.kv_reuse and self._use_lean, make_lean=lean_decoder)
+        self.runner = PassRunner(model, store, watch, HeapTrimmer(self.cache, cfg), cfg)
+        self.device = self.runner.device
+        self.spellings = Spellings(self.byte_vocab, self.eos_token_ids)
+        drafter = Drafter(self.runner, self.spellings, self.draft_tokens, self.max_positions)
+        self.ahead = LookAhead(self.runner, self.spellings, self.lookahead, self.max_positions, None)
+        self.scheduler = Scheduler(self.runner, drafter, self.ahead)
+        self.ahead.check_model = self.scheduler.check_model
+        self.batcher = Batcher(self.scheduler.process, max_batch_size=batch_size, name="AsyncTransformer")
+        self.ahead.batcher = self.batcher
+        # Flush denormals to zero in the model's worker thread (a per-thread CPU flag): forwards on a
+        # cached past otherwise run into denormal floats and slow down several times on x86.
+        self.batcher._executor.submit(torch.set_flush_denormal, True).result()
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_name(cls, path_or_id: str, *, device: str | None = None, dtype=torch.float32, **kwargs):
+        """Load a transformers causal LM from a local folder (or a hub id already in the local cache)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not isinstance(path_or_id, (str, os.PathLike)):
+            raise TypeError(f"path_or_id must be a string, got {type(path_or_id).__name__}")
+        path = os.fspath(path_or_id)
+        if not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/", "~"))
+                                        or path.count("/") > 1):
+            raise ValueError(f"model folder {path!r} does not exist or is not a folder")
+        try:
+            # Offline: a folder, or a hub id already in the local cache; never a download.
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot load a causal LM from {path!r}: {str(e).splitlines()[0]}") from e
+        if device:
+            model = model.to(device)
+        return cls(model, tok, **kwargs)
+
+    # ---------------------------------------------------------------- state
+    @property
+    def lean(self):
+        """The :class:`~genlm_bytes.lm.lean.LeanDecoder` the passes run now, or None."""
+        return self.runner.watch.lean
+
+    @property
+    def n_forward_tokens(self) -> int:
+        """Tokens run through the model so far (for tests and benchmarks)."""
+        return self.runner.n_forward_tokens
+
+    @property
+    def by_bytes(self) -> dict[bytes, int]:
+        """The token id of each spelling (built on first use)."""
+        return self.spellings.by_bytes
+
+    # ---------------------------------------------------------------- queries
+    async def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        key = tuple(token_ids)
+        # (a hook registered since the last pass: the next pass decides whether results cached
+        # before it still hold)
+        hit = None if self.runner.watch.hooks_changed() else self.cache.get_logp(key, held=True)
+        if hit is not None:  # (held: the caller holds it now, the cache's copy goes first)
+            if GUESS_AHEAD.get():
+                self.ahead.on_hit(key, hit)  # a guessed context: guess the next one(s)
+            return hit
+        self.ahead.on_miss(key)
+        self._check_length(len(key))
+        return await self.batcher.submit(key, (key, GUESS_AHEAD.get()))
+
+    async def peek_next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        key = tuple(check_token_ids(token_ids, self.vocab_size))
+        hit = None if self.runner.watch.hooks_changed() else self.cache.get_logp(key)  # kept for the reader
+        if hit is not None:
+            return hit
+        row = await self.next_token_logprobs(token_ids)
+        self.cache.get_logp(key)
+        return row
+
+    def has_logprobs(self, token_ids) -> bool:
+        """Whether the distribution after ``token_ids`` is cached."""
+        return self.cache.get_logp(tuple(token_ids)) is not None
+
+    def encode_bytes(self, data: bytes) -> list[int] | None:
+        from genlm_bytes.lm.vocab import encode_bytes
+
+        return encode_bytes(self.tokenizer, self.byte_vocab, data)
+
+    def clear_cache(self) -> None:
+        """Drop every cached distribution and past (and stop a look-ahead pass)."""
+        self.stop_lookahead()
+        self.cache.clear()
+
+    def stop_lookahead(self) -> None:
+        """Stop a look-ahead pass (see ``lookahead``) queued or running, if any: the model's
+        thread is then free within one layer."""
+        self.ahead.stop()
+
+    async def prefetch(self, token_ids: list[int], alternatives=None, *, start: int = 0) -> None:
+        """Compute and cache the distribution after every prefix of ``token_ids`` longer than
+        ``start`` tokens (shorter ones are not recomputed if they were evicted).
+
+        ``alternatives``: ``(i, t)`` pairs, or ``(i, (t1, t2, ...))`` chains: the contexts
+        ``token_ids[:i] + [t1, ..., tk]`` (every k) will be needed too. The uncached end of
+        the path and the alternatives run together in tree-masked passes (each alternative
+        attends to its own prefix only); a long uncached path first runs in chunks.
+        """
+        ids = tuple(check_token_ids(token_ids, self.vocab_size))
+        self._check_length(len(ids))
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be a non-negative int, got {start!r}")
+        items = self._uncached_alternatives(ids, alternatives)
+        start = min(start, len(ids))
+        path = self.cache.walk(ids)
+        path_done = len(path) == len(ids) and all(n.logp is not None for n in path[start:])
+        if path_done and not items and not self.runner.watch.stale():
+            return
+        self.stop_lookahead()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.batcher._executor, self._locked, self.scheduler.prefetch, ids, items, start)
+
+    def _uncached_alternatives(self, ids: tuple, alternatives) -> list[tuple[int, tuple, tuple]]:
+        """The alternatives of :meth:`prefetch` as ``(i, chain, subs)`` items, checked, cut to the
+        model's window, without the ones already cached."""
+        items, get, maxp = {}, self.cache.get_logp, self.max_positions
+        for alt in alternatives or ():
+            i, chain, subs = parse_alternative(alt, len(ids), self.vocab_size)
+            if maxp and i + len(chain) > maxp:  # positions 0..max-1
+                chain = chain[: maxp - i]
+                if not chain:
+                    continue
+            subs = tuple((k, t) for k, t in subs if k <= len(chain) and not (maxp and i + k + 1 > maxp))
+            if ids[i:i + len(chain)] == chain:  # the path itself: its sub-branches branch off the path
+                for k, t in subs:
+                    if get(ids[:i + k] + (t,)) is None:
+                        items[(i + k, (t,), ())] = None
+                continue
+            subs = tuple((k, t) for k, t in subs if get(ids[:i] + chain[:k] + (t,)) is None)
+            if subs or get(ids[:i] + chain) is None:
+                items[(i, chain, subs)] = None
+        return list(items)
+
+    def _locked(self, fn, *args):
+        with self.batcher._lock:
+            return fn(*args)
+
+    def _check_length(self, n: int) -> None:
+        if self.max_positions and n > self.max_positions:
+            raise ValueError(f"a context of {n} tokens is longer than the model's window of "
+                             f"{self.max_positions} tokens; use max_context_length to truncate")
+
+
+def _eos_ids(hf_model, hf_tokenizer) -> list[int]:
+    ids = []
+    for src in (getattr(hf_tokenizer, "eos_token_id", None),
+                getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None),
+                getattr(hf_model.config, "eos_token_id", None)):
+        for t in (src if isinstance(src, (list, tuple)) else [src]):
+            if t is not None and t not in ids:
+                ids.append(int(t))
+    return ids

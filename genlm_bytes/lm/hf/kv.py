@@ -1,0 +1,223 @@
+"""The KV store: where a pass's keys and values go, and how much memory a pass may take.
+
+:class:`KVStore` is the one owner of KV memory: it makes every :class:`KVBlock` (a pass's new
+keys/values, an arena, a context kept whole, a tree pass's alternatives), points cached
+prefixes at them (``KVRef`` chains in the :class:`PrefixCache`, which frees a block when no
+chain holds it), and sizes passes to the memory budget (a pass reserves room for its
+temporaries first, evicting what it must).
+
+Three ways a pass's keys/values are stored:
+
+- a *segment*: the pass's new tokens, chained to the past it ran on (a branch off a long
+  context costs its own tokens only);
+- *whole*: a context whose chain has grown long (see :meth:`KVStore.chain_full`) is copied into
+  one block by its next pass, so later passes do not gather many small segments;
+- an *arena*: a lone request's context with spare slots after it; the passes extending exactly
+  that context write in place (sequential generation stays one segment).
+
+Not handled: models whose cache layers are not plain full-attention layers (the backend turns
+KV reuse off for them; see ``kv_reuse``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from genlm_bytes.lm.hf.prefix_cache import KVBlock, KVRef, PrefixCache
+
+
+class KVStore:
+    """Stores passes' keys/values in ``cache`` and sizes passes to its budget.
+
+    Args:
+        cache: the :class:`PrefixCache` (log-probs and pasts under one budget).
+        config: the :class:`~genlm_bytes.lm.hf.config.EngineConfig`.
+        model: the transformers model (its config gives the KV size per token and the
+            activation sizes of a pass).
+        kv_reuse: whether pasts are kept at all.
+        vocab_size: rows of log-probs a pass outputs are this long.
+        reserve: bytes of the budget always kept free besides a pass's temporaries (the
+            byte-level working set and the allocator's share).
+    """
+
+    def __init__(self, cache: PrefixCache, config, model, kv_reuse: bool, vocab_size: int, reserve: int):
+        self.cache, self.config, self.kv_reuse, self.vocab_size = cache, config, kv_reuse, vocab_size
+        self.base_reserve = reserve
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.kv_per_token = kv_bytes_per_token(model)  # (0: measured by the first pass)
+        cfg = model.config  # (transformers' config attributes are slow to read on a hot path)
+        self.dims = (getattr(cfg, "hidden_size", 0) or 0, getattr(cfg, "num_attention_heads", 1) or 1,
+                     getattr(cfg, "num_hidden_layers", 1) or 1)
+        cache.reserve(reserve)
+
+    # ------------------------------------------------------------------ sizing passes
+    def pass_bytes(self, rows: int, kv_len: int, n_new: int, n_out: int, whole: int = 0) -> int:
+        """Estimated temporary memory of a pass: one layer's padded pasts, the new keys/values of
+        every layer, contexts kept whole (``whole`` tokens), activations of the new tokens, the
+        attention mask, and log-probs (with their copies) of ``n_out`` positions; the attention
+        scores and weights of one layer (every head), and the float mask."""
+        hidden, heads, layers = self.dims
+        kv = self.kv_per_token
+        return (rows * kv_len * kv // layers + (rows * n_new + whole) * kv
+                + rows * n_new * (16 * 4 * hidden + 4 * kv_len * (2 * heads + 1))
+                + 2 * min(n_out, self.config.logp_chunk) * self.vocab_size * 4)
+
+    def pass_tokens(self, past: int, most: int) -> int:
+        """How many new tokens (at most ``most``, at least 16) one pass on a past of ``past``
+        tokens may run with its temporaries within ``pass_share`` of the budget."""
+        cap = self.config.pass_share * self.cache.budget_bytes
+        n = most
+        while n > 16 and self.pass_bytes(1, past + n, n, n) > cap:
+            n = max(16, n * 3 // 4)
+        return n
+
+    def memory_groups(self, rows: list) -> list[list]:
+        """``rows`` ``(ids, ref, past length)`` split into passes whose temporaries (every row's
+        past left-padded to the longest, its new tokens right-padded) fit ``pass_share``."""
+        if not rows:
+            return []
+        cap = self.config.pass_share * self.cache.budget_bytes
+        rows = sorted(rows, key=lambda r: r[2])
+        groups, cur = [], []
+        past = new = 0
+        for r in rows:
+            p, n = max(past, r[2]), max(new, len(r[0]) - r[2])
+            if cur and self.pass_bytes(len(cur) + 1, p + n, n, len(cur) + 1) > cap:
+                groups.append(cur)
+                cur, p, n = [], r[2], len(r[0]) - r[2]
+            cur.append(r)
+            past, new = p, n
+        groups.append(cur)
+        return groups
+
+    def reserve_pass(self, rows: int, kv_len: int, n_new: int, n_out: int, keep=(), arena=None) -> None:
+        """Make room in the budget for a pass's temporaries (``keep``: slots kept whole;
+        ``arena``: a new arena's capacity, see :meth:`arena_for`)."""
+        whole = sum(hi - lo for _, lo, hi in keep) + (arena[1] if arena and arena[0] is None else 0)
+        self.cache.reserve(self.base_reserve + self.pass_bytes(rows, kv_len, n_new, n_out, whole))
+
+    def end_pass(self, block: KVBlock | None, n_tokens: int) -> None:
+        """Release the pass's reservation (and learn the KV size per token from its block)."""
+        if block is not None and not self.kv_per_token and n_tokens:
+            self.kv_per_token = block.nbytes // n_tokens
+        self.cache.reserve(self.base_reserve)
+
+    # ------------------------------------------------------------------ where KV goes
+    def chain_full(self, ref: KVRef | None, short: bool = False) -> bool:
+        """Whether a context on the past ``ref`` is stored whole by its pass: its chain has
+        ``max_segments`` segments or, ``short``, from ``min_segments`` on a short past (more on a
+        long one). Each pass gathers every segment of its rows' pasts (two copies per segment
+        and layer), while storing a context whole copies its past once: the two balance near
+        sqrt(past / 16) segments on a CPU. Short chains are for generation (contexts growing a
+        token at a time, several per pass); scoring keeps long chains, whose whole copies would
+        crowd a small cache budget."""
+        if ref is None:
+            return False
+        cfg = self.config
+        limit = (min(cfg.max_segments, max(cfg.min_segments, math.isqrt(ref.depth // 16))) if short
+                 else cfg.max_segments)
+        return ref.nseg >= limit
+
+    def arena_for(self, ref: KVRef | None, p: int, n: int, grow: bool):
+        """Where a one-row pass of ``n`` tokens on the past ``ref`` (``p`` tokens) puts its keys
+        and values: ``(arena, 0)`` to write them in place after the arena's tip that ``ref`` is;
+        ``(None, capacity)`` for a new arena (``grow``: a lone request's pass, when the arena
+        fits ``arena_budget_share`` of the budget); None for a block of its own."""
+        cfg = self.config
+        if not self.kv_reuse:
+            return None
+        if ref is not None and ref.block.tip_room(ref, n):
+            return ref.block, 0
+        if not grow or cfg.arena_spare_min <= 0:
+            return None
+        cap = p + n + max(cfg.arena_spare_min, int((p + n) * cfg.arena_spare_share))
+        if self.max_positions:
+            cap = min(cap, max(self.max_positions, p + n))
+        if self.kv_per_token and cap * self.kv_per_token > cfg.arena_budget_share * self.cache.budget_bytes:
+            return None
+        return None, cap
+
+    def arena_block(self, layers, arena, filled: int) -> KVBlock:
+        """The arena a pass wrote into (made from its layers' buffers if new), its tip moved to
+        ``filled``."""
+        block = arena[0]
+        if block is None:
+            block = KVBlock([lay.arena_kv[0] for lay in layers], [lay.arena_kv[1] for lay in layers])
+            for lay in layers:
+                lay.arena_kv = None
+        block.filled = filled
+        return block
+
+    def point_at_arena(self, nodes, block: KVBlock, new: bool) -> None:
+        """Point ``nodes`` (a context's, from depth 1) at ``block``'s slots. A new arena also
+        takes over the prefix the pass ran on (which it holds a copy of), so the segments or
+        the arena that prefix came from are freed unless other contexts still hold them."""
+        put = self.cache.repoint_kv if new else self.cache.put_kv
+        put(nodes, lambda node: KVRef(block, 0, 0, node.depth))
+
+    def new_block(self, layers) -> KVBlock:
+        """The new tokens' keys/values of a pass (every row) as one block."""
+        return KVBlock([lay.new_keys for lay in layers], [lay.new_values for lay in layers])
+
+    def put_segment(self, nodes, block: KVBlock, row: int, start: int, base: int, prev, layers=None) -> None:
+        """Point ``nodes`` (depths ``base + 1, ...``) at slots ``start, ...`` of ``row`` of ``block``,
+        chained to ``prev``. A chain the pass kept whole (``layers``: the pass's cache layers,
+        see :class:`~genlm_bytes.lm.hf.pass_cache.PassLayer`) is stored as one block instead."""
+        whole = layers[0].kept.get(row) if layers else None
+        if whole is not None:
+            one = KVBlock([lay.kept[row][0] for lay in layers], [lay.kept[row][1] for lay in layers])
+            self.cache.put_kv(nodes, lambda node: KVRef(one, 0, 0, node.depth))
+        else:
+            self.cache.put_kv(nodes, lambda node: KVRef(block, row, start, node.depth - base, prev))
+
+    def split_block(self, layers, tail: int, arena: bool = False) -> tuple[KVBlock | None, KVBlock | None]:
+        """The new keys/values of a tree pass as two blocks: the path's slots ``[0, tail)`` and the
+        alternatives' (each a copy when both exist, else the pass's own tensors). The cache frees a
+        block when no cached chain holds it: the path (which the beam follows) outlives most
+        alternatives, which must not keep their memory with it, nor the reverse. ``arena``: the
+        pass wrote into an arena, which keeps the path (None here); the alternatives are copied out."""
+        n = layers[0].new_keys.shape[-2]
+        if arena:
+            if tail == n:
+                return None, None
+            return None, KVBlock([lay.new_keys[:, :, tail:].clone() for lay in layers],
+                                 [lay.new_values[:, :, tail:].clone() for lay in layers])
+        if tail == n or tail == 0:
+            block = self.new_block(layers)
+            return (block, None) if tail else (None, block)
+        pk, pv, ak, av = [], [], [], []
+        for lay in layers:  # one layer at a time: the pass's tensors go as their copies are made
+            k, v = lay.new_keys, lay.new_values
+            lay.new_keys = lay.new_values = None
+            pk.append(k[:, :, :tail].clone())
+            pv.append(v[:, :, :tail].clone())
+            ak.append(k[:, :, tail:].clone())
+            av.append(v[:, :, tail:].clone())
+            del k, v
+        return KVBlock(pk, pv), KVBlock(ak, av)
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values per token, from the model's config (0 if it does not say)."""
+    cfg = getattr(model, "config", None)
+    try:
+        layers = int(cfg.num_hidden_layers)
+        heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        size = next(model.parameters()).element_size()
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError, StopIteration):
+        return 0
+    return 2 * layers * kv_heads * head_dim * size
+
+
+def plain_cache(model) -> bool:
+    """Whether the model's cache layers are plain full-attention layers (KV reuse works)."""
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=model.config)
+        return bool(cache.layers) and all(type(lay) is DynamicLayer for lay in cache.layers)
+    except Exception:  # noqa: BLE001 - unknown architectures simply run without KV reuse
+        return False

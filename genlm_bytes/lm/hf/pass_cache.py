@@ -1,0 +1,141 @@
+"""The cache object one pass runs with: per layer, the rows' pasts gathered with the new tokens.
+
+A pass's model (transformers' or the lean decoder) calls ``cache.layers[i].update(k, v)`` once
+per layer with the new tokens' keys/values and attends to what it returns: the layer's whole
+keys/values (pasts + new). :class:`PassLayer` builds that one buffer from the pasts' segments
+when the layer runs and lets it go after, so one layer's pasts are copied at a time, not every
+layer's. It also keeps what the :class:`~genlm_bytes.lm.hf.kv.KVStore` stores after the pass:
+the new tokens alone, a context kept whole, or the arena written in place.
+
+``update`` is also where a look-ahead pass is stopped (``check``: run once per layer, may
+raise), so stopping needs no hook on the user's model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def piece(t: torch.Tensor, row: int, start: int, n: int) -> torch.Tensor:
+    """Slots ``[start, start + n)`` of row ``row`` of a block's ``(B, heads, T, d)`` tensor."""
+    if t.shape[0] != 1:
+        t = t[row:row + 1]
+    return t if start == 0 and n == t.shape[2] else t.narrow(2, start, n)
+
+
+class _Gather:
+    """The gathering logic of :class:`PassLayer` (mixed into transformers' ``DynamicLayer``,
+    which is imported late)."""
+
+    def setup(self, index: int, pasts, past: int, keep=(), arena=None, check=None):
+        self.index, self.pasts, self.past, self.keep, self.arena = index, pasts, past, keep, arena
+        self.check = check
+        self.new_keys = self.new_values = None
+        self.arena_kv = None
+        self.kept = {}
+
+    def get_seq_length(self) -> int:
+        return self.past + (0 if self.new_keys is None else self.new_keys.shape[-2])
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """``(B, hk, n, d)`` new keys/values -> the layer's ``(B, hk, past + n, d)`` keys/values."""
+        if self.check is not None:
+            self.check()
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.new_keys, self.new_values = key_states, value_states
+        if self.arena is not None:
+            return self._write_arena(key_states, value_states)
+        P, i = self.past, self.index
+        if P == 0:
+            K, V = key_states, value_states
+        elif len(self.pasts) == 1:  # one row, no padding: one concatenation
+            segs = self.pasts[0][0]
+            K = torch.cat([piece(b.keys[i], r, s, n) for b, r, s, n in segs] + [key_states], dim=2)
+            V = torch.cat([piece(b.values[i], r, s, n) for b, r, s, n in segs] + [value_states], dim=2)
+        else:
+            K, V = self._gather_padded(key_states, value_states)
+        for row, lo, hi in self.keep:
+            self.kept[row] = (K[row:row + 1, :, lo:hi].clone(), V[row:row + 1, :, lo:hi].clone())
+        return K, V
+
+    def _gather_padded(self, key_states, value_states):
+        """Every row's past left-padded to ``past`` slots, then the new tokens."""
+        P, i = self.past, self.index
+        B, h, n, d = key_states.shape
+        # Uninitialized: every slot is a past, left padding or a new token, written here.
+        K = key_states.new_empty((B, h, P + n, d))
+        V = value_states.new_empty((B, h, P + n, d))
+        for b, (segs, p) in enumerate(self.pasts):
+            if p < P:
+                K[b, :, : P - p].zero_()
+                V[b, :, : P - p].zero_()
+            at = P - p
+            for blk, r, s, m in segs:
+                K[b, :, at:at + m] = piece(blk.keys[i], r, s, m)[0]
+                V[b, :, at:at + m] = piece(blk.values[i], r, s, m)[0]
+                at += m
+        K[:, :, P:] = key_states
+        V[:, :, P:] = value_states
+        return K, V
+
+    def _write_arena(self, key_states, value_states):
+        P, i, n = self.past, self.index, key_states.shape[2]
+        block, cap = self.arena
+        if block is None:
+            K = key_states.new_empty((1, key_states.shape[1], cap, key_states.shape[3]))
+            V = value_states.new_empty(K.shape)
+            at = 0
+            for blk, r, s, m in (self.pasts[0][0] if P else ()):
+                K[:, :, at:at + m] = piece(blk.keys[i], r, s, m)
+                V[:, :, at:at + m] = piece(blk.values[i], r, s, m)
+                at += m
+            self.arena_kv = (K, V)
+        else:
+            K, V = block.keys[i], block.values[i]
+        self.new_keys, self.new_values = K.narrow(2, P, n), V.narrow(2, P, n)
+        self.new_keys.copy_(key_states)
+        self.new_values.copy_(value_states)
+        return K.narrow(2, 0, P + n), V.narrow(2, 0, P + n)
+
+
+@functools.cache
+def _pass_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PassLayer(_Gather, DynamicLayer):
+        """Layer ``index``'s cache for one pass on the pasts ``(segments, length)`` of its rows
+        (see :meth:`KVRef.segments`), left-padded to ``past``. ``new_keys``/``new_values``: the
+        new tokens alone (what the store keeps); ``kept[row]``: the slots ``[lo, hi)`` of the
+        rows named in ``keep``. ``arena``: ``(block, 0)`` writes the one row's new tokens into
+        that arena after its tip, ``(None, capacity)`` into a new arena buffer (``arena_kv``)
+        after a copy of the past (see KVStore.arena_for)."""
+
+        def __init__(self, index: int, pasts, past: int, keep=(), arena=None, check=None, ready=False):
+            super().__init__()
+            self.is_initialized = ready  # (True: no transformers bookkeeping on the first update)
+            self.setup(index, pasts, past, keep, arena, check)
+
+    return PassLayer
+
+
+def pass_layer(index: int, pasts, past: int, keep=(), arena=None, check=None, ready=False):
+    """A :class:`PassLayer` (the class is made on first use: transformers imports late)."""
+    return _pass_layer_class()(index, pasts, past, keep, arena, check, ready)
+
+
+def make_pass_cache(model, n_layers: int | None, pasts, past: int, keep=(), arena=None, check=None):
+    """The cache for one pass on ``pasts`` (per row ``(segments, length)``) left-padded to
+    ``past``: a ``DynamicCache`` of :func:`pass_layer` s for the model's own forward, or
+    (``n_layers`` given: the lean decoder's layer count) a plain :class:`LeanCache`."""
+    if n_layers is not None:
+        from genlm_bytes.lm.lean import LeanCache
+
+        return LeanCache([pass_layer(i, pasts, past, keep, arena, check, ready=True) for i in range(n_layers)])
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    cache.layers = [pass_layer(i, pasts, past, keep, arena, check) for i in range(len(cache.layers))]
+    return cache

@@ -1,0 +1,321 @@
+"""One pass through the model: build its inputs, run it, store what it computed.
+
+Two kinds of pass, each three steps:
+
+- :meth:`PassRunner.forward`, a *ragged* pass: rows of different past and new lengths in one
+  batch; pasts left-padded to the longest, new tokens right-padded, a 2-D attention mask and
+  each row's own ``position_ids`` keep every row exact (:func:`ragged_inputs`).
+- :meth:`PassRunner.tree_pass`, a *tree-masked* pass on one cached past: a path of new tokens
+  and alternative chains branching off it, each attending to its own prefix only
+  (:func:`tree_layout`, a 4-D mask); what scoring and prefill need.
+
+Either runs through the forward :class:`~genlm_bytes.lm.hf.faithful.ModelWatch` allows
+(lean, transformers' decoder, or the model's own forward), on a
+:func:`~genlm_bytes.lm.hf.pass_cache.make_pass_cache` cache, then hands the keys/values to the
+:class:`~genlm_bytes.lm.hf.kv.KVStore` and caches the log-prob row after every new prefix.
+
+Not handled: encoder-decoder models; the model's own forward (hooks) computes logits of every
+kept position at once (more memory than the chunked output layer of the other two).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import torch
+
+from genlm_bytes.lm.hf.attention import grouped_attention
+from genlm_bytes.lm.hf.pass_cache import make_pass_cache
+from genlm_bytes.lm.hf.prefix_cache import KVBlock, KVRef
+from genlm_bytes.lm.lean import decoder_of
+
+logger = logging.getLogger(__name__)
+
+
+def ragged_inputs(rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Inputs of a ragged pass over ``rows`` ``(ids, ref, past length)``: token ids ``(B, Kn)``,
+    the 2-D attention mask ``(B, P + Kn)`` (1 on real slots: pasts left-padded to the longest
+    ``P``, new tokens right-padded to the longest ``Kn``), ``position_ids`` ``(B, Kn)``, and each
+    row's number of new tokens."""
+    B = len(rows)
+    P = max(p for _, _, p in rows)
+    ks = [len(ids) - p for ids, _, p in rows]
+    Kn = max(ks)
+    input_ids = torch.zeros((B, Kn), dtype=torch.long)
+    attn = torch.zeros((B, P + Kn), dtype=torch.long)
+    pos = torch.zeros((B, Kn), dtype=torch.long)
+    for b, (ids, _, p) in enumerate(rows):
+        input_ids[b, : ks[b]] = torch.tensor(ids[p:])
+        attn[b, P - p: P + ks[b]] = 1
+        pos[b] = p + torch.arange(Kn)
+    return input_ids, attn, pos, ks
+
+
+def tree_layout(ids: tuple, P: int, tail: int, items) -> tuple[list, list[int], torch.Tensor, torch.Tensor]:
+    """The slots of a tree pass on the past ``ids[:P]``: the path ``ids[P:P + tail]``, then per
+    item ``(i, chain, subs)`` the chain at positions ``i, i + 1, ...`` and each sub-branch
+    ``(k, t)`` after ``chain[:k]``. Returns the slots ``(first position, tokens, first slot,
+    parent slot entry or -1, k)``, the tokens in slot order, their positions ``(Q,)``, and which
+    key each query may attend to ``(Q, P + Q)`` (bool): a slot sees the past before where its
+    chain leaves the path, the path tokens of this pass before that, its parent chain's first
+    ``k`` slots, and its own chain up to itself."""
+    n_path = P + tail
+    slots = [(P, ids[P:n_path], 0, -1, 0)]
+    q = tail
+    for i, chain, subs in items:
+        if i > n_path:
+            raise ValueError(f"alternative at {i} is past the computed path ({n_path} tokens)")
+        m = len(slots)
+        slots.append((i, chain, q, -1, 0))
+        q += len(chain)
+        for k, t in subs:
+            slots.append((i + k, (t,), q, m, k))
+            q += 1
+    Q = q
+    own_start, past_lim = torch.empty(Q, dtype=torch.long), torch.empty(Q, dtype=torch.long)
+    path_lim, par_lo, par_hi = (torch.zeros(Q, dtype=torch.long) for _ in range(3))
+    pos = torch.empty(Q, dtype=torch.long)
+    tokens = []
+    for e, (i, chain, s, parent, k) in enumerate(slots):
+        L = len(chain)
+        root = i if parent < 0 else slots[parent][0]  # where the chain leaves the path
+        own_start[s:s + L] = s
+        past_lim[s:s + L] = min(root, P)
+        if e:  # not the path: the path tokens of this pass before the branch point
+            path_lim[s:s + L] = max(0, root - P)
+        if parent >= 0:
+            ps = slots[parent][2]
+            par_lo[s:s + L], par_hi[s:s + L] = ps, ps + k
+        pos[s:s + L] = i + torch.arange(L)
+        tokens.extend(chain)
+    qi, cols = torch.arange(Q)[:, None], torch.arange(Q)[None, :]
+    new_ok = (((cols >= own_start[:, None]) & (cols <= qi)) | (cols < path_lim[:, None])
+              | ((cols >= par_lo[:, None]) & (cols < par_hi[:, None])))  # (Q, Q)
+    past_ok = torch.arange(P)[None, :] < past_lim[:, None]  # (Q, P)
+    return slots, tokens, pos, torch.cat([past_ok, new_ok], dim=1)
+
+
+class PassRunner:
+    """Runs passes of ``model`` and stores their results (the engine's model runner).
+
+    Args:
+        model: the transformers causal LM.
+        store: the :class:`~genlm_bytes.lm.hf.kv.KVStore` (its ``cache`` takes the log-probs).
+        watch: the :class:`~genlm_bytes.lm.hf.faithful.ModelWatch` (which forward to run).
+        trimmer: the :class:`~genlm_bytes.lm.hf.memory.HeapTrimmer` (run around each pass).
+        config: the :class:`~genlm_bytes.lm.hf.config.EngineConfig`.
+    """
+
+    def __init__(self, model, store, watch, trimmer, config):
+        self.model, self.store, self.cache, self.watch = model, store, store.cache, watch
+        self.trimmer, self.config = trimmer, config
+        self.device = next(model.parameters()).device
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.n_forward_tokens = 0  # tokens run through the model: for tests and benchmarks
+        self.passes = collections.Counter()  # passes run per forward kind ("lean", "decoder", "model")
+        self._keeps_logits = True  # the model's forward takes logits_to_keep
+        self.before_layer = None  # run once per layer of a pass (may raise to stop it; see speculation)
+
+    # ------------------------------------------------------------------ running
+    def make_cache(self, rows, P: int, keep=(), arena=None):
+        """The cache a pass on the pasts of ``rows`` (left-padded to ``P``) runs with (see
+        :func:`~genlm_bytes.lm.hf.pass_cache.make_pass_cache`); ``keep``: ``(row, lo, hi)`` slots
+        of rows stored whole; ``arena``: see :meth:`KVStore.arena_for`."""
+        if not self.store.kv_reuse:
+            from transformers import DynamicCache
+
+            return DynamicCache(config=self.model.config)
+        pasts = [(ref.segments(p) if p else [], p) for _, ref, p in rows]  # (block, row, start, n) pieces
+        lean = self.watch.lean if self.watch.mode == "lean" else None
+        return make_pass_cache(self.model, len(lean.layers) if lean is not None else None, pasts, P, keep, arena,
+                               self.before_layer)
+
+    def _run(self, input_ids, attention_mask, position_ids, cache, n_keep: int):
+        """Run one pass: ``(states (B, T, ·), head)`` where ``head(states[...])`` gives logits.
+        The lean and decoder paths return hidden states (the output layer runs in chunks
+        later); the model's own forward returns the logits of the last ``n_keep`` positions,
+        padded in front to ``T`` positions of which only those are read."""
+        mode = self.watch.mode
+        self.passes[mode] += 1
+        dev = self.device
+        args = (input_ids.to(dev), None if attention_mask is None else attention_mask.to(dev), position_ids.to(dev))
+        if mode == "lean":
+            return self.watch.lean(*args, cache), self._head
+        with grouped_attention(self.model):
+            if mode == "decoder":
+                hidden = decoder_of(self.model)(input_ids=args[0], attention_mask=args[1], position_ids=args[2],
+                                                past_key_values=cache, use_cache=True).last_hidden_state
+                return hidden, self._head
+            logits = self._model_logits(args, cache, n_keep)
+        T = input_ids.shape[1]
+        if logits.shape[1] < T:  # (front positions not kept: never read)
+            logits = torch.nn.functional.pad(logits, (0, 0, T - logits.shape[1], 0))
+        return logits, lambda x: x
+
+    def _model_logits(self, args, cache, n_keep: int) -> torch.Tensor:
+        """The model's own forward: logits ``(B, n_keep, V)`` of the last ``n_keep`` positions (all
+        of them for a model whose forward takes no ``logits_to_keep``)."""
+        kwargs = {"input_ids": args[0], "attention_mask": args[1], "position_ids": args[2],
+                  "past_key_values": cache, "use_cache": True}
+        if self._keeps_logits:
+            try:
+                return self.model(**kwargs, logits_to_keep=n_keep).logits
+            except TypeError as e:  # (a user's forward with a fixed signature)
+                if "logits_to_keep" not in str(e):
+                    raise
+                self._keeps_logits = False
+        return self.model(**kwargs).logits
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden)  # (N, V)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _logprob_rows(self, states: torch.Tensor, head):
+        """The (V,) log-prob rows of ``states`` (N, ·), ``logp_chunk`` at a time, each its own
+        copy (a view would keep the whole chunk alive in the cache)."""
+        for c in range(0, states.shape[0], self.config.logp_chunk):
+            lp = torch.log_softmax(head(states[c:c + self.config.logp_chunk]).float(), dim=-1)
+            for row in lp:
+                yield row.clone()
+            del lp
+
+    # ------------------------------------------------------------------ a ragged pass
+    @torch.inference_mode()
+    def forward(self, rows, all_positions: bool, grow: bool = False, short_chains: bool = False):
+        """One ragged pass. ``rows``: (ids, past ref or None, past length).
+
+        Returns per row the (V,) log-probs after the whole context (nothing with
+        ``all_positions``: then the log-probs after each new token are only cached).
+        Caches log-probs and KV of every new prefix. One row extending an arena's tip
+        writes into it; ``grow``: one row starts a new arena (see KVStore.arena_for).
+        ``short_chains``: generation requests (see KVStore.chain_full).
+        """
+        store = self.store
+        input_ids, attn, pos, ks = ragged_inputs(rows)
+        B, Kn = input_ids.shape
+        P = attn.shape[1] - Kn
+        arena = store.arena_for(rows[0][1], P, Kn, grow) if B == 1 else None
+        keep = [] if arena else [(b, P - p, P + ks[b]) for b, (_, ref, p) in enumerate(rows)
+                                 if store.chain_full(ref, short_chains)]
+        store.reserve_pass(B, P + Kn, Kn, sum(ks) if all_positions else B, keep, arena)
+        self.trimmer.pass_started()
+        cache = self.make_cache(rows, P, keep, arena)
+        # One row has no padding: the plain causal mask (none for one new token) is exact.
+        states, head = self._run(input_ids, attn if B > 1 else None, pos, cache,
+                                 Kn if all_positions else Kn - min(ks) + 1)  # (B, Kn, ·)
+        self.n_forward_tokens += sum(ks)
+        if all_positions:
+            sel = [states[b, : ks[b]] for b in range(B)]  # each (k_b, ·)
+        else:
+            sel = [states[b, ks[b] - 1: ks[b]] for b in range(B)]  # each (1, ·)
+        block = self._store_ragged(rows, cache.layers, arena, P + Kn, all_positions,
+                                   self._logprob_rows(torch.cat(sel), head), out := [])
+        store.end_pass(block, B * Kn)
+        self.trimmer.pass_ended()
+        return out
+
+    def _store_ragged(self, rows, layers, arena, filled: int, all_positions: bool, logp_rows, out: list):
+        """Store a ragged pass: every new prefix points into its keys/values; log-probs cached
+        where computed (appended to ``out`` too unless ``all_positions``). Returns the pass's
+        block (None when it wrote an arena or keeps no KV)."""
+        store, cache = self.store, self.cache
+        block = arena_block = None
+        if arena:
+            arena_block = store.arena_block(layers, arena, filled)
+        elif store.kv_reuse:
+            block = store.new_block(layers)
+        for b, (ids, ref, p) in enumerate(rows):
+            path = cache.walk(ids, create=True)
+            new_nodes = path[p:]
+            if arena_block is not None:
+                store.point_at_arena(path if arena[0] is None else new_nodes, arena_block, arena[0] is None)
+            elif block is not None:
+                store.put_segment(new_nodes, block, b, 0, p, ref if p else None, layers)
+            if all_positions:
+                for j, node in enumerate(new_nodes):
+                    cache.put_logp(ids[: p + j + 1], next(logp_rows), node=node)
+            else:
+                row = next(logp_rows)
+                cache.put_logp(ids, row, node=path[-1], held=True)  # the requester keeps it
+                out.append(row)
+        return block
+
+    # ------------------------------------------------------------------ a tree pass
+    @torch.inference_mode()
+    def tree_pass(self, ids: tuple, P: int, ref, tail: int, items: list[tuple[int, tuple, tuple]],
+                  grow: bool = False) -> None:
+        """One tree-masked pass on the cached past ``ids[:P]`` (see :func:`tree_layout`): the path
+        tokens ``ids[P:P + tail]`` and the items' chains. Caches log-probs and KV of every new
+        prefix. The path goes into an arena as in :meth:`forward` (the alternatives' slots
+        after it are copied out)."""
+        store = self.store
+        slots, tokens, pos, allowed = tree_layout(ids, P, tail, items)
+        Q = len(tokens)
+        if Q == 0:
+            return
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros((1, 1, Q, P + Q), dtype=dtype).masked_fill_(~allowed[None, None], float("-inf"))
+        arena = store.arena_for(ref, P, Q, grow)
+        keep = [(0, 0, P + tail)] if store.chain_full(ref) and not arena else []
+        store.reserve_pass(1, P + Q, Q, Q, keep, arena)
+        self.trimmer.pass_started()
+        cache = self.make_cache([(ids[:P], ref, P)], P, keep, arena)
+        states, head = self._run(torch.tensor([tokens]), mask, pos[None], cache, Q)
+        self.n_forward_tokens += Q
+        logp_rows = self._logprob_rows(states[0], head)  # Q rows, in slot order
+        del states
+        layers = cache.layers
+        path_block, alt_block = store.split_block(layers, tail, bool(arena))
+        if arena:
+            path_block = store.arena_block(layers, arena, P + tail)
+        self._store_tree(ids, P, ref, tail, slots, layers, arena, path_block, alt_block, logp_rows)
+        if arena:
+            store.end_pass(alt_block, Q - tail)
+        else:
+            store.end_pass(path_block or alt_block, tail if path_block is not None else Q)
+        self.trimmer.pass_ended()
+        logger.debug("tree pass: %d path tokens and %d alternatives on a past of %d", tail, len(items), P)
+
+    def _store_tree(self, ids, P, ref, tail, slots, layers, arena, path_block, alt_block, logp_rows) -> None:
+        """Point every new prefix of a tree pass at its slots (chained to the past it attended
+        to) and cache its log-probs."""
+        store, cache = self.store, self.cache
+
+        def at(s: int) -> tuple[KVBlock, int]:  # where slot ``s`` of the pass is stored
+            return (path_block, s) if s < tail else (alt_block, s - tail)
+
+        def path_ref(depth: int) -> KVRef | None:  # the past of ids[:depth], depth <= P + tail
+            if arena:  # (a new arena holds a copy of the past too)
+                return KVRef(path_block, 0, 0, depth) if depth else None
+            if depth <= P:
+                return ref.prefix(depth) if ref is not None else None
+            return KVRef(path_block, 0, 0, depth - P, ref)
+
+        prevs, ctxs = [], []
+        for e, (i, chain, s, parent, k) in enumerate(slots):
+            if parent >= 0:
+                pi, _, ps = slots[parent][:3]
+                ctx = ctxs[parent][:pi + k] + chain
+                prev = prevs[parent]
+                if k:
+                    blk, start = at(ps)
+                    prev = KVRef(blk, 0, start, k, prev)
+            else:
+                ctx = ids[:i] + chain
+                prev = ref if e == 0 else path_ref(i)
+            prevs.append(prev)
+            ctxs.append(ctx)
+            if not chain and not (e == 0 and arena and arena[0] is None):
+                continue
+            nodes = cache.walk(ctx, create=True)
+            if e == 0 and arena:
+                store.point_at_arena(nodes if arena[0] is None else nodes[i:], path_block, arena[0] is None)
+            else:
+                # Only the path's slots hold a whole past in the buffer (an item's ancestors are spread).
+                blk, start = at(s)
+                store.put_segment(nodes[i:], blk, 0, start, i, prev, layers if e == 0 else None)
+            for j, node in enumerate(nodes[i:]):
+                cache.put_logp(ctx[: i + j + 1], next(logp_rows), node=node)

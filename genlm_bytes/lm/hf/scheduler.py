@@ -1,0 +1,148 @@
+"""The scheduler: what runs in the next passes, for a batch of requests or a prefetch.
+
+It never touches tensors. For each request it finds the deepest cached past
+(:meth:`PrefixCache.deepest_kv`), splits what does not fit one pass into chunks, groups rows
+into passes within the memory share (:meth:`KVStore.memory_groups`), and hands them to the
+:class:`~genlm_bytes.lm.hf.passes.PassRunner`; a lone request goes to the
+:class:`~genlm_bytes.lm.hf.speculation.Drafter` first, and a finished batch to the
+:class:`~genlm_bytes.lm.hf.speculation.LookAhead`. Before planning, it checks the model
+(:class:`~genlm_bytes.lm.hf.faithful.ModelWatch`): results cached before a change are dropped.
+
+Everything here runs in the model's thread, under the batcher's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Plans and runs the passes for batches of requests (:meth:`process`) and prefetches
+    (:meth:`prefetch`).
+
+    Args:
+        runner: the :class:`~genlm_bytes.lm.hf.passes.PassRunner`.
+        drafter: the :class:`~genlm_bytes.lm.hf.speculation.Drafter`.
+        ahead: the :class:`~genlm_bytes.lm.hf.speculation.LookAhead`.
+    """
+
+    def __init__(self, runner, drafter, ahead):
+        self.runner, self.drafter, self.ahead = runner, drafter, ahead
+        self.store, self.cache, self.config, self.watch = runner.store, runner.cache, runner.config, runner.watch
+
+    def check_model(self) -> None:
+        """Before planning: if the model changed since the last pass (hooks, modules, weights),
+        drop every cached result and past (they were computed by the model before)."""
+        if self.watch.refresh():
+            logger.info("the model changed (hooks, modules or weights): cached results dropped")
+            self.cache.clear()
+
+    @torch.inference_mode()
+    def process(self, requests: list[tuple[tuple, bool]]) -> list[torch.Tensor]:
+        """Run a batch of ``(context, may guess)`` requests. Returns one (V,) log-prob row each."""
+        self.check_model()
+        cache, kv_reuse = self.cache, self.store.kv_reuse
+        rows = []
+        for ids, _ in requests:
+            hit = cache.get_logp(ids, held=True)
+            if hit is not None:  # computed by an earlier batch while this one waited
+                rows.append((ids, None, 0, hit))
+                continue
+            past_len, ref = cache.deepest_kv(ids, len(ids) - 1) if kv_reuse else (0, None)
+            past_len, ref = self.run_ahead(ids, ref, past_len)
+            rows.append((ids, ref, past_len, None))
+        todo = [(ids, ref, p) for ids, ref, p, hit in rows if hit is None]
+        done = {}
+        lone = len(requests) == 1 and requests[0][1]  # a lone request, not from a known text
+        if lone and todo and (row := self.drafter.drafted(*todo[0])) is not None:
+            done[todo[0][0]] = row
+            todo = []
+        generating = all(may for _, may in requests)  # (no known text: see KVStore.chain_full)
+        for group in self.store.memory_groups(todo):
+            for (ids, _, _), logp in zip(group, self.runner.forward(group, all_positions=False, grow=lone,
+                                                                    short_chains=generating)):
+                done[ids] = logp
+        out = [hit if hit is not None else done[ids] for ids, _, _, hit in rows]
+        if lone:
+            # The caller goes on with this context, or (it ends with a short token, " ") with
+            # the likeliest longer sibling computed with it (" the", see Drafter): guess both.
+            ids = requests[0][0]
+            self.ahead.start(ids, out[0], self.drafter.longer_sibling(ids))
+        elif generating and 1 < len(requests) <= self.config.ahead_group:
+            self.ahead.start_group([ids for ids, _ in requests], out)
+        return out
+
+    def run_ahead(self, ids: tuple, ref, p: int) -> tuple[int, object]:
+        """A context far longer than its cached past ``p`` (e.g. one whose past was evicted) runs
+        its new tokens in passes that fit ``pass_share`` of the budget, all but the last here:
+        returns the past ``(length, ref)`` left for the batched pass."""
+        if not self.store.kv_reuse:
+            return p, ref
+        return self.run_in_chunks(ids, p, ref, len(ids), all_positions=False)
+
+    def run_in_chunks(self, ids: tuple, P: int, ref, reach: int, all_positions: bool,
+                      most: int | None = None) -> tuple[int, object]:
+        """Run ``ids[P:reach]`` on the past ``ref`` (``ids[:P]``) in passes of at most ``most``
+        new tokens (default: all) that fit ``pass_share`` of the budget, all but the last:
+        returns the deepest cached past ``(length, ref)`` left for the caller's own pass."""
+        while reach - P > (step := self.store.pass_tokens(P, most or reach - P)):
+            self.runner.forward([(ids[:P + step], ref, P)], all_positions=all_positions)
+            nxt, nref = self.cache.deepest_kv(ids, P + step)
+            if nxt <= P:  # evicted at once (a tiny budget): the rest in one pass
+                break
+            P, ref = nxt, nref
+        return P, ref
+
+    @torch.inference_mode()
+    def prefetch(self, ids: tuple, items: list[tuple[int, tuple, tuple]], start: int = 0) -> None:
+        """Distributions after every prefix of ``ids`` longer than ``start`` and along every item
+        ``(i, chain, subs)`` (see AsyncTransformer.prefetch)."""
+        self.check_model()
+        if not self.store.kv_reuse:  # no pasts: every context runs whole
+            self._prefetch_whole(ids, items, start)
+            return
+        n, cache, runner, cfg = len(ids), self.cache, self.runner, self.config
+        path = cache.walk(ids)
+        done = min(start, len(path))
+        while done < len(path) and path[done].logp is not None and path[done].kv is not None:
+            done += 1
+        first = True
+        while first or items:
+            P, ref = cache.deepest_kv(ids, done)
+            # How far the path must run in this pass: to its end while its rows are missing, else
+            # as far as the alternatives branch off it (its past may have been evicted since).
+            reach = n if done < n else max([P] + [i for i, _, _ in items])
+            # A long stretch runs in chunks first, each within pass_share of the budget; the
+            # last one joins the tree pass.
+            P, ref = self.run_in_chunks(ids, P, ref, reach, all_positions=True, most=cfg.prefetch_chunk)
+            tail = reach - P
+            room = max(16, self.store.pass_tokens(P, tail + cfg.alt_chunk) - tail)
+            chunk, used = [], 0
+            while items and (not chunk or used + len(items[0][1]) + len(items[0][2]) <= room):
+                chunk.append(items.pop(0))
+                used += len(chunk[-1][1]) + len(chunk[-1][2])
+            if chunk:
+                runner.tree_pass(ids, P, ref, tail, chunk)
+            elif tail:  # a plain path: a causal pass (no tree mask) is faster
+                runner.forward([(ids[:reach], ref, P)], all_positions=True)
+            done, first = n, False
+        logger.debug("prefetched %d tokens", n)
+
+    def _prefetch_whole(self, ids: tuple, items, start: int) -> None:
+        """:meth:`prefetch` without KV reuse: every context runs whole."""
+        n, path = len(ids), self.cache.walk(ids)
+        done = min(start, len(path))
+        while done < len(path) and path[done].logp is not None:
+            done += 1
+        while done < n:
+            end = min(n, done + self.config.prefetch_chunk)
+            self.runner.forward([(ids[:end], None, 0)], all_positions=True)
+            done = end
+        for i, chain, subs in items:
+            self.runner.forward([(ids[:i] + chain, None, 0)], all_positions=True)
+            for k, t in subs:
+                self.runner.forward([(ids[:i] + chain[:k] + (t,), None, 0)], all_positions=False)
