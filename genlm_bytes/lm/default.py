@@ -155,6 +155,19 @@ def load_named_hf(name: str = DEFAULT_MODEL, dtype=torch.float32):
     return model, tok
 
 
+def named_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer of a model of :data:`NAMED_MODELS`, without its weights (from the converted
+    copy when there is one, else from the GGUF file)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    folder = converted_folder(NAMED_MODELS[name].title)
+    if (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with NAMED_MODELS[name].gguf() as gguf:
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+
+
 def load_embedded_hf(dtype=torch.float32):
     """(hf_model, hf_tokenizer) of the embedded model, converting and caching on first use."""
     return load_named_hf(DEFAULT_MODEL, dtype)
