@@ -72,13 +72,13 @@ def regex_constraint(args: argparse.Namespace):
         raise session.CliError(f"--regex: {e}") from None
 
 
-async def _generate_constrained(lm, args, prompt: bytes, params, constraint, on_byte, run: GenerationRun) -> None:
+async def _generate_constrained(lms, args, prompt: bytes, params, constraint, on_byte, run: GenerationRun) -> None:
     """``--regex`` (and ``--smc``): generation that must match the pattern."""
     from genlm_bytes.constraints import ConstrainedState, ConstraintError
     from genlm_bytes.sampling import as_generator
     from genlm_bytes.smc import smc
 
-    beam = session.alive(*await session.prefill(lm, args, prompt), prompt)
+    beam = session.alive(*await session.prefill(lms, args, prompt), prompt)
     run.t_start = time.perf_counter()
     try:
         if args.smc is None:
@@ -104,7 +104,7 @@ class _StopString(Exception):
     """Raised from the stream callback once the output contains ``--stop``."""
 
 
-async def _generate(lm, args, prompt: bytes, params, stop: bytes | None, writer: Utf8Writer,
+async def _generate(lms, args, prompt: bytes, params, stop: bytes | None, writer: Utf8Writer,
                     run: GenerationRun, constraint=None) -> None:
     """Generate after ``prompt`` with :meth:`StatefulByteLM.sample`, writing each byte as it comes."""
     out = bytearray()
@@ -118,9 +118,9 @@ async def _generate(lm, args, prompt: bytes, params, stop: bytes | None, writer:
 
     try:
         if constraint is not None:
-            await _generate_constrained(lm, args, prompt, params, constraint, on_byte, run)
+            await _generate_constrained(lms, args, prompt, params, constraint, on_byte, run)
             return
-        beam = session.alive(*await session.prefill(lm, args, prompt), prompt)
+        beam = session.alive(*await session.prefill(lms, args, prompt), prompt)
         run.t_start = time.perf_counter()
         await beam.sample(b"", args.max_bytes, params, rng=args.seed, greedy=params is None, stream=on_byte)
     except _StopString:
@@ -137,12 +137,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stop = args.stop.encode("utf-8", "surrogateescape") if args.stop is not None else None
     constraint = regex_constraint(args)
     prompt = session.read_text(args.text)
-    lm = session.load_lm(args)
+    lms = session.load_lms(args)
     writer = Utf8Writer(sys.stdout)
     run = GenerationRun()
     code = 0
     try:
-        asyncio.run(_generate(lm, args, prompt, params, stop, writer, run, constraint))
+        asyncio.run(_generate(lms, args, prompt, params, stop, writer, run, constraint))
     except KeyboardInterrupt:
         run.reason, code = "Ctrl-C", 130
     writer.close()
