@@ -99,8 +99,8 @@ def check_members(members, kind: str) -> tuple:
     kinds = {type(m) for m in members}
     if len(kinds) > 1:
         raise TypeError(f"members must be the same kind of state, got {sorted(k.__name__ for k in kinds)}: "
-                        f"wrap each model "
-                        f"in the same kind (e.g. a ByteBeamState), and constrain the ensemble instead")
+                        f"wrap each model in the same kind (e.g. a ByteBeamState), and constrain the "
+                        f"ensemble instead")
     if kind == "mixture" and not all(isinstance(getattr(m, "logZ", None), float) for m in members):
         raise TypeError(f"a mixture weighs its members by their logZ, which {type(members[0]).__name__} "
                         f"does not have: use ByteBeamState members (or kind='product')")
@@ -134,7 +134,9 @@ class EnsembleState(StatefulByteLM):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         members = check_members(members, kind)
-        self._set(members, check_weights(weights, len(members), kind), kind, 0.0, False)
+        ws = check_weights(weights, len(members), kind)
+        ws.flags.writeable = False  # shared by every state that follows from this one
+        self._set(members, ws, kind, 0.0, False)
 
     @classmethod
     async def initial(cls, lms: Sequence, params, weights=None, kind: str = "mixture", *,

@@ -188,6 +188,8 @@ async def test_states_are_immutable(kind):
     np.testing.assert_array_equal(s.weights, before[3])
     assert [m.logZ for m in s.members] == member_logZ
     assert s.prune() is s  # nothing to prune in an exact beam
+    with pytest.raises(ValueError, match="read-only"):
+        t.weights[0] = 1.0
     assert await s.greedy(b"", 3) == await s.greedy(b"", 3)
     assert await s.sample(b"", 4, rng=7) == await s.sample(b"", 4, rng=7)
 
