@@ -336,26 +336,27 @@ async def test_smollm2_gemma_mixture_prefill(embedded_lm):
 
 
 def test_models_by_name_route_to_their_packages(monkeypatch):
-    from genlm_bytes.lm import default
+    from genlm_bytes.lm import default, hf
 
-    asked = []
-
-    class Stop(Exception):
-        pass
-
-    def fake(name, dtype=None):
-        asked.append(name)
-        raise Stop
-
-    monkeypatch.setattr(default, "load_named_hf", fake)
-    for name in (None, "smollm2-135m", "gemma3-270m"):
-        with pytest.raises(Stop):
-            default.load_model(name)
-    assert asked == ["smollm2-135m", "smollm2-135m", "gemma3-270m"]
     with pytest.raises(TypeError, match="gemma3-270m"):
         default.load_model(3)
     with pytest.raises(ValueError, match="does not exist"):
         default.load_model("./no-such-model-folder")
+    built = []
+
+    def fake_backend(model, tok, **kwargs):
+        built.append((model, kwargs))
+        return model
+
+    monkeypatch.setattr(default, "load_named_hf", lambda name, dtype=None: (name, None))
+    monkeypatch.setattr(hf, "AsyncTransformer", fake_backend)
+    for name in (None, "smollm2-135m", "gemma3-270m"):
+        default.load_model(name)
+    default.load_model("gemma3-270m", cache_budget_bytes=123, initial_context=[5])
+    assert [m for m, _ in built] == ["smollm2-135m", "smollm2-135m", "gemma3-270m", "gemma3-270m"]
+    assert built[0][1] == {"initial_context": [0]}  # <|endoftext|>, and the backend's own budget
+    assert built[2][1] == {"initial_context": None, "cache_budget_bytes": 2 * 2**30}  # <bos>
+    assert built[3][1] == {"initial_context": [5], "cache_budget_bytes": 123}  # the caller's win
 
 
 def test_missing_gemma_package_names_the_install_command(monkeypatch, tmp_path):
