@@ -52,23 +52,31 @@ async def fresh_beams(lms):
     return [await ByteBeamState.initial(lm, common.beam_params()) for lm in lms]
 
 
-async def ensemble_greedy(lms, prompt: bytes, n_bytes: int) -> tuple[float, bytes]:
+def forward_tokens(lms) -> int:
+    """Tokens run through the models so far (all of them): the LM work, beside the time."""
+    return sum(lm.n_forward_tokens for lm in lms)
+
+
+async def ensemble_greedy(lms, prompt: bytes, n_bytes: int) -> tuple[float, bytes, int]:
     from genlm_bytes import EnsembleState
 
     t0 = time.perf_counter()
     ens = EnsembleState(await fresh_beams(lms), kind="mixture")
+    tok0 = forward_tokens(lms)
     out = await ens.greedy(prompt, n_bytes)
     await settle(lms)
-    return time.perf_counter() - t0, out[len(prompt):]
+    return time.perf_counter() - t0, out[len(prompt):], forward_tokens(lms) - tok0
 
 
-async def back_to_back_greedy(lms, prompt: bytes, n_bytes: int) -> tuple[float, list[bytes]]:
+async def back_to_back_greedy(lms, prompt: bytes, n_bytes: int) -> tuple[float, list[bytes], int]:
     t0 = time.perf_counter()
     texts = []
-    for beam, lm in zip(await fresh_beams(lms), lms):
+    beams = await fresh_beams(lms)
+    tok0 = forward_tokens(lms)
+    for beam, lm in zip(beams, lms):
         texts.append((await beam.greedy(prompt, n_bytes))[len(prompt):])
         await settle([lm])
-    return time.perf_counter() - t0, texts
+    return time.perf_counter() - t0, texts, forward_tokens(lms) - tok0
 
 
 async def cost(lms, args) -> list[dict]:
@@ -81,10 +89,10 @@ async def cost(lms, args) -> list[dict]:
         for r in range(args.repeats):
             for which in ((0, 1) if r % 2 == 0 else (1, 0)):
                 if which == 0:
-                    t, ens_text = await ensemble_greedy(lms, pb, args.bytes)
+                    t, ens_text, ens_tokens = await ensemble_greedy(lms, pb, args.bytes)
                     ens_t.append(t)
                 else:
-                    t, member_texts = await back_to_back_greedy(lms, pb, args.bytes)
+                    t, member_texts, pair_tokens = await back_to_back_greedy(lms, pb, args.bytes)
                     pair_t.append(t)
             print(f"  {prompt!r} rep {r + 1}/{args.repeats}: ensemble {ens_t[-1]:.2f} s, "
                   f"back to back {pair_t[-1]:.2f} s", flush=True)
@@ -94,6 +102,8 @@ async def cost(lms, args) -> list[dict]:
             "ensemble_median_seconds": common.median(ens_t),
             "back_to_back_median_seconds": common.median(pair_t),
             "ratio": common.median(ens_t) / common.median(pair_t),
+            "ensemble_forward_tokens": ens_tokens,
+            "back_to_back_forward_tokens": pair_tokens,
             "ensemble_text": ens_text.decode("utf-8", "replace"),
             "member_texts": [t.decode("utf-8", "replace") for t in member_texts],
             "ensemble_seconds": ens_t,
@@ -149,7 +159,8 @@ def report(res: dict) -> None:
     common.print_table(res["cost"], [
         ("prompt", "prompt", ""), ("bytes", "bytes", "d"),
         ("ensemble_median_seconds", "ensemble s", ".2f"),
-        ("back_to_back_median_seconds", "members back to back s", ".2f"), ("ratio", "ratio", ".2f")])
+        ("back_to_back_median_seconds", "members back to back s", ".2f"), ("ratio", "ratio", ".2f"),
+        ("ensemble_forward_tokens", "LM tokens", "d"), ("back_to_back_forward_tokens", "members' LM tokens", "d")])
     for r in res["cost"]:
         print(f"  {r['prompt']!r}: mixture {r['ensemble_text']!r}; members {r['member_texts']!r}")
     print()
