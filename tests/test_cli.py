@@ -80,7 +80,7 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
 def no_model(monkeypatch):
     """Make loading a model a test failure: the checks must come first."""
 
-    def fail(args):
+    def fail(args, model=None):
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(cli_session, "load_lm", fail)
@@ -89,7 +89,7 @@ def no_model(monkeypatch):
 @pytest.fixture
 def cli_lm(monkeypatch, embedded_lm):
     """main() runs in-process on the session's embedded model."""
-    monkeypatch.setattr(cli_session, "load_lm", lambda args: embedded_lm)
+    monkeypatch.setattr(cli_session, "load_lm", lambda args, model=None: embedded_lm)
     return embedded_lm
 
 
@@ -328,3 +328,41 @@ def test_ctrl_c_during_generation_keeps_the_output_and_exits_130():
     assert_clean(err)
     assert (first.decode() + out).startswith(" Paris")
     assert re.fullmatch(r"genlm-bytes: \d+ bytes in [\d.]+ s \(.*\), stopped by Ctrl-C\n", err), err
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["next", "x", "--ensemble", "mixture"], "--ensemble and --weights need two or more --model"),
+    (["next", "x", "--model", "smollm2-135m", "--weights", "1"], "need two or more --model"),
+    (["next", "x", "--model", "a", "--model", "b", "--weights", "0.5"], "1 entries for 2 members"),
+    (["next", "x", "--model", "a", "--model", "b", "--weights", "1,-1"], "mixture weights must be positive"),
+    (["next", "x", "--model", "a", "--model", "b", "--weights", "1,x"], "--weights: expected numbers"),
+    (["next", "x", "--model", "a", "--model", "b", "--ensemble", "sum"], "invalid choice"),
+])
+def test_bad_ensemble_input_is_one_line_and_exit_code_2_before_loading(capsys, no_model, argv, expected):
+    code, out, err = run_main(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("genlm-bytes"), err
+    assert expected in err
+
+
+def test_ensembles_of_one_model_twice_read_as_the_model(capsys, cli_lm, tmp_path):
+    """A mixture of a model with itself is the model; so is a product with weights summing to 1."""
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"An apple a day keeps the doctor away.")
+    two = ["--model", "smollm2-135m", "--model", "smollm2-135m"]
+    code, out, _ = run_main(capsys, "score", str(path), "--json")
+    alone = json.loads(out)
+    code_mix, out_mix, _ = run_main(capsys, "score", str(path), "--json", *two, "--weights", "0.3,0.7")
+    mix = json.loads(out_mix)
+    assert code == code_mix == 0
+    assert mix["logp_nats"] == pytest.approx(alone["logp_nats"], abs=1e-6)
+    assert mix["ensemble"] == "mixture" and mix["weights"] == [0.3, 0.7]
+    _, top1, _ = run_main(capsys, "next", "The capital of France is", "--top", "3")
+    _, top2, _ = run_main(capsys, "next", "The capital of France is", "--top", "3", *two, "--ensemble", "product")
+    assert top1.splitlines()[1:] == top2.splitlines()[1:]  # the same bytes and probabilities
+    _, g1, _ = run_main(capsys, "generate", "The capital of France is", "--greedy", "--max-bytes", "12")
+    _, g2, _ = run_main(capsys, "generate", "The capital of France is", "--greedy", "--max-bytes", "12", *two)
+    assert g1 == g2 and len(g1) >= 12

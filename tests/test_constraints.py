@@ -328,7 +328,7 @@ def test_cli_bad_input_fails_before_the_model_loads(monkeypatch, capsys):
     import genlm_bytes.cli.main as cli_main
     import genlm_bytes.cli.session as cli_session
 
-    def no_load(args):
+    def no_load(args, model=None):
         raise AssertionError("the model must not load")
 
     monkeypatch.setattr(cli_session, "load_lm", no_load)
@@ -351,7 +351,7 @@ def test_cli_regex_and_smc_on_the_embedded_model(embedded_lm, monkeypatch, capsy
 
     # One run as a user makes it (loads its own model) while the others run in-process.
     phone = start("Call me at ", "--regex", "[0-9]{3}-[0-9]{4}", "--smc", "2", "--seed", "0", "--max-bytes", "12")
-    monkeypatch.setattr(cli_session, "load_lm", lambda args: embedded_lm)
+    monkeypatch.setattr(cli_session, "load_lm", lambda args, model=None: embedded_lm)
     pattern = r'\{"name": "[A-Za-z ]+"\}'
     assert cli_main.main(["generate", "A JSON record of a person: ", "--regex", pattern, "--greedy",
                           "--max-bytes", "40"]) == 0

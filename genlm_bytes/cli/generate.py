@@ -66,21 +66,21 @@ def constraint_of(args: argparse.Namespace):
     return constrain.build_constraint(args)
 
 
-async def _start(lm, args, prompt: bytes, chat):
+async def _start(lms, args, prompt: bytes, chat):
     """The beam generation starts from: after ``prompt``, or at the start of the reply to ``chat``."""
     if chat is not None:
-        return await session.chat_beam(lm, args, chat)
-    return session.alive(*await session.prefill(lm, args, prompt), prompt)
+        return await session.chat_beam(lms, args, chat)
+    return session.alive(*await session.prefill(lms, args, prompt), prompt)
 
 
-async def _generate_constrained(lm, args, prompt: bytes, params, constraint, on_byte, run: GenerationRun,
+async def _generate_constrained(lms, args, prompt: bytes, params, constraint, on_byte, run: GenerationRun,
                                 chat=None, flag: str = "--regex") -> None:
     """A constraint flag (and ``--smc``): generation that the constraint accepts."""
     from genlm_bytes.constraints import ConstrainedState, ConstraintError
     from genlm_bytes.sampling import as_generator
     from genlm_bytes.smc import smc
 
-    beam = await _start(lm, args, prompt, chat)
+    beam = await _start(lms, args, prompt, chat)
     run.t_start = time.perf_counter()
     try:
         if args.smc is None:
@@ -106,7 +106,7 @@ class _StopString(Exception):
     """Raised from the stream callback once the output contains ``--stop``."""
 
 
-async def _generate(lm, args, prompt: bytes, params, stop: bytes | None, writer: Utf8Writer,
+async def _generate(lms, args, prompt: bytes, params, stop: bytes | None, writer: Utf8Writer,
                     run: GenerationRun, constraint=None, chat=None, flag: str | None = None) -> None:
     """Generate after ``prompt`` with :meth:`StatefulByteLM.sample`, writing each byte as it comes."""
     out = bytearray()
@@ -120,9 +120,9 @@ async def _generate(lm, args, prompt: bytes, params, stop: bytes | None, writer:
 
     try:
         if constraint is not None:
-            await _generate_constrained(lm, args, prompt, params, constraint, on_byte, run, chat, flag)
+            await _generate_constrained(lms, args, prompt, params, constraint, on_byte, run, chat, flag)
             return
-        beam = await _start(lm, args, prompt, chat)
+        beam = await _start(lms, args, prompt, chat)
         run.t_start = time.perf_counter()
         await beam.sample(b"", args.max_bytes, params, rng=args.seed, greedy=params is None, stream=on_byte)
     except _StopString:
@@ -140,12 +140,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     chat = constrain.chat_messages(args)
     constraint, flag = constraint_of(args)
     prompt = session.read_text(args.text) if chat is None else b""
-    lm = session.load_lm(args)
+    lms = session.load_lms(args)
     writer = Utf8Writer(sys.stdout)
     run = GenerationRun()
     code = 0
     try:
-        asyncio.run(_generate(lm, args, prompt, params, stop, writer, run, constraint, chat, flag))
+        asyncio.run(_generate(lms, args, prompt, params, stop, writer, run, constraint, chat, flag))
     except KeyboardInterrupt:
         run.reason, code = "Ctrl-C", 130
     writer.close()

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
                             format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
     try:
-        session.check_model(args.model)
+        session.check_models(args)
         session.check_device(args.device)
         session.check_backend(args)
         return COMMANDS[args.command](args)

@@ -12,10 +12,10 @@ from genlm_bytes.symbols import symbol_name
 
 def cmd_next(args: argparse.Namespace) -> int:
     text = session.read_text(args.text)
-    lm = session.load_lm(args)
+    lms = session.load_lms(args)
 
     async def run():
-        beam = session.alive(*await session.prefill(lm, args, text), text)
+        beam = session.alive(*await session.prefill(lms, args, text), text)
         return beam.logZ, await beam.logp_next()
 
     logZ, logp = asyncio.run(run())

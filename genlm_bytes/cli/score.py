@@ -26,7 +26,7 @@ def _progress_bar(n_bytes: int):
 
 def cmd_score(args: argparse.Namespace) -> int:
     data = session.read_file(args.file)
-    lm = session.load_lm(args)
+    lms = session.load_lms(args)
     bar = _progress_bar(len(data)) if len(data) > PROGRESS_MIN_BYTES else None
 
     def progress(n_done: int) -> None:
@@ -34,17 +34,22 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        beam, dead_at = asyncio.run(session.prefill(lm, args, data, progress if bar is not None else None))
+        state, dead_at = asyncio.run(session.prefill(lms, args, data, progress if bar is not None else None))
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
     # None: probability 0 (JSON has no -inf). The empty string has probability 1 exactly.
-    logp = None if dead_at is not None else beam.logZ if data else 0.0
+    logp = None if dead_at is not None else state.logZ if data else 0.0
     result = {"logp_nats": logp, "bits_per_byte": None if logp is None else bits_per_byte(logp, len(data)),
               "n_bytes": len(data), "seconds": seconds, "zero_probability_at": dead_at,
-              "model": args.model or "embedded:SmolLM2-135M-Instruct", "beam": args.beam, "prune": args.prune}
+              "model": ",".join(args.model) if args.model else "embedded:SmolLM2-135M-Instruct",
+              "beam": args.beam, "prune": args.prune}
+    kind = session.ensemble_kind(args)
+    if kind is not None:
+        result.update(ensemble=kind, weights=[float(w) for w in state.weights])
     if dead_at is not None:
-        print(f"{PROG}: warning: probability 0: {session.impossible(data, dead_at)}", file=sys.stderr)
+        why = session.impossible(data, dead_at, kind is not None)
+        print(f"{PROG}: warning: probability 0: {why}", file=sys.stderr)
     print(json.dumps(result) if args.json else format_score(result))
     return 0

@@ -1,4 +1,5 @@
-"""What every command does before its own work: read the input, load the model, prefill a beam.
+"""What every command does before its own work: read the input, load the model(s), prefill a beam
+(or, with two or more models, an ensemble of beams).
 
 Errors are :class:`CliError` (one line on stderr, an exit code); arguments and files are checked
 before the (slow) model load. Not handled here: the commands' own output.
@@ -7,12 +8,15 @@ before the (slow) model load. Not handled here: the commands' own output.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import math
 import os
 import sys
 import time
 
 from genlm_bytes import BeamParams, ByteBeamState
+from genlm_bytes.ensemble import EnsembleState
 
 # Not getLogger(__name__) for messages users see with -v: one name for the whole command line.
 logger = logging.getLogger("genlm_bytes.cli")
@@ -73,6 +77,28 @@ def check_model(model: str | None) -> None:
                        f"(one made by save_pretrained: config.json, weights, tokenizer files)")
 
 
+def ensemble_kind(args: argparse.Namespace) -> str | None:
+    """``--ensemble`` (default mixture) with two or more ``--model``; None for one model."""
+    return (args.ensemble or "mixture") if len(args.model or ()) > 1 else None
+
+
+def check_models(args: argparse.Namespace) -> None:
+    """Every ``--model``, and ``--ensemble`` / ``--weights`` against their number, before the loads."""
+    for model in args.model or [None]:
+        check_model(model)
+    kind = ensemble_kind(args)
+    if kind is None:
+        if args.ensemble is not None or args.weights is not None:
+            raise CliError("--ensemble and --weights need two or more --model (the models to combine)")
+        return
+    from genlm_bytes.ensemble import check_weights
+
+    try:
+        check_weights(args.weights, len(args.model), kind)
+    except (TypeError, ValueError) as e:
+        raise CliError(f"--weights: {e}") from None
+
+
 def check_device(device: str | None) -> None:
     if device is None:
         return
@@ -93,8 +119,8 @@ def check_backend(args: argparse.Namespace) -> None:
         raise CliError("--device is for --backend hf: vLLM picks its platform (CUDA, else its CPU build)")
 
 
-def load_lm(args: argparse.Namespace):
-    """The model named by ``--model`` (default: the embedded one) on ``--device``."""
+def load_lm(args: argparse.Namespace, model: str | None = None):
+    """The model ``model`` (a name, a folder, or None: the embedded one) on ``--device`` (``--backend``)."""
     if not args.verbose:
         from transformers.utils import logging as hf_logging
 
@@ -102,7 +128,7 @@ def load_lm(args: argparse.Namespace):
         hf_logging.disable_progress_bar()
     from genlm_bytes.lm.default import load_model
 
-    name = args.model or "the embedded model"
+    name = model or "the embedded model"
     t0 = time.perf_counter()
     try:
         if args.backend == "vllm":
@@ -110,9 +136,9 @@ def load_lm(args: argparse.Namespace):
             os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
             if not args.verbose:
                 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-            lm = load_model(args.model, backend="vllm", **dict(args.engine_arg))
+            lm = load_model(model, backend="vllm", **dict(args.engine_arg))
         else:
-            lm = load_model(args.model, device=args.device)
+            lm = load_model(model, device=args.device)
     except Exception as e:  # any failure to load is reported as one line
         if args.verbose:
             logger.exception("loading %s failed", name)
@@ -123,18 +149,25 @@ def load_lm(args: argparse.Namespace):
     return lm
 
 
+def load_lms(args: argparse.Namespace) -> list:
+    """Every model named by ``--model``, in order (default: the embedded one)."""
+    return [load_lm(args, model) for model in args.model or [None]]
+
+
 # --------------------------------------------------------------------------- the beam
 
 
-async def prefill(lm, args: argparse.Namespace, data: bytes, on_progress=None):
-    """A :class:`ByteBeamState` (``--beam``, ``--prune``, the model's EOS tokens) after ``data``.
+async def prefill(lms: list, args: argparse.Namespace, data: bytes, on_progress=None):
+    """A :class:`ByteBeamState` (``--beam``, ``--prune``, the model's EOS tokens) after ``data``; with
+    two or more models, the :class:`EnsembleState` of their beams (``--ensemble``, ``--weights``).
 
     Returns:
-        ``(beam, dead_at)``: ``dead_at`` is the offset of the byte no cover survived (the
-        model gives ``data`` probability 0; the beam is empty), else None.
+        ``(state, dead_at)``: ``dead_at`` is the offset of the byte that made ``data`` impossible
+        (the state has ``logZ = -inf``), else None.
     """
-    eos = tuple(lm.byte_vocab[t] or t for t in lm.eos_token_ids)  # an id when the token has no bytes
-    params = BeamParams(K=args.beam, prune_threshold=args.prune, eos_tokens=eos)
+    params = [BeamParams(K=args.beam, prune_threshold=args.prune,
+                         eos_tokens=tuple(lm.byte_vocab[t] or t for t in lm.eos_token_ids))  # an id: no bytes
+              for lm in lms]
     n_done = 0
 
     def progress(n: int) -> None:  # called after each byte, the last surviving one or not
@@ -143,27 +176,39 @@ async def prefill(lm, args: argparse.Namespace, data: bytes, on_progress=None):
         if on_progress is not None:
             on_progress(n)
 
-    beam = await (await ByteBeamState.initial(lm, params, text_hint=data)).prefill(data, progress=progress)
-    return beam, (None if beam.states else n_done - 1)
+    kind = ensemble_kind(args)
+    if kind is None:
+        state = await ByteBeamState.initial(lms[0], params[0], text_hint=data)
+    else:
+        state = await EnsembleState.initial(lms, params, args.weights, kind, text_hint=data)
+    state = await state.prefill(data, progress=progress)
+    return state, (None if state.logZ > -math.inf else n_done - 1)
 
 
-async def chat_beam(lm, args: argparse.Namespace, messages: list[dict]):
-    """A :class:`ByteBeamState` (``--beam``, ``--prune``) at the start of the reply to ``messages``;
-    EOS is the chat template's end of turn (or the model's EOS)."""
+async def chat_beam(lms: list, args: argparse.Namespace, messages: list[dict]):
+    """A :class:`ByteBeamState` (``--beam``, ``--prune``) at the start of the reply to ``messages``
+    (each model's own chat template; with two or more, their :class:`EnsembleState`); EOS is the
+    chat template's end of turn (or the model's EOS)."""
     params = BeamParams(K=args.beam, prune_threshold=args.prune)
     try:
-        return await ByteBeamState.initial(lm, params, chat=messages)
+        beams = await asyncio.gather(*(ByteBeamState.initial(lm, params, chat=messages) for lm in lms))
     except ValueError as e:  # no tokenizer or no chat template
         raise CliError(f"--chat: {str(e).splitlines()[0]}") from None
+    kind = ensemble_kind(args)
+    return beams[0] if kind is None else EnsembleState(list(beams), args.weights, kind)
 
 
-def impossible(data: bytes, dead_at: int) -> str:
+def impossible(data: bytes, dead_at: int, ensemble: bool = False) -> str:
     """Why ``data`` has probability 0, for messages."""
+    if ensemble:
+        return f"the ensemble gives byte {data[dead_at]:#04x} at offset {dead_at} probability 0"
     return f"no token sequence of the model covers byte {data[dead_at]:#04x} at offset {dead_at}"
 
 
-def alive(beam, dead_at: int | None, data: bytes):
-    """``beam``, or a CliError when ``data`` has probability 0."""
+def alive(state, dead_at: int | None, data: bytes):
+    """``state``, or a CliError when ``data`` has probability 0."""
     if dead_at is not None:
-        raise CliError(f"the model gives this text probability 0: {impossible(data, dead_at)}", code=1)
-    return beam
+        ensemble = isinstance(state, EnsembleState)
+        raise CliError(f"the {'ensemble' if ensemble else 'model'} gives this text probability 0: "
+                       f"{impossible(data, dead_at, ensemble)}", code=1)
+    return state

@@ -42,7 +42,11 @@ MAX_STEPPED = 16
 
 
 def infer_has_eos(state: StatefulByteLM) -> bool:
-    """Whether ``state`` can produce EOS: from its ``params.eos_tokens`` when it has them, else True."""
+    """Whether ``state`` can produce EOS: its own ``has_eos`` (an ensemble), else from its
+    ``params.eos_tokens`` when it has them, else True."""
+    own = getattr(state, "has_eos", None)
+    if isinstance(own, bool):
+        return own
     eos = getattr(getattr(state, "params", None), "eos_tokens", None)
     return True if eos is None else bool(eos)
 

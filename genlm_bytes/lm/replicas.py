@@ -131,18 +131,15 @@ def _check_args(name, replicas, backend, address, num_cpus, num_gpus) -> None:
 
 
 def driver_tokenizer(name):
-    """The tokenizer of model ``name`` (None: the embedded model), loaded offline, without weights."""
+    """The tokenizer of model ``name`` (None: the embedded model; or a name ``load_model`` knows, or a
+    folder), loaded offline, without weights."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    if name is None:
-        from genlm_bytes.lm.default import _converted_folder, embedded_gguf_path
+    from genlm_bytes.lm.default import DEFAULT_MODEL, NAMED_MODELS, named_tokenizer
 
-        folder = _converted_folder()
-        if (folder / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        gguf = embedded_gguf_path()
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    if name is None or name in NAMED_MODELS:
+        return named_tokenizer(name or DEFAULT_MODEL)
     path = os.fspath(name)
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
