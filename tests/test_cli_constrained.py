@@ -63,7 +63,7 @@ def test_bad_constraints_and_chats_are_one_line_and_exit_2_before_loading(capsys
 
 @pytest.fixture
 def cli_lm(monkeypatch, embedded_lm):
-    monkeypatch.setattr(cli_session, "load_lm", lambda args: embedded_lm)
+    monkeypatch.setattr(cli_session, "load_lm", lambda args, model=None: embedded_lm)
     return embedded_lm
 
 
