@@ -293,3 +293,33 @@ class PrefixCache:
                 del parent.children[node.token]
             node.pruned = True
             node = parent
+
+
+class CachedRowsLM:
+    """What a backend whose rows live in ``self.cache`` (a :class:`PrefixCache`) and whose tokenizer
+    is ``self.tokenizer`` answers the same way (``AsyncTransformer``, ``AsyncVLLM``): a peek that
+    keeps the row for the reader to come, whether a row is cached, the tokenizer's encoding.
+    A backend says by :meth:`_cache_readable` whether its cached rows may be served now."""
+
+    def _cache_readable(self) -> bool:
+        return True
+
+    async def peek_next_token_logprobs(self, token_ids: list[int]):
+        from genlm_bytes.lm.base import check_token_ids
+
+        key = tuple(check_token_ids(token_ids, self.vocab_size))
+        hit = self.cache.get_logp(key) if self._cache_readable() else None  # marked recently used
+        if hit is not None:
+            return hit
+        row = await self.next_token_logprobs(token_ids)
+        self.cache.get_logp(key)  # kept for the reader to come
+        return row
+
+    def has_logprobs(self, token_ids) -> bool:
+        """Whether the distribution after ``token_ids`` is cached."""
+        return self.cache.get_logp(tuple(token_ids)) is not None
+
+    def encode_bytes(self, data: bytes) -> list[int] | None:
+        from genlm_bytes.lm.vocab import encode_bytes
+
+        return encode_bytes(self.tokenizer, self.byte_vocab, data)

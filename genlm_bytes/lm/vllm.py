@@ -41,8 +41,8 @@ import weakref
 import numpy as np
 import torch
 
-from genlm_bytes.lm.base import AsyncLM, check_token_ids
-from genlm_bytes.lm.prefix_cache import PrefixCache
+from genlm_bytes.lm.base import AsyncLM
+from genlm_bytes.lm.prefix_cache import CachedRowsLM, PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _retrieve(fut) -> None:
         fut.exception()  # marks an error seen by nobody (every waiter left) as retrieved
 
 
-class AsyncVLLM(AsyncLM):
+class AsyncVLLM(CachedRowsLM, AsyncLM):
     """A model served by vLLM's ``AsyncLLM`` behind the AsyncLM interface.
 
     Build it with :meth:`from_name`; close it with ``await lm.close()`` (or ``async with``).
@@ -276,24 +276,9 @@ class AsyncVLLM(AsyncLM):
         waiter.add_done_callback(_retrieve)
         return await asyncio.shield(waiter)  # a cancelled caller leaves the request to the others
 
-    async def peek_next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
-        key = tuple(check_token_ids(token_ids, self.vocab_size))
+    def _cache_readable(self) -> bool:
         self._check_open()
-        hit = self.cache.get_logp(key)  # marked recently used: kept for the reader to come
-        if hit is not None:
-            return hit
-        row = await self.next_token_logprobs(token_ids)
-        self.cache.get_logp(key)
-        return row
-
-    def has_logprobs(self, token_ids) -> bool:
-        """Whether the distribution after ``token_ids`` is cached."""
-        return self.cache.get_logp(tuple(token_ids)) is not None
-
-    def encode_bytes(self, data: bytes) -> list[int] | None:
-        from genlm_bytes.lm.vocab import encode_bytes
-
-        return encode_bytes(self.tokenizer, self.byte_vocab, data)
+        return True
 
     def clear_cache(self) -> None:
         """Drop the cached rows and the engine's prefix cache (KV blocks of finished requests)."""

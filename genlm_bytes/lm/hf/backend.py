@@ -37,10 +37,10 @@ from genlm_bytes.lm.hf.passes import PassRunner
 from genlm_bytes.lm.hf.scheduler import Scheduler
 from genlm_bytes.lm.hf.speculation import Drafter, LookAhead, Spellings
 from genlm_bytes.lm.lean import lean_decoder
-from genlm_bytes.lm.prefix_cache import PrefixCache
+from genlm_bytes.lm.prefix_cache import CachedRowsLM, PrefixCache
 
 
-class AsyncTransformer(AsyncLM):
+class AsyncTransformer(CachedRowsLM, AsyncLM):
     """A transformers causal LM behind the AsyncLM interface.
 
     Args:
@@ -181,23 +181,8 @@ class AsyncTransformer(AsyncLM):
         self._check_length(len(key))
         return await self.batcher.submit(key, (key, GUESS_AHEAD.get()))
 
-    async def peek_next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
-        key = tuple(check_token_ids(token_ids, self.vocab_size))
-        hit = None if self.runner.watch.hooks_changed() else self.cache.get_logp(key)  # kept for the reader
-        if hit is not None:
-            return hit
-        row = await self.next_token_logprobs(token_ids)
-        self.cache.get_logp(key)
-        return row
-
-    def has_logprobs(self, token_ids) -> bool:
-        """Whether the distribution after ``token_ids`` is cached."""
-        return self.cache.get_logp(tuple(token_ids)) is not None
-
-    def encode_bytes(self, data: bytes) -> list[int] | None:
-        from genlm_bytes.lm.vocab import encode_bytes
-
-        return encode_bytes(self.tokenizer, self.byte_vocab, data)
+    def _cache_readable(self) -> bool:
+        return not self.runner.watch.hooks_changed()  # a hook added since: recompute
 
     def clear_cache(self) -> None:
         """Drop every cached distribution and past (and stop a look-ahead pass)."""
