@@ -62,6 +62,9 @@ class Batcher:
         name: used in log messages and the worker thread's name.
     """
 
+    SETTLE_ROUNDS = 32  # event-loop iterations a batch waits at most for more requests (see _settle)
+    SETTLE_PATIENCE = 3  # ... and iterations in a row without a new request
+
     def __init__(self, process: Callable[[Sequence[Any]], Sequence[Any]], max_batch_size: int = 32,
                  name: str = "batcher"):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -101,10 +104,28 @@ class Batcher:
                 st.worker = loop.create_task(self._run(st), name=f"{self.name}-worker")
         return await asyncio.shield(fut)
 
+    async def _settle(self, loop: asyncio.AbstractEventLoop, st: _LoopState) -> None:
+        """Yield to the event loop until the coroutines that can run have queued their requests,
+        so that one batch carries them all: callers just answered go on to their next request
+        within a few loop iterations, and one pass of many rows costs far less than several
+        passes of a few (the model's weights are read once per pass). Stops when nothing else
+        can run, when ``SETTLE_PATIENCE`` iterations in a row add no request (other work keeps
+        the loop busy), or after ``SETTLE_ROUNDS`` iterations."""
+        ready = getattr(loop, "_ready", None)  # (CPython's loops; others: patience alone)
+        idle = 0
+        for _ in range(self.SETTLE_ROUNDS):
+            n = len(st.queue)
+            await asyncio.sleep(0)
+            if len(st.queue) >= self.max_batch_size or (ready is not None and not ready):
+                return
+            idle = 0 if len(st.queue) > n else idle + 1
+            if idle >= self.SETTLE_PATIENCE:
+                return
+
     async def _run(self, st: _LoopState) -> None:
-        # Let every coroutine that is ready in this iteration add its request first.
-        await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
+        # Let every coroutine that is ready add its request first.
+        await self._settle(loop, st)
         while st.queue:
             batch = st.queue[: self.max_batch_size]
             del st.queue[: len(batch)]
@@ -136,7 +157,7 @@ class Batcher:
                 st.pending.pop(key, None)
                 if not fut.done():
                     fut.set_result(res)
-            await asyncio.sleep(0)
+            await self._settle(loop, st)
 
     def _call(self, requests):
         with self._lock:

@@ -204,6 +204,44 @@ def test_transformer_failing_batch_among_others(embedded_lm, embedded_hf, caplog
     assert_close_to_uncached(hf_model, calls[1][0], row, TOL32)
 
 
+# --------------------------------------------------------------------------- batching
+
+
+async def test_callers_that_resume_after_several_hops_share_one_batch():
+    """Callers answered by one batch go on to their next request after a few loop iterations
+    each (other awaits in between); the worker waits for them (the loop has nothing else to
+    run), so every later step of the 12 callers is one batch, not a trickle of small ones."""
+    lm = BatchedMock()
+
+    async def caller(i: int) -> None:
+        for step in range(4):
+            for _ in range(i % 5):  # a different number of hops for each caller
+                await asyncio.sleep(0)
+            await lm.next_token_logprobs([0, i, step])
+
+    await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(12))), 10)
+    assert [len(b) for b in lm.batches] == [12, 12, 12, 12]
+
+
+async def test_a_lone_caller_is_not_held_back_by_a_busy_loop():
+    """A task that keeps the loop busy (always ready) delays a batch by a bounded number of
+    loop iterations, never forever."""
+    lm = BatchedMock()
+    stop = False
+
+    async def spinner() -> None:
+        while not stop:
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(spinner())
+    try:
+        rows = await asyncio.wait_for(asyncio.gather(*(lm.next_token_logprobs([0, i]) for i in range(3))), 10)
+    finally:
+        stop = True
+        await task
+    assert len(rows) == 3 and lm.batches == [[(0, 0), (0, 1), (0, 2)]]
+
+
 # --------------------------------------------------------------------------- cancellation
 
 

@@ -29,9 +29,10 @@ class _Gather:
     """The gathering logic of :class:`PassLayer` (mixed into transformers' ``DynamicLayer``,
     which is imported late)."""
 
-    def setup(self, index: int, pasts, past: int, keep=(), arena=None, check=None):
+    def setup(self, index: int, pasts, past: int, keep=(), arena=None, check=None, workspace=None):
         self.index, self.pasts, self.past, self.keep, self.arena = index, pasts, past, keep, arena
         self.check = check
+        self.workspace = {} if workspace is None else workspace
         self.new_keys = self.new_values = None
         self.arena_kv = None
         self.kept = {}
@@ -53,32 +54,47 @@ class _Gather:
             K, V = key_states, value_states
         elif len(self.pasts) == 1:  # one row, no padding: one concatenation
             segs = self.pasts[0][0]
-            K = torch.cat([piece(b.keys[i], r, s, n) for b, r, s, n in segs] + [key_states], dim=2)
-            V = torch.cat([piece(b.values[i], r, s, n) for b, r, s, n in segs] + [value_states], dim=2)
+            K, V = self._buffers(key_states, P)
+            torch.cat([piece(b.keys[i], r, s, n) for b, r, s, n in segs] + [key_states], dim=2, out=K)
+            torch.cat([piece(b.values[i], r, s, n) for b, r, s, n in segs] + [value_states], dim=2, out=V)
         else:
             K, V = self._gather_padded(key_states, value_states)
         for row, lo, hi in self.keep:
             self.kept[row] = (K[row:row + 1, :, lo:hi].clone(), V[row:row + 1, :, lo:hi].clone())
         return K, V
 
+    def _buffers(self, key_states, P: int):
+        """The ``(B, hk, P + n, d)`` key and value buffers this layer gathers into: the pass's
+        workspace, shared by its layers (a layer's gathered keys/values are dead once its
+        attention ran), so a pass allocates them once, not once per layer: a large tensor is
+        mapped fresh by the allocator (see ``fix_mmap_threshold``), and its first writes fault
+        in every page."""
+        shape = (key_states.shape[0], key_states.shape[1], P + key_states.shape[2], key_states.shape[3])
+        bufs = self.workspace.get("gather")
+        if bufs is None or bufs[0].shape != shape or bufs[0].dtype != key_states.dtype:
+            bufs = self.workspace["gather"] = (key_states.new_empty(shape), key_states.new_empty(shape))
+        return bufs
+
     def _gather_padded(self, key_states, value_states):
-        """Every row's past left-padded to ``past`` slots, then the new tokens."""
+        """Every row's past left-padded to ``past`` slots, then the new tokens: per row, one
+        concatenation of its padding (zeros), its segments and its new tokens, written in place (one
+        call per row and layer instead of one small copy per segment)."""
         P, i = self.past, self.index
         B, h, n, d = key_states.shape
-        # Uninitialized: every slot is a past, left padding or a new token, written here.
-        K = key_states.new_empty((B, h, P + n, d))
-        V = value_states.new_empty((B, h, P + n, d))
+        zeros = self.workspace.get("zeros")  # the padding (every row's is a view of it)
+        if zeros is None or zeros.shape != (1, h, P, d) or zeros.dtype != key_states.dtype:
+            zeros = self.workspace["zeros"] = key_states.new_zeros((1, h, P, d))
+        K, V = self._buffers(key_states, P)
         for b, (segs, p) in enumerate(self.pasts):
-            if p < P:
-                K[b, :, : P - p].zero_()
-                V[b, :, : P - p].zero_()
-            at = P - p
+            kp = [zeros.narrow(2, 0, P - p)] if p < P else []
+            vp = list(kp)
             for blk, r, s, m in segs:
-                K[b, :, at:at + m] = piece(blk.keys[i], r, s, m)[0]
-                V[b, :, at:at + m] = piece(blk.values[i], r, s, m)[0]
-                at += m
-        K[:, :, P:] = key_states
-        V[:, :, P:] = value_states
+                kp.append(piece(blk.keys[i], r, s, m))
+                vp.append(piece(blk.values[i], r, s, m))
+            kp.append(key_states[b:b + 1])
+            vp.append(value_states[b:b + 1])
+            torch.cat(kp, dim=2, out=K[b:b + 1])
+            torch.cat(vp, dim=2, out=V[b:b + 1])
         return K, V
 
     def _write_arena(self, key_states, value_states):
@@ -113,17 +129,19 @@ def _pass_layer_class():
         that arena after its tip, ``(None, capacity)`` into a new arena buffer (``arena_kv``)
         after a copy of the past (see KVStore.arena_for)."""
 
-        def __init__(self, index: int, pasts, past: int, keep=(), arena=None, check=None, ready=False):
+        def __init__(self, index: int, pasts, past: int, keep=(), arena=None, check=None, ready=False,
+                     workspace=None):
             super().__init__()
             self.is_initialized = ready  # (True: no transformers bookkeeping on the first update)
-            self.setup(index, pasts, past, keep, arena, check)
+            self.setup(index, pasts, past, keep, arena, check, workspace)
 
     return PassLayer
 
 
-def pass_layer(index: int, pasts, past: int, keep=(), arena=None, check=None, ready=False):
-    """A :class:`PassLayer` (the class is made on first use: transformers imports late)."""
-    return _pass_layer_class()(index, pasts, past, keep, arena, check, ready)
+def pass_layer(index: int, pasts, past: int, keep=(), arena=None, check=None, ready=False, workspace=None):
+    """A :class:`PassLayer` (the class is made on first use: transformers imports late);
+    ``workspace``: a dict the layers of one pass share (their gather buffers)."""
+    return _pass_layer_class()(index, pasts, past, keep, arena, check, ready, workspace)
 
 
 def make_pass_cache(model, n_layers: int | None, pasts, past: int, keep=(), arena=None, check=None):
@@ -133,9 +151,12 @@ def make_pass_cache(model, n_layers: int | None, pasts, past: int, keep=(), aren
     if n_layers is not None:
         from genlm_bytes.lm.lean import LeanCache
 
-        return LeanCache([pass_layer(i, pasts, past, keep, arena, check, ready=True) for i in range(n_layers)])
+        ws = {}
+        return LeanCache([pass_layer(i, pasts, past, keep, arena, check, ready=True, workspace=ws)
+                          for i in range(n_layers)])
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    cache.layers = [pass_layer(i, pasts, past, keep, arena, check) for i in range(len(cache.layers))]
+    ws = {}
+    cache.layers = [pass_layer(i, pasts, past, keep, arena, check, workspace=ws) for i in range(len(cache.layers))]
     return cache
