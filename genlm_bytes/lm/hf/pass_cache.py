@@ -80,7 +80,7 @@ class _Gather:
         concatenation of its padding (zeros), its segments and its new tokens, written in place (one
         call per row and layer instead of one small copy per segment)."""
         P, i = self.past, self.index
-        B, h, n, d = key_states.shape
+        h, d = key_states.shape[1], key_states.shape[3]
         zeros = self.workspace.get("zeros")  # the padding (every row's is a view of it)
         if zeros is None or zeros.shape != (1, h, P, d) or zeros.dtype != key_states.dtype:
             zeros = self.workspace["zeros"] = key_states.new_zeros((1, h, P, d))
