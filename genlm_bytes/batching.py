@@ -63,7 +63,7 @@ class Batcher:
     """
 
     SETTLE_ROUNDS = 32  # event-loop iterations a batch waits at most for more requests (see _settle)
-    SETTLE_PATIENCE = 3  # ... and iterations in a row without a new request
+    SETTLE_PATIENCE = 8  # ... and iterations in a row without a new request (a caller takes ~5)
 
     def __init__(self, process: Callable[[Sequence[Any]], Sequence[Any]], max_batch_size: int = 32,
                  name: str = "batcher"):

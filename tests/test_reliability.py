@@ -81,8 +81,9 @@ class BatchedMock(AsyncLM):
 
 
 async def settle() -> None:
-    """Let finished workers return (a few loop iterations)."""
-    for _ in range(5):
+    """Let finished workers return (a few loop iterations: a worker waits up to
+    ``Batcher.SETTLE_PATIENCE`` iterations for more requests before it ends)."""
+    for _ in range(2 * Batcher.SETTLE_PATIENCE + 5):
         await asyncio.sleep(0)
 
 
