@@ -1104,6 +1104,52 @@ async def test_lookahead_guesses_the_next_context_and_stops_for_another(embedded
 
 
 @pytest.mark.slow
+async def test_lookahead_runs_a_prompt_lookup_draft_and_follows_right_drafts(embedded_lm, embedded_hf, hf64):
+    """On text that repeats itself, a look-ahead pass also runs the tokens that followed the last
+    earlier occurrence of its guess's context (a prompt-lookup draft): their distributions are
+    cached, exact. Asking for the guess then walks along the drafts computed already (greedy
+    guesses that match them) and runs the next pass from the first guess not computed, so the
+    caller's requests along a right draft are all served from the cache."""
+    import genlm_bytes.lm.hf.speculation as tr
+
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model, lookahead=True, draft_tokens=2)
+    loop = asyncio.get_running_loop()
+
+    async def idle():
+        await loop.run_in_executor(lm.batcher._executor, lambda: None)
+
+    def guess(ids):
+        lp = lm.cache.get_logp(tuple(ids)).numpy()
+        return tr.byte_mode(lp, tr.top_tokens(lp, lm.config.ahead_top), lm.byte_vocab, lm.eos_token_ids)
+
+    ctx = [0] + tok.encode("one two three four five six. one two three four five six. one two three")
+    await lm.next_token_logprobs(ctx)
+    await idle()
+    a = guess(ctx)
+    draft = tr.lookup_draft(tuple(ctx + [a]), 2)
+    assert len(draft) == 2, "the text repeats: a draft should follow the guess"
+    for k in range(len(draft) + 1):
+        ids = ctx + [a] + list(draft[:k])
+        assert lm.has_logprobs(ids), f"draft context {k} not computed ahead"
+        assert_close_to_uncached(hf_model, ids, lm.cache.get_logp(tuple(ids)))
+    # The greedy guesses follow the draft (the text repeats): asking for the guess walks
+    # along it and runs the next pass from its end; the caller's requests are all hits.
+    walk = ctx + [a]
+    while len(walk) < len(ctx) + 1 + len(draft) and guess(walk) == draft[len(walk) - len(ctx) - 1]:
+        walk = walk + [guess(walk)]
+    assert len(walk) == len(ctx) + 1 + len(draft), "the model should follow the repetition"
+    batches = lm.batcher.n_batches
+    for k in range(len(draft) + 1):
+        await lm.next_token_logprobs(ctx + [a] + list(draft[:k]))
+    await idle()
+    assert lm.batcher.n_batches == batches, "every context along the draft should come from the cache"
+    nxt = walk + [guess(walk)]
+    assert lm.has_logprobs(nxt), "the pass after the draft should have run ahead"
+    assert_close_to_uncached(hf_model, nxt, await lm.next_token_logprobs(nxt))
+    assert_cache_consistent(lm.cache)
+
+
 async def test_a_few_contexts_asked_together_get_one_lookahead_pass(embedded_lm, embedded_hf, hf64):
     """Contexts asked for in one go (a beam whose covers follow the same text in two
     segmentations, a few states stepping together) are guessed together: each extended by the

@@ -120,7 +120,8 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         self.device = self.runner.device
         self.spellings = Spellings(self.byte_vocab, self.eos_token_ids)
         drafter = Drafter(self.runner, self.spellings, self.draft_tokens, self.max_positions)
-        self.ahead = LookAhead(self.runner, self.spellings, self.lookahead, self.max_positions, None)
+        self.ahead = LookAhead(self.runner, self.spellings, self.lookahead, self.max_positions, None,
+                               draft_tokens=self.draft_tokens)
         self.scheduler = Scheduler(self.runner, drafter, self.ahead)
         self.ahead.check_model = self.scheduler.check_model
         self.batcher = Batcher(self.scheduler.process, max_batch_size=batch_size, name="AsyncTransformer")

@@ -9,8 +9,11 @@ costs a little time, never a result):
   tokens (:func:`lookup_draft`, "prompt lookup").
 - :class:`LookAhead`: after serving a lone request (or a few generation requests asked
   together), the model's thread runs the context extended by its guessed next token while the
-  caller works through that token's bytes. Asking for a guessed context starts the next
-  guess; asking for any other context stops the pass at its next layer (the check runs in
+  caller works through that token's bytes, and after it the tokens a prompt lookup drafts
+  (with the shorter tokens spelling each one's start). Asking for a guessed context starts
+  the next guess, from the first guess along the drafts that is not computed yet (text that
+  repeats itself then costs a pass per few tokens); asking for any other context stops the
+  pass at its next layer (the check runs in
   :class:`~genlm_bytes.lm.hf.pass_cache.PassLayer.update`, in the look-ahead's thread only).
 
 Not handled: guessing for batches larger than ``ahead_group`` (a beam's requests are many and
@@ -206,10 +209,14 @@ class LookAhead:
         max_positions: the model's window (None: unbounded).
         check_model: run under the model's lock before a look-ahead pass is planned (drops
             stale cached results when the model changed).
+        draft_tokens: the most tokens a look-ahead pass also runs after its guess, drafted from
+            the context's own text (:func:`lookup_draft`); 0: none.
     """
 
-    def __init__(self, runner, spellings: Spellings, enabled: bool, max_positions: int | None, check_model):
+    def __init__(self, runner, spellings: Spellings, enabled: bool, max_positions: int | None, check_model,
+                 draft_tokens: int = 0):
         self.runner, self.cache, self.config = runner, runner.cache, runner.config
+        self.draft_tokens = draft_tokens
         self.spellings, self.max_positions, self.check_model = spellings, max_positions, check_model
         self.enabled = enabled and runner.store.kv_reuse
         self.batcher = None  # set by the backend (the model's thread and lock)
@@ -259,6 +266,16 @@ class LookAhead:
         lp = np_row(row)  # numpy: no torch parallel region on the caller's thread
         top = top_tokens(lp, cfg.ahead_top)
         a = self._guess(lp, top)
+        # Guesses computed already (drafts of an earlier pass) are followed to the first one
+        # that is not: the pass for it starts while the caller still works through those.
+        for _ in range(self.draft_tokens + 1):
+            nxt = self.cache.get_logp(ids + (a,)) if a is not None else None
+            if nxt is None or not self._fits(ids + (a,)):
+                break
+            ids, sibling = ids + (a,), None
+            lp = np_row(nxt)
+            top = top_tokens(lp, cfg.ahead_top)
+            a = self._guess(lp, top)
         if a is None or self.cache.get_logp(ids + (a,)) is not None:
             return
         items, paths = [], [ids + (a,)]
@@ -278,8 +295,31 @@ class LookAhead:
                 if (t is not None and t != a and t != top[0] and lp[t] >= least
                         and len(items) < cfg.ahead_shorter):  # (top[0]: already a branch if not a)
                     items.append((len(ids), (t,), ()))
-        targets = frozenset(paths + [ids[:i] + chain for i, chain, _ in items])
+        # The tokens that followed the last earlier occurrence of the guess's context, run after
+        # it in the same pass (text that repeats itself is then a few tokens per pass).
+        draft = lookup_draft(ids + (a,), self.draft_tokens, cfg.draft_search) if self.draft_tokens else ()
+        if self.max_positions:
+            draft = draft[: max(0, self.max_positions - len(ids) - 1)]
+        if draft:
+            # With each drafted token, the tokens spelling a proper prefix of it (a byte-level
+            # beam also asks for the contexts ending in those: its shorter covers).
+            subs = tuple((k, t) for k, tok in enumerate(draft) for t in self.prefix_tokens(tok))
+            items.append((len(ids) + 1, tuple(draft), subs))
+        base = ids + (a,)
+        targets = frozenset(paths + [base[:i] + chain[:k] for i, chain, _ in items for k in range(1, len(chain) + 1)]
+                            + [base[:i] + chain[:k] + (t,) for i, chain, subs in items for k, t in subs])
         self._queue(Ahead(frozenset(paths), targets, threading.Event()), self._run_one, ids, a, tuple(items))
+
+    def prefix_tokens(self, tok: int) -> list[int]:
+        """Up to ``ahead_shorter`` tokens spelling proper prefixes of ``tok``'s bytes, longest first."""
+        spelled, by_bytes, out = self.spellings.byte_vocab[tok], self.spellings.by_bytes, []
+        for n in range(len(spelled) - 1, 0, -1):
+            t = by_bytes.get(spelled[:n])
+            if t is not None:
+                out.append(t)
+                if len(out) == self.config.ahead_shorter:
+                    break
+        return out
 
     def start_group(self, contexts: list[tuple], rows: list) -> None:
         """Queue one look-ahead pass for a few contexts asked for together (a beam whose covers
@@ -301,12 +341,16 @@ class LookAhead:
         if paths:
             self._queue(Ahead(frozenset(paths), frozenset(paths), threading.Event()), self._run_group, paths)
 
-    def _queue(self, ahead: Ahead, job, *args) -> None:
-        """Make ``ahead`` the look-ahead pass (stopping the one before) and queue ``job(ahead,
-        *args)`` in the model's thread."""
+    def _arm(self, ahead: Ahead) -> None:
+        """Make ``ahead`` the look-ahead (stopping the one before)."""
         old, self.ahead = self.ahead, ahead
         if old is not None:
             old.abort.set()
+
+    def _queue(self, ahead: Ahead, job, *args) -> None:
+        """Make ``ahead`` the look-ahead pass (stopping the one before) and queue ``job(ahead,
+        *args)`` in the model's thread."""
+        self._arm(ahead)
         self.batcher._executor.submit(job, ahead, *args)
 
     def _group_hit(self, ahead: Ahead, key: tuple, row: torch.Tensor) -> None:
