@@ -171,7 +171,7 @@ class PrefillPlanner:
 
     DOMINANT = math.log(0.5)
     MERGE_SLACK = 4  # paths whose contexts differ in at most this many last tokens share a pass
-    FIRST_AHEAD = 8  # look-ahead of a branch at its first uncached extension (0: wait for the second)
+    FIRST_AHEAD = 4  # look-ahead of a branch at its first uncached extension (0: wait for the second)
     MAX_AHEAD = 32
     MAX_STRONG = 128
 

@@ -17,12 +17,7 @@ import functools
 
 import torch
 
-
-def piece(t: torch.Tensor, row: int, start: int, n: int) -> torch.Tensor:
-    """Slots ``[start, start + n)`` of row ``row`` of a block's ``(B, heads, T, d)`` tensor."""
-    if t.shape[0] != 1:
-        t = t[row:row + 1]
-    return t if start == 0 and n == t.shape[2] else t.narrow(2, start, n)
+from genlm_bytes.lm.prefix_cache import piece
 
 
 class _Gather:
@@ -77,25 +72,31 @@ class _Gather:
 
     def _gather_padded(self, key_states, value_states):
         """Every row's past left-padded to ``past`` slots, then the new tokens: per row, one
-        concatenation of its padding (zeros), its segments and its new tokens, written in place (one
-        call per row and layer instead of one small copy per segment)."""
-        P, i = self.past, self.index
-        h, d = key_states.shape[1], key_states.shape[3]
-        zeros = self.workspace.get("zeros")  # the padding (every row's is a view of it)
-        if zeros is None or zeros.shape != (1, h, P, d) or zeros.dtype != key_states.dtype:
-            zeros = self.workspace["zeros"] = key_states.new_zeros((1, h, P, d))
-        K, V = self._buffers(key_states, P)
-        for b, (segs, p) in enumerate(self.pasts):
-            kp = [zeros.narrow(2, 0, P - p)] if p < P else []
-            vp = list(kp)
-            for blk, r, s, m in segs:
-                kp.append(piece(blk.keys[i], r, s, m))
-                vp.append(piece(blk.values[i], r, s, m))
-            kp.append(key_states[b:b + 1])
-            vp.append(value_states[b:b + 1])
-            torch.cat(kp, dim=2, out=K[b:b + 1])
-            torch.cat(vp, dim=2, out=V[b:b + 1])
+        concatenation of its padding (zeros), its segments and its new tokens, written in place.
+        What does not change from layer to layer (the padding, where each row goes, which
+        pieces it reads: see :meth:`KVBlock.piece_views`) is worked out once per pass."""
+        i = self.index
+        K, V = self._buffers(key_states, self.past)
+        plan = self.workspace.get("plan")
+        if plan is None or plan[0] is not K:
+            plan = self.workspace["plan"] = (K, self._plan(key_states, K, V))
+        ks, vs = key_states.split(1), value_states.split(1)
+        for b, (pad, kviews, vviews, kout, vout) in enumerate(plan[1]):
+            torch.cat(pad + [kv[i] for kv in kviews] + [ks[b]], dim=2, out=kout)
+            torch.cat(pad + [vv[i] for vv in vviews] + [vs[b]], dim=2, out=vout)
         return K, V
+
+    def _plan(self, key_states, K, V) -> list:
+        """Per row: its padding (a view of a zero buffer), the per-layer views of its pieces,
+        and its rows of the buffers ``K``/``V``."""
+        P, h, d = self.past, key_states.shape[1], key_states.shape[3]
+        zeros = key_states.new_zeros((1, h, P, d))
+        plan = []
+        for b, (segs, p) in enumerate(self.pasts):
+            pad = [zeros.narrow(2, 0, P - p)] if p < P else []
+            views = [blk.piece_views(r, s, m) for blk, r, s, m in segs]
+            plan.append((pad, [kv for kv, _ in views], [vv for _, vv in views], K[b:b + 1], V[b:b + 1]))
+        return plan
 
     def _write_arena(self, key_states, value_states):
         P, i, n = self.past, self.index, key_states.shape[2]
