@@ -30,11 +30,11 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
+import common
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -113,18 +113,8 @@ async def run(args) -> dict:
     json_text = runs["json"][0]["text"].encode()
     return {
         "question": "bytes/s of JSON-constrained greedy vs unconstrained greedy from the same chat state",
-        "settings": {
-            "model": "embedded SmolLM2-135M-Instruct (float32, CPU)",
-            "beam": {"K": 5, "prune_threshold": 0.05},
-            "chat_question": args.question,
-            "schema": schema,
-            "max_bytes": args.max_bytes,
-            "repeats": args.repeats,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-            "load_average_1min_at_end": os.getloadavg()[0],
-        },
+        "settings": common.environment(torch.get_num_threads(), chat_question=args.question, schema=schema,
+                                       max_bytes=args.max_bytes, repeats=args.repeats),
         "rows": rows,
         "ratio": rows["json"]["bytes_per_s"] / rows["free"]["bytes_per_s"],
         "mask_us_per_byte": mask_us_per_byte(constraint, json_text),

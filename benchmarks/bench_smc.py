@@ -29,11 +29,11 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
+import common
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -80,18 +80,8 @@ async def run(args) -> dict:
         r["ratio_to_one"] = r["seconds"] / t1 if t1 else None
     return {
         "question": "time of SMC with N particles vs one particle (LM calls batched across particles)",
-        "settings": {
-            "model": "embedded SmolLM2-135M-Instruct (float32, CPU)",
-            "beam": {"K": 5, "prune_threshold": 0.05},
-            "prompt": args.prompt,
-            "pattern": args.pattern,
-            "max_bytes": args.max_bytes,
-            "repeats": args.repeats,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-            "load_average_1min_at_end": os.getloadavg()[0],
-        },
+        "settings": common.environment(torch.get_num_threads(), prompt=args.prompt, pattern=args.pattern,
+                                       max_bytes=args.max_bytes, repeats=args.repeats),
         "rows": rows,
     }
 
