@@ -11,7 +11,9 @@ Guarantees:
 - every waiting caller gets its result or the exception ``process`` raised
   for its batch; the next batch starts fresh;
 - a lone request is not delayed by a sleep: the worker yields to the event
-  loop once, so requests made in the same loop iteration join the batch;
+  loop until the coroutines that can run have run (a few iterations, bounded;
+  see ``Batcher._settle``), so requests made meanwhile, and the next requests
+  of the callers a batch just answered, join one batch;
 - a cancelled caller does not disturb the others (the shared future is
   shielded);
 - the batcher follows the running event loop: it can be used from successive
