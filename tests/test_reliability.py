@@ -224,14 +224,19 @@ async def test_callers_that_resume_after_several_hops_share_one_batch():
     assert [len(b) for b in lm.batches] == [12, 12, 12, 12]
 
 
-async def test_a_lone_caller_is_not_held_back_by_a_busy_loop():
-    """A task that keeps the loop busy (always ready) delays a batch by a bounded number of
-    loop iterations, never forever."""
+async def test_a_busy_loop_delays_a_batch_by_a_bounded_number_of_iterations():
+    """A task that keeps the loop busy (always ready) delays a batch by at most
+    ``SETTLE_PATIENCE`` iterations without a new request, never forever."""
     lm = BatchedMock()
+    spins = 0
     stop = False
 
     async def spinner() -> None:
+        nonlocal spins
         while not stop:
+            state = lm.batcher._states.get(asyncio.get_running_loop())
+            if state is not None and state.queue:  # requests queued, the batch not taken yet
+                spins += 1
             await asyncio.sleep(0)
 
     task = asyncio.ensure_future(spinner())
@@ -241,6 +246,7 @@ async def test_a_lone_caller_is_not_held_back_by_a_busy_loop():
         stop = True
         await task
     assert len(rows) == 3 and lm.batches == [[(0, 0), (0, 1), (0, 2)]]
+    assert 0 < spins <= Batcher.SETTLE_PATIENCE + 2, f"the batch waited {spins} loop iterations"
 
 
 # --------------------------------------------------------------------------- cancellation
