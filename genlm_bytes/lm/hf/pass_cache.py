@@ -48,10 +48,12 @@ class _Gather:
         if P == 0:
             K, V = key_states, value_states
         elif len(self.pasts) == 1:  # one row, no padding: one concatenation
-            segs = self.pasts[0][0]
             K, V = self._buffers(key_states, P)
-            torch.cat([piece(b.keys[i], r, s, n) for b, r, s, n in segs] + [key_states], dim=2, out=K)
-            torch.cat([piece(b.values[i], r, s, n) for b, r, s, n in segs] + [value_states], dim=2, out=V)
+            views = self.workspace.get("views")
+            if views is None:  # (once per pass: see KVBlock.piece_views)
+                views = self.workspace["views"] = [blk.piece_views(r, s, n) for blk, r, s, n in self.pasts[0][0]]
+            torch.cat([kv[i] for kv, _ in views] + [key_states], dim=2, out=K)
+            torch.cat([vv[i] for _, vv in views] + [value_states], dim=2, out=V)
         else:
             K, V = self._gather_padded(key_states, value_states)
         for row, lo, hi in self.keep:
