@@ -44,9 +44,7 @@ class KVBlock:
     change; those at and after it belong to no cached context.
     """
 
-    __slots__ = ("__weakref__", "filled", "keys", "nbytes", "refs", "values", "views")
-
-    MAX_VIEWS = 64  # pieces whose per-layer views a block keeps (see piece_views)
+    __slots__ = ("__weakref__", "filled", "keys", "nbytes", "refs", "values")
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], filled: int | None = None):
         self.keys = keys
@@ -54,35 +52,12 @@ class KVBlock:
         self.nbytes = sum(k.numel() * k.element_size() for k in keys) * 2
         self.refs = 0  # cached refs whose chain holds this block (charged to the budget while > 0)
         self.filled = filled
-        self.views: dict | None = None
-
-    def piece_views(self, row: int, start: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every layer's ``(1, heads, n, d)`` keys and values of slots ``[start, start + n)`` of
-        ``row``, as views (no copy). Kept for the next passes (up to ``MAX_VIEWS`` pieces): a
-        batched pass gathers the same pieces, layer after layer, pass after pass, and making
-        the views is most of a gather's cost."""
-        key = (row, start, n)
-        got = self.views.get(key) if self.views is not None else None
-        if got is None:
-            got = ([piece(k, row, start, n) for k in self.keys], [piece(v, row, start, n) for v in self.values])
-            if self.views is None:
-                self.views = {}
-            if len(self.views) < self.MAX_VIEWS:
-                self.views[key] = got
-        return got
 
     def tip_room(self, ref: KVRef, n: int) -> bool:
         """Whether ``ref`` (a past held in this block) is this arena's whole written context
         and ``n`` more slots fit after it."""
         return (self.filled is not None and ref.prev is None and ref.start == 0
                 and ref.length == self.filled and self.filled + n <= self.keys[0].shape[2])
-
-
-def piece(t: torch.Tensor, row: int, start: int, n: int) -> torch.Tensor:
-    """Slots ``[start, start + n)`` of row ``row`` of a ``(B, heads, T, d)`` tensor, ``(1, heads, n, d)``."""
-    if t.shape[0] != 1:
-        t = t[row:row + 1]
-    return t if start == 0 and n == t.shape[2] else t.narrow(2, start, n)
 
 
 class KVRef:

@@ -17,7 +17,12 @@ import functools
 
 import torch
 
-from genlm_bytes.lm.prefix_cache import piece
+
+def piece(t: torch.Tensor, row: int, start: int, n: int) -> torch.Tensor:
+    """Slots ``[start, start + n)`` of row ``row`` of a block's ``(B, heads, T, d)`` tensor."""
+    if t.shape[0] != 1:
+        t = t[row:row + 1]
+    return t if start == 0 and n == t.shape[2] else t.narrow(2, start, n)
 
 
 class _Gather:
@@ -48,12 +53,10 @@ class _Gather:
         if P == 0:
             K, V = key_states, value_states
         elif len(self.pasts) == 1:  # one row, no padding: one concatenation
+            segs = self.pasts[0][0]
             K, V = self._buffers(key_states, P)
-            views = self.workspace.get("views")
-            if views is None:  # (once per pass: see KVBlock.piece_views)
-                views = self.workspace["views"] = [blk.piece_views(r, s, n) for blk, r, s, n in self.pasts[0][0]]
-            torch.cat([kv[i] for kv, _ in views] + [key_states], dim=2, out=K)
-            torch.cat([vv[i] for _, vv in views] + [value_states], dim=2, out=V)
+            torch.cat([piece(b.keys[i], r, s, n) for b, r, s, n in segs] + [key_states], dim=2, out=K)
+            torch.cat([piece(b.values[i], r, s, n) for b, r, s, n in segs] + [value_states], dim=2, out=V)
         else:
             K, V = self._gather_padded(key_states, value_states)
         for row, lo, hi in self.keep:
@@ -74,31 +77,26 @@ class _Gather:
 
     def _gather_padded(self, key_states, value_states):
         """Every row's past left-padded to ``past`` slots, then the new tokens: per row, one
-        concatenation of its padding (zeros), its segments and its new tokens, written in place.
-        What does not change from layer to layer (the padding, where each row goes, which
-        pieces it reads: see :meth:`KVBlock.piece_views`) is worked out once per pass."""
+        concatenation of its padding (zeros), its segments and its new tokens, written in place
+        (one call per row and layer instead of one small copy per segment). The padding and
+        each row's place in the buffers are worked out once per pass."""
         i = self.index
         K, V = self._buffers(key_states, self.past)
         plan = self.workspace.get("plan")
         if plan is None or plan[0] is not K:
             plan = self.workspace["plan"] = (K, self._plan(key_states, K, V))
         ks, vs = key_states.split(1), value_states.split(1)
-        for b, (pad, kviews, vviews, kout, vout) in enumerate(plan[1]):
-            torch.cat(pad + [kv[i] for kv in kviews] + [ks[b]], dim=2, out=kout)
-            torch.cat(pad + [vv[i] for vv in vviews] + [vs[b]], dim=2, out=vout)
+        for b, ((segs, _), (pad, kout, vout)) in enumerate(zip(self.pasts, plan[1])):
+            torch.cat(pad + [piece(blk.keys[i], r, s, m) for blk, r, s, m in segs] + [ks[b]], dim=2, out=kout)
+            torch.cat(pad + [piece(blk.values[i], r, s, m) for blk, r, s, m in segs] + [vs[b]], dim=2, out=vout)
         return K, V
 
     def _plan(self, key_states, K, V) -> list:
-        """Per row: its padding (a view of a zero buffer), the per-layer views of its pieces,
-        and its rows of the buffers ``K``/``V``."""
+        """Per row: its padding (a view of one zero buffer) and its rows of the buffers ``K``/``V``."""
         P, h, d = self.past, key_states.shape[1], key_states.shape[3]
         zeros = key_states.new_zeros((1, h, P, d))
-        plan = []
-        for b, (segs, p) in enumerate(self.pasts):
-            pad = [zeros.narrow(2, 0, P - p)] if p < P else []
-            views = [blk.piece_views(r, s, m) for blk, r, s, m in segs]
-            plan.append((pad, [kv for kv, _ in views], [vv for _, vv in views], K[b:b + 1], V[b:b + 1]))
-        return plan
+        return [([zeros.narrow(2, 0, P - p)] if p < P else [], K[b:b + 1], V[b:b + 1])
+                for b, (_, p) in enumerate(self.pasts)]
 
     def _write_arena(self, key_states, value_states):
         P, i, n = self.past, self.index, key_states.shape[2]
