@@ -46,6 +46,12 @@ class Spellings:
             self._by_bytes = {b: t for t, b in enumerate(self.byte_vocab) if b}
         return self._by_bytes
 
+    def prefix_tokens(self, tok: int, shortest: int = 1) -> list[int]:
+        """The tokens spelling proper prefixes of ``tok``'s bytes at least ``shortest`` bytes
+        long, longest first (" th" and " t" for " the")."""
+        spelled, by_bytes = self.byte_vocab[tok], self.by_bytes
+        return [t for n in range(len(spelled) - 1, shortest - 1, -1) if (t := by_bytes.get(spelled[:n])) is not None]
+
 
 def top_tokens(lp, k: int) -> list[int]:
     """The ``k`` largest entries' indices of the numpy row ``lp``, largest first."""
@@ -168,11 +174,9 @@ class Drafter:
         longer, lp = self.longer_tokens(ids) if k >= 1 else ([], None)
         if not longer:
             return []
-        vocab, by_bytes = self.spellings.byte_vocab, self.spellings.by_bytes
-        n0, found = len(vocab[ids[-1]]), set(longer)
+        n0, found = len(self.spellings.byte_vocab[ids[-1]]), set(longer)
         for t in longer:
-            spelled = vocab[t]
-            found.update(u for n in range(n0 + 1, len(spelled)) if (u := by_bytes.get(spelled[:n])) is not None)
+            found.update(self.spellings.prefix_tokens(t, n0 + 1))
         out = [t for t in found if self.cache.get_logp(ids[:-1] + (t,)) is None]
         out.sort(key=lambda t: -lp[t])
         return out[:k]
@@ -289,11 +293,9 @@ class LookAhead:
                 items.append((len(ids) - 1, (sibling, b), ()))
                 paths.append(ids[:-1] + (sibling, b))
         if len(items) < cfg.ahead_shorter and not (items and len(items[0][1]) > 1):
-            spelled, by_bytes, least = self.spellings.byte_vocab[a], self.spellings.by_bytes, cfg.ahead_shorter_logp
-            for n in range(len(spelled) - 1, 0, -1):
-                t = by_bytes.get(spelled[:n])
-                if (t is not None and t != a and t != top[0] and lp[t] >= least
-                        and len(items) < cfg.ahead_shorter):  # (top[0]: already a branch if not a)
+            least = cfg.ahead_shorter_logp
+            for t in self.spellings.prefix_tokens(a):
+                if t != top[0] and lp[t] >= least and len(items) < cfg.ahead_shorter:  # (top[0]: a branch already)
                     items.append((len(ids), (t,), ()))
         # The tokens that followed the last earlier occurrence of the guess's context, run after
         # it in the same pass (text that repeats itself is then a few tokens per pass).
@@ -303,23 +305,13 @@ class LookAhead:
         if draft:
             # With each drafted token, the tokens spelling a proper prefix of it (a byte-level
             # beam also asks for the contexts ending in those: its shorter covers).
-            subs = tuple((k, t) for k, tok in enumerate(draft) for t in self.prefix_tokens(tok))
+            subs = tuple((k, t) for k, tok in enumerate(draft)
+                         for t in self.spellings.prefix_tokens(tok)[: cfg.ahead_shorter])
             items.append((len(ids) + 1, tuple(draft), subs))
         base = ids + (a,)
         targets = frozenset(paths + [base[:i] + chain[:k] for i, chain, _ in items for k in range(1, len(chain) + 1)]
                             + [base[:i] + chain[:k] + (t,) for i, chain, subs in items for k, t in subs])
         self._queue(Ahead(frozenset(paths), targets, threading.Event()), self._run_one, ids, a, tuple(items))
-
-    def prefix_tokens(self, tok: int) -> list[int]:
-        """Up to ``ahead_shorter`` tokens spelling proper prefixes of ``tok``'s bytes, longest first."""
-        spelled, by_bytes, out = self.spellings.byte_vocab[tok], self.spellings.by_bytes, []
-        for n in range(len(spelled) - 1, 0, -1):
-            t = by_bytes.get(spelled[:n])
-            if t is not None:
-                out.append(t)
-                if len(out) == self.config.ahead_shorter:
-                    break
-        return out
 
     def start_group(self, contexts: list[tuple], rows: list) -> None:
         """Queue one look-ahead pass for a few contexts asked for together (a beam whose covers
