@@ -415,10 +415,34 @@ def sample_symbol(logps, params: SamplingParams, rng: RngLike) -> int:
     """
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+    if (isinstance(logps, np.ndarray) and logps.ndim == 1 and logps.dtype.kind == "f" and logps.size
+            and params.top_k is None and params.top_p is None and params.min_p is None):
+        return _sample_plain(logps, params, rng)
     x = _as_logits(logps, "logps")
     if x.dim() != 1:
         raise ValueError(f"logps must be 1-D (V,), got shape {tuple(x.shape)}")
     return int(params.sample(x.to(torch.float64), rng))
+
+
+def _sample_plain(logps: np.ndarray, params: SamplingParams, rng: RngLike) -> int:
+    """:func:`sample_symbol` for a 1-D numpy row and no filters (a byte-level state's every step):
+    the same checks and the same draw as :func:`_categorical` (one ``gen.random()``, inverse CDF
+    in float64), in numpy, without a round of small torch calls per symbol."""
+    x = logps.astype(np.float64)  # (V,) a copy
+    if np.isnan(x).any():
+        raise ValueError("logps contains NaN")
+    if (x == math.inf).any():
+        raise ValueError("logps contains +inf")
+    if not (x > -math.inf).any():
+        raise ValueError("logps has a row where every entry is -inf: nothing can be sampled")
+    if params.is_greedy:
+        return int(x.argmax())
+    if params.temperature != 1:
+        x /= params.temperature
+    p = np.exp(x - x.max())
+    cdf = np.cumsum(p / p.sum())
+    u = (1.0 - as_generator(rng).random(1)[0]) * cdf[-1]  # in (0, total]
+    return int((cdf < u).sum())  # the first j with cdf[j] >= u, so p[j] > 0
 
 
 # --------------------------------------------------------------------------- generation, re-exported

@@ -264,6 +264,28 @@ def test_sample_symbol_validation():
         sample_symbol(np.zeros(3), {"temperature": 1.0}, 0)
 
 
+def test_sample_symbol_numpy_rows_draw_what_tensor_rows_draw():
+    # A 1-D numpy row without filters takes a numpy path (a byte-level state's every step); it
+    # must draw the same symbol as the tensor path for the same generator state, and check alike.
+    rng = np.random.default_rng(7)
+    for trial in range(400):
+        x = rng.normal(size=N_SYMBOLS) * rng.uniform(0.1, 8.0)
+        x[rng.random(N_SYMBOLS) < 0.3] = -np.inf
+        x[trial % N_SYMBOLS] = 0.0  # (at least one finite entry)
+        for params in (SamplingParams(), SamplingParams(temperature=0.6), SamplingParams(temperature=1.7),
+                       SamplingParams(do_sample=False)):
+            got = sample_symbol(x, params, np.random.default_rng(trial))
+            want = sample_symbol(torch.from_numpy(x), params, np.random.default_rng(trial))
+            assert got == want
+            assert np.isfinite(x[got])
+    for bad, match in ((np.array([0.0, np.inf]), "inf"), (np.array([np.nan, 0.0]), "NaN"),
+                       (np.full(3, -np.inf, dtype=np.float32), "-inf")):
+        with pytest.raises(ValueError, match=match):
+            sample_symbol(bad, SamplingParams(), 0)
+        with pytest.raises(ValueError, match=match):
+            sample_symbol(torch.from_numpy(bad), SamplingParams(), 0)
+
+
 # --------------------------------------------------------------------------- samplers
 
 
