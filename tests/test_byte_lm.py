@@ -497,3 +497,47 @@ async def test_greedy_with_drafts_equals_greedy_without_and_needs_fewer_calls(em
     assert drafted == plain and ahead_out == plain
     assert calls_ahead < calls0, "look-ahead passes should serve some requests before they are made"
     assert calls2 < calls0, f"drafts saved no pass ({calls2} vs {calls0} calls)"
+
+
+@pytest.mark.slow
+async def test_new_paths_exact_branches_join_the_next_pass(embedded_lm):
+    """A look-ahead path the prefill planner starts for a surviving branch lists its exact
+    branches (a token or two each) and computes them with its next pass instead of in a pass of
+    their own: fewer passes, the same covers."""
+    from genlm_bytes import AsyncTransformer
+    from genlm_bytes.byte_lm import speculate
+
+    text = ("Die Kinder spielten gestern Nachmittag im Garten, während die Großeltern Kaffee tranken "
+            "und über die Ernte sprachen. Übermorgen beginnt das Schuljahr.").encode()
+    params = BeamParams(K=5, prune_threshold=0.05)
+    real = speculate.PrefillPlanner.add_path
+    deferred = []
+
+    async def each_alone(self, ctx, enc, base, defer=False):  # the planner as it was: a pass per new path
+        return await real(self, ctx, enc, base, False)
+
+    async def watched(self, ctx, enc, base, defer=False):
+        await real(self, ctx, enc, base, defer)
+        deferred.extend(self.pending)
+
+    results = []
+    for add_path in (each_alone, watched):
+        lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0])
+        passes = []
+        for name in ("tree_pass", "forward"):
+            inner = getattr(lm.runner, name)
+            setattr(lm.runner, name, lambda *a, _inner=inner, _log=passes, **kw: (_log.append(1), _inner(*a, **kw))[1])
+        speculate.PrefillPlanner.add_path = add_path
+        try:
+            beam = await (await ByteBeamState.initial(lm, params)).prefill(text)
+        finally:
+            speculate.PrefillPlanner.add_path = real
+        results.append((beam, len(passes), lm))
+    (old, n_old, _), (new, n_new, lm) = results
+    assert deferred, "the text should make the planner start look-ahead paths with branches"
+    assert n_new < n_old, f"deferring the branches saved no pass ({n_new} vs {n_old})"
+    assert sorted((s.lm_state.context, s.node) for s in new.states) == \
+        sorted((s.lm_state.context, s.node) for s in old.states)
+    assert new.logZ == pytest.approx(old.logZ, abs=1e-4)
+    np.testing.assert_allclose(np.exp((await new.logp_next()).ps), np.exp((await old.logp_next()).ps), atol=1e-4)
+    assert any(lm.has_logprobs(list(q)) for q in deferred), "pending branches should be computed by a later pass"

@@ -72,6 +72,20 @@ class PathSpeculator:
         """Compute the first window of the path (later windows follow the beam, see ensure_bytes)."""
         await self.ensure_bytes(self.base)
 
+    async def start_deferred(self) -> list[tuple]:
+        """:meth:`start` for a path computed already (a planner's look-ahead path) that fits one
+        window: its branches are listed, not computed, and returned as contexts (token
+        tuples) for the caller to compute with its next pass. A longer path starts as usual
+        (its next window needs a pass anyway), returning nothing."""
+        j1 = self._window_end(0)
+        if j1 < len(self.path) or not self.lm.has_logprobs(list(self.ctx0 + self.path)):
+            await self.start()
+            return []
+        self.done = self.computed = j1
+        full = self.ctx0 + self.path
+        return [full[:i] + (t,) for i, t in await self.branches(0, j1)
+                if not self.lm.has_logprobs(list(full[:i] + (t,)))]
+
     def due(self, pos: int) -> bool:
         """Whether :meth:`ensure_bytes` at ``pos`` has work to do."""
         return self.done < len(self.path) and self.base + self.off[self.done] <= pos + 4 * self.window
@@ -164,6 +178,12 @@ class PrefillPlanner:
     ``DOMINANT`` of the heaviest cover) starts at ``MAX_AHEAD`` and doubles up to ``MAX_STRONG``, so a
     branch that dies soon wastes little and one that carries the beam is computed in few passes.
 
+    A new look-ahead path's own exact branches (the one-token branches off it that can survive,
+    known once its pass ran) are not computed in a pass of their own: most are a token or two,
+    and every pass reads all the weights whatever its size. They wait in ``pending`` and join
+    the planner's next pass (or the beam asks for one when it gets there, which starts that
+    pass). Either way the same distributions are computed; only the grouping changes.
+
     The lineage bookkeeping (how many uncached extensions in a row, the last look-ahead) is the
     planner's own, keyed by the token context object a cover holds (the covers of one lineage
     share it); the covers carry none of it.
@@ -174,6 +194,8 @@ class PrefillPlanner:
     FIRST_AHEAD = 4  # look-ahead of a branch at its first uncached extension (0: wait for the second)
     MAX_AHEAD = 32
     MAX_STRONG = 128
+    MAX_PENDING = 256  # pending branch contexts kept (see ``pending``)
+    PENDING_SLACK = 8  # a pending branch joins a pass whose path it parts from at most this many tokens before its end
 
     def __init__(self, beam, data: bytes):
         self.beam0 = beam
@@ -182,6 +204,9 @@ class PrefillPlanner:
         self.data = data
         self.params = beam.params
         self.paths: list[PathSpeculator] = []
+        # Branch contexts of new look-ahead paths, computed with the planner's next pass rather
+        # than each in a pass of its own (see add_paths).
+        self.pending: dict[tuple, None] = {}
         # id(a live cover's token context) -> (misses in a row, look-ahead, context length where it ends)
         self._lineage: dict[int, tuple[int, int, int]] = {}
         self._planned: dict[tuple[int, int], tuple[int, int, int]] = {}  # (id(context), token) -> the same
@@ -190,16 +215,24 @@ class PrefillPlanner:
         m = self.params.max_context_length
         return m is None or n_tokens <= m
 
-    async def add_path(self, ctx: tuple, enc: tuple, base: int) -> None:
+    async def add_path(self, ctx: tuple, enc: tuple, base: int, defer: bool = False) -> None:
+        """Follow the path ``ctx + enc`` (``enc`` spells the text from ``base``). ``defer``: a
+        path computed already whose exact branches go into ``pending`` (see
+        :meth:`PathSpeculator.start_deferred`)."""
         data = self.data[base: base + sum(len(self.lm.byte_vocab[t]) for t in enc)]
         spec = PathSpeculator(self.lm, self.space, ctx, enc, data, self.params.prune_threshold, base=base)
-        await spec.start()
+        if defer:
+            self.pending.update(dict.fromkeys(await spec.start_deferred()))
+        else:
+            await spec.start()
         self.paths.append(spec)
 
     async def advance(self, pos: int, beam) -> None:
         """Speculate the next windows of the paths the beam still follows; forget the others
         (and the bookkeeping of covers no longer in the beam: a key is the id of a live object)."""
         held = {id(s.lm_state) for s in beam.states}
+        if len(self.pending) > self.MAX_PENDING:  # (the oldest go: the beam has moved past them)
+            self.pending = dict.fromkeys(list(self.pending)[-self.MAX_PENDING:])
         self._lineage = {k: v for k, v in self._lineage.items() if k in held}
         self._planned.clear()
         live = []
@@ -270,7 +303,7 @@ class PrefillPlanner:
                     break
             else:
                 groups.append([(ctx, enc)])
-        for g in groups:
+        for n, g in enumerate(groups):
             (ctx0, enc0), rest = g[0], g[1:]
             items = [(len(ctx0) + k, (t,)) for k, t in self.likely_branches(enc0, pos)]
             if rest:
@@ -279,9 +312,29 @@ class PrefillPlanner:
                     seq = ctx + enc
                     subs = [(len(ctx) - c + k, t) for k, t in self.likely_branches(enc, pos)]
                     items.append((c, seq[c:], subs))
+            if n == 0:
+                items += self._take_pending(ctx0 + enc0)
             await self.lm.prefetch(list(ctx0 + enc0), alternatives=items, start=len(ctx0) - 1)
         for ctx, enc in paths:
-            await self.add_path(ctx, enc, pos)
+            # Its exact branches wait for the next pass: most are a token or two, and a pass of
+            # their own would cost what any pass costs (the weights are read once per pass).
+            await self.add_path(ctx, enc, pos, defer=True)
+
+    def _take_pending(self, path: tuple) -> list[tuple]:
+        """The pending branch contexts (see ``pending``) still uncached, as alternatives of a pass
+        on ``path``: each branches off where it parts from ``path`` (the tokens it repeats there
+        are few: the paths of one prefill share all but their last few tokens); those parting
+        more than ``PENDING_SLACK`` tokens before their end wait for a pass nearer."""
+        items = []
+        for q in list(self.pending):
+            if self.lm.has_logprobs(list(q)):
+                del self.pending[q]
+                continue
+            c = min(_common(path, q), len(q) - 1)
+            if len(q) - c <= self.PENDING_SLACK:
+                items.append((c, q[c:]))
+                del self.pending[q]
+        return items
 
     def likely_branches(self, enc: tuple, pos: int) -> list[tuple[int, int]]:
         """``(k, t)``: token ``t`` in place of ``enc[k]``, where the first path branches off
