@@ -182,6 +182,38 @@ async def test_ragged_batch_of_different_pasts_and_duplicates_matches_uncached(e
     assert_cache_consistent(lm.cache)
 
 
+async def test_padding_of_a_ragged_batch_is_zeroed_whatever_the_buffer_held(embedded_lm, embedded_hf, hf64,
+                                                                          monkeypatch):
+    """The rows of a batch are left-padded to the longest past in one buffer the layers share,
+    and each layer writes only after a row's padding: the padding must be zeroed by the pass
+    itself (a masked slot holding NaN would still poison its row: 0 * NaN is NaN)."""
+    from genlm_bytes.lm.hf import pass_cache
+
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model)
+    inner = pass_cache._Gather._buffers
+
+    def poisoned(self, key_states, P):  # fresh buffers full of NaN, as reused memory may be
+        fresh = "gather" not in self.workspace or self.workspace["gather"][0].shape[2] != P + key_states.shape[2]
+        K, V = inner(self, key_states, P)
+        if fresh:
+            K.fill_(float("nan"))
+            V.fill_(float("nan"))
+        return K, V
+
+    monkeypatch.setattr(pass_cache._Gather, "_buffers", poisoned)
+    ids = [0] + tok.encode(TEXT)
+    for n in (4, 15):
+        await lm.next_token_logprobs(ids[:n])
+    contexts = [ids[:4] + [11], ids[:15] + [12], ids[:15] + [13, 14]]  # pasts of 4 and 15 tokens
+    batches = lm.batcher.n_batches
+    rows = await asyncio.gather(*(lm.next_token_logprobs(c) for c in contexts))
+    assert lm.batcher.n_batches - batches == 1
+    for ctx, row in zip(contexts, rows):
+        assert torch.isfinite(row).all()
+        assert_close_to_uncached(hf_model, ctx, row)
+
+
 @pytest.mark.slow
 async def test_duplicate_concurrent_requests_run_once(embedded_lm, embedded_hf, hf64):
     hf_model, tok = hf64, embedded_hf[1]

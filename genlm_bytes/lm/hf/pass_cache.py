@@ -77,26 +77,32 @@ class _Gather:
 
     def _gather_padded(self, key_states, value_states):
         """Every row's past left-padded to ``past`` slots, then the new tokens: per row, one
-        concatenation of its padding (zeros), its segments and its new tokens, written in place
-        (one call per row and layer instead of one small copy per segment). The padding and
-        each row's place in the buffers are worked out once per pass."""
+        concatenation of its segments and its new tokens, written in place after its padding
+        (one call per row and layer instead of one small copy per segment). The padding is
+        zeroed once per pass (the layers share the buffers and write only after it), and each
+        row's place in the buffers is worked out once per pass."""
         i = self.index
         K, V = self._buffers(key_states, self.past)
         plan = self.workspace.get("plan")
         if plan is None or plan[0] is not K:
-            plan = self.workspace["plan"] = (K, self._plan(key_states, K, V))
+            plan = self.workspace["plan"] = (K, self._plan(K, V))
         ks, vs = key_states.split(1), value_states.split(1)
-        for b, ((segs, _), (pad, kout, vout)) in enumerate(zip(self.pasts, plan[1])):
-            torch.cat(pad + [piece(blk.keys[i], r, s, m) for blk, r, s, m in segs] + [ks[b]], dim=2, out=kout)
-            torch.cat(pad + [piece(blk.values[i], r, s, m) for blk, r, s, m in segs] + [vs[b]], dim=2, out=vout)
+        for b, ((segs, _), (kout, vout)) in enumerate(zip(self.pasts, plan[1])):
+            torch.cat([piece(blk.keys[i], r, s, m) for blk, r, s, m in segs] + [ks[b]], dim=2, out=kout)
+            torch.cat([piece(blk.values[i], r, s, m) for blk, r, s, m in segs] + [vs[b]], dim=2, out=vout)
         return K, V
 
-    def _plan(self, key_states, K, V) -> list:
-        """Per row: its padding (a view of one zero buffer) and its rows of the buffers ``K``/``V``."""
-        P, h, d = self.past, key_states.shape[1], key_states.shape[3]
-        zeros = key_states.new_zeros((1, h, P, d))
-        return [([zeros.narrow(2, 0, P - p)] if p < P else [], K[b:b + 1], V[b:b + 1])
-                for b, (_, p) in enumerate(self.pasts)]
+    def _plan(self, K, V) -> list:
+        """Per row: where its past and new tokens go in the buffers ``K``/``V`` (after its
+        padding, which is zeroed here: masked slots must hold finite numbers, since a weight
+        of 0 times a NaN is NaN)."""
+        P, out = self.past, []
+        for b, (_, p) in enumerate(self.pasts):
+            if p < P:
+                K[b, :, :P - p].zero_()
+                V[b, :, :P - p].zero_()
+            out.append((K[b:b + 1, :, P - p:], V[b:b + 1, :, P - p:]))
+        return out
 
     def _write_arena(self, key_states, value_states):
         P, i, n = self.past, self.index, key_states.shape[2]
