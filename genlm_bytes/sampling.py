@@ -123,12 +123,14 @@ def _as_logits(logits, name: str = "logits") -> torch.Tensor:
     return logits.detach()
 
 
-def _check_distribution_rows(x: torch.Tensor, name: str) -> None:
-    if torch.isnan(x).any():
+def _check_distribution_rows(x, name: str) -> None:
+    """No NaN, no +inf, and a finite entry in every row of ``x`` (a tensor or a numpy array)."""
+    isnan = np.isnan if isinstance(x, np.ndarray) else torch.isnan
+    if isnan(x).any():
         raise ValueError(f"{name} contains NaN")
     if (x == math.inf).any():
         raise ValueError(f"{name} contains +inf")
-    if x.numel() and not (x > -math.inf).any(dim=-1).all():
+    if math.prod(x.shape) and not (x > -math.inf).any(-1).all():
         raise ValueError(f"{name} has a row where every entry is -inf: nothing can be sampled")
 
 
@@ -249,10 +251,15 @@ def _categorical(logits: torch.Tensor, gen: np.random.Generator) -> torch.Tensor
     """
     shape, V = logits.shape[:-1], logits.shape[-1]
     x = logits.to(torch.float64).reshape(-1, V)  # (N, V)
-    cdf = np.cumsum(torch.softmax(x, dim=-1).numpy(), axis=-1)  # (N, V) float64, non-decreasing
-    u = (1.0 - gen.random(x.shape[0])) * cdf[:, -1]  # (N,) in (0, total]
-    idx = (cdf < u[:, None]).sum(axis=-1)  # (N,) first j with cdf[j] >= u, so p[j] > 0
-    return torch.from_numpy(idx.astype(np.int64)).reshape(shape)
+    return torch.from_numpy(_inverse_cdf(torch.softmax(x, dim=-1).numpy(), gen)).reshape(shape)
+
+
+def _inverse_cdf(probs: np.ndarray, gen: np.random.Generator) -> np.ndarray:
+    """One draw per row of the float64 probabilities ``probs (N, V)``, by inverse CDF with one
+    ``gen.random()`` per row: int64 ``(N,)``; entries of probability 0 are never drawn."""
+    cdf = np.cumsum(probs, axis=-1)  # (N, V) non-decreasing
+    u = (1.0 - gen.random(probs.shape[0])) * cdf[:, -1]  # (N,) in (0, total]
+    return (cdf < u[:, None]).sum(axis=-1).astype(np.int64)  # first j with cdf[j] >= u, so p[j] > 0
 
 
 def greedy_sampling(logits: torch.Tensor, rng: RngLike = None) -> torch.Tensor:
@@ -429,20 +436,13 @@ def _sample_plain(logps: np.ndarray, params: SamplingParams, rng: RngLike) -> in
     the same checks and the same draw as :func:`_categorical` (one ``gen.random()``, inverse CDF
     in float64), in numpy, without a round of small torch calls per symbol."""
     x = logps.astype(np.float64)  # (V,) a copy
-    if np.isnan(x).any():
-        raise ValueError("logps contains NaN")
-    if (x == math.inf).any():
-        raise ValueError("logps contains +inf")
-    if not (x > -math.inf).any():
-        raise ValueError("logps has a row where every entry is -inf: nothing can be sampled")
+    _check_distribution_rows(x, "logps")
     if params.is_greedy:
         return int(x.argmax())
     if params.temperature != 1:
         x /= params.temperature
     p = np.exp(x - x.max())
-    cdf = np.cumsum(p / p.sum())
-    u = (1.0 - as_generator(rng).random(1)[0]) * cdf[-1]  # in (0, total]
-    return int((cdf < u).sum())  # the first j with cdf[j] >= u, so p[j] > 0
+    return int(_inverse_cdf((p / p.sum())[None], as_generator(rng))[0])
 
 
 # --------------------------------------------------------------------------- generation, re-exported
