@@ -182,6 +182,47 @@ async def test_ragged_batch_of_different_pasts_and_duplicates_matches_uncached(e
     assert_cache_consistent(lm.cache)
 
 
+@pytest.mark.parametrize("layers_per_group", [1, 7, 64])
+async def test_a_batched_pass_gathers_pasts_by_groups_of_layers(embedded_lm, embedded_hf, hf64, monkeypatch,
+                                                                layers_per_group):
+    """A batched pass copies its rows' pasts (chains of segments, left-padded) several layers at a
+    time into one buffer: one layer per group, groups that do not divide the layer count (7 of
+    30: the last holds 2), or every layer at once. Every row stays exact."""
+    from genlm_bytes.lm.hf import pass_cache
+
+    hf_model, tok = hf64, embedded_hf[1]
+    ids = [0] + tok.encode(TEXT)
+    n_layers = hf_model.config.num_hidden_layers
+    # Pasts of 3 and 9 tokens (two segments each: 3 + 6 for the second), and 9 + 1 + 2.
+    contexts = [ids[:3] + [11], ids[:9] + [12], ids[:9] + [13, 14], ids[:3] + [15, 16, 17]]
+    B, P, Kn = len(contexts), 9, 3
+    cfg = hf_model.config
+    per_layer = B * (P + Kn) * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 8
+    lm = transformer(embedded_lm, hf_model, config=EngineConfig(gather_chunk_bytes=layers_per_group * per_layer))
+    groups = []
+    inner = pass_cache._Gather._gather_group
+
+    def recorded(self, key_states, value_states):
+        out = inner(self, key_states, value_states)
+        groups.append(out[:2])
+        return out
+
+    monkeypatch.setattr(pass_cache._Gather, "_gather_group", recorded)
+    for n in (3, 9):
+        await lm.next_token_logprobs(ids[:n])
+    assert not groups, "one-row passes gather as before"
+    rows = await asyncio.gather(*(lm.next_token_logprobs(c) for c in contexts))
+    size = min(layers_per_group, n_layers)
+    assert groups == [(a, min(size, n_layers - a)) for a in range(0, n_layers, size)]
+    for ctx, row in zip(contexts, rows):
+        assert_close_to_uncached(hf_model, ctx, row)
+    # The batch's own block is stacked: extending its rows in a second batch is exact too.
+    second = [c + [21] for c in contexts]
+    for ctx, row in zip(second, await asyncio.gather(*(lm.next_token_logprobs(c) for c in second))):
+        assert_close_to_uncached(hf_model, ctx, row)
+    assert_cache_consistent(lm.cache)
+
+
 async def test_padding_of_a_ragged_batch_is_zeroed_whatever_the_buffer_held(embedded_lm, embedded_hf, hf64,
                                                                           monkeypatch):
     """The rows of a batch are left-padded to the longest past in one buffer the layers share,
@@ -202,6 +243,17 @@ async def test_padding_of_a_ragged_batch_is_zeroed_whatever_the_buffer_held(embe
         return K, V
 
     monkeypatch.setattr(pass_cache._Gather, "_buffers", poisoned)
+    group = pass_cache._Gather._group_buffers
+
+    def poisoned_group(self, key_states, value_states, T):  # the same for a batched pass's groups of layers
+        K, V = group(self, key_states, value_states, T)
+        K.fill_(float("nan"))
+        V.fill_(float("nan"))
+        calls.append(K.shape[0])
+        return K, V
+
+    calls = []
+    monkeypatch.setattr(pass_cache._Gather, "_group_buffers", poisoned_group)
     ids = [0] + tok.encode(TEXT)
     for n in (4, 15):
         await lm.next_token_logprobs(ids[:n])
@@ -209,6 +261,7 @@ async def test_padding_of_a_ragged_batch_is_zeroed_whatever_the_buffer_held(embe
     batches = lm.batcher.n_batches
     rows = await asyncio.gather(*(lm.next_token_logprobs(c) for c in contexts))
     assert lm.batcher.n_batches - batches == 1
+    assert calls, "the batched pass gathered its pasts by groups of layers"
     for ctx, row in zip(contexts, rows):
         assert torch.isfinite(row).all()
         assert_close_to_uncached(hf_model, ctx, row)
@@ -900,8 +953,11 @@ async def test_tree_pass_stores_path_and_alternatives_apart(embedded_lm, embedde
     assert path.block.nbytes == (len(ids) - 5) * per_token
     assert off_past.block.nbytes == 3 * per_token
     for block in (path.block, off_past.block):
-        for t in block.keys + block.values:
+        assert block.stack is not None, "the store keeps every layer of a block in one tensor"
+        for t in block.stack:
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), "a block holds another's memory"
+        for t in block.keys + block.values:
+            assert any(t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in block.stack)
     n = lm.n_forward_tokens
     for ctx in (ids[:3] + [501, 7], ids[:9] + [502, 8], ids + [503, 9], ids + [10]):
         assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))

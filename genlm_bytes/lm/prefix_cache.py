@@ -42,22 +42,41 @@ class KVBlock:
     writes its new keys/values in place, so a sequence generated token by token stays in one
     segment (no gathering of a chain of segments on every pass). Slots below ``filled`` never
     change; those at and after it belong to no cached context.
+
+    A *stacked* block (:meth:`stacked`) holds every layer in one tensor per keys and values,
+    ``(layers, B, T, kv_heads * head_dim)``; ``keys[i]``/``values[i]`` are views of it. A
+    batched pass gathers its rows' pasts from stacked blocks several layers per copy (see
+    ``lm/hf/pass_cache.py``).
     """
 
-    __slots__ = ("__weakref__", "filled", "keys", "nbytes", "refs", "values")
+    __slots__ = ("__weakref__", "filled", "keys", "nbytes", "refs", "stack", "values")
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], filled: int | None = None):
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], filled: int | None = None,
+                 stack: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.keys = keys
         self.values = values
         self.nbytes = sum(k.numel() * k.element_size() for k in keys) * 2
         self.refs = 0  # cached refs whose chain holds this block (charged to the budget while > 0)
         self.filled = filled
+        self.stack = stack  # (K, V), each (layers, B, T, kv_heads * head_dim), or None
+
+    @classmethod
+    def stacked(cls, K: torch.Tensor, V: torch.Tensor, kv_heads: int, filled: int | None = None) -> KVBlock:
+        """A block on ``K``/``V`` ``(layers, B, T, kv_heads * head_dim)`` (not copied)."""
+        return cls(layer_views(K, kv_heads), layer_views(V, kv_heads), filled, (K, V))
 
     def tip_room(self, ref: KVRef, n: int) -> bool:
         """Whether ``ref`` (a past held in this block) is this arena's whole written context
         and ``n`` more slots fit after it."""
         return (self.filled is not None and ref.prev is None and ref.start == 0
                 and ref.length == self.filled and self.filled + n <= self.keys[0].shape[2])
+
+
+def layer_views(S: torch.Tensor, kv_heads: int) -> list[torch.Tensor]:
+    """Per layer, the ``(B, kv_heads, T, head_dim)`` view of a stacked ``(layers, B, T, kv_heads *
+    head_dim)`` tensor."""
+    _, B, T, D = S.shape
+    return [x.view(B, T, kv_heads, D // kv_heads).transpose(1, 2) for x in S.unbind(0)]
 
 
 class KVRef:

@@ -32,6 +32,7 @@ class EngineConfig:
     arena_spare_min: int = 64  # spare slots of a lone request's arena: dozens of tokens before it moves (0: off)
     arena_spare_share: float = 0.25  # ... or this share of its context, whichever is more
     arena_budget_share: float = 0.25  # the most of the budget one arena may take (its spare slots sit unused)
+    gather_chunk_bytes: int = 16 << 20  # a batched pass gathers its pasts this much at a time: fewer calls (0: a layer)
 
     # backend: the byte level's working set, charged to the budget
     prepared_dists: int = 256  # distributions kept prepared at the default budget: a K=32 beam's reuse

@@ -52,13 +52,17 @@ class KVStore:
 
     # ------------------------------------------------------------------ sizing passes
     def pass_bytes(self, rows: int, kv_len: int, n_new: int, n_out: int, whole: int = 0) -> int:
-        """Estimated temporary memory of a pass: one layer's padded pasts, the new keys/values of
+        """Estimated temporary memory of a pass: one layer's padded pasts (a group of layers' for a
+        batched pass), the new keys/values of
         every layer, contexts kept whole (``whole`` tokens), activations of the new tokens, the
         attention mask, and log-probs (with their copies) of ``n_out`` positions; the attention
         scores and weights of one layer (every head), and the float mask."""
         hidden, heads, layers = self.dims
         kv = self.kv_per_token
-        return (rows * kv_len * kv // layers + (rows * n_new + whole) * kv
+        gathered = rows * kv_len * kv // layers  # one layer's padded pasts ...
+        if rows > 1:  # ... or a group of layers (see pass_cache._Gather._gather_group)
+            gathered = max(gathered, min(gathered * layers, self.config.gather_chunk_bytes))
+        return (gathered + (rows * n_new + whole) * kv
                 + rows * n_new * (16 * 4 * hidden + 4 * kv_len * (2 * heads + 1))
                 + 2 * min(n_out, self.config.logp_chunk) * self.vocab_size * 4)
 
@@ -138,11 +142,12 @@ class KVStore:
         return None, cap
 
     def arena_block(self, layers, arena, filled: int) -> KVBlock:
-        """The arena a pass wrote into (made from its layers' buffers if new), its tip moved to
-        ``filled``."""
+        """The arena a pass wrote into (made from its layers' stacked buffer if new), its tip moved
+        to ``filled``."""
         block = arena[0]
         if block is None:
-            block = KVBlock([lay.arena_kv[0] for lay in layers], [lay.arena_kv[1] for lay in layers])
+            K, V = layers[0].workspace.pop("arena")
+            block = KVBlock.stacked(K, V, layers[0].arena_kv[0].shape[1])
             for lay in layers:
                 lay.arena_kv = None
         block.filled = filled
@@ -156,8 +161,9 @@ class KVStore:
         put(nodes, lambda node: KVRef(block, 0, 0, node.depth))
 
     def new_block(self, layers) -> KVBlock:
-        """The new tokens' keys/values of a pass (every row) as one block."""
-        return KVBlock([lay.new_keys for lay in layers], [lay.new_values for lay in layers])
+        """The new tokens' keys/values of a pass (every row) as one stacked block."""
+        n = layers[0].new_keys.shape[-2]
+        return stack_layers(_take_new(layers), [(0, n)])[0]
 
     def put_segment(self, nodes, block: KVBlock, row: int, start: int, base: int, prev, layers=None) -> None:
         """Point ``nodes`` (depths ``base + 1, ...``) at slots ``start, ...`` of ``row`` of ``block``,
@@ -165,14 +171,14 @@ class KVStore:
         see :class:`~genlm_bytes.lm.hf.pass_cache.PassLayer`) is stored as one block instead."""
         whole = layers[0].kept.get(row) if layers else None
         if whole is not None:
-            one = KVBlock([lay.kept[row][0] for lay in layers], [lay.kept[row][1] for lay in layers])
+            one = stack_layers([lay.kept.pop(row) for lay in layers], [(0, whole[0].shape[-2])])[0]
             self.cache.put_kv(nodes, lambda node: KVRef(one, 0, 0, node.depth))
         else:
             self.cache.put_kv(nodes, lambda node: KVRef(block, row, start, node.depth - base, prev))
 
     def split_block(self, layers, tail: int, arena: bool = False) -> tuple[KVBlock | None, KVBlock | None]:
         """The new keys/values of a tree pass as two blocks: the path's slots ``[0, tail)`` and the
-        alternatives' (each a copy when both exist, else the pass's own tensors). The cache frees a
+        alternatives' (each its own stacked copy). The cache frees a
         block when no cached chain holds it: the path (which the beam follows) outlives most
         alternatives, which must not keep their memory with it, nor the reverse. ``arena``: the
         pass wrote into an arena, which keeps the path (None here); the alternatives are copied out."""
@@ -180,21 +186,41 @@ class KVStore:
         if arena:
             if tail == n:
                 return None, None
-            return None, KVBlock([lay.new_keys[:, :, tail:].clone() for lay in layers],
-                                 [lay.new_values[:, :, tail:].clone() for lay in layers])
+            return None, stack_layers(_take_new(layers), [(tail, n)])[0]
         if tail == n or tail == 0:
             block = self.new_block(layers)
             return (block, None) if tail else (None, block)
-        pk, pv, ak, av = [], [], [], []
-        for lay in layers:  # one layer at a time: the pass's tensors go as their copies are made
-            k, v = lay.new_keys, lay.new_values
-            lay.new_keys = lay.new_values = None
-            pk.append(k[:, :, :tail].clone())
-            pv.append(v[:, :, :tail].clone())
-            ak.append(k[:, :, tail:].clone())
-            av.append(v[:, :, tail:].clone())
-            del k, v
-        return KVBlock(pk, pv), KVBlock(ak, av)
+        path, alt = stack_layers(_take_new(layers), [(0, tail), (tail, n)])
+        return path, alt
+
+
+def _take_new(layers) -> list:
+    """The pass's new keys/values per layer, taken from its layers (so that copying them frees
+    them one layer at a time)."""
+    out = [(lay.new_keys, lay.new_values) for lay in layers]
+    for lay in layers:
+        lay.new_keys = lay.new_values = None
+    return out
+
+
+def stack_layers(pairs: list, spans: list[tuple[int, int]]) -> list[KVBlock]:
+    """Stacked blocks (see :meth:`KVBlock.stacked`) of slots ``[lo, hi)`` of per-layer ``(k, v)``
+    pairs ``(B, heads, T, d)``, one per span. ``pairs`` is emptied as it is copied, one layer at
+    a time, so the originals go as their copies are made (a block's memory is not held twice)."""
+    k0, v0 = pairs[0]
+    B, hk, _, d = k0.shape
+    hv, dv = v0.shape[1], v0.shape[3]
+    L = len(pairs)
+    outs = [(k0.new_empty((L, B, hi - lo, hk * d)), v0.new_empty((L, B, hi - lo, hv * dv))) for lo, hi in spans]
+    del k0, v0
+    for i in range(L):
+        k, v = pairs[i]
+        pairs[i] = None
+        for (K, V), (lo, hi) in zip(outs, spans):
+            K[i].view(B, hi - lo, hk, d).copy_(k[:, :, lo:hi].transpose(1, 2))
+            V[i].view(B, hi - lo, hv, dv).copy_(v[:, :, lo:hi].transpose(1, 2))
+        del k, v
+    return [KVBlock.stacked(K, V, hk) for K, V in outs]
 
 
 def kv_bytes_per_token(model) -> int:

@@ -2,10 +2,17 @@
 
 A pass's model (transformers' or the lean decoder) calls ``cache.layers[i].update(k, v)`` once
 per layer with the new tokens' keys/values and attends to what it returns: the layer's whole
-keys/values (pasts + new). :class:`PassLayer` builds that one buffer from the pasts' segments
-when the layer runs and lets it go after, so one layer's pasts are copied at a time, not every
-layer's. It also keeps what the :class:`~genlm_bytes.lm.hf.kv.KVStore` stores after the pass:
-the new tokens alone, a context kept whole, or the arena written in place.
+keys/values (pasts + new). :class:`PassLayer` builds that buffer from the pasts' segments when
+the layer runs. It also keeps what the :class:`~genlm_bytes.lm.hf.kv.KVStore` stores after the
+pass: the new tokens alone, a context kept whole, or the arena written in place.
+
+A batched pass gathers its rows' pasts for a group of layers at a time
+(:meth:`_Gather._gather_stacked`): the store keeps every layer of a block in one tensor (see
+:meth:`~genlm_bytes.lm.prefix_cache.KVBlock.stacked`), so one concatenation per group copies
+every row's padding and segments, instead of one per row and layer. On a CPU the calls, not the
+bytes, were the cost: 32 rows on 30 layers made 1,920 calls per pass. The groups are as large as
+``chunk_bytes`` allows (16 MiB by default: 5-6 layers of 32 rows of ~50 tokens), so the
+memory of a pass grows by a bounded amount, not with the layer count.
 
 ``update`` is also where a look-ahead pass is stopped (``check``: run once per layer, may
 raise), so stopping needs no hook on the user's model.
@@ -27,7 +34,8 @@ def piece(t: torch.Tensor, row: int, start: int, n: int) -> torch.Tensor:
 
 class _Gather:
     """The gathering logic of :class:`PassLayer` (mixed into transformers' ``DynamicLayer``,
-    which is imported late)."""
+    which is imported late). ``workspace``: what the layers of one pass share (``layers``: their
+    count, ``chunk_bytes``, and the buffers they fill)."""
 
     def setup(self, index: int, pasts, past: int, keep=(), arena=None, check=None, workspace=None):
         self.index, self.pasts, self.past, self.keep, self.arena = index, pasts, past, keep, arena
@@ -58,13 +66,58 @@ class _Gather:
             torch.cat([piece(b.keys[i], r, s, n) for b, r, s, n in segs] + [key_states], dim=2, out=K)
             torch.cat([piece(b.values[i], r, s, n) for b, r, s, n in segs] + [value_states], dim=2, out=V)
         else:
-            K, V = self._gather_padded(key_states, value_states)
+            K, V = self._gather_stacked(key_states, value_states)
         for row, lo, hi in self.keep:
             self.kept[row] = (K[row:row + 1, :, lo:hi].clone(), V[row:row + 1, :, lo:hi].clone())
         return K, V
 
+    def _gather_stacked(self, key_states, value_states):
+        """This layer's keys/values from the group of layers gathered with it (see
+        :meth:`_gather_group`), its new tokens written after every row's past."""
+        i, P = self.index, self.past
+        group = self.workspace.get("group")
+        if group is None or not group[0] <= i < group[0] + group[1]:
+            group = self.workspace["group"] = self._gather_group(key_states, value_states)
+        a, _, KB, VB = group
+        B, hk, n, d = key_states.shape
+        K = KB[i - a].view(B, P + n, hk, d)
+        V = VB[i - a].view(B, P + n, value_states.shape[1], value_states.shape[3])
+        K[:, P:].copy_(key_states.transpose(1, 2))
+        V[:, P:].copy_(value_states.transpose(1, 2))
+        return K.transpose(1, 2), V.transpose(1, 2)
+
+    def _gather_group(self, key_states, value_states) -> tuple:
+        """Layers ``[a, a + c)`` (``a``: this one) of every row, left-padded, then room for the new
+        tokens, in one concatenation each for keys and values: ``(a, c, KB, VB)``, ``KB``
+        ``(c, B * (past + n), hk * d)``. ``c``: as many layers as fit ``chunk_bytes`` (one at
+        least); the buffers are the pass's, reused by its next groups."""
+        ws, a, P = self.workspace, self.index, self.past
+        _, hk, n, d = key_states.shape
+        Dk, Dv = hk * d, value_states.shape[1] * value_states.shape[3]
+        T = P + n
+        bufs = ws.get("group_bufs")
+        if bufs is None:
+            bufs = ws["group_bufs"] = self._group_buffers(key_states, value_states, T)
+        c = min(bufs[0].shape[0], ws["layers"] - a)
+        zk = key_states.new_zeros(()).expand(c, T, Dk)  # padding, and room for the new tokens
+        zv = value_states.new_zeros(()).expand(c, T, Dv)
+        kp, vp = [], []
+        for segs, p in self.pasts:
+            if p < P:
+                kp.append(zk[:, :P - p])
+                vp.append(zv[:, :P - p])
+            for blk, r, s, m in segs:
+                kp.append(blk.stack[0][a:a + c, r, s:s + m])
+                vp.append(blk.stack[1][a:a + c, r, s:s + m])
+            kp.append(zk[:, :n])
+            vp.append(zv[:, :n])
+        KB, VB = bufs[0][:c], bufs[1][:c]
+        torch.cat(kp, dim=1, out=KB)
+        torch.cat(vp, dim=1, out=VB)
+        return a, c, KB, VB
+
     def _buffers(self, key_states, P: int):
-        """The ``(B, hk, P + n, d)`` key and value buffers this layer gathers into: the pass's
+        """The ``(1, hk, P + n, d)`` key and value buffers a one-row pass's layer gathers into: the pass's
         workspace, shared by its layers (a layer's gathered keys/values are dead once its
         attention ran), so a pass allocates them once, not once per layer: a large tensor is
         mapped fresh by the allocator (see ``fix_mmap_threshold``), and its first writes fault
@@ -75,41 +128,21 @@ class _Gather:
             bufs = self.workspace["gather"] = (key_states.new_empty(shape), key_states.new_empty(shape))
         return bufs
 
-    def _gather_padded(self, key_states, value_states):
-        """Every row's past left-padded to ``past`` slots, then the new tokens: per row, one
-        concatenation of its segments and its new tokens, written in place after its padding
-        (one call per row and layer instead of one small copy per segment). The padding is
-        zeroed once per pass (the layers share the buffers and write only after it), and each
-        row's place in the buffers is worked out once per pass."""
-        i = self.index
-        K, V = self._buffers(key_states, self.past)
-        plan = self.workspace.get("plan")
-        if plan is None or plan[0] is not K:
-            plan = self.workspace["plan"] = (K, self._plan(K, V))
-        ks, vs = key_states.split(1), value_states.split(1)
-        for b, ((segs, _), (kout, vout)) in enumerate(zip(self.pasts, plan[1])):
-            torch.cat([piece(blk.keys[i], r, s, m) for blk, r, s, m in segs] + [ks[b]], dim=2, out=kout)
-            torch.cat([piece(blk.values[i], r, s, m) for blk, r, s, m in segs] + [vs[b]], dim=2, out=vout)
-        return K, V
-
-    def _plan(self, K, V) -> list:
-        """Per row: where its past and new tokens go in the buffers ``K``/``V`` (after its
-        padding, which is zeroed here: masked slots must hold finite numbers, since a weight
-        of 0 times a NaN is NaN)."""
-        P, out = self.past, []
-        for b, (_, p) in enumerate(self.pasts):
-            if p < P:
-                K[b, :, :P - p].zero_()
-                V[b, :, :P - p].zero_()
-            out.append((K[b:b + 1, :, P - p:], V[b:b + 1, :, P - p:]))
-        return out
+    def _group_buffers(self, key_states, value_states, T: int):
+        """The pass's ``(c, B * T, heads * d)`` key and value buffers of :meth:`_gather_group`: ``c``
+        layers, as many as fit ``chunk_bytes`` (one at least)."""
+        ws = self.workspace
+        B = key_states.shape[0]
+        Dk, Dv = key_states.shape[1] * key_states.shape[3], value_states.shape[1] * value_states.shape[3]
+        per_layer = B * T * (Dk + Dv) * key_states.element_size()
+        c = max(1, min(ws["layers"], ws.get("chunk_bytes", 0) // per_layer))
+        return key_states.new_empty((c, B * T, Dk)), value_states.new_empty((c, B * T, Dv))
 
     def _write_arena(self, key_states, value_states):
         P, i, n = self.past, self.index, key_states.shape[2]
         block, cap = self.arena
         if block is None:
-            K = key_states.new_empty((1, key_states.shape[1], cap, key_states.shape[3]))
-            V = value_states.new_empty(K.shape)
+            K, V = self._arena_views(key_states, value_states, cap)
             at = 0
             for blk, r, s, m in (self.pasts[0][0] if P else ()):
                 K[:, :, at:at + m] = piece(blk.keys[i], r, s, m)
@@ -122,6 +155,19 @@ class _Gather:
         self.new_keys.copy_(key_states)
         self.new_values.copy_(value_states)
         return K.narrow(2, 0, P + n), V.narrow(2, 0, P + n)
+
+    def _arena_views(self, key_states, value_states, cap: int):
+        """This layer's ``(1, hk, cap, d)`` views of a new stacked arena (made by the pass's first
+        layer: ``workspace["arena"]``, each ``(layers, 1, cap, hk * d)``)."""
+        ws = self.workspace
+        st = ws.get("arena")
+        hk, d = key_states.shape[1], key_states.shape[3]
+        hv, dv = value_states.shape[1], value_states.shape[3]
+        if st is None:
+            st = ws["arena"] = (key_states.new_empty((ws["layers"], 1, cap, hk * d)),
+                                value_states.new_empty((ws["layers"], 1, cap, hv * dv)))
+        i = self.index
+        return (st[0][i].view(1, cap, hk, d).transpose(1, 2), st[1][i].view(1, cap, hv, dv).transpose(1, 2))
 
 
 @functools.cache
@@ -151,19 +197,21 @@ def pass_layer(index: int, pasts, past: int, keep=(), arena=None, check=None, re
     return _pass_layer_class()(index, pasts, past, keep, arena, check, ready, workspace)
 
 
-def make_pass_cache(model, n_layers: int | None, pasts, past: int, keep=(), arena=None, check=None):
+def make_pass_cache(model, n_layers: int | None, pasts, past: int, keep=(), arena=None, check=None,
+                    chunk_bytes: int = 0):
     """The cache for one pass on ``pasts`` (per row ``(segments, length)``) left-padded to
     ``past``: a ``DynamicCache`` of :func:`pass_layer` s for the model's own forward, or
-    (``n_layers`` given: the lean decoder's layer count) a plain :class:`LeanCache`."""
+    (``n_layers`` given: the lean decoder's layer count) a plain :class:`LeanCache`.
+    ``chunk_bytes``: the most a batched pass gathers at once (see ``_Gather._gather_group``)."""
     if n_layers is not None:
         from genlm_bytes.lm.lean import LeanCache
 
-        ws = {}
+        ws = {"layers": n_layers, "chunk_bytes": chunk_bytes}
         return LeanCache([pass_layer(i, pasts, past, keep, arena, check, ready=True, workspace=ws)
                           for i in range(n_layers)])
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    ws = {}
+    ws = {"layers": len(cache.layers), "chunk_bytes": chunk_bytes}
     cache.layers = [pass_layer(i, pasts, past, keep, arena, check, workspace=ws) for i in range(len(cache.layers))]
     return cache

@@ -129,7 +129,7 @@ class PassRunner:
         pasts = [(ref.segments(p) if p else [], p) for _, ref, p in rows]  # (block, row, start, n) pieces
         lean = self.watch.lean if self.watch.mode == "lean" else None
         return make_pass_cache(self.model, len(lean.layers) if lean is not None else None, pasts, P, keep, arena,
-                               self.before_layer)
+                               self.before_layer, self.config.gather_chunk_bytes)
 
     def _run(self, input_ids, attention_mask, position_ids, cache, n_keep: int):
         """Run one pass: ``(states (B, T, ·), head)`` where ``head(states[...])`` gives logits.
