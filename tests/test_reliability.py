@@ -474,6 +474,33 @@ async def test_long_greedy_generation_keeps_memory_flat(embedded_lm, embedded_hf
     assert_cache_consistent(lm.cache)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_long_past_is_not_copied_whole_when_the_copy_would_evict_it(embedded_lm, embedded_hf):
+    """Generating after a 1,500-token context at a 128 MB budget: the past (69 MB of keys/values)
+    fits, but the past and a whole copy of it do not fit beside the byte level's reserve. Its
+    chain of segments then grows instead of being copied whole (the copy's reservation evicted
+    the very past it copied, and every later step ran the whole context again: 59,319 LM tokens
+    for 40 steps). Each step runs one token."""
+    hf_model, tok = embedded_hf
+    budget = 128 << 20
+    lm = transformer(embedded_lm, cache_budget_bytes=budget, draft_tokens=0)
+    store = lm.runner.store
+    ids = [0] + tok.encode(" ".join(["The harbor was quiet that spring, and the boats came back one by one."] * 120))
+    ids = ids[:1500]
+    assert 2 * len(ids) * store.kv_per_token + store.base_reserve > budget > len(ids) * store.kv_per_token
+    logp = await lm.next_token_logprobs(ids)
+    n0 = lm.n_forward_tokens
+    steps = 12  # more than the segments after which a generated context is otherwise copied whole
+    for _ in range(steps):
+        ids.append(int(logp.argmax()))
+        logp = await lm.next_token_logprobs(ids)
+    assert lm.n_forward_tokens - n0 == steps, "each step runs one new token on the cached past"
+    assert lm.cache.deepest_kv(ids, len(ids))[1].nseg > store.config.min_segments
+    assert_close_to_uncached(hf_model, ids, logp, TOL32)
+    assert_cache_consistent(lm.cache)
+
+
 # --------------------------------------------------------------------------- soak
 
 

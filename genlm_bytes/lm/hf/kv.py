@@ -114,8 +114,15 @@ class KVStore:
         and layer), while storing a context whole copies its past once: the two balance near
         sqrt(past / 16) segments on a CPU. Short chains are for generation (contexts growing a
         token at a time, several per pass); scoring keeps long chains, whose whole copies would
-        crowd a small cache budget."""
+        crowd a small cache budget.
+
+        Never when the past and its copy would not fit the budget together: the pass reserves
+        room for the copy, which would evict the very past it copies, and every later pass
+        would run the whole context again (a 2,000-token generation at a 128 MB budget did so
+        from 1,450 tokens on). The chain grows a segment per pass instead."""
         if ref is None:
+            return False
+        if 2 * ref.depth * self.kv_per_token + self.base_reserve > self.cache.budget_bytes:
             return False
         cfg = self.config
         limit = (min(cfg.max_segments, max(cfg.min_segments, math.isqrt(ref.depth // 16))) if short
