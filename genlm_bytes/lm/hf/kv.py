@@ -52,9 +52,9 @@ class KVStore:
 
     # ------------------------------------------------------------------ sizing passes
     def pass_bytes(self, rows: int, kv_len: int, n_new: int, n_out: int, whole: int = 0) -> int:
-        """Estimated temporary memory of a pass: one layer's padded pasts (a group of layers' for a
-        batched pass), the new keys/values of
-        every layer, contexts kept whole (``whole`` tokens), activations of the new tokens, the
+        """Estimated temporary memory of a pass: one layer's padded pasts (a group of layers' for
+        a batched pass), the new keys/values of every layer, contexts kept whole (``whole``
+        tokens), activations of the new tokens, the
         attention mask, and log-probs (with their copies) of ``n_out`` positions; the attention
         scores and weights of one layer (every head), and the float mask."""
         hidden, heads, layers = self.dims
@@ -176,9 +176,9 @@ class KVStore:
         """Point ``nodes`` (depths ``base + 1, ...``) at slots ``start, ...`` of ``row`` of ``block``,
         chained to ``prev``. A chain the pass kept whole (``layers``: the pass's cache layers,
         see :class:`~genlm_bytes.lm.hf.pass_cache.PassLayer`) is stored as one block instead."""
-        whole = layers[0].kept.get(row) if layers else None
+        whole = layers[0].workspace.get("kept", {}).get(row) if layers else None
         if whole is not None:
-            one = stack_layers([lay.kept.pop(row) for lay in layers], [(0, whole[0].shape[-2])])[0]
+            one = KVBlock.stacked(*whole)
             self.cache.put_kv(nodes, lambda node: KVRef(one, 0, 0, node.depth))
         else:
             self.cache.put_kv(nodes, lambda node: KVRef(block, row, start, node.depth - base, prev))
@@ -197,7 +197,7 @@ class KVStore:
         if tail == n or tail == 0:
             block = self.new_block(layers)
             return (block, None) if tail else (None, block)
-        path, alt = stack_layers(_take_new(layers), [(0, tail), (tail, n)])
+        path, alt = stack_layers(_take_new(layers), [(0, tail), (tail, n)])  # (each frees on its own)
         return path, alt
 
 

@@ -43,7 +43,6 @@ class _Gather:
         self.workspace = {} if workspace is None else workspace
         self.new_keys = self.new_values = None
         self.arena_kv = None
-        self.kept = {}
 
     def get_seq_length(self) -> int:
         return self.past + (0 if self.new_keys is None else self.new_keys.shape[-2])
@@ -68,8 +67,21 @@ class _Gather:
         else:
             K, V = self._gather_stacked(key_states, value_states)
         for row, lo, hi in self.keep:
-            self.kept[row] = (K[row:row + 1, :, lo:hi].clone(), V[row:row + 1, :, lo:hi].clone())
+            self._keep_whole(K, V, row, lo, hi)
         return K, V
+
+    def _keep_whole(self, K, V, row: int, lo: int, hi: int) -> None:
+        """This layer's slots ``[lo, hi)`` of row ``row`` into the pass's stacked copy of that
+        context (``workspace["kept"][row]``: keys, values, key heads), which the store keeps
+        whole."""
+        ws, i, m = self.workspace, self.index, hi - lo
+        hk, d, hv, dv = K.shape[1], K.shape[3], V.shape[1], V.shape[3]
+        kept = ws.setdefault("kept", {})
+        if row not in kept:
+            kept[row] = (K.new_empty((ws["layers"], 1, m, hk * d)), V.new_empty((ws["layers"], 1, m, hv * dv)), hk)
+        KS, VS, _ = kept[row]
+        KS[i].view(1, m, hk, d).copy_(K[row:row + 1, :, lo:hi].transpose(1, 2))
+        VS[i].view(1, m, hv, dv).copy_(V[row:row + 1, :, lo:hi].transpose(1, 2))
 
     def _gather_stacked(self, key_states, value_states):
         """This layer's keys/values from the group of layers gathered with it (see
@@ -177,8 +189,8 @@ def _pass_layer_class():
     class PassLayer(_Gather, DynamicLayer):
         """Layer ``index``'s cache for one pass on the pasts ``(segments, length)`` of its rows
         (see :meth:`KVRef.segments`), left-padded to ``past``. ``new_keys``/``new_values``: the
-        new tokens alone (what the store keeps); ``kept[row]``: the slots ``[lo, hi)`` of the
-        rows named in ``keep``. ``arena``: ``(block, 0)`` writes the one row's new tokens into
+        new tokens alone (what the store keeps); ``workspace["kept"][row]``: the slots ``[lo, hi)``
+        of the rows named in ``keep``, every layer. ``arena``: ``(block, 0)`` writes the one row's new tokens into
         that arena after its tip, ``(None, capacity)`` into a new arena buffer (``arena_kv``)
         after a copy of the past (see KVStore.arena_for)."""
 
