@@ -16,6 +16,7 @@ import asyncio
 import copy
 import math
 import random
+import re
 import time
 
 import numpy as np
@@ -1318,3 +1319,18 @@ def test_byte_mode_follows_the_heaviest_bytes_not_the_likeliest_token():
     assert mode([0.5, 0.15, 0.12, 0.1, 0.05, 0.07, 0.01]) == b" a"
     assert mode([0.05, 0.05, 0.05, 0.05, 0.05, 0.1, 0.65], eos=[6]) == b" the"  # EOS is never guessed
     assert mode([0.01] * 6 + [0.94], eos=[0, 1, 2, 3, 4, 5, 6]) is None
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"gather_chunk_bytes": -1}, ValueError, "EngineConfig.gather_chunk_bytes must be an int >= 0, got -1"),
+    ({"gather_chunk_bytes": 1.5}, ValueError, "EngineConfig.gather_chunk_bytes must be an int >= 0"),
+    ({"gather_chunk_bytes": True}, ValueError, "EngineConfig.gather_chunk_bytes must be an int >= 0"),
+    ({"prefetch_chunk": 0}, ValueError, "EngineConfig.prefetch_chunk must be an int >= 1, got 0"),
+    ({"pass_share": 1.5}, ValueError, "EngineConfig.pass_share is a share and must be at most 1"),
+    ({"pass_share": float("nan")}, ValueError, "EngineConfig.pass_share must be a finite number >= 0"),
+    ({"ahead_sibling": 1}, TypeError, "EngineConfig.ahead_sibling must be True or False"),
+])
+def test_engine_config_rejects_bad_knobs_by_name(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        EngineConfig(**kwargs)
+    assert EngineConfig(gather_chunk_bytes=0).gather_chunk_bytes == 0  # one layer per group
