@@ -43,7 +43,7 @@ class KVBlock:
     segment (no gathering of a chain of segments on every pass). Slots below ``filled`` never
     change; those at and after it belong to no cached context.
 
-    A *stacked* block (:meth:`stacked`) holds every layer in one tensor per keys and values,
+    A *stacked* block (:meth:`empty`) holds every layer in one tensor per keys and values,
     ``(layers, B, T, kv_heads * head_dim)``; ``keys[i]``/``values[i]`` are views of it. A
     batched pass gathers its rows' pasts from stacked blocks several layers per copy (see
     ``lm/hf/pass_cache.py``).
@@ -61,9 +61,12 @@ class KVBlock:
         self.stack = stack  # (K, V), each (layers, B, T, kv_heads * head_dim), or None
 
     @classmethod
-    def stacked(cls, K: torch.Tensor, V: torch.Tensor, kv_heads: int, filled: int | None = None) -> KVBlock:
-        """A block on ``K``/``V`` ``(layers, B, T, kv_heads * head_dim)`` (not copied)."""
-        return cls(layer_views(K, kv_heads), layer_views(V, kv_heads), filled, (K, V))
+    def empty(cls, n_layers: int, k: torch.Tensor, v: torch.Tensor, B: int, T: int) -> KVBlock:
+        """A new stacked block of ``n_layers`` layers, ``B`` rows and ``T`` slots, its heads, head
+        size, dtype and device those of the keys ``k`` and values ``v`` ``(·, heads, ·, d)``."""
+        K = k.new_empty((n_layers, B, T, k.shape[1] * k.shape[3]))
+        V = v.new_empty((n_layers, B, T, v.shape[1] * v.shape[3]))
+        return cls(layer_views(K, k.shape[1]), layer_views(V, v.shape[1]), stack=(K, V))
 
     def tip_room(self, ref: KVRef, n: int) -> bool:
         """Whether ``ref`` (a past held in this block) is this arena's whole written context
@@ -72,11 +75,11 @@ class KVBlock:
                 and ref.length == self.filled and self.filled + n <= self.keys[0].shape[2])
 
 
-def layer_views(S: torch.Tensor, kv_heads: int) -> list[torch.Tensor]:
-    """Per layer, the ``(B, kv_heads, T, head_dim)`` view of a stacked ``(layers, B, T, kv_heads *
+def layer_views(S: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """Per layer, the ``(B, heads, T, head_dim)`` view of a stacked ``(layers, B, T, heads *
     head_dim)`` tensor."""
     _, B, T, D = S.shape
-    return [x.view(B, T, kv_heads, D // kv_heads).transpose(1, 2) for x in S.unbind(0)]
+    return [x.view(B, T, heads, D // heads).transpose(1, 2) for x in S.unbind(0)]
 
 
 class KVRef:

@@ -153,10 +153,7 @@ class KVStore:
         to ``filled``."""
         block = arena[0]
         if block is None:
-            K, V = layers[0].workspace.pop("arena")
-            block = KVBlock.stacked(K, V, layers[0].arena_kv[0].shape[1])
-            for lay in layers:
-                lay.arena_kv = None
+            block = layers[0].workspace.pop("arena")
         block.filled = filled
         return block
 
@@ -178,8 +175,7 @@ class KVStore:
         see :class:`~genlm_bytes.lm.hf.pass_cache.PassLayer`) is stored as one block instead."""
         whole = layers[0].workspace.get("kept", {}).get(row) if layers else None
         if whole is not None:
-            one = KVBlock.stacked(*whole)
-            self.cache.put_kv(nodes, lambda node: KVRef(one, 0, 0, node.depth))
+            self.cache.put_kv(nodes, lambda node: KVRef(whole, 0, 0, node.depth))
         else:
             self.cache.put_kv(nodes, lambda node: KVRef(block, row, start, node.depth - base, prev))
 
@@ -211,23 +207,20 @@ def _take_new(layers) -> list:
 
 
 def stack_layers(pairs: list, spans: list[tuple[int, int]]) -> list[KVBlock]:
-    """Stacked blocks (see :meth:`KVBlock.stacked`) of slots ``[lo, hi)`` of per-layer ``(k, v)``
+    """Stacked blocks (see :meth:`KVBlock.empty`) of slots ``[lo, hi)`` of per-layer ``(k, v)``
     pairs ``(B, heads, T, d)``, one per span. ``pairs`` is emptied as it is copied, one layer at
     a time, so the originals go as their copies are made (a block's memory is not held twice)."""
     k0, v0 = pairs[0]
-    B, hk, _, d = k0.shape
-    hv, dv = v0.shape[1], v0.shape[3]
-    L = len(pairs)
-    outs = [(k0.new_empty((L, B, hi - lo, hk * d)), v0.new_empty((L, B, hi - lo, hv * dv))) for lo, hi in spans]
+    outs = [KVBlock.empty(len(pairs), k0, v0, k0.shape[0], hi - lo) for lo, hi in spans]
     del k0, v0
-    for i in range(L):
+    for i in range(len(pairs)):
         k, v = pairs[i]
         pairs[i] = None
-        for (K, V), (lo, hi) in zip(outs, spans):
-            K[i].view(B, hi - lo, hk, d).copy_(k[:, :, lo:hi].transpose(1, 2))
-            V[i].view(B, hi - lo, hv, dv).copy_(v[:, :, lo:hi].transpose(1, 2))
+        for blk, (lo, hi) in zip(outs, spans):
+            blk.keys[i].copy_(k[:, :, lo:hi])
+            blk.values[i].copy_(v[:, :, lo:hi])
         del k, v
-    return [KVBlock.stacked(K, V, hk) for K, V in outs]
+    return outs
 
 
 def kv_bytes_per_token(model) -> int:

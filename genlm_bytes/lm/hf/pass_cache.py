@@ -8,7 +8,7 @@ pass: the new tokens alone, a context kept whole, or the arena written in place.
 
 A batched pass gathers its rows' pasts for a group of layers at a time
 (:meth:`_Gather._gather_stacked`): the store keeps every layer of a block in one tensor (see
-:meth:`~genlm_bytes.lm.prefix_cache.KVBlock.stacked`), so one concatenation per group copies
+:meth:`~genlm_bytes.lm.prefix_cache.KVBlock.empty`), so one concatenation per group copies
 every row's padding and segments, instead of one per row and layer. On a CPU the calls, not the
 bytes, were the cost: 32 rows on 30 layers made 1,920 calls per pass. The groups are as large as
 ``chunk_bytes`` allows (16 MiB by default: 5-6 layers of 32 rows of ~50 tokens), so the
@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from genlm_bytes.lm.prefix_cache import KVBlock
 
 
 def piece(t: torch.Tensor, row: int, start: int, n: int) -> torch.Tensor:
@@ -42,7 +44,6 @@ class _Gather:
         self.check = check
         self.workspace = {} if workspace is None else workspace
         self.new_keys = self.new_values = None
-        self.arena_kv = None
 
     def get_seq_length(self) -> int:
         return self.past + (0 if self.new_keys is None else self.new_keys.shape[-2])
@@ -71,17 +72,14 @@ class _Gather:
         return K, V
 
     def _keep_whole(self, K, V, row: int, lo: int, hi: int) -> None:
-        """This layer's slots ``[lo, hi)`` of row ``row`` into the pass's stacked copy of that
-        context (``workspace["kept"][row]``: keys, values, key heads), which the store keeps
-        whole."""
-        ws, i, m = self.workspace, self.index, hi - lo
-        hk, d, hv, dv = K.shape[1], K.shape[3], V.shape[1], V.shape[3]
-        kept = ws.setdefault("kept", {})
+        """This layer's slots ``[lo, hi)`` of row ``row`` into the pass's stacked block of that
+        context (``workspace["kept"][row]``), which the store keeps whole."""
+        kept = self.workspace.setdefault("kept", {})
         if row not in kept:
-            kept[row] = (K.new_empty((ws["layers"], 1, m, hk * d)), V.new_empty((ws["layers"], 1, m, hv * dv)), hk)
-        KS, VS, _ = kept[row]
-        KS[i].view(1, m, hk, d).copy_(K[row:row + 1, :, lo:hi].transpose(1, 2))
-        VS[i].view(1, m, hv, dv).copy_(V[row:row + 1, :, lo:hi].transpose(1, 2))
+            kept[row] = KVBlock.empty(self.workspace["layers"], K, V, 1, hi - lo)
+        blk, i = kept[row], self.index
+        blk.keys[i].copy_(K[row:row + 1, :, lo:hi])
+        blk.values[i].copy_(V[row:row + 1, :, lo:hi])
 
     def _gather_stacked(self, key_states, value_states):
         """This layer's keys/values from the group of layers gathered with it (see
@@ -153,33 +151,28 @@ class _Gather:
     def _write_arena(self, key_states, value_states):
         P, i, n = self.past, self.index, key_states.shape[2]
         block, cap = self.arena
-        if block is None:
-            K, V = self._arena_views(key_states, value_states, cap)
+        fresh = block is None
+        if fresh:
+            block = self._new_arena(key_states, value_states, cap)
+        K, V = block.keys[i], block.values[i]
+        if fresh:  # a copy of the past first
             at = 0
             for blk, r, s, m in (self.pasts[0][0] if P else ()):
                 K[:, :, at:at + m] = piece(blk.keys[i], r, s, m)
                 V[:, :, at:at + m] = piece(blk.values[i], r, s, m)
                 at += m
-            self.arena_kv = (K, V)
-        else:
-            K, V = block.keys[i], block.values[i]
         self.new_keys, self.new_values = K.narrow(2, P, n), V.narrow(2, P, n)
         self.new_keys.copy_(key_states)
         self.new_values.copy_(value_states)
         return K.narrow(2, 0, P + n), V.narrow(2, 0, P + n)
 
-    def _arena_views(self, key_states, value_states, cap: int):
-        """This layer's ``(1, hk, cap, d)`` views of a new stacked arena (made by the pass's first
-        layer: ``workspace["arena"]``, each ``(layers, 1, cap, hk * d)``)."""
+    def _new_arena(self, key_states, value_states, cap: int) -> KVBlock:
+        """The new stacked arena of ``cap`` slots this pass writes into (made by its first layer:
+        ``workspace["arena"]``)."""
         ws = self.workspace
-        st = ws.get("arena")
-        hk, d = key_states.shape[1], key_states.shape[3]
-        hv, dv = value_states.shape[1], value_states.shape[3]
-        if st is None:
-            st = ws["arena"] = (key_states.new_empty((ws["layers"], 1, cap, hk * d)),
-                                value_states.new_empty((ws["layers"], 1, cap, hv * dv)))
-        i = self.index
-        return (st[0][i].view(1, cap, hk, d).transpose(1, 2), st[1][i].view(1, cap, hv, dv).transpose(1, 2))
+        if "arena" not in ws:
+            ws["arena"] = KVBlock.empty(ws["layers"], key_states, value_states, 1, cap)
+        return ws["arena"]
 
 
 @functools.cache
@@ -191,7 +184,7 @@ def _pass_layer_class():
         (see :meth:`KVRef.segments`), left-padded to ``past``. ``new_keys``/``new_values``: the
         new tokens alone (what the store keeps); ``workspace["kept"][row]``: the slots ``[lo, hi)``
         of the rows named in ``keep``, every layer. ``arena``: ``(block, 0)`` writes the one row's new tokens into
-        that arena after its tip, ``(None, capacity)`` into a new arena buffer (``arena_kv``)
+        that arena after its tip, ``(None, capacity)`` into a new arena (``workspace["arena"]``)
         after a copy of the past (see KVStore.arena_for)."""
 
         def __init__(self, index: int, pasts, past: int, keep=(), arena=None, check=None, ready=False,
