@@ -7,7 +7,9 @@ backend does not have reads as ``None`` or is skipped, never an error.
 - :func:`counters`: the work counters (tokens run through the model, batches, requests);
 - :func:`wait_idle`: stop a look-ahead pass and wait until the model's thread is free;
 - :class:`PassCounter`: counts model passes (and their rows and tokens) at the one call every
-  pass of a torch decoder makes, the embedding lookup of its input ids.
+  pass of a torch decoder makes, the embedding lookup of its input ids;
+- :class:`ContextRecorder` and :func:`positions_needed`: the contexts whose distributions a
+  byte-level beam reads, and how many model positions any backend must compute to serve them.
 
 Not handled: backends that are not torch modules (vLLM, Ray replicas) beyond their counters.
 """
@@ -129,3 +131,55 @@ class PassCounter:
             return {"passes": 0 if self.available else None, "rows": 0, "tokens": 0, "max_rows": 0}
         return {"passes": len(sel), "rows": sum(p[2] for p in sel), "tokens": sum(p[3] for p in sel),
                 "max_rows": max(p[2] for p in sel), "threads": len({p[1] for p in sel})}
+
+
+class ContextRecorder:
+    """Records the contexts a byte-level beam reads while active: every ``next_token_logprobs``
+    call on ``lm`` (the one way ``StatefulTokenizedLM`` asks for a distribution), in order.
+
+    The backend's own reads ahead (``peek_next_token_logprobs``, prefetches, look-ahead passes)
+    are not recorded: they are how a backend serves the beam, not what the beam needs.
+    Use as a context manager; it wraps the instance's method and puts it back.
+    """
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.contexts: list[tuple[int, ...]] = []
+        self._had = False
+
+    def __enter__(self):  # -> ContextRecorder
+        lm, contexts = self.lm, self.contexts
+        self._had = "next_token_logprobs" in vars(lm)
+        inner = lm.next_token_logprobs
+
+        async def recorded(token_ids, *args, **kwargs):
+            contexts.append(tuple(int(t) for t in token_ids))
+            return await inner(token_ids, *args, **kwargs)
+
+        self._inner = inner
+        lm.next_token_logprobs = recorded
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._had:
+            self.lm.next_token_logprobs = self._inner
+        else:
+            del self.lm.next_token_logprobs
+
+
+def positions_needed(contexts) -> int:
+    """Model positions any backend must compute to give the distributions after ``contexts``:
+    the distinct non-empty prefixes among them (a context's distribution needs the keys and
+    values of every token before it, so each prefix is one position of some pass).
+
+    >>> positions_needed([(1, 2, 3), (1, 2, 4), (1, 5)])
+    5
+    """
+    seen: set[tuple[int, ...]] = set()
+    for ctx in contexts:
+        for i in range(len(ctx), 0, -1):
+            prefix = tuple(ctx[:i])
+            if prefix in seen:
+                break  # (its own prefixes are in already)
+            seen.add(prefix)
+    return len(seen)

@@ -1,0 +1,54 @@
+"""The prefill floor of ``benchmarks/bench_prefill.py``: what the beam itself reads, and the
+model positions those reads need (``benchmarks/probes.py``)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import probes
+
+from genlm_bytes import BeamParams, ByteBeamState, MockLM
+
+
+def test_positions_needed_counts_every_distinct_prefix_once():
+    assert probes.positions_needed([]) == 0
+    assert probes.positions_needed([(7,)]) == 1
+    # (1,), (1, 2), (1, 2, 3), (1, 2, 4), (1, 5): shared prefixes count once, in any order.
+    assert probes.positions_needed([(1, 2, 4), (1, 5), (1, 2, 3), (1, 2, 3)]) == 5
+    # A context read after a longer one that contains it adds nothing.
+    assert probes.positions_needed([(1, 2, 3), (1, 2)]) == 3
+    assert probes.positions_needed([[1, 2], [3]]) == 3  # lists count like tuples
+
+
+@pytest.mark.asyncio
+async def test_recorder_sees_every_context_the_beam_reads_and_puts_the_method_back():
+    lm = MockLM(seed=3)
+    params = BeamParams(K=5, prune_threshold=0.05)
+    data = b"the apple and the day"
+    plain = await (await ByteBeamState.initial(lm, params)).prefill(data)
+
+    served = []
+    inner = lm.next_token_logprobs
+
+    async def spy(ids, *a, **k):  # what the backend is asked, below the recorder
+        served.append(tuple(ids))
+        return await inner(ids, *a, **k)
+
+    lm.next_token_logprobs = spy
+    with probes.ContextRecorder(lm) as reads:
+        recorded = await (await ByteBeamState.initial(lm, params)).prefill(data)
+    assert lm.next_token_logprobs is spy  # an instance attribute there before is put back
+    del lm.next_token_logprobs
+    with probes.ContextRecorder(lm):
+        pass
+    assert "next_token_logprobs" not in vars(lm)  # and none is left behind where there was none
+
+    assert recorded.logZ == pytest.approx(plain.logZ, abs=1e-9)  # recording changes nothing
+    assert reads.contexts == served  # every read, in order
+    assert reads.contexts and all(c[: len(lm.initial_context)] == tuple(lm.initial_context)
+                                  for c in reads.contexts)
+    # The beam reads the distribution of every prefix it extends, so its reads are prefix-closed:
+    # the positions they need are the distinct contexts themselves.
+    assert probes.positions_needed(reads.contexts) == len(set(reads.contexts))
