@@ -145,7 +145,7 @@ class ContextRecorder:
     def __init__(self, lm):
         self.lm = lm
         self.contexts: list[tuple[int, ...]] = []
-        self._had = False
+        self._had, self._inner = False, None  # (an instance attribute there before, and the method wrapped)
 
     def __enter__(self):  # -> ContextRecorder
         lm, contexts = self.lm, self.contexts
