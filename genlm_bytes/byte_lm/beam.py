@@ -313,10 +313,10 @@ class ByteBeamState(StatefulByteLM):
                     out.append((i, t, w))
         return out
 
-    async def _extend(self, cands) -> list[LazyTrieState]:
+    async def _extend(self, cands, peek: bool = False) -> list[LazyTrieState]:
         todo = [(i, t) for i, t, _ in cands if (i, t) not in self._ext]
         if todo:
-            new = await asyncio.gather(*(self.states[i].extend(t, self._canon) for i, t in todo))
+            new = await asyncio.gather(*(self.states[i].extend(t, self._canon, peek) for i, t in todo))
             self._ext.update(zip(todo, new))
         return [self._ext[(i, t)] for i, t, _ in cands]
 
@@ -325,9 +325,13 @@ class ByteBeamState(StatefulByteLM):
         """The beam after one more symbol (a byte 0-255, or EOS=257). Impossible: an empty beam."""
         return await self._step(check_symbol(sym))
 
-    async def _step(self, sym: int, planner=None, pos: int | None = None) -> ByteBeamState:
+    async def _step(self, sym: int, planner=None, pos: int | None = None, missing: dict | None = None) -> ByteBeamState:
         """One symbol. ``pos``: the position of ``sym`` in the text a prefill reads (its
-        extensions then follow :meth:`_candidates`), else None (:meth:`_extensions`)."""
+        extensions then follow :meth:`_candidates`), else None (:meth:`_extensions`).
+
+        ``missing`` (a prefill planner's walk ahead, see ``PrefillPlanner.walk_ahead``): only the
+        extensions whose distributions are cached are made (read as peeks), the contexts of the
+        others go into ``missing`` (a dict used as an ordered set), and nothing is healed."""
         if not self.states:
             return self
         await self._ready()
@@ -343,18 +347,31 @@ class ByteBeamState(StatefulByteLM):
                 self._drop_stale_canon(cont)
             ws = [c.weight for c in cont]
             cands = self._candidates(ws, log_total(ws))
-            if planner is not None:
+            if missing is not None:
+                cands = self._cached_only(cands, missing)
+            elif planner is not None:
                 await planner.before_extensions(self, cands, pos)
-        exts = await self._extend(cands)
+        exts = await self._extend(cands, peek=missing is not None)
         if planner is not None:
             planner.after_extensions(self, cands, exts)
         for e in exts:
             c = e.consume(sym)
             if c is not None:
                 cont.append(c)
-        if not cont and self.params.heal and not self.terminated:
+        if not cont and self.params.heal and not self.terminated and missing is None:
             cont = await self._rescue(sym)
         return ByteBeamState(cont, self.params, canon=self._canon)
+
+    def _cached_only(self, cands, missing: dict) -> list:
+        """The candidates whose distributions are cached; the contexts of the others go into ``missing``."""
+        lm, out = self.lm, []
+        for i, t, w in cands:
+            ctx = self.states[i].lm_state.context + (t,)
+            if (i, t) in self._ext or lm.has_logprobs(list(ctx)):
+                out.append((i, t, w))
+            else:
+                missing[ctx] = None
+        return out
 
     async def _rescue(self, sym: int) -> list[LazyTrieState]:
         """Covers taking ``sym`` when the step left none: first the token endings it skipped

@@ -67,6 +67,7 @@ class PathSpeculator:
         self.computed = 0  # the path's distributions are cached up to boundary ``computed``
         self.alts_at: dict[int, set[int]] = {}  # text position -> tokens branching off there
         self.window = speculation_window(lm)
+        self.on_computed = None  # awaited with (self, text end) once a window's branches are computed
 
     async def start(self) -> None:
         """Compute the first window of the path (later windows follow the beam, see ensure_bytes)."""
@@ -116,6 +117,8 @@ class PathSpeculator:
             await self.lm.prefetch(list(self.ctx0 + self.path[: j2 + 1]), alternatives=branches,
                                    start=max(0, n0 + j1 - 1))
             self.computed = j2
+            if self.on_computed is not None and branches:
+                await self.on_computed(self, self.base + self.off[j1])
 
     def _window_end(self, j0: int) -> int:
         return j0 + first_window(len(self.path) - j0, self.window)
@@ -195,6 +198,8 @@ class PrefillPlanner:
     MAX_AHEAD = 32
     MAX_STRONG = 128
     MAX_PENDING = 256  # pending branch contexts kept (see ``pending``)
+    WALK_AHEAD = True  # after a window's branches are computed, walk the beam over it (see walk_ahead)
+    WALK_DEPTH = 2  # ... and compute what it misses that parts from the path at most this many tokens before its end
     PENDING_SLACK = 8  # a pending branch joins a pass whose path it parts from at most this many tokens before its end
 
     def __init__(self, beam, data: bytes):
@@ -210,6 +215,8 @@ class PrefillPlanner:
         # id(a live cover's token context) -> (misses in a row, look-ahead, context length where it ends)
         self._lineage: dict[int, tuple[int, int, int]] = {}
         self._planned: dict[tuple[int, int], tuple[int, int, int]] = {}  # (id(context), token) -> the same
+        self._at = (0, beam)  # (text position, the beam about to read the byte there): where a walk starts
+        self._walked = (0, beam)  # (text position, the copy there) where the last walk ended
 
     def fits(self, n_tokens: int) -> bool:
         m = self.params.max_context_length
@@ -224,12 +231,15 @@ class PrefillPlanner:
         if defer:
             self.pending.update(dict.fromkeys(await spec.start_deferred()))
         else:
+            if not self.paths and self.WALK_AHEAD:  # the first path: walk the beam over each window
+                spec.on_computed = self.walk_window
             await spec.start()
         self.paths.append(spec)
 
     async def advance(self, pos: int, beam) -> None:
         """Speculate the next windows of the paths the beam still follows; forget the others
         (and the bookkeeping of covers no longer in the beam: a key is the id of a live object)."""
+        self._at = (pos, beam)
         held = {id(s.lm_state) for s in beam.states}
         if len(self.pending) > self.MAX_PENDING:  # (the oldest go: the beam has moved past them)
             self.pending = dict.fromkeys(list(self.pending)[-self.MAX_PENDING:])
@@ -288,6 +298,43 @@ class PrefillPlanner:
             info = self._planned.pop((id(beam.states[i].lm_state), t), None)
             if info is not None:
                 self._lineage[id(e.lm_state)] = info
+
+    async def walk_window(self, spec: PathSpeculator, end: int) -> None:
+        """A window of the first path and its one-token branches are computed: walk a copy of the
+        beam over the text up to ``end`` on the distributions cached now (:meth:`walk_ahead`),
+        and compute, in one tree pass, the contexts the walk found missing that part from the
+        path at most ``WALK_DEPTH`` tokens before their end (a branch's next token): what the
+        beam would otherwise ask for one stall, one small pass, at a time."""
+        pos, beam = self._at
+        if self._walked[0] > pos:  # go on from where the last walk ended: each byte walked once
+            pos, beam = self._walked
+        missing, beam = await self.walk_ahead(beam, pos, end)
+        self._walked = (end, beam) if beam.states else (-1, None)  # (an empty copy finds nothing more)
+        full = spec.ctx0 + spec.path
+        items = []
+        for ctx in missing:
+            c = _common(full, ctx)
+            if 0 < len(ctx) - c <= self.WALK_DEPTH and self.fits(len(ctx)):  # (not the path's own)
+                items.append((c, ctx[c:]))
+        if items:
+            at = max(c for c, _ in items)
+            await self.lm.prefetch(list(full[:at]), alternatives=items, start=at)
+
+    async def walk_ahead(self, beam, pos: int, end: int) -> tuple[list[tuple], object]:
+        """The contexts, not cached, of the extensions a copy of ``beam`` (about to read the byte
+        at ``pos``) asks for while it reads the text up to ``end`` as the prefill does: the copy
+        goes on without them (what they would ask for in turn is found when the beam gets
+        there). Also returns the copy as it is at ``end``."""
+        from genlm_bytes.byte_lm.beam import ByteBeamState
+
+        missing: dict[tuple, None] = {}
+        beam = ByteBeamState(beam.states, beam.params, canon=beam._canon)  # (the beam's own extensions untouched)
+        for q in range(pos, min(end, len(self.data))):
+            beam = await beam._step(self.data[q], pos=q, missing=missing)
+            if not beam.states:
+                break
+            beam = beam.prune()
+        return list(missing), beam
 
     async def add_paths(self, paths: list[tuple[tuple, tuple]], pos: int) -> None:
         """Start look-ahead paths from text position ``pos`` in as few tree passes as possible:

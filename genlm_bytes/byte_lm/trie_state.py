@@ -354,10 +354,11 @@ class LazyTrieState:
             out.append((t, self.ctx_weight + float(self.dist.logp[t])))
         return out
 
-    async def extend(self, token: int, canon_tokens=None) -> LazyTrieState:
-        """End the current token as ``token`` and start a new one (one LM call)."""
+    async def extend(self, token: int, canon_tokens=None, peek: bool = False) -> LazyTrieState:
+        """End the current token as ``token`` and start a new one (one LM call; ``peek``: as a
+        reader ahead of the beam, see ``AsyncLM.peek_next_token_logprobs``)."""
         new_lm = self.lm_state << token
-        logp = await new_lm.logp_next()
+        logp = await (new_lm.lm.peek_next_token_logprobs(list(new_lm.context)) if peek else new_lm.logp_next())
         canon = -1
         if canon_tokens is not None and 0 <= self.canon < len(canon_tokens) and canon_tokens[self.canon] == token:
             canon = self.canon + 1
