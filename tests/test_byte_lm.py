@@ -591,6 +591,17 @@ async def test_walking_the_beam_over_a_window_computes_branches_next_tokens_in_o
     assert new.logZ == pytest.approx(old.logZ, abs=1e-4)
     np.testing.assert_allclose(np.exp((await new.logp_next()).ps), np.exp((await old.logp_next()).ps), atol=1e-4)
 
+    # Under a budget that shrinks the speculation window there is no walk (what it computed
+    # ahead would be evicted before the beam reads it).
+    small = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0],
+                             cache_budget_bytes=256 << 20)
+    speculate.PrefillPlanner.walk_window = watched
+    try:
+        await (await ByteBeamState.initial(small, params)).prefill(text)
+    finally:
+        speculate.PrefillPlanner.walk_window = real_walk
+    assert len(walked) == 1, "a backend with a shrunk speculation window should not walk"
+
 
 @pytest.mark.slow
 async def test_walk_ahead_lists_only_uncached_one_token_extensions_and_leaves_the_beam_alone(embedded_lm):

@@ -231,7 +231,10 @@ class PrefillPlanner:
         if defer:
             self.pending.update(dict.fromkeys(await spec.start_deferred()))
         else:
-            if not self.paths and self.WALK_AHEAD:  # the first path: walk the beam over each window
+            # The first path: walk the beam over each window; not under a budget that shrinks the
+            # window (at 256 MiB what the walk computes ahead is evicted before the beam reads it:
+            # +28% LM tokens scoring 8 KB; at 512 MiB -20%, benchmarks/README.md, session 12).
+            if not self.paths and self.WALK_AHEAD and spec.window >= WINDOW:
                 spec.on_computed = self.walk_window
             await spec.start()
         self.paths.append(spec)
