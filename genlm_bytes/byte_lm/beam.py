@@ -160,6 +160,19 @@ async def _warm_first_window(lm: AsyncLM, params: BeamParams, initial_context, d
         await lm.prefetch(ids, start=len(ctx0) - 1)
 
 
+def _cached_only(beam: ByteBeamState, cands, missing: dict) -> list:
+    """The candidates of ``beam`` whose distributions are cached; the contexts of the others go
+    into ``missing`` (see ``ByteBeamState._step``)."""
+    lm, out = beam.lm, []
+    for i, t, w in cands:
+        ctx = beam.states[i].lm_state.context + (t,)
+        if (i, t) in beam._ext or lm.has_logprobs(list(ctx)):
+            out.append((i, t, w))
+        else:
+            missing[ctx] = None
+    return out
+
+
 class ByteBeamState(StatefulByteLM):
     """A beam of covers; immutable (every operation returns a new beam).
 
@@ -348,7 +361,7 @@ class ByteBeamState(StatefulByteLM):
             ws = [c.weight for c in cont]
             cands = self._candidates(ws, log_total(ws))
             if missing is not None:
-                cands = self._cached_only(cands, missing)
+                cands = _cached_only(self, cands, missing)
             elif planner is not None:
                 await planner.before_extensions(self, cands, pos)
         exts = await self._extend(cands, peek=missing is not None)
@@ -361,17 +374,6 @@ class ByteBeamState(StatefulByteLM):
         if not cont and self.params.heal and not self.terminated and missing is None:
             cont = await self._rescue(sym)
         return ByteBeamState(cont, self.params, canon=self._canon)
-
-    def _cached_only(self, cands, missing: dict) -> list:
-        """The candidates whose distributions are cached; the contexts of the others go into ``missing``."""
-        lm, out = self.lm, []
-        for i, t, w in cands:
-            ctx = self.states[i].lm_state.context + (t,)
-            if (i, t) in self._ext or lm.has_logprobs(list(ctx)):
-                out.append((i, t, w))
-            else:
-                missing[ctx] = None
-        return out
 
     async def _rescue(self, sym: int) -> list[LazyTrieState]:
         """Covers taking ``sym`` when the step left none: first the token endings it skipped
