@@ -166,7 +166,7 @@ def _cached_only(beam: ByteBeamState, cands, missing: dict) -> list:
     lm, out = beam.lm, []
     for i, t, w in cands:
         ctx = beam.states[i].lm_state.context + (t,)
-        if (i, t) in beam._ext or lm.has_logprobs(list(ctx)):
+        if lm.has_logprobs(list(ctx)):
             out.append((i, t, w))
         else:
             missing[ctx] = None

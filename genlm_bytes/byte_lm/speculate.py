@@ -12,8 +12,9 @@ of one small pass per byte.
 
 The path is handled in windows of boundaries, just ahead of the beam, so the
 prepared distributions of a long text are never all in memory at once.
-Deeper branches (a branch of a branch) are left to the beam's look-ahead and
-to the ordinary batched path.
+Deeper branches (a branch of a branch) are left to the planner below: a walk of
+the beam ahead over each window (a branch's next token), look-ahead paths, and
+the ordinary batched path.
 """
 
 from __future__ import annotations
@@ -187,6 +188,10 @@ class PrefillPlanner:
     the planner's next pass (or the beam asks for one when it gets there, which starts that
     pass). Either way the same distributions are computed; only the grouping changes.
 
+    Once the first path's window and its one-token branches are computed, a copy of the beam
+    walks that window on the distributions cached then (:meth:`walk_window`); the branches'
+    next tokens it finds missing are computed in one pass before the beam gets there.
+
     The lineage bookkeeping (how many uncached extensions in a row, the last look-ahead) is the
     planner's own, keyed by the token context object a cover holds (the covers of one lineage
     share it); the covers carry none of it.
@@ -216,7 +221,7 @@ class PrefillPlanner:
         self._lineage: dict[int, tuple[int, int, int]] = {}
         self._planned: dict[tuple[int, int], tuple[int, int, int]] = {}  # (id(context), token) -> the same
         self._at = (0, beam)  # (text position, the beam about to read the byte there): where a walk starts
-        self._walked = (0, beam)  # (text position, the copy there) where the last walk ended
+        self._walked = (-1, None)  # (text position, the copy there) where the last walk ended
 
     def fits(self, n_tokens: int) -> bool:
         m = self.params.max_context_length
