@@ -183,6 +183,84 @@ async def test_ragged_batch_of_different_pasts_and_duplicates_matches_uncached(e
     assert_cache_consistent(lm.cache)
 
 
+@pytest.mark.slow
+async def test_ragged_tree_pass_of_rows_with_their_own_branches_matches_uncached(embedded_lm, embedded_hf, hf64):
+    """``PassRunner.tree_rows``: rows on pasts of different lengths (one with none), each a path with
+    branches off its own past and path tokens and a chain with a sub-branch, in one pass; every
+    context is exact, its KV can be extended, and the row of each path is held for its requester."""
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model)
+    ids = [0] + tok.encode(TEXT)
+    other = tok.encode("Stock markets rose on Tuesday.")
+    await lm.next_token_logprobs(ids[:4])
+    await lm.next_token_logprobs(ids[:15])
+    cache, runner = lm.cache, lm.runner
+    P4, ref4 = cache.deepest_kv(tuple(ids[:5]), 4)
+    P15, ref15 = cache.deepest_kv(tuple(ids[:17]), 15)
+    assert (P4, P15) == (4, 15)
+    rows = [
+        (tuple(ids[:5]), ref4, 4, [(4, (501,), ()), (4, (502,), ())]),  # siblings of the new token
+        (tuple(ids[:17]), ref15, 15, [(16, (503, 504), ((1, 505),)), (12, (506,), ()), (17, (507,), ())]),
+        (tuple(other[:3]), None, 0, []),  # no past, no branches
+    ]
+    before = lm.n_forward_tokens
+    out = runner.tree_rows(rows)
+    assert lm.n_forward_tokens - before == 3 + (2 + 2 + 1 + 1 + 1) + 3
+    for (ids_b, *_), row in zip(rows, out):
+        assert row is not None and row is cache.get_logp(ids_b)
+        assert_close_to_uncached(hf_model, ids_b, row)
+    branched = [ids[:4] + [501], ids[:4] + [502], ids[:16] + [503], ids[:16] + [503, 504], ids[:16] + [503, 505],
+                ids[:12] + [506], ids[:17] + [507], ids[:16], other[:2]]
+    for ctx in branched:
+        assert_close_to_uncached(hf_model, ctx, cache.get_logp(tuple(ctx)))
+    assert_cache_consistent(cache)
+    n = lm.n_forward_tokens
+    for ctx in (ids[:4] + [502, 9], ids[:16] + [503, 505, 9], ids[:17] + [8], other[:3] + [7], ids[:12] + [506, 6]):
+        assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))
+    assert lm.n_forward_tokens == n + 5, "each extension runs its one new token on the stored pasts"
+    assert_cache_consistent(cache)
+
+
+@pytest.mark.slow
+async def test_hinted_contexts_run_with_the_next_generation_pass(embedded_lm, embedded_hf, hf64):
+    """``hint_next``: the next batch of generation requests also runs the hinted contexts one
+    token past a cached past, up to ``hint_tokens``, in the same pass (a hint sharing a request's
+    past branches off its row; another gets a row of its own); each is exact and stays cached.
+    Hints whose past is not cached, malformed hints and hints before a known text's requests
+    are not run."""
+    from genlm_bytes.lm.base import known_text
+
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model, draft_tokens=0, config=EngineConfig(hint_tokens=2))
+    a, b = [0] + tok.encode("The cat sat on"), [0] + tok.encode("Stock markets rose")
+    await asyncio.gather(lm.next_token_logprobs(a), lm.next_token_logprobs(b))
+    batches, tokens = lm.batcher.n_batches, lm.n_forward_tokens
+    sib, other, deep, third = a + [264], b + [389], b + [389, 11], a + [11]
+    lm.hint_next([sib, other, deep, third, "not a context", [-1, 2], [lm.vocab_size]])
+    row = await lm.next_token_logprobs(a + [262])
+    assert lm.batcher.n_batches == batches + 1
+    assert lm.n_forward_tokens == tokens + 3, "the request and the first two usable hints, in one pass"
+    assert_close_to_uncached(hf_model, a + [262], row)
+    for ctx in (sib, other):
+        assert lm.has_logprobs(ctx)
+        assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))
+    assert not lm.has_logprobs(deep) and not lm.has_logprobs(third), "past the budget, or no cached past"
+    assert lm.n_forward_tokens == tokens + 3 and lm.batcher.n_batches == batches + 1
+    # hints are used once: the next pass runs its own request only (not ``deep``, whose past is
+    # cached now)
+    await lm.next_token_logprobs(a + [11, 12])
+    assert lm.n_forward_tokens == tokens + 3 + 2 and not lm.has_logprobs(deep)
+    # a known text's requests take no hints
+    lm.hint_next([b + [12]])
+    with known_text():
+        await lm.next_token_logprobs(b + [13])
+    assert not lm.has_logprobs(b + [12])
+    extended = await lm.next_token_logprobs(other + [5])  # a hint's KV is cached: one new token
+    assert_close_to_uncached(hf_model, other + [5], extended)
+    assert lm.n_forward_tokens == tokens + 3 + 2 + 1 + 1
+    assert_cache_consistent(lm.cache)
+
+
 @pytest.mark.parametrize("layers_per_group", [1, 7, 64])
 async def test_a_batched_pass_gathers_pasts_by_groups_of_layers(embedded_lm, embedded_hf, hf64, monkeypatch,
                                                                 layers_per_group):

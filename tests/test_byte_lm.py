@@ -500,6 +500,43 @@ async def test_greedy_with_drafts_equals_greedy_without_and_needs_fewer_calls(em
 
 
 @pytest.mark.slow
+async def test_greedy_hints_serve_next_steps_and_change_nothing(embedded_lm, monkeypatch):
+    """A generating beam that waits on a pass hints the contexts its covers will likely end
+    tokens at next (``AsyncLM.hint_next``): only uncached ones one token past a cover's context,
+    none it is asking for. The backend runs some with the pass: fewer batches for the same
+    bytes and the same next-byte distribution; a beam under ``known_text`` (prefill) hints nothing."""
+    from genlm_bytes import AsyncTransformer
+    from genlm_bytes.byte_lm import beam as beam_mod
+
+    params = BeamParams(K=5, prune_threshold=0.05)
+    prompt = "Le matin, la petite ville se réveille lentement et les boulangers".encode()
+    runs = []
+    for hinting in (False, True):
+        lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0], lookahead=False)
+        given, inner = [], lm.hint_next
+
+        def record(contexts, lm=lm, given=given, inner=inner):
+            for c in contexts:
+                assert not lm.has_logprobs(list(c)), "a cached context was hinted"
+            given.append([tuple(c) for c in contexts])
+            inner(contexts)
+
+        lm.hint_next = record
+        if not hinting:
+            monkeypatch.setattr(beam_mod, "_hint_next", lambda *a: None)
+        beam = await (await ByteBeamState.initial(lm, params)).prefill(prompt)
+        assert not given, "prefill hints nothing"
+        state, out = await beam.generate_bytes(24, greedy=True)
+        runs.append((out, lm.batcher.n_batches, (await state.logp_next()).ps, given))
+        monkeypatch.undo()
+    (plain, calls0, lp0, _), (hinted, calls1, lp1, given) = runs
+    assert hinted == plain
+    assert np.allclose(np.exp(lp0), np.exp(lp1), atol=1e-5)
+    assert given and all(0 < len(g) <= beam_mod.HINT_CONTEXTS for g in given)
+    assert calls1 < calls0, f"hints served no step ({calls1} vs {calls0} batches)"
+
+
+@pytest.mark.slow
 async def test_new_paths_exact_branches_join_the_next_pass(embedded_lm):
     """A look-ahead path the prefill planner starts for a surviving branch lists its exact
     branches (a token or two each) and computes them with its next pass instead of in a pass of

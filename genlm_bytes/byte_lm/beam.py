@@ -56,7 +56,13 @@ from genlm_bytes.byte_lm.trie_state import (
     shared_space,
 )
 from genlm_bytes.dist import LazyByteProbs
-from genlm_bytes.lm.base import AsyncLM, kept_on_model, known_text, vocabulary_of
+from genlm_bytes.lm.base import (
+    GUESS_AHEAD,
+    AsyncLM,
+    kept_on_model,
+    known_text,
+    vocabulary_of,
+)
 from genlm_bytes.symbols import EOS, N_SYMBOLS, check_symbol
 
 logger = logging.getLogger(__name__)
@@ -171,6 +177,48 @@ def _cached_only(beam: ByteBeamState, cands, missing: dict) -> list:
         else:
             missing[ctx] = None
     return out
+
+
+HINT_CONTEXTS = 4  # contexts a generating beam hints per pass it waits on (the backend takes what it can)
+HINT_BYTES = 8  # ... found within this many guessed bytes
+
+
+def _hint_next(beam: ByteBeamState, cands) -> None:
+    """Before a step waits on the distributions of ``cands`` (some uncached), tell the backend
+    (``AsyncLM.hint_next``) which contexts the beam will likely ask for next: walking the bytes
+    the covers it already has make likeliest, the token endings that would pass the step's cut
+    there, nearest first. The walk stops where the endings met so far (whose next bytes are not
+    known yet) weigh more than the byte it would take."""
+    lm = beam.lm
+    has = getattr(lm, "has_logprobs", None)
+    if has is None or all(has(list(beam.states[i].lm_state.context + (t,))) for i, t, _ in cands):
+        return
+    thr, asked = beam.params.prune_threshold, {beam.states[i].lm_state.context + (t,) for i, t, _ in cands}
+    covers, hints = [s for s in beam.states if not s.terminated], []
+    if not covers:
+        return
+    ref = max(s.weight for s in covers)
+    unknown = sum(math.exp(w - ref) for _, _, w in cands)  # the endings' mass, spread over unknown next bytes
+    for _ in range(HINT_BYTES):
+        if not covers or len(hints) >= HINT_CONTEXTS:
+            break
+        acc = np.zeros(N_SYMBOLS)
+        for s in covers:
+            s.add_next_masses(acc, ref, include_end=False)
+        b = int(acc[:256].argmax())
+        if not acc[b] > unknown:
+            break
+        covers = [c for s in covers if (c := s.consume(b)) is not None]
+        ws = [c.weight for c in covers]
+        cut = log_total(ws) + math.log(thr) if thr > 0 and covers else -math.inf
+        ends = sorted(((w, c.lm_state.context + (t,)) for c in covers for t, w in c.end_tokens() if w >= cut),
+                      key=lambda e: -e[0])
+        unknown += sum(math.exp(w - ref) for w, _ in ends)
+        for _, ctx in ends:
+            if ctx not in asked and ctx not in hints and not has(list(ctx)):
+                hints.append(ctx)
+    if hints:
+        lm.hint_next(hints[:HINT_CONTEXTS])
 
 
 class ByteBeamState(StatefulByteLM):
@@ -398,7 +446,10 @@ class ByteBeamState(StatefulByteLM):
         if self.terminated:
             raise ValueError("this beam has ended (EOS) and accepts nothing")
         await self._ready()
-        exts = await self._extend(self._extensions())
+        cands = self._extensions()
+        if GUESS_AHEAD.get():
+            _hint_next(self, [c for c in cands if (c[0], c[1]) not in self._ext])
+        exts = await self._extend(cands)
         covers = [s for s in (*self.states, *exts) if not s.terminated]
         ref = max(s.weight for s in covers)
         acc = np.zeros(N_SYMBOLS)

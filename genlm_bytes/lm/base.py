@@ -307,6 +307,14 @@ class AsyncLM(abc.ABC):
         """
         return
 
+    def hint_next(self, contexts) -> None:
+        """Contexts (token-id tuples) the caller is likely to ask for soon, likeliest first,
+        given just before requests that miss the cache (a beam generating: the covers' next
+        token endings along its guess of the next bytes). A backend may compute some of them
+        in the pass those requests start; it returns nothing and never raises for a bad hint.
+        The default does nothing."""
+        return
+
     async def peek_next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         """:meth:`next_token_logprobs` for a caller that reads ahead of the one who will use
         them (e.g. to plan prefetches): a backend with a cache keeps such a row for that later

@@ -182,6 +182,20 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         self._check_length(len(key))
         return await self.batcher.submit(key, (key, GUESS_AHEAD.get()))
 
+    def hint_next(self, contexts) -> None:
+        """Contexts likely asked for next (see :meth:`AsyncLM.hint_next`): the next batch of a
+        few generation requests runs up to ``hint_tokens`` of them in its pass (those one token
+        past a cached past), each computed as any request is. Malformed ones are ignored."""
+        V, maxp, out = self.vocab_size, self.max_positions, []
+        for c in contexts if isinstance(contexts, (list, tuple)) else ():
+            try:
+                c = tuple(int(t) for t in c)
+            except (TypeError, ValueError):
+                continue
+            if c and all(0 <= t < V for t in c) and not (maxp and len(c) > maxp):
+                out.append(c)
+        self.scheduler.hints = tuple(out)
+
     def _cache_readable(self) -> bool:
         return not self.runner.watch.hooks_changed()  # a hook added since: recompute
 

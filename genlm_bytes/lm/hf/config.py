@@ -49,6 +49,7 @@ class EngineConfig:
     ahead_shorter_p: float = 0.01  # ... when at least this likely (a byte-level beam asks for them first)
     ahead_sibling: bool = True  # or the likeliest token after a longer sibling computed with the context
     ahead_group: int = 4  # generation batches up to this size get a look-ahead; larger are beams, rarely all right
+    hint_tokens: int = 2  # hinted contexts (AsyncLM.hint_next) run with such a batch: a pass of 3 tokens costs ~1.1x one
 
     # memory: heap trims
     trim_after_bytes: int = 16 << 20  # trim after evictions freed this much: worth a trim's page faults

@@ -279,20 +279,62 @@ class PassRunner:
         self.trimmer.pass_ended()
         logger.debug("tree pass: %d path tokens and %d alternatives on a past of %d", tail, len(items), P)
 
-    def _store_tree(self, ids, P, ref, tail, slots, layers, arena, path_block, alt_block, logp_rows) -> None:
+    @torch.inference_mode()
+    def tree_rows(self, rows, hand_out: int | None = None) -> list:
+        """A ragged tree pass: rows ``(ids, past ref, past length p, items)`` on different pasts,
+        each the path ``ids[p:]`` with the items' chains branching off it as in :meth:`tree_pass`,
+        in one batch (pasts left-padded to the longest as in :meth:`forward`, slots right-padded).
+        What a few generation requests with their likely next contexts need (see the Scheduler).
+        Caches log-probs and KV of every new prefix; returns for each of the first ``hand_out``
+        rows (default: all) the log-prob row after its ``ids``, held for the requester (None
+        where a tiny budget evicted it at once); the other rows' stay cached for later reads."""
+        store = self.store
+        layouts = [tree_layout(ids, p, len(ids) - p, items) for ids, _, p, items in rows]
+        B, P = len(rows), max(r[2] for r in rows)
+        Qs = [len(lay[1]) for lay in layouts]
+        Q = max(Qs)
+        input_ids, pos = torch.zeros((B, Q), dtype=torch.long), torch.zeros((B, Q), dtype=torch.long)
+        allowed = torch.zeros((B, Q, P + Q), dtype=torch.bool)
+        for b, ((_, _, p, _), (_, tokens, ps, ok)) in enumerate(zip(rows, layouts)):
+            q = Qs[b]
+            input_ids[b, :q], pos[b, :q], pos[b, q:] = torch.tensor(tokens), ps, p
+            allowed[b, :q, P - p:P], allowed[b, :q, P:P + q] = ok[:, :p], ok[:, p:]
+            allowed[b, range(q, Q), range(P + q, P + Q)] = True  # (a padding slot sees itself: no NaN)
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros((B, 1, Q, P + Q), dtype=dtype).masked_fill_(~allowed[:, None], float("-inf"))
+        keep = [(b, P - p, P + len(ids) - p) for b, (ids, ref, p, _) in enumerate(rows)
+                if store.chain_full(ref, True)]
+        store.reserve_pass(B, P + Q, Q, sum(Qs), keep)
+        self.trimmer.pass_started()
+        cache = self.make_cache([r[:3] for r in rows], P, keep)
+        states, head = self._run(input_ids, mask, pos, cache, Q)
+        self.n_forward_tokens += sum(Qs)
+        logp_rows = self._logprob_rows(torch.cat([states[b, :Qs[b]] for b in range(B)]), head)
+        del states
+        layers = cache.layers
+        block = store.new_block(layers) if store.kv_reuse else None
+        for b, ((ids, ref, p, _), (slots, *_)) in enumerate(zip(rows, layouts)):
+            self._store_tree(ids, p, ref, len(ids) - p, slots, layers, None, block, None, logp_rows, row=b)
+        store.end_pass(block, B * Q)
+        self.trimmer.pass_ended()
+        return [self.cache.get_logp(r[0], held=True) for r in rows[:hand_out]]
+
+    def _store_tree(self, ids, P, ref, tail, slots, layers, arena, path_block, alt_block, logp_rows,
+                    row: int = 0) -> None:
         """Point every new prefix of a tree pass at its slots (chained to the past it attended
-        to) and cache its log-probs."""
+        to) and cache its log-probs. ``alt_block`` None: the alternatives' slots follow the
+        path's in ``path_block`` (row ``row``: a ragged tree pass, see :meth:`tree_rows`)."""
         store, cache = self.store, self.cache
 
         def at(s: int) -> tuple[KVBlock, int]:  # where slot ``s`` of the pass is stored
-            return (path_block, s) if s < tail else (alt_block, s - tail)
+            return (path_block, s) if s < tail or alt_block is None else (alt_block, s - tail)
 
         def path_ref(depth: int) -> KVRef | None:  # the past of ids[:depth], depth <= P + tail
             if arena:  # (a new arena holds a copy of the past too)
                 return KVRef(path_block, 0, 0, depth) if depth else None
             if depth <= P:
                 return ref.prefix(depth) if ref is not None else None
-            return KVRef(path_block, 0, 0, depth - P, ref)
+            return KVRef(path_block, row, 0, depth - P, ref)
 
         prevs, ctxs = [], []
         for e, (i, chain, s, parent, k) in enumerate(slots):
@@ -302,7 +344,7 @@ class PassRunner:
                 prev = prevs[parent]
                 if k:
                     blk, start = at(ps)
-                    prev = KVRef(blk, 0, start, k, prev)
+                    prev = KVRef(blk, row if blk is path_block else 0, start, k, prev)
             else:
                 ctx = ids[:i] + chain
                 prev = ref if e == 0 else path_ref(i)
@@ -316,6 +358,7 @@ class PassRunner:
             else:
                 # Only the path's slots hold a whole past in the buffer (an item's ancestors are spread).
                 blk, start = at(s)
-                store.put_segment(nodes[i:], blk, 0, start, i, prev, layers if e == 0 else None)
+                store.put_segment(nodes[i:], blk, row if blk is path_block else 0, start, i, prev,
+                                  layers if e == 0 else None)
             for j, node in enumerate(nodes[i:]):
                 cache.put_logp(ctx[: i + j + 1], next(logp_rows), node=node)

@@ -33,6 +33,7 @@ class Scheduler:
     def __init__(self, runner, drafter, ahead):
         self.runner, self.drafter, self.ahead = runner, drafter, ahead
         self.store, self.cache, self.config, self.watch = runner.store, runner.cache, runner.config, runner.watch
+        self.hints: tuple = ()  # contexts a caller said it will likely ask for next (see AsyncLM.hint_next)
 
     def check_model(self) -> None:
         """Before planning: if the model changed since the last pass (hooks, modules, weights),
@@ -58,10 +59,13 @@ class Scheduler:
         todo = [(ids, ref, p) for ids, ref, p, hit in rows if hit is None]
         done = {}
         lone = len(requests) == 1 and requests[0][1]  # a lone request, not from a known text
+        generating = all(may for _, may in requests)  # (no known text: see KVStore.chain_full)
+        hints, self.hints = self.hints, ()
+        if todo and generating and hints and len(requests) <= self.config.ahead_group:
+            todo = self._with_hints(todo, hints, done, lone)
         if lone and todo and (row := self.drafter.drafted(*todo[0])) is not None:
             done[todo[0][0]] = row
             todo = []
-        generating = all(may for _, may in requests)  # (no known text: see KVStore.chain_full)
         for group in self.store.memory_groups(todo):
             for (ids, _, _), logp in zip(group, self.runner.forward(group, all_positions=False, grow=lone,
                                                                     short_chains=generating)):
@@ -75,6 +79,51 @@ class Scheduler:
         elif generating and 1 < len(requests) <= self.config.ahead_group:
             self.ahead.start_group([ids for ids, _ in requests], out)
         return out
+
+    def _with_hints(self, todo: list, hints: tuple, done: dict, lone: bool) -> list:
+        """A few generation requests and up to ``hint_tokens`` hinted contexts one token past a
+        cached past (the likeliest first), in one ragged tree pass (:meth:`PassRunner.tree_rows`):
+        a hint whose past is a prefix of a request's context branches off that request's row,
+        the others get rows of their own. A lone request also runs its prompt-lookup draft (the
+        hints take the place of the Drafter's guessed siblings). Returns what is left to run
+        (``done`` takes the rows computed); ``todo`` itself when no hint qualifies or the pass
+        would not fit one pass."""
+        cache, want = self.cache, {ids for ids, _, _ in todo}
+        picked = []
+        for h in hints:
+            if len(picked) >= self.config.hint_tokens:
+                break
+            if h in want or len(h) < 2 or cache.get_logp(h) is not None or h in picked:
+                continue
+            picked.append(h)
+        if not picked:
+            return todo
+        rows = [(ids, ref, p, []) for ids, ref, p in todo]
+        for h in picked:
+            n = len(h) - 1
+            row = next((r for r in rows[:len(todo)] if len(r[0]) >= n and r[0][:n] == h[:n]), None)
+            if row is not None:
+                row[3].append((n, (h[-1],), ()))
+                continue
+            P, ref = cache.deepest_kv(h, n)
+            if P == n:  # (a hint whose past was evicted is not worth its tokens)
+                rows.append((h, ref, P, []))
+        if (len(rows) == len(todo) and not any(r[3] for r in rows)) \
+                or len(self.store.memory_groups([r[:3] for r in rows])) > 1:
+            return todo
+        ids, ref, p, items = rows[0]
+        draft = self.drafter.lookup(ids, self.drafter.draft_tokens) if lone else ()
+        if draft and len(ids) - p <= self.config.draft_max_new:
+            items.append((len(ids), draft, ()))
+        if len(rows) == 1:  # one row: a tree pass, which writes a lone request's arena in place
+            self.runner.tree_pass(ids, p, ref, len(ids) - p, items, grow=lone)
+            if (row := self.cache.get_logp(ids, held=True)) is not None:
+                done[ids] = row
+            return [r for r in todo if r[0] not in done]
+        for (ids, *_), row in zip(rows, self.runner.tree_rows(rows, hand_out=len(todo))):
+            if row is not None:
+                done[ids] = row
+        return [r for r in todo if r[0] not in done]
 
     def run_ahead(self, ids: tuple, ref, p: int) -> tuple[int, object]:
         """A context far longer than its cached past ``p`` (e.g. one whose past was evicted) runs

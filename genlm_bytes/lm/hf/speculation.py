@@ -139,10 +139,7 @@ class Drafter:
         if not self.draft_tokens or not self.runner.store.kv_reuse or len(ids) - p > self.config.draft_max_new:
             return None
         siblings = self.siblings(ids, self.draft_tokens) if p == len(ids) - 1 else []
-        room = self.draft_tokens - len(siblings)
-        draft = lookup_draft(ids, room, self.config.draft_search) if room else ()
-        if self.max_positions:
-            draft = draft[: max(0, self.max_positions - len(ids))]
+        draft = self.lookup(ids, self.draft_tokens - len(siblings))
         # One row, one tree pass: the context, then each sibling's token in place of its last
         # one, and the draft after it (branches: the context's own keys/values stay one path).
         items = [(p, (t,), ()) for t in siblings] + ([(len(ids), draft, ())] if draft else [])
@@ -151,6 +148,12 @@ class Drafter:
         self.runner.tree_pass(ids, p, ref, len(ids) - p, items, grow=True)
         # The guessed rows stay cached for the requests to come; this one is handed out.
         return self.cache.get_logp(ids, held=True)  # (None if a tiny budget evicted it at once)
+
+    def lookup(self, ids: tuple, k: int) -> tuple:
+        """Up to ``k`` tokens drafted to follow ``ids`` from its own text (:func:`lookup_draft`),
+        within the model's window."""
+        draft = lookup_draft(ids, k, self.config.draft_search) if k > 0 else ()
+        return draft[: max(0, self.max_positions - len(ids))] if self.max_positions else draft
 
     def longer_tokens(self, ids: tuple) -> tuple[list[int], object]:
         """The tokens ``t`` among the ``sibling_top`` likeliest after ``ids[:-1]`` that spell
