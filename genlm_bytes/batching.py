@@ -93,6 +93,15 @@ class Batcher:
                 st = self._states[loop] = _LoopState()
         return loop, st
 
+    def in_flight(self) -> int:
+        """Requests of the running event loop queued or being computed (0 outside a loop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return 0
+        st = self._states.get(loop)
+        return len(st.pending) if st is not None else 0
+
     async def submit(self, key: Hashable, request: Any) -> Any:
         """Queue ``request`` (deduplicated by ``key``) and wait for its result."""
         loop, st = self._state()

@@ -191,7 +191,7 @@ def _hint_next(beam: ByteBeamState, cands) -> None:
     known yet) weigh more than the byte it would take."""
     lm = beam.lm
     has = getattr(lm, "has_logprobs", None)
-    if has is None or all(has(list(beam.states[i].lm_state.context + (t,))) for i, t, _ in cands):
+    if has is None or not lm.wants_hints or all(has(list(beam.states[i].lm_state.context + (t,))) for i, t, _ in cands):
         return
     thr, asked = beam.params.prune_threshold, {beam.states[i].lm_state.context + (t,) for i, t, _ in cands}
     covers, hints = [s for s in beam.states if not s.terminated], []

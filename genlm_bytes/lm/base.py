@@ -307,6 +307,11 @@ class AsyncLM(abc.ABC):
         """
         return
 
+    @property
+    def wants_hints(self) -> bool:
+        """Whether :meth:`hint_next` would be used now (a caller may skip finding hints)."""
+        return False
+
     def hint_next(self, contexts) -> None:
         """Contexts (token-id tuples) the caller is likely to ask for soon, likeliest first,
         given just before requests that miss the cache (a beam generating: the covers' next

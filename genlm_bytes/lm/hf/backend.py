@@ -182,6 +182,13 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         self._check_length(len(key))
         return await self.batcher.submit(key, (key, GUESS_AHEAD.get()))
 
+    @property
+    def wants_hints(self) -> bool:
+        """Hints are used by batches of at most ``ahead_group`` generation requests: not while
+        more are in flight (many states stepping together fill their passes with rows)."""
+        cfg = self.config
+        return self.kv_reuse and cfg.hint_tokens > 0 and self.batcher.in_flight() < cfg.ahead_group
+
     def hint_next(self, contexts) -> None:
         """Contexts likely asked for next (see :meth:`AsyncLM.hint_next`): the next batch of a
         few generation requests runs up to ``hint_tokens`` of them in its pass (those one token
