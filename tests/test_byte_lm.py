@@ -500,6 +500,35 @@ async def test_greedy_with_drafts_equals_greedy_without_and_needs_fewer_calls(em
 
 
 @pytest.mark.slow
+async def test_prefill_computes_the_likeliest_tokens_after_the_text_in_its_last_pass(embedded_lm, monkeypatch):
+    """A prefill's last window also computes the ``GUESS_AFTER`` likeliest tokens after the
+    text's encoding, in a pass that runs anyway: a generation from the end of the prompt finds
+    its first token's distribution cached; no pass more, the same beam."""
+    from genlm_bytes import AsyncTransformer
+    from genlm_bytes.byte_lm.speculate import PrefillPlanner
+
+    params = BeamParams(K=5, prune_threshold=0.05)
+    text = b"The old harbor had been quiet for years, but that spring the boats came back and"
+    results = {}
+    for guess in (0, 2):
+        monkeypatch.setattr(PrefillPlanner, "GUESS_AFTER", guess)
+        lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0], lookahead=False)
+        beam = await (await ByteBeamState.initial(lm, params)).prefill(text)
+        enc = [0] + lm.encode_bytes(text)
+        row = await lm.peek_next_token_logprobs(enc)
+        top = torch.topk(row, 2).indices.tolist()
+        cached = [lm.has_logprobs(enc + [t]) for t in top]
+        results[guess] = (sum(lm.runner.passes.values()), beam.logZ, cached, (await beam.logp_next()).ps,
+                          lm.n_forward_tokens)
+    (p0, z0, c0, n0, t0), (p2, z2, c2, n2, t2) = results[0], results[2]
+    assert c2 == [True, True] and c0 == [False, False]
+    assert p2 == p0, "no pass more"
+    assert z2 == pytest.approx(z0, abs=1e-4)
+    np.testing.assert_allclose(n2, n0, atol=1e-4)
+    assert t2 == t0 + 2, "two tokens more, in a pass that ran anyway"
+
+
+@pytest.mark.slow
 async def test_greedy_hints_serve_next_steps_and_change_nothing(embedded_lm, monkeypatch):
     """A generating beam that waits on a pass hints the contexts its covers will likely end
     tokens at next (``AsyncLM.hint_next``): only uncached ones one token past a cover's context,

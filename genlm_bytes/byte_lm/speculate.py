@@ -69,6 +69,7 @@ class PathSpeculator:
         self.alts_at: dict[int, set[int]] = {}  # text position -> tokens branching off there
         self.window = speculation_window(lm)
         self.on_computed = None  # awaited with (self, text end) once a window's branches are computed
+        self.guess_after = 0  # the likeliest tokens after the path's end also computed with its last window
 
     async def start(self) -> None:
         """Compute the first window of the path (later windows follow the beam, see ensure_bytes)."""
@@ -115,11 +116,22 @@ class PathSpeculator:
             self.done = j1
             branches = await self.branches(j0, j1)
             j2 = self._window_end(j1) if j1 < len(self.path) else j1
+            if j1 == len(self.path) and self.guess_after:
+                branches += await self._after_end()
             await self.lm.prefetch(list(self.ctx0 + self.path[: j2 + 1]), alternatives=branches,
                                    start=max(0, n0 + j1 - 1))
             self.computed = j2
             if self.on_computed is not None and branches:
                 await self.on_computed(self, self.base + self.off[j1])
+
+    async def _after_end(self) -> list[tuple[int, int]]:
+        """``(i, t)`` for the ``guess_after`` likeliest tokens after the whole path (its
+        distribution is cached by now): what a generation from the end of a prompt asks for
+        first, one pass sooner, at a token's cost in a pass that runs anyway."""
+        full = self.ctx0 + self.path
+        lp = await self.lm.peek_next_token_logprobs(list(full))
+        top = np.argsort(-np.asarray(lp, dtype=np.float64))[: self.guess_after].tolist()
+        return [(len(full), int(t)) for t in top if not self.lm.has_logprobs(list(full) + [int(t)])]
 
     def _window_end(self, j0: int) -> int:
         return j0 + first_window(len(self.path) - j0, self.window)
@@ -206,6 +218,7 @@ class PrefillPlanner:
     WALK_AHEAD = True  # after a window's branches are computed, walk the beam over it (see walk_ahead)
     WALK_DEPTH = 2  # ... and compute what it misses that parts from the path at most this many tokens before its end
     PENDING_SLACK = 8  # a pending branch joins a pass whose path it parts from at most this many tokens before its end
+    GUESS_AFTER = 2  # the text's likeliest next tokens computed with its last window (a generation asks first)
 
     def __init__(self, beam, data: bytes):
         self.beam0 = beam
@@ -241,6 +254,8 @@ class PrefillPlanner:
             # +28% LM tokens scoring 8 KB; at 512 MiB -20%, benchmarks/README.md, session 12).
             if not self.paths and self.WALK_AHEAD and spec.window >= WINDOW:
                 spec.on_computed = self.walk_window
+            if not self.paths:
+                spec.guess_after = self.GUESS_AFTER
             await spec.start()
         self.paths.append(spec)
 
