@@ -76,6 +76,7 @@ class Batcher:
         self.name = name
         self.n_batches = 0  # number of process() calls: for tests and benchmarks
         self.n_requests = 0
+        self.last_batch = 0  # requests in the latest process() call
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._lock = threading.Lock()  # serializes process() calls
         self._states_lock = threading.Lock()
@@ -174,6 +175,7 @@ class Batcher:
         with self._lock:
             self.n_batches += 1
             self.n_requests += len(requests)
+            self.last_batch = len(requests)
             return self.process(requests)
 
     def run_sync(self, requests):

@@ -263,15 +263,17 @@ async def test_hinted_contexts_run_with_the_next_generation_pass(embedded_lm, em
 
 async def test_hints_are_wanted_only_while_few_requests_are_in_flight(embedded_lm):
     """``wants_hints``: a backend that runs hints says so while at most a few requests are in
-    flight (many states stepping together fill their passes with rows); never with
-    ``hint_tokens=0``; the default AsyncLM never."""
+    flight and its last batch was small (many states stepping together fill their passes with
+    rows); never with ``hint_tokens=0``; the default AsyncLM never."""
     lm = transformer(embedded_lm)
     assert lm.wants_hints and lm.batcher.in_flight() == 0
     tasks = [asyncio.create_task(lm.next_token_logprobs([0, 100 + i])) for i in range(6)]
     await asyncio.sleep(0)  # (each task has queued its request)
     assert lm.batcher.in_flight() == 6 and not lm.wants_hints
     await asyncio.gather(*tasks)
-    assert lm.wants_hints
+    assert lm.batcher.last_batch == 6 and not lm.wants_hints, "after a large batch, the next is large too"
+    await lm.next_token_logprobs([0, 99])
+    assert lm.batcher.last_batch == 1 and lm.wants_hints
     assert not transformer(embedded_lm, config=EngineConfig(hint_tokens=0)).wants_hints
     assert not MockLM([b"a", b"b"]).wants_hints
 

@@ -185,9 +185,11 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
     @property
     def wants_hints(self) -> bool:
         """Hints are used by batches of at most ``ahead_group`` generation requests: not while
-        more are in flight (many states stepping together fill their passes with rows)."""
-        cfg = self.config
-        return self.kv_reuse and cfg.hint_tokens > 0 and self.batcher.in_flight() < cfg.ahead_group
+        more are in flight, nor after a larger batch (many states stepping together fill their
+        passes with rows; their next batch is large again)."""
+        cfg, b = self.config, self.batcher
+        return (self.kv_reuse and cfg.hint_tokens > 0 and b.last_batch <= cfg.ahead_group
+                and b.in_flight() < cfg.ahead_group)
 
     def hint_next(self, contexts) -> None:
         """Contexts likely asked for next (see :meth:`AsyncLM.hint_next`): the next batch of a
