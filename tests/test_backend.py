@@ -276,6 +276,10 @@ async def test_hints_are_wanted_only_while_few_requests_are_in_flight(embedded_l
     assert lm.batcher.last_batch == 1 and lm.wants_hints
     assert not transformer(embedded_lm, config=EngineConfig(hint_tokens=0)).wants_hints
     assert not MockLM([b"a", b"b"]).wants_hints
+    whole = transformer(embedded_lm, kv_reuse=False)  # (every context would run whole: no hints)
+    whole.hint_next([[0, 5], [0, 6]])
+    assert not whole.wants_hints and whole.scheduler.hints == ()
+    assert_close_to_uncached(embedded_lm.model, [0, 7], await whole.next_token_logprobs([0, 7]))
 
 
 @pytest.mark.parametrize("layers_per_group", [1, 7, 64])

@@ -194,7 +194,10 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
     def hint_next(self, contexts) -> None:
         """Contexts likely asked for next (see :meth:`AsyncLM.hint_next`): the next batch of a
         few generation requests runs up to ``hint_tokens`` of them in its pass (those one token
-        past a cached past), each computed as any request is. Malformed ones are ignored."""
+        past a cached past), each computed as any request is. Malformed ones are ignored, and
+        all of them without KV reuse (each would run its whole context)."""
+        if not self.kv_reuse:
+            return
         V, maxp, out = self.vocab_size, self.max_positions, []
         for c in contexts if isinstance(contexts, (list, tuple)) else ():
             try:
