@@ -529,6 +529,29 @@ async def test_prefill_computes_the_likeliest_tokens_after_the_text_in_its_last_
 
 
 @pytest.mark.slow
+async def test_a_look_ahead_near_the_end_of_the_text_reaches_it(embedded_lm, monkeypatch):
+    """``PrefillPlanner.encode_ahead``: a look-ahead of n tokens reaches the end of the text when
+    what would be left after it is at most ``TO_END`` times as long (up to ``(1 + TO_END) * n``
+    tokens), else stops at n tokens."""
+    from genlm_bytes.byte_lm.speculate import PrefillPlanner
+
+    data = b"The old harbor had been quiet for years, but that spring the boats came back."
+    beam = await ByteBeamState.initial(embedded_lm, BeamParams(K=5, prune_threshold=0.05))
+    await beam._ready()
+    planner = PrefillPlanner(beam, data)
+    whole = embedded_lm.encode_bytes(data[40:])
+    assert 4 < len(whole) <= 12 and len(data) - 40 > 32  # (past a first window of 8 bytes a token)
+    monkeypatch.setattr(PrefillPlanner, "TO_END", 2)
+    assert planner.encode_ahead(40, 4) == whole
+    monkeypatch.setattr(PrefillPlanner, "TO_END", 0)
+    assert planner.encode_ahead(40, 4) == whole[:4]
+    long = data * 8
+    planner = PrefillPlanner(beam, long)
+    monkeypatch.setattr(PrefillPlanner, "TO_END", 2)
+    assert len(planner.encode_ahead(0, 4)) == 4, "far from the end: n tokens"
+
+
+@pytest.mark.slow
 async def test_greedy_hints_serve_next_steps_and_change_nothing(embedded_lm, monkeypatch):
     """A generating beam that waits on a pass hints the contexts its covers will likely end
     tokens at next (``AsyncLM.hint_next``): only uncached ones one token past a cover's context,

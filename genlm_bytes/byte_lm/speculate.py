@@ -218,6 +218,11 @@ class PrefillPlanner:
     WALK_AHEAD = True  # after a window's branches are computed, walk the beam over it (see walk_ahead)
     WALK_DEPTH = 2  # ... and compute what it misses that parts from the path at most this many tokens before its end
     PENDING_SLACK = 8  # a pending branch joins a pass whose path it parts from at most this many tokens before its end
+    # A look-ahead reaches the end of the text when what is left after it is at most this many
+    # times as long: near the end, a look-ahead that stops short costs another pass for a few
+    # tokens (36 prompts: 108 -> 103 passes, +0.9% tokens; the 9 texts +1.7% tokens, time
+    # within noise; benchmarks/README.md, session 13).
+    TO_END = 2
     GUESS_AFTER = 2  # the text's likeliest next tokens computed with its last window (a generation asks first)
 
     def __init__(self, beam, data: bytes):
@@ -423,12 +428,12 @@ class PrefillPlanner:
     def encode_ahead(self, pos: int, n_tokens: int) -> list[int]:
         """About ``n_tokens`` tokens spelling the text from ``pos`` on: the tokenizer's encoding
         when the window is valid text, else the longest-match split along the trie. When the
-        text left after them would be about as short, up to ``2 * n_tokens`` tokens reaching the
-        end of the text (a look-ahead that would stop just short of the end costs a second pass
-        for a few tokens)."""
+        text left after them would be at most ``TO_END`` times as long, up to ``(1 + TO_END) *
+        n_tokens`` tokens reaching the end of the text (a look-ahead that would stop short of
+        the end costs another pass for a few tokens)."""
         data, lm = self.data, self.lm
         end = min(len(data), pos + 8 * n_tokens)
-        whole = len(data) - end <= 8 * n_tokens
+        whole = len(data) - end <= self.TO_END * 8 * n_tokens
         if whole:
             end = len(data)
         window = data[pos:end]
@@ -443,7 +448,7 @@ class PrefillPlanner:
             enc = self.longest_match(window)
         if end < len(data) and enc:
             enc = enc[:-1]  # the window may cut the last token
-        return enc if whole and len(enc) <= 2 * n_tokens else enc[:n_tokens]
+        return enc if whole and len(enc) <= (1 + self.TO_END) * n_tokens else enc[:n_tokens]
 
     def longest_match(self, window: bytes) -> list[int]:
         """Split ``window`` greedily into the longest tokens (stops where no token matches)."""
