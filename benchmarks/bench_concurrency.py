@@ -125,7 +125,7 @@ async def measure(lm, args, setting: str, suite_prompts: list[bytes]) -> dict:
 
 
 async def main(args) -> dict:
-    lm = common.setup(args.threads, batch_size=max(32, args.particles))
+    lm = common.setup(args.threads, name=args.model, batch_size=max(32, args.particles))
     suite_prompts = [p["text"].encode() for p in suite.load_prompts(args.suite)]
     await run(lm, [1000, 1001], [PROMPT, suite_prompts[0]], 4)  # warm-up
     measured = {s: await measure(lm, args, s, suite_prompts) for s in args.settings}
@@ -177,6 +177,7 @@ if __name__ == "__main__":
                              "default: all, so both sides sample the same texts)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=common.THREADS)
+    common.add_model_arg(parser)
     parser.add_argument("--name", default="concurrency", help="results/<name>.json")
     args = parser.parse_args()
     for name in ("particles", "steps", "repeats"):

@@ -119,7 +119,7 @@ async def main(args) -> dict:
     kwargs = {} if args.draft_tokens is None else {"draft_tokens": args.draft_tokens}
     if args.no_lean:
         kwargs["lean"] = False
-    lm = common.setup(args.threads, **kwargs)
+    lm = common.setup(args.threads, name=args.model, **kwargs)
     prompts = suite.prompts_from_strings(args.prompts) if args.prompts else \
         suite.load_prompts(args.suite, args.limit)
     # Warm-up: both paths once.
@@ -181,6 +181,7 @@ if __name__ == "__main__":
     parser.add_argument("--draft-tokens", type=int, default=None,
                         help="AsyncTransformer(draft_tokens=...); 0 turns prompt-lookup drafts off "
                              "(default: the library's)")
+    common.add_model_arg(parser)
     parser.add_argument("--name", default="generate", help="results/<name>.json")
     args = parser.parse_args()
     if args.draft_tokens is not None and args.draft_tokens < 0:

@@ -109,7 +109,7 @@ async def measure(lm, text: dict, repeats: int, model_time: common.Timers) -> di
 
 
 async def main(args) -> dict:
-    lm = common.setup(args.threads)
+    lm = common.setup(args.threads, name=args.model)
     texts = texts_of(args)
     # Warm-up: both code paths once (allocations, lazy trie and reachability, kernels).
     warm = texts[0]["data"]
@@ -167,6 +167,7 @@ if __name__ == "__main__":
     parser.add_argument("--limit", type=int, default=0, help="only the first N texts (smoke runs)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=common.THREADS)
+    common.add_model_arg(parser)
     parser.add_argument("--name", default="prefill", help="JSON file name under benchmarks/results")
     args = parser.parse_args()
     if args.repeats < 1 or args.limit < 0:

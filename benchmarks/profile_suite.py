@@ -193,7 +193,7 @@ def print_cprofile(profile: cProfile.Profile, kind: str, top: int) -> None:
 
 
 async def main(args) -> dict:
-    lm = common.setup(args.threads)
+    lm = common.setup(args.threads, name=args.model)
     every = suite.load_prompts(args.suite)
     prompts = every[:args.limit]
     texts = suite.load_texts(args.text_dir, args.texts) if args.texts else []
@@ -284,6 +284,7 @@ if __name__ == "__main__":
     parser.add_argument("--cprofile", action="store_true", help="also cProfile the event loop's thread")
     parser.add_argument("--top", type=int, default=25, help="functions cProfile lists per phase")
     parser.add_argument("--py-spy", action="store_true", help="run again under py-spy and summarize its stacks")
+    common.add_model_arg(parser)
     parser.add_argument("--name", default="profile", help="results/<name>.json")
     args = parser.parse_args()
     if args.limit < 0 or args.texts < 0 or args.bytes < 1 or args.interval <= 0:

@@ -7,17 +7,28 @@ their shared key/value head (:func:`genlm_bytes.models.layers.attend`, the math 
 decoder uses too); :class:`grouped_attention` switches a model set to run SDPA over to it for
 the duration of one pass.
 
+Sliding-window layers (Gemma 2/3, Mistral, Qwen2's sliding layers): the engine keeps every
+layer's whole past, and the window is a mask. transformers builds it from a 2-D padding mask
+itself; a tree pass's 4-D mask it takes as given for every layer, so the pass also names its
+queries' and keys' positions (``grouped_attention(model, positions=...)``) and
+:func:`grouped_sdpa` hides the keys ``sliding_window`` or more positions behind a query in the
+layers that have a window.
+
 Not handled: attention with dropout, soft-capping, position bias, or a mask that is not
-``(B, 1, Q, L)``: those go to transformers' SDPA function unchanged.
+``(B, 1, Q, L)``: those go to transformers' SDPA function unchanged (a window applied first).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+
+import torch
 
 from genlm_bytes.models.layers import attend, group_mask
 
 GROUPED_SDPA = "genlm_grouped_sdpa"
+_PASS = threading.local()  # the positions of the pass running in this thread (see grouped_attention)
 
 
 @functools.cache
@@ -38,6 +49,9 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     ``(B, Hkv, L, d)`` -> ``((B, Q, H, d), None)``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    window = kwargs.get("sliding_window")
+    if window is not None and attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = windowed(attention_mask, int(window))
     g = getattr(module, "num_key_value_groups", 1)
     H, Q = query.shape[1], query.shape[2]
     plain = (g == 1 or attention_mask is None or dropout or kwargs.get("softcap") is not None
@@ -50,14 +64,42 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     return attend(query, key, value, mask, scaling).transpose(1, 2).contiguous(), None
 
 
-class grouped_attention:
-    """Within the block, ``model`` runs :func:`grouped_sdpa` where it was set to run SDPA."""
+def windowed(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """``mask`` (a 4-D ``(B|1, 1, Q, L)`` mask of the running pass, bool or additive) without the
+    keys ``window`` or more positions before their query; unchanged when the pass named no
+    positions (a mask transformers built, already windowed) or no key is that far."""
+    pos = getattr(_PASS, "positions", None)
+    if pos is None:
+        return mask
+    q_pos, k_pos, done = pos
+    key = (window, mask.dtype)
+    if key not in done:
+        if q_pos.shape[-1] != mask.shape[-2] or k_pos.shape[-1] != mask.shape[-1]:
+            raise ValueError(f"the pass named {q_pos.shape[-1]} queries and {k_pos.shape[-1]} keys, "
+                             f"its mask has {tuple(mask.shape[-2:])}")
+        far = (q_pos[:, :, None] - k_pos[:, None, :] >= window)[:, None]  # (B, 1, Q, L)
+        if not bool(far.any()):
+            done[key] = mask
+        elif mask.dtype == torch.bool:
+            done[key] = mask & ~far
+        else:
+            done[key] = mask.masked_fill(far, float("-inf"))
+    return done[key]
 
-    def __init__(self, model):
+
+class grouped_attention:
+    """Within the block, ``model`` runs :func:`grouped_sdpa` where it was set to run SDPA.
+
+    ``positions``: ``(query positions (B, Q), key positions (B, L))`` of a pass whose 4-D mask
+    transformers will not window (a tree pass), for the layers with a sliding window."""
+
+    def __init__(self, model, positions=None):
         self.cfg = getattr(model, "config", None)
         self.old = None
+        self.positions = positions
 
     def __enter__(self):
+        _PASS.positions = None if self.positions is None else (*self.positions, {})
         cfg = self.cfg
         if (cfg is not None and getattr(cfg, "_attn_implementation_internal", None) == "sdpa"
                 and register_grouped_sdpa()):
@@ -66,6 +108,7 @@ class grouped_attention:
         return self
 
     def __exit__(self, *exc):
+        _PASS.positions = None
         if self.old is not None:
             self.cfg._attn_implementation_internal = self.old
             self.old = None

@@ -11,9 +11,12 @@ modules or parameters replaced, weights changed in place through torch ops) is d
 the next pass and drops them; in-place changes through ``param.data`` are not: call
 :meth:`AsyncTransformer.clear_cache` after those.
 
-Not handled: models whose cache layers are not plain full-attention layers (sliding windows,
-recurrent states). For those, KV reuse is switched off and every request runs its whole
-context (results are still cached).
+Sliding-window layers (Gemma 2/3, Mistral, ...) reuse KV like full-attention ones when the model
+runs SDPA: every layer keeps its whole past and the window is masked (see ``attention.py``).
+
+Not handled: other cache layers (recurrent states, chunked attention), and sliding windows under
+another attention function (eager, flash). For those, KV reuse is switched off and every
+request runs its whole context (results are still cached).
 """
 
 from __future__ import annotations

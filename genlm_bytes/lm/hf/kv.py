@@ -15,8 +15,8 @@ Three ways a pass's keys/values are stored:
 - an *arena*: a lone request's context with spare slots after it; the passes extending exactly
   that context write in place (sequential generation stays one segment).
 
-Not handled: models whose cache layers are not plain full-attention layers (the backend turns
-KV reuse off for them; see ``kv_reuse``).
+Not handled: models whose cache layers are neither plain full-attention layers nor sliding-window
+layers under SDPA (the backend turns KV reuse off for them; see :func:`plain_cache`).
 """
 
 from __future__ import annotations
@@ -238,12 +238,22 @@ def kv_bytes_per_token(model) -> int:
 
 
 def plain_cache(model) -> bool:
-    """Whether the model's cache layers are plain full-attention layers (KV reuse works)."""
+    """Whether KV reuse works for the model: its cache layers are plain full-attention layers, or
+    sliding-window layers under SDPA (the engine keeps their whole past and masks the window: see
+    :mod:`~genlm_bytes.lm.hf.attention`)."""
     try:
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
         cache = DynamicCache(config=model.config)
-        return bool(cache.layers) and all(type(lay) is DynamicLayer for lay in cache.layers)
+        kinds = {type(lay) for lay in cache.layers}
+        if not cache.layers or not kinds <= {DynamicLayer, DynamicSlidingWindowLayer}:
+            return False
+        if DynamicSlidingWindowLayer in kinds:
+            cfg = model.config
+            window = getattr(cfg, "sliding_window", None)
+            return (isinstance(window, int) and window > 0
+                    and getattr(cfg, "_attn_implementation_internal", None) == "sdpa")
+        return True
     except Exception:  # noqa: BLE001 - unknown architectures simply run without KV reuse
         return False

@@ -112,6 +112,7 @@ class PassRunner:
         self.trimmer, self.config = trimmer, config
         self.device = next(model.parameters()).device
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.sliding_window = getattr(model.config, "sliding_window", None)  # (some layers attend that far back)
         self.n_forward_tokens = 0  # tokens run through the model: for tests and benchmarks
         self.passes = collections.Counter()  # passes run per forward kind ("lean", "decoder", "model")
         self._keeps_logits = True  # the model's forward takes logits_to_keep
@@ -131,18 +132,23 @@ class PassRunner:
         return make_pass_cache(self.model, len(lean.layers) if lean is not None else None, pasts, P, keep, arena,
                                self.before_layer, self.config.gather_chunk_bytes)
 
-    def _run(self, input_ids, attention_mask, position_ids, cache, n_keep: int):
+    def _run(self, input_ids, attention_mask, position_ids, cache, n_keep: int, key_positions=None):
         """Run one pass: ``(states (B, T, ·), head)`` where ``head(states[...])`` gives logits.
         The lean and decoder paths return hidden states (the output layer runs in chunks
         later); the model's own forward returns the logits of the last ``n_keep`` positions,
-        padded in front to ``T`` positions of which only those are read."""
+        padded in front to ``T`` positions of which only those are read. ``key_positions``
+        ``(B, L)``: the keys' positions under a 4-D mask, for layers with a sliding window (see
+        :mod:`~genlm_bytes.lm.hf.attention`)."""
         mode = self.watch.mode
         self.passes[mode] += 1
         dev = self.device
         args = (input_ids.to(dev), None if attention_mask is None else attention_mask.to(dev), position_ids.to(dev))
         if mode == "lean":
             return self.watch.lean(*args, cache), self._head
-        with grouped_attention(self.model):
+        windows = None
+        if key_positions is not None and self.sliding_window is not None:
+            windows = (args[2], key_positions.to(dev))
+        with grouped_attention(self.model, windows):
             if mode == "decoder":
                 hidden = decoder_of(self.model)(input_ids=args[0], attention_mask=args[1], position_ids=args[2],
                                                 past_key_values=cache, use_cache=True).last_hidden_state
@@ -263,7 +269,8 @@ class PassRunner:
         store.reserve_pass(1, P + Q, Q, Q, keep, arena)
         self.trimmer.pass_started()
         cache = self.make_cache([(ids[:P], ref, P)], P, keep, arena)
-        states, head = self._run(torch.tensor([tokens]), mask, pos[None], cache, Q)
+        states, head = self._run(torch.tensor([tokens]), mask, pos[None], cache, Q,
+                                 torch.cat([torch.arange(P), pos])[None])
         self.n_forward_tokens += Q
         logp_rows = self._logprob_rows(states[0], head)  # Q rows, in slot order
         del states
@@ -307,7 +314,8 @@ class PassRunner:
         store.reserve_pass(B, P + Q, Q, sum(Qs), keep)
         self.trimmer.pass_started()
         cache = self.make_cache([r[:3] for r in rows], P, keep)
-        states, head = self._run(input_ids, mask, pos, cache, Q)
+        key_pos = torch.cat([torch.arange(P)[None] - (P - torch.tensor([r[2] for r in rows]))[:, None], pos], dim=1)
+        states, head = self._run(input_ids, mask, pos, cache, Q, key_pos)  # (padding keys: masked anyway)
         self.n_forward_tokens += sum(Qs)
         logp_rows = self._logprob_rows(torch.cat([states[b, :Qs[b]] for b in range(B)]), head)
         del states
