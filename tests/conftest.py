@@ -13,6 +13,17 @@ from genlm_bytes import MockLM
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test (modules that run many small passes use it: on a busy
+    2-core machine two threads spin against other processes and a forward gets several times
+    slower; the results and the behaviour tested do not depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def mock_lm():
     return MockLM(seed=0)
 

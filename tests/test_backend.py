@@ -39,14 +39,8 @@ TEXT = "The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein pu
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread in these tests: on a busy 2-core machine two threads spin against other
-    processes and a forward gets several times slower (0.5 s vs 3-4 s at load 7); the results
-    and the behaviour tested do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """(see conftest)"""
 
 
 
