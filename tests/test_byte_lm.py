@@ -18,6 +18,7 @@ from genlm_bytes import (
     MockLM,
     StatefulTokenizedLM,
 )
+from genlm_bytes.byte_lm.trie_state import log_total
 
 # --------------------------------------------------------------------------- brute force
 
@@ -526,6 +527,45 @@ async def test_prefill_computes_the_likeliest_tokens_after_the_text_in_its_last_
     assert z2 == pytest.approx(z0, abs=1e-4)
     np.testing.assert_allclose(n2, n0, atol=1e-4)
     assert t2 == t0 + 2, "two tokens more, in a pass that ran anyway"
+
+
+@pytest.mark.slow
+async def test_prefill_skips_extensions_the_cached_ones_rule_out(embedded_lm, monkeypatch):
+    """``ByteBeamState._tighten``: where every heavy cover ends a token at the same byte, the
+    extensions already cached bound the next total; extensions below it are not computed (nor
+    looked ahead for). The beam is the same after every prune and at the end (its last byte is
+    not narrowed): the same logZ and next-byte distribution, fewer LM tokens; each candidate it
+    drops would have been pruned."""
+    from genlm_bytes import AsyncTransformer
+
+    params = BeamParams(K=5, prune_threshold=0.05)
+    text = b"Als wir am Bahnhof ankamen, war der letzte Zug schon"
+    narrowed = ByteBeamState._tighten
+    dropped = []
+
+    async def spy(self, cands, sym, ws):
+        out = await narrowed(self, cands, sym, ws)
+        dropped.extend((self, sym, ws, c) for c in cands if c not in out)
+        return out
+
+    async def passthrough(self, cands, sym, ws):
+        return cands
+
+    results = {}
+    for name, fn in (("off", passthrough), ("on", spy)):
+        monkeypatch.setattr(ByteBeamState, "_tighten", fn)
+        lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0], lookahead=False)
+        beam = await (await ByteBeamState.initial(lm, params)).prefill(text)
+        results[name] = (beam.logZ, (await beam.logp_next()).ps, lm.n_forward_tokens)
+    (z0, n0, t0), (z1, n1, t1) = results["off"], results["on"]
+    assert z1 == pytest.approx(z0, abs=1e-4)
+    np.testing.assert_allclose(np.exp(n1), np.exp(n0), atol=1e-5)
+    assert dropped and t1 < t0, "some extensions were not computed"
+    for beam, sym, ws, (i, t, _) in dropped[:20]:  # each would have been pruned after its byte
+        sure = ws + [c.weight for e in beam._ext.values() if (c := e.consume(sym)) is not None]  # next covers
+        c = (await beam.states[i].extend(t)).consume(sym)
+        assert c is None or c.weight < log_total(sure) + math.log(params.prune_threshold) \
+            or sum(w > c.weight for w in sure) >= params.K
 
 
 @pytest.mark.slow

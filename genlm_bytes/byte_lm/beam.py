@@ -22,7 +22,9 @@ Prefill of a known text:
   own, see :class:`~genlm_bytes.lm.base.ByteVocabulary`) is never pruned, so
   ``logZ`` is never below the log-probability of that encoding, on any backend;
 - an extension whose weight bound already rules it out of the next prune
-  (below the threshold, or beaten by ``K`` covers) is not computed at all;
+  (below the threshold, or beaten by ``K`` covers) is not computed at all; the
+  covers that bound the next total include the extensions already cached (not
+  at the text's last byte, whose beam is returned unpruned);
 - on a backend that prefetches (``supports_prefetch``), the encoding's
   distributions come from one forward pass and the planner
   (:mod:`~genlm_bytes.byte_lm.speculate`) computes likely extensions ahead.
@@ -374,6 +376,30 @@ class ByteBeamState(StatefulByteLM):
                     out.append((i, t, w))
         return out
 
+    async def _tighten(self, cands, sym: int, ws: list[float]) -> list:
+        """Prefill's candidates ``cands`` less those the extensions already cached rule out.
+
+        ``_candidates`` bounds the next total below by the covers that go on inside their
+        tokens. When the heaviest covers all end a token at this byte that bound is loose, and
+        every extension passes it (Gemma 3 on a chat template: extensions 30 nats below the
+        total, each with a look-ahead path). The cached extensions' exact weights after ``sym``
+        raise the bound at no LM cost; a candidate still below it is pruned after this byte
+        whatever its distribution says, so the beam after the prune is the same. Not at the
+        text's last byte, whose beam is returned unpruned."""
+        has = getattr(self.lm, "has_logprobs", None)
+        if has is None or len(cands) < 2:
+            return cands
+        known = [(i, t, w) for i, t, w in cands
+                 if (i, t) in self._ext or has(list(self.states[i].lm_state.context + (t,)))]
+        if not known:
+            return cands
+        more = [c.weight for e in await self._extend(known) if (c := e.consume(sym)) is not None]
+        if not more:
+            return cands
+        others = ws + more
+        keep = {(i, t) for i, t, _ in self._candidates(others, log_total(others))} | {(i, t) for i, t, _ in known}
+        return [c for c in cands if (c[0], c[1]) in keep]
+
     async def _extend(self, cands, peek: bool = False) -> list[LazyTrieState]:
         todo = [(i, t) for i, t, _ in cands if (i, t) not in self._ext]
         if todo:
@@ -386,9 +412,11 @@ class ByteBeamState(StatefulByteLM):
         """The beam after one more symbol (a byte 0-255, or EOS=257). Impossible: an empty beam."""
         return await self._step(check_symbol(sym))
 
-    async def _step(self, sym: int, planner=None, pos: int | None = None, missing: dict | None = None) -> ByteBeamState:
+    async def _step(self, sym: int, planner=None, pos: int | None = None, missing: dict | None = None,
+                    final: bool = False) -> ByteBeamState:
         """One symbol. ``pos``: the position of ``sym`` in the text a prefill reads (its
-        extensions then follow :meth:`_candidates`), else None (:meth:`_extensions`).
+        extensions then follow :meth:`_candidates`, narrowed by :meth:`_tighten` unless ``final``:
+        the text's last byte), else None (:meth:`_extensions`).
 
         ``missing`` (a prefill planner's walk ahead, see ``PrefillPlanner.walk_ahead``): only the
         extensions whose distributions are cached are made (read as peeks), the contexts of the
@@ -408,6 +436,8 @@ class ByteBeamState(StatefulByteLM):
                 self._drop_stale_canon(cont)
             ws = [c.weight for c in cont]
             cands = self._candidates(ws, log_total(ws))
+            if missing is None and not final:
+                cands = await self._tighten(cands, sym, ws)
             if missing is not None:
                 cands = _cached_only(self, cands, missing)
             elif planner is not None:
@@ -504,7 +534,7 @@ class ByteBeamState(StatefulByteLM):
             beam = beam.prune()
             if planner is not None:
                 await planner.advance(pos, beam)
-            beam = await beam._step(b, planner, pos)
+            beam = await beam._step(b, planner, pos, final=pos == len(data) - 1)
             if progress is not None:
                 progress(pos + 1)
             if not beam.states:

@@ -214,6 +214,7 @@ class PrefillPlanner:
     FIRST_AHEAD = 4  # look-ahead of a branch at its first uncached extension (0: wait for the second)
     MAX_AHEAD = 32
     MAX_STRONG = 128
+    FIRST_STRONG = 32  # look-ahead of a strong branch at its first uncached extension
     MAX_PENDING = 256  # pending branch contexts kept (see ``pending``)
     WALK_AHEAD = True  # after a window's branches are computed, walk the beam over it (see walk_ahead)
     WALK_DEPTH = 2  # ... and compute what it misses that parts from the path at most this many tokens before its end
@@ -288,13 +289,11 @@ class PrefillPlanner:
         top = max((s.weight for s in beam.states), default=-math.inf)
         new = []
         for i, t, w in cands:
-            if (i, t) in beam._ext:
-                continue
             s = beam.states[i]
             miss, ahead0, path_end = self._lineage.get(id(s.lm_state), (0, 0, 0))
             key = (id(s.lm_state), t)
             ctx = s.lm_state.context + (t,)
-            if lm.has_logprobs(ctx):
+            if (i, t) in beam._ext or lm.has_logprobs(ctx):  # (made already, e.g. by ByteBeamState._tighten)
                 self._planned[key] = (0, ahead0, path_end)
                 continue
             strong = w >= top + self.DOMINANT
@@ -306,7 +305,9 @@ class PrefillPlanner:
             self._planned[key] = (miss + 1, base, 0)
             if first and not going_on and not self.FIRST_AHEAD:
                 continue
-            if strong:
+            if strong and first and not going_on:
+                ahead = self.FIRST_STRONG
+            elif strong:
                 ahead = min(self.MAX_STRONG, max(self.MAX_AHEAD, 2 * base))
             elif first and not going_on:
                 ahead = self.FIRST_AHEAD

@@ -174,7 +174,10 @@ class PassRunner:
         return self.model(**kwargs).logits
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.get_output_embeddings()(hidden)  # (N, V)
+        n, pad = hidden.shape[0], self.config.head_pad
+        if hidden.dim() == 2 and 5 <= n < pad and hidden.device.type == "cpu":  # (see EngineConfig.head_pad)
+            hidden = torch.cat([hidden, hidden.new_zeros(pad - n, hidden.shape[1])])
+        logits = self.model.get_output_embeddings()(hidden)[:n]  # (N, V)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
