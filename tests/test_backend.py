@@ -1427,3 +1427,28 @@ def test_engine_config_rejects_bad_knobs_by_name(kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):
         EngineConfig(**kwargs)
     assert EngineConfig(gather_chunk_bytes=0).gather_chunk_bytes == 0  # one layer per group
+
+
+async def test_output_layer_products_of_a_few_rows_run_padded_and_exact(embedded_lm, embedded_hf, hf64, monkeypatch):
+    """``EngineConfig.head_pad``: the output layer of a pass keeping 5 to 15 positions runs on 16
+    rows (a faster product on a CPU), and every kept row is still exact; 0 turns it off."""
+    hf_model, tok = hf64, embedded_hf[1]
+    ids = [0] + tok.encode(TEXT)[:9]  # 10 positions
+    head = hf_model.get_output_embeddings().weight
+    linear = torch.nn.functional.linear
+    for pad, rows in ((16, 16), (0, 9)):
+        seen = []
+
+        def spy(x, w, b=None, seen=seen):
+            if w is head:
+                seen.append(x.shape[0])
+            return linear(x, w, b)
+
+        monkeypatch.setattr(torch.nn.functional, "linear", spy)
+        lm = transformer(embedded_lm, hf_model, config=EngineConfig(head_pad=pad))
+        await lm.next_token_logprobs(ids[:1])
+        await lm.prefetch(ids, start=1)  # the logits after 9 new positions
+        monkeypatch.setattr(torch.nn.functional, "linear", linear)
+        assert seen[-1] == rows
+        for i in (2, 5, 10):
+            assert_close_to_uncached(hf_model, ids[:i], lm.cache.get_logp(tuple(ids[:i])))

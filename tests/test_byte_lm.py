@@ -681,9 +681,7 @@ async def test_walking_the_beam_over_a_window_computes_branches_next_tokens_in_o
     from genlm_bytes import AsyncTransformer
     from genlm_bytes.byte_lm import speculate
 
-    text = (b"The river was high that spring, and the ferry ran only in the mornings. We waited on the "
-            b"bank with the bicycles, counting barges, while a heron stood in the shallows and ignored us. "
-            b"By noon the wind had turned, the water had calmed, and the ferryman waved us aboard.")
+    text = b'class Stack:\n    """A last-in, first-out container."""\n\n    def __init__(self):\n'
     params = BeamParams(K=5, prune_threshold=0.05)
     real_walk = speculate.PrefillPlanner.walk_window
     walked = []

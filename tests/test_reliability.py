@@ -28,11 +28,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_backend import (  # noqa: F401 - one_torch_thread is an autouse fixture
+from test_backend import (  # noqa: F401 - _one_thread is an autouse fixture
     TOL32,
+    _one_thread,
     assert_cache_consistent,
     assert_close_to_uncached,
-    one_torch_thread,
     transformer,
     uncached,
 )
