@@ -10,7 +10,8 @@ modules in place (no copy), and the same cache protocol as the model (``past_key
 returns the layer's whole keys and values).
 
 It is used only for models it recognizes by structure (``model_type`` llama, mistral
-without a sliding window, qwen2 without sliding layers; SiLU; static rotary frequencies),
+without a sliding window, qwen2 without sliding layers; SiLU; static rotary frequencies;
+and Gemma 3's text decoder, :class:`LeanGemma3Decoder`),
 and only after a check on a few tokens gives the same hidden states as the model's own
 forward (:func:`lean_decoder`); anything else runs through transformers as before. The
 backend also runs it only while the model is pristine (no hooks, no overridden forward,
@@ -60,14 +61,7 @@ class LeanDecoder:
         if not all(hasattr(body, part) for part in _BODY_PARTS):
             raise TypeError(f"LeanDecoder needs a LLaMA-style transformers decoder (with {sorted(_BODY_PARTS)}), "
                             f"got {type(body).__name__}; lean_decoder(model) checks a model first")
-        self.body = body
-        self.layers = list(body.layers)
-        a = self.layers[0].self_attn
-        self.head_dim = int(a.head_dim)
-        self.groups = int(a.num_key_value_groups)
-        self.scaling = float(a.scaling)
-        self.heads = a.q_proj.out_features // self.head_dim
-        self.kv_heads = a.k_proj.out_features // self.head_dim
+        self._shapes(body)
         rot = body.rotary_emb
         self.inv_freq = rot.inv_freq
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
@@ -83,6 +77,17 @@ class LeanDecoder:
                 at.k_proj.bias, at.v_proj.weight, at.v_proj.bias, at.o_proj.weight, at.o_proj.bias,
                 n2.weight, n2.variance_epsilon, mlp.gate_proj.weight, mlp.gate_proj.bias,
                 mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias))
+
+    def _shapes(self, body) -> None:
+        """The decoder, its layers and the attention's shapes (from the first layer)."""
+        self.body = body
+        self.layers = list(body.layers)
+        a = self.layers[0].self_attn
+        self.head_dim = int(a.head_dim)
+        self.groups = int(a.num_key_value_groups)
+        self.scaling = float(a.scaling)
+        self.heads = a.q_proj.out_features // self.head_dim
+        self.kv_heads = a.k_proj.out_features // self.head_dim
 
     def _rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``(B, 1, T, d)`` at ``position_ids``, from tables computed as transformers
@@ -108,7 +113,8 @@ class LeanDecoder:
         return allowed[None, None] & attention_mask[:, None, None, :].bool()
 
     @torch.inference_mode()
-    def __call__(self, input_ids, attention_mask, position_ids, cache, before_layer=None) -> torch.Tensor:
+    def __call__(self, input_ids, attention_mask, position_ids, cache, before_layer=None,
+                 key_positions=None) -> torch.Tensor:
         body = self.body
         x = F.embedding(input_ids, body.embed_tokens.weight)  # (B, T, H)
         B, T, _ = x.shape
@@ -141,6 +147,103 @@ class LeanCache:
         self.layers = layers
 
 
+def gemma_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + weight)``, computed in float32."""
+    return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + weight.float(), eps).type_as(x)
+
+
+class LeanGemma3Decoder(LeanDecoder):
+    """:class:`LeanDecoder` for Gemma 3's text decoder (``model_type`` ``gemma3_text``): the
+    embedding scaled by ``sqrt(hidden)``, RMSNorms of ``1 + weight`` in float32 around both
+    blocks and on the queries and keys, rotary tables per layer type (local and global bases),
+    a GELU-tanh MLP, and sliding-window layers (the window masked by the positions of the
+    queries and keys: ``key_positions`` ``(B, L)`` if given, else the slots' own; a 4-D mask
+    without them is taken as given, as transformers does)."""
+
+    def __init__(self, body):
+        self._shapes(body)
+        self.window = int(body.config.sliding_window)
+        rot = body.rotary_emb
+        self._rot = {t: (getattr(rot, f"{t}_inv_freq"), float(getattr(rot, f"{t}_attention_scaling")))
+                     for t in sorted({layer.self_attn.layer_type for layer in self.layers})}
+        self.inv_freq = next(iter(self._rot.values()))[0]  # (the device, for the check)
+        self._tables = {}
+        self._weights = []
+        for layer in self.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            self._weights.append((
+                at.layer_type == "sliding_attention", layer.input_layernorm, at.q_proj.weight, at.q_proj.bias,
+                at.k_proj.weight, at.k_proj.bias, at.v_proj.weight, at.v_proj.bias, at.o_proj.weight, at.o_proj.bias,
+                at.q_norm, at.k_norm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                layer.post_feedforward_layernorm, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                at.layer_type))
+
+    def _rope_of(self, kind: str, position_ids: torch.Tensor, dtype):
+        inv, scale = self._rot[kind]
+        need = int(position_ids.max()) + 1
+        cos, sin = self._tables.get(kind, (None, None))
+        if cos is None or cos.shape[0] < need or cos.dtype != dtype or cos.device != position_ids.device:
+            n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
+            cos, sin = self._tables[kind] = rope_tables(torch.arange(n, device=position_ids.device), inv.float(),
+                                                        dtype, scale)
+        return cos[position_ids][:, None], sin[position_ids][:, None]
+
+    def _windowed(self, mask, B: int, T: int, L: int, position_ids, key_positions, device, given: bool):
+        """``mask`` (None, bool or additive, broadcastable to ``(B, 1, T, L)``) without the keys
+        ``window`` or more positions before their query. A 4-D mask the caller gave (``given``)
+        is taken as it is unless ``key_positions`` say where its keys are (as transformers does)."""
+        if given and key_positions is None:
+            return mask
+        if key_positions is not None:
+            far = (position_ids[:, :, None] - key_positions.to(device)[:, None, :] >= self.window)[:, None]
+        else:  # left padding: a slot's distance is its position's distance
+            q = torch.arange(T, device=device)[:, None] + (L - T)
+            far = (q - torch.arange(L, device=device)[None, :] >= self.window)[None, None]
+        if not bool(far.any()):
+            return mask
+        if mask is None:
+            q = torch.arange(T, device=device)[:, None] + (L - T)
+            return ((torch.arange(L, device=device)[None, :] <= q)[None, None]) & ~far
+        if mask.dtype == torch.bool:
+            return mask & ~far
+        return mask.masked_fill(far, float("-inf"))
+
+    @torch.inference_mode()
+    def __call__(self, input_ids, attention_mask, position_ids, cache, before_layer=None,
+                 key_positions=None) -> torch.Tensor:
+        body = self.body
+        emb = body.embed_tokens
+        x = F.embedding(input_ids, emb.weight) * emb.embed_scale.to(emb.weight.dtype)  # (B, T, H)
+        B, T, _ = x.shape
+        ropes = {k: self._rope_of(k, position_ids, x.dtype) for k in self._rot}
+        h, hk, d, g = self.heads, self.kv_heads, self.head_dim, self.groups
+        masks = {}  # (sliding, keys) -> the grouped mask (a sliding cache may hold fewer keys)
+        for i, (sliding, n1, wq, bq, wk, bk, wv, bv, wo, bo, qn, kn, n2, n3, n4, wg, wu, wd, kind) \
+                in enumerate(self._weights):
+            if before_layer is not None:
+                before_layer()
+            cos, sin = ropes[kind]
+            y = gemma_norm(x, n1.weight, n1.eps)
+            q = apply_rope(gemma_norm(split_heads(F.linear(y, wq, bq), h, d), qn.weight, qn.eps), cos, sin)
+            k = apply_rope(gemma_norm(split_heads(F.linear(y, wk, bk), hk, d), kn.weight, kn.eps), cos, sin)
+            K, V = cache.layers[i].update(k, split_heads(F.linear(y, wv, bv), hk, d))  # (B, hk, L, d)
+            L = K.shape[2]
+            mask = masks.get((sliding, L))
+            if mask is None:
+                mask = self._mask(attention_mask, B, T, L, x.device)
+                if sliding:
+                    given = attention_mask is not None and attention_mask.dim() == 4
+                    mask = self._windowed(mask, B, T, L, position_ids, key_positions, x.device, given)
+                mask = masks[(sliding, L)] = group_mask(mask, B, g, T, L)
+            o = F.linear(merge_heads(attend(q, K, V, mask, self.scaling)), wo, bo)
+            x = x + gemma_norm(o, n2.weight, n2.eps)
+            z = gemma_norm(x, n3.weight, n3.eps)
+            z = F.linear(F.gelu(F.linear(z, wg), approximate="tanh") * F.linear(z, wu), wd)
+            x = x + gemma_norm(z, n4.weight, n4.eps)
+        n = body.norm
+        return gemma_norm(x, n.weight, n.eps)
+
+
 def decoder_of(hf_model):
     """The decoder stack of a transformers causal LM (what runs before the output layer)."""
     return hf_model.get_decoder() if hasattr(hf_model, "get_decoder") else getattr(hf_model, "base_model", None)
@@ -150,8 +253,45 @@ def _children(module) -> set[str]:
     return {name for name, _ in module.named_children()}
 
 
+_GEMMA3_LAYER = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"}
+
+
+def _recognized_gemma3(body, config) -> str | None:
+    """Why ``body`` is not a Gemma 3 text decoder :class:`LeanGemma3Decoder` computes (None: it is)."""
+    if getattr(config, "hidden_activation", None) != "gelu_pytorch_tanh":
+        return f"activation {getattr(config, 'hidden_activation', None)!r}"
+    if getattr(config, "use_bidirectional_attention", False) or getattr(config, "attn_logit_softcapping", None):
+        return "bidirectional or soft-capped attention"
+    if not isinstance(getattr(config, "sliding_window", None), int):
+        return "no sliding window"
+    if _children(body) != _BODY_PARTS or type(body.embed_tokens).__name__ != "Gemma3TextScaledWordEmbedding":
+        return "decoder parts"
+    rot = body.rotary_emb
+    for layer in getattr(body, "layers", []):
+        a = layer.self_attn
+        if _children(layer) != _GEMMA3_LAYER or _children(a) != _ATTN_PARTS | {"q_norm", "k_norm"}:
+            return "layer parts"
+        if a.layer_type not in ("sliding_attention", "full_attention") \
+                or not isinstance(getattr(rot, f"{a.layer_type}_inv_freq", None), torch.Tensor) \
+                or "dynamic" in str(getattr(rot, "rope_type", {}).get(a.layer_type, "default")):
+            return "rotary embedding or layer type"
+        if not all(isinstance(getattr(a, p), torch.nn.Linear) for p in _ATTN_PARTS) or any(
+                getattr(layer.mlp, p).bias is not None for p in ("gate_proj", "up_proj", "down_proj")):
+            return "projections"
+        norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                 layer.post_feedforward_layernorm, a.q_norm, a.k_norm, body.norm)
+        if any(type(n).__name__ != "Gemma3RMSNorm" or not hasattr(n, "eps") for n in norms):
+            return "normalization"
+    if not len(getattr(body, "layers", [])):
+        return "no layers"
+    return None
+
+
 def _recognized(body, config) -> str | None:
     """Why ``body`` is not a decoder :class:`LeanDecoder` computes exactly (None: it is)."""
+    if getattr(config, "model_type", None) == "gemma3_text":
+        return _recognized_gemma3(body, config)
     if getattr(config, "model_type", None) not in MODEL_TYPES:
         return f"model_type {getattr(config, 'model_type', None)!r}"
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
@@ -243,7 +383,7 @@ def lean_decoder(hf_model) -> LeanDecoder | None:
     w = body.embed_tokens.weight
     key = (w.dtype, w.device, w.data_ptr())
     try:
-        lean = LeanDecoder(body)
+        lean = (LeanGemma3Decoder if config.model_type == "gemma3_text" else LeanDecoder)(body)
         if _CHECKED.get(hf_model) == key:
             return lean
         if _agrees(lean, body, config):

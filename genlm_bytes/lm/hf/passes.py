@@ -144,7 +144,8 @@ class PassRunner:
         dev = self.device
         args = (input_ids.to(dev), None if attention_mask is None else attention_mask.to(dev), position_ids.to(dev))
         if mode == "lean":
-            return self.watch.lean(*args, cache), self._head
+            kp = None if key_positions is None else key_positions.to(dev)
+            return self.watch.lean(*args, cache, key_positions=kp), self._head
         windows = None
         if key_positions is not None and self.sliding_window is not None:
             windows = (args[2], key_positions.to(dev))
