@@ -173,6 +173,37 @@ def test_context_dist_masses_match_brute_force(prepared):
                     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_a_large_vocabularys_distributions_are_prepared_on_threads_alike(monkeypatch):
+    """``TrieSpace.dists_for`` prepares a large vocabulary's distributions on a few threads: the
+    same probabilities and block sums, bit for bit, as one at a time; repeated rows once."""
+    import threading
+
+    from genlm_bytes.byte_lm import trie_state
+    from genlm_bytes.byte_lm.trie_state import TrieSpace
+
+    rng = np.random.default_rng(1)
+    vocab = sorted({bytes(rng.integers(97, 105, size=rng.integers(1, 7))) for _ in range(3000)})
+    trie = TokenByteTrie(vocab)
+    lps = [torch.log_softmax(torch.tensor(rng.normal(size=len(vocab)) * 3, dtype=torch.float32), 0)
+           for _ in range(6)]
+    threads = set()
+    prepare = trie_state.ContextDist.prepare
+
+    def spy(self):
+        threads.add(threading.current_thread().name)
+        prepare(self)
+
+    monkeypatch.setattr(trie_state.ContextDist, "prepare", spy)
+    serial = TrieSpace(trie).dists_for(lps)
+    assert all(name == threading.current_thread().name for name in threads)
+    monkeypatch.setattr(trie_state, "POOL_VOCAB", 1)
+    pooled = TrieSpace(trie).dists_for(lps + lps[:2])
+    assert any(name.startswith("genlm-prepare") for name in threads)
+    assert pooled[6] is pooled[0] and len(pooled) == 8
+    for a, b in zip(serial, pooled):
+        assert np.array_equal(a._p, b._p) and np.array_equal(a._bs, b._bs)
+
+
 CUDA_COUNT = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
