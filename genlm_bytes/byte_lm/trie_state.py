@@ -224,16 +224,18 @@ _POOL_LOCK = threading.Lock()
 
 
 def _prepare_pool():
-    """The threads that prepare a large vocabulary's distributions (made on first use)."""
+    """The threads that prepare a large vocabulary's distributions (made on first use, and again
+    in a forked child, which inherits the pool without its threads)."""
     global _POOL
+    import os
+
     with _POOL_LOCK:
-        if _POOL is None:
-            import os
+        if _POOL is None or _POOL[0] != os.getpid():
             from concurrent.futures import ThreadPoolExecutor
 
-            _POOL = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
-                                       thread_name_prefix="genlm-prepare")
-        return _POOL
+            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
+                                                     thread_name_prefix="genlm-prepare"))
+        return _POOL[1]
 
 
 BLOCK = 256  # sorted tokens per block sum
