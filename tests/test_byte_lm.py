@@ -531,7 +531,7 @@ async def test_prefill_computes_the_likeliest_tokens_after_the_text_in_its_last_
 
 @pytest.mark.slow
 async def test_prefill_skips_extensions_the_cached_ones_rule_out(embedded_lm, monkeypatch):
-    """``ByteBeamState._tighten``: where every heavy cover ends a token at the same byte, the
+    """``beam._tighten``: where every heavy cover ends a token at the same byte, the
     extensions already cached bound the next total; extensions below it are not computed (nor
     looked ahead for). The beam is the same after every prune and at the end (its last byte is
     not narrowed): the same logZ and next-byte distribution, fewer LM tokens; each candidate it
@@ -540,20 +540,22 @@ async def test_prefill_skips_extensions_the_cached_ones_rule_out(embedded_lm, mo
 
     params = BeamParams(K=5, prune_threshold=0.05)
     text = b"Als wir am Bahnhof ankamen, war der letzte Zug schon"
-    narrowed = ByteBeamState._tighten
+    from genlm_bytes.byte_lm import beam as beam_mod
+
+    narrowed = beam_mod._tighten
     dropped = []
 
-    async def spy(self, cands, sym, ws):
-        out = await narrowed(self, cands, sym, ws)
-        dropped.extend((self, sym, ws, c) for c in cands if c not in out)
+    async def spy(beam, cands, sym, ws):
+        out = await narrowed(beam, cands, sym, ws)
+        dropped.extend((beam, sym, ws, c) for c in cands if c not in out)
         return out
 
-    async def passthrough(self, cands, sym, ws):
+    async def passthrough(beam, cands, sym, ws):
         return cands
 
     results = {}
     for name, fn in (("off", passthrough), ("on", spy)):
-        monkeypatch.setattr(ByteBeamState, "_tighten", fn)
+        monkeypatch.setattr(beam_mod, "_tighten", fn)
         lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0], lookahead=False)
         beam = await (await ByteBeamState.initial(lm, params)).prefill(text)
         results[name] = (beam.logZ, (await beam.logp_next()).ps, lm.n_forward_tokens)

@@ -181,6 +181,32 @@ def _cached_only(beam: ByteBeamState, cands, missing: dict) -> list:
     return out
 
 
+async def _tighten(beam: ByteBeamState, cands, sym: int, ws: list[float]) -> list:
+    """Prefill's candidates ``cands`` (of ``beam``, about to read ``sym``) less those the
+    extensions already cached rule out.
+
+    ``_candidates`` bounds the next total below by the covers that go on inside their
+    tokens. When the heaviest covers all end a token at this byte that bound is loose, and
+    every extension passes it (Gemma 3 on a chat template: extensions 30 nats below the
+    total, each with a look-ahead path). The cached extensions' exact weights after ``sym``
+    raise the bound at no LM cost; a candidate still below it is pruned after this byte
+    whatever its distribution says, so the beam after the prune is the same. Not at the
+    text's last byte, whose beam is returned unpruned."""
+    has = getattr(beam.lm, "has_logprobs", None)
+    if has is None or len(cands) < 2:
+        return cands
+    known = [(i, t, w) for i, t, w in cands
+             if (i, t) in beam._ext or has(list(beam.states[i].lm_state.context + (t,)))]
+    if not known:
+        return cands
+    more = [c.weight for e in await beam._extend(known) if (c := e.consume(sym)) is not None]
+    if not more:
+        return cands
+    others = ws + more
+    keep = {(i, t) for i, t, _ in beam._candidates(others, log_total(others))} | {(i, t) for i, t, _ in known}
+    return [c for c in cands if (c[0], c[1]) in keep]
+
+
 HINT_CONTEXTS = 4  # contexts a generating beam hints per pass it waits on (the backend takes what it can)
 HINT_BYTES = 8  # ... found within this many guessed bytes
 
@@ -376,30 +402,6 @@ class ByteBeamState(StatefulByteLM):
                     out.append((i, t, w))
         return out
 
-    async def _tighten(self, cands, sym: int, ws: list[float]) -> list:
-        """Prefill's candidates ``cands`` less those the extensions already cached rule out.
-
-        ``_candidates`` bounds the next total below by the covers that go on inside their
-        tokens. When the heaviest covers all end a token at this byte that bound is loose, and
-        every extension passes it (Gemma 3 on a chat template: extensions 30 nats below the
-        total, each with a look-ahead path). The cached extensions' exact weights after ``sym``
-        raise the bound at no LM cost; a candidate still below it is pruned after this byte
-        whatever its distribution says, so the beam after the prune is the same. Not at the
-        text's last byte, whose beam is returned unpruned."""
-        has = getattr(self.lm, "has_logprobs", None)
-        if has is None or len(cands) < 2:
-            return cands
-        known = [(i, t, w) for i, t, w in cands
-                 if (i, t) in self._ext or has(list(self.states[i].lm_state.context + (t,)))]
-        if not known:
-            return cands
-        more = [c.weight for e in await self._extend(known) if (c := e.consume(sym)) is not None]
-        if not more:
-            return cands
-        others = ws + more
-        keep = {(i, t) for i, t, _ in self._candidates(others, log_total(others))} | {(i, t) for i, t, _ in known}
-        return [c for c in cands if (c[0], c[1]) in keep]
-
     async def _extend(self, cands, peek: bool = False) -> list[LazyTrieState]:
         todo = [(i, t) for i, t, _ in cands if (i, t) not in self._ext]
         if todo:
@@ -414,9 +416,8 @@ class ByteBeamState(StatefulByteLM):
 
     async def _step(self, sym: int, planner=None, pos: int | None = None, missing: dict | None = None,
                     final: bool = False) -> ByteBeamState:
-        """One symbol. ``pos``: the position of ``sym`` in the text a prefill reads (its
-        extensions then follow :meth:`_candidates`, narrowed by :meth:`_tighten` unless ``final``:
-        the text's last byte), else None (:meth:`_extensions`).
+        """One symbol. ``pos``: its position in the text a prefill reads (extensions follow
+        :meth:`_candidates` and :func:`_tighten`, but not at the ``final`` byte), else None.
 
         ``missing`` (a prefill planner's walk ahead, see ``PrefillPlanner.walk_ahead``): only the
         extensions whose distributions are cached are made (read as peeks), the contexts of the
@@ -437,7 +438,7 @@ class ByteBeamState(StatefulByteLM):
             ws = [c.weight for c in cont]
             cands = self._candidates(ws, log_total(ws))
             if missing is None and not final:
-                cands = await self._tighten(cands, sym, ws)
+                cands = await _tighten(self, cands, sym, ws)
             if missing is not None:
                 cands = _cached_only(self, cands, missing)
             elif planner is not None:

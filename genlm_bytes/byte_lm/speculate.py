@@ -293,7 +293,7 @@ class PrefillPlanner:
             miss, ahead0, path_end = self._lineage.get(id(s.lm_state), (0, 0, 0))
             key = (id(s.lm_state), t)
             ctx = s.lm_state.context + (t,)
-            if (i, t) in beam._ext or lm.has_logprobs(ctx):  # (made already, e.g. by ByteBeamState._tighten)
+            if (i, t) in beam._ext or lm.has_logprobs(ctx):  # (made already, e.g. by beam._tighten)
                 self._planned[key] = (0, ahead0, path_end)
                 continue
             strong = w >= top + self.DOMINANT
