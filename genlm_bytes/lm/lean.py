@@ -31,6 +31,7 @@ from genlm_bytes.models.layers import (
     attend,
     group_mask,
     merge_heads,
+    outside_window,
     rms_norm,
     rope_tables,
     split_heads,
@@ -65,7 +66,7 @@ class LeanDecoder:
         rot = body.rotary_emb
         self.inv_freq = rot.inv_freq
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
-        self._cos = self._sin = None  # rotary tables by position (grown on demand)
+        self._tables = {}  # rotary tables by position, per frequency set (grown on demand)
         # The parameters each layer reads, looked up once (a module attribute costs a Python call;
         # the Parameter objects stay the model's own, so moving or loading the model is seen).
         self._weights = []
@@ -89,16 +90,18 @@ class LeanDecoder:
         self.heads = a.q_proj.out_features // self.head_dim
         self.kv_heads = a.k_proj.out_features // self.head_dim
 
-    def _rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, position_ids: torch.Tensor, dtype, key="", inv_freq=None, scale=None):
         """cos and sin ``(B, 1, T, d)`` at ``position_ids``, from tables computed as transformers
-        does (float32 angles, scaled, then cast)."""
+        does (float32 angles, scaled, then cast); ``key``, ``inv_freq``, ``scale``: another set
+        of frequencies (default: the model's one)."""
+        inv = self.inv_freq if inv_freq is None else inv_freq
         need = int(position_ids.max()) + 1
-        cos = self._cos
+        cos, sin = self._tables.get(key, (None, None))
         if cos is None or cos.shape[0] < need or cos.dtype != dtype or cos.device != position_ids.device:
             n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
-            self._cos, self._sin = rope_tables(torch.arange(n, device=position_ids.device), self.inv_freq.float(),
-                                               dtype, self.rope_scale)  # (n, d) each
-        return self._cos[position_ids][:, None], self._sin[position_ids][:, None]
+            cos, sin = self._tables[key] = rope_tables(torch.arange(n, device=position_ids.device), inv.float(),
+                                                       dtype, self.rope_scale if scale is None else scale)  # (n, d)
+        return cos[position_ids][:, None], sin[position_ids][:, None]
 
     def _mask(self, attention_mask, B: int, T: int, L: int, device):
         """None (attend to everything), or a mask broadcastable to ``(B, 1, T, L)``."""
@@ -167,7 +170,7 @@ class LeanGemma3Decoder(LeanDecoder):
         self._rot = {t: (getattr(rot, f"{t}_inv_freq"), float(getattr(rot, f"{t}_attention_scaling")))
                      for t in sorted({layer.self_attn.layer_type for layer in self.layers})}
         self.inv_freq = next(iter(self._rot.values()))[0]  # (the device, for the check)
-        self._tables = {}
+        self._tables = {}  # per layer type (see LeanDecoder._rope)
         self._weights = []
         for layer in self.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -178,35 +181,20 @@ class LeanGemma3Decoder(LeanDecoder):
                 layer.post_feedforward_layernorm, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
                 at.layer_type))
 
-    def _rope_of(self, kind: str, position_ids: torch.Tensor, dtype):
-        inv, scale = self._rot[kind]
-        need = int(position_ids.max()) + 1
-        cos, sin = self._tables.get(kind, (None, None))
-        if cos is None or cos.shape[0] < need or cos.dtype != dtype or cos.device != position_ids.device:
-            n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
-            cos, sin = self._tables[kind] = rope_tables(torch.arange(n, device=position_ids.device), inv.float(),
-                                                        dtype, scale)
-        return cos[position_ids][:, None], sin[position_ids][:, None]
-
-    def _windowed(self, mask, B: int, T: int, L: int, position_ids, key_positions, device, given: bool):
-        """``mask`` (None, bool or additive, broadcastable to ``(B, 1, T, L)``) without the keys
-        ``window`` or more positions before their query. A 4-D mask the caller gave (``given``)
-        is taken as it is unless ``key_positions`` say where its keys are (as transformers does)."""
+    def _windowed(self, mask, T: int, L: int, position_ids, key_positions, device, given: bool):
+        """``mask`` (from :meth:`_mask`) without the keys ``window`` or more positions before their
+        query. A 4-D mask the caller gave (``given``) is taken as it is unless ``key_positions``
+        say where its keys are (as transformers does); without them, a slot's distance is its
+        position's (pasts are left-padded)."""
         if given and key_positions is None:
             return mask
         if key_positions is not None:
-            far = (position_ids[:, :, None] - key_positions.to(device)[:, None, :] >= self.window)[:, None]
-        else:  # left padding: a slot's distance is its position's distance
-            q = torch.arange(T, device=device)[:, None] + (L - T)
-            far = (q - torch.arange(L, device=device)[None, :] >= self.window)[None, None]
-        if not bool(far.any()):
-            return mask
-        if mask is None:
-            q = torch.arange(T, device=device)[:, None] + (L - T)
-            return ((torch.arange(L, device=device)[None, :] <= q)[None, None]) & ~far
-        if mask.dtype == torch.bool:
-            return mask & ~far
-        return mask.masked_fill(far, float("-inf"))
+            q_pos, k_pos = position_ids, key_positions.to(device)
+        else:
+            q_pos, k_pos = torch.arange(L - T, L, device=device)[None], torch.arange(L, device=device)[None]
+        if mask is None:  # (causal: one row, one new token)
+            mask = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]
+        return outside_window(mask, q_pos, k_pos, self.window)
 
     @torch.inference_mode()
     def __call__(self, input_ids, attention_mask, position_ids, cache, before_layer=None,
@@ -215,7 +203,7 @@ class LeanGemma3Decoder(LeanDecoder):
         emb = body.embed_tokens
         x = F.embedding(input_ids, emb.weight) * emb.embed_scale.to(emb.weight.dtype)  # (B, T, H)
         B, T, _ = x.shape
-        ropes = {k: self._rope_of(k, position_ids, x.dtype) for k in self._rot}
+        ropes = {k: self._rope(position_ids, x.dtype, k, *self._rot[k]) for k in self._rot}
         h, hk, d, g = self.heads, self.kv_heads, self.head_dim, self.groups
         masks = {}  # (sliding, keys) -> the grouped mask (a sliding cache may hold fewer keys)
         for i, (sliding, n1, wq, bq, wk, bk, wv, bv, wo, bo, qn, kn, n2, n3, n4, wg, wu, wd, kind) \
@@ -233,7 +221,7 @@ class LeanGemma3Decoder(LeanDecoder):
                 mask = self._mask(attention_mask, B, T, L, x.device)
                 if sliding:
                     given = attention_mask is not None and attention_mask.dim() == 4
-                    mask = self._windowed(mask, B, T, L, position_ids, key_positions, x.device, given)
+                    mask = self._windowed(mask, T, L, position_ids, key_positions, x.device, given)
                 mask = masks[(sliding, L)] = group_mask(mask, B, g, T, L)
             o = F.linear(merge_heads(attend(q, K, V, mask, self.scaling)), wo, bo)
             x = x + gemma_norm(o, n2.weight, n2.eps)

@@ -61,6 +61,17 @@ def merge_heads(o: torch.Tensor) -> torch.Tensor:
     return o.transpose(1, 2).reshape(B, T, h * d)
 
 
+def outside_window(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """``mask`` (bool, True = attend, or additive; broadcastable to ``(B, 1, Q, L)``) also hiding
+    the keys ``window`` or more positions before their query (a sliding-window layer); queries'
+    positions ``q_pos`` ``(B|1, Q)``, keys' ``k_pos`` ``(B|1, L)``. ``mask`` itself when no key
+    is that far."""
+    far = (q_pos[:, :, None] - k_pos[:, None, :] >= window)[:, None]  # (B|1, 1, Q, L)
+    if not bool(far.any()):
+        return mask
+    return mask & ~far if mask.dtype == torch.bool else mask.masked_fill(far, float("-inf"))
+
+
 def group_mask(mask: torch.Tensor | None, B: int, groups: int, T: int, L: int) -> torch.Tensor | None:
     """A mask broadcastable to ``(B, 1, T, L)`` (bool, True = attend, or additive float) as
     :func:`attend` needs it for ``groups`` query heads per key/value head: ``(B, 1, g * T, L)``.

@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from genlm_bytes.models.layers import attend, group_mask
+from genlm_bytes.models.layers import attend, group_mask, outside_window
 
 GROUPED_SDPA = "genlm_grouped_sdpa"
 _PASS = threading.local()  # the positions of the pass running in this thread (see grouped_attention)
@@ -77,13 +77,7 @@ def windowed(mask: torch.Tensor, window: int) -> torch.Tensor:
         if q_pos.shape[-1] != mask.shape[-2] or k_pos.shape[-1] != mask.shape[-1]:
             raise ValueError(f"the pass named {q_pos.shape[-1]} queries and {k_pos.shape[-1]} keys, "
                              f"its mask has {tuple(mask.shape[-2:])}")
-        far = (q_pos[:, :, None] - k_pos[:, None, :] >= window)[:, None]  # (B, 1, Q, L)
-        if not bool(far.any()):
-            done[key] = mask
-        elif mask.dtype == torch.bool:
-            done[key] = mask & ~far
-        else:
-            done[key] = mask.masked_fill(far, float("-inf"))
+        done[key] = outside_window(mask, q_pos, k_pos, window)
     return done[key]
 
 
