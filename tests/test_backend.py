@@ -1070,6 +1070,57 @@ def test_mmap_threshold_fixed_once_unless_the_user_set_it(monkeypatch):
     assert tr.fix_mmap_threshold.__wrapped__() is True
 
 
+def test_mmap_and_trim_thresholds_set_unless_the_user_set_them(monkeypatch):
+    import genlm_bytes.lm.hf.memory as tr
+
+    calls = []
+    monkeypatch.setattr(tr, "_MALLOPT", lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert tr.fix_mmap_threshold.__wrapped__() is True
+    assert calls == [(tr.M_MMAP_THRESHOLD, tr.MMAP_THRESHOLD_BYTES), (tr.M_TRIM_THRESHOLD, tr.TRIM_THRESHOLD_BYTES)]
+    assert tr.MMAP_THRESHOLD_BYTES >= 64 * 49152 * 4, "a chunk of 64 rows of logits comes from the heap"
+    calls.clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert tr.fix_mmap_threshold.__wrapped__() is True
+    assert calls == [(tr.M_MMAP_THRESHOLD, tr.MMAP_THRESHOLD_BYTES)]
+
+
+def test_heap_trimmer_keeps_a_pass_temporaries_for_the_next_pass(monkeypatch):
+    """The free heap a pass leaves (its temporaries) is not trimmed as it ends; the next pass
+    reuses it. It is trimmed as a pass starts whose reservation is smaller than it, and after
+    evictions."""
+    import genlm_bytes.lm.hf.memory as tr
+    from genlm_bytes.lm.hf.config import EngineConfig
+
+    MB = 1 << 20
+    rss, trims = [1000 * MB], []
+    monkeypatch.setattr(tr, "_MALLOC_TRIM", lambda pad: trims.append(rss[0]) or 1)
+    monkeypatch.setattr(tr, "rss_bytes", lambda: rss[0])
+
+    class Cache:
+        nbytes, reserved, freed_bytes, budget_bytes = 0, 10 * MB, 0, 1024 * MB
+
+    cache = Cache()
+    trimmer = tr.HeapTrimmer(cache, EngineConfig())
+    cache.reserved = 110 * MB  # a pass reserves 100 MB of temporaries
+    trimmer.pass_started()
+    rss[0] += 90 * MB  # ... which stay in the heap, free, when it ends
+    cache.reserved = 10 * MB
+    trimmer.pass_ended()
+    assert trims == [], "a pass's temporaries are kept for the next one"
+    cache.reserved = 110 * MB
+    trimmer.pass_started()
+    trimmer.pass_ended()
+    assert trims == [], "a pass as large reuses them"
+    cache.reserved = 50 * MB  # a smaller pass: the heap beyond its reservation goes back
+    trimmer.pass_started()
+    assert trims == [rss[0]]
+    cache.reserved, cache.freed_bytes = 10 * MB, EngineConfig().trim_after_bytes
+    trimmer.pass_ended()
+    assert len(trims) == 2 and cache.freed_bytes == 0, "evictions are trimmed as a pass ends"
+
+
 def test_lookup_draft_follows_the_last_earlier_occurrence():
     from genlm_bytes.lm.hf.speculation import lookup_draft
 

@@ -6,6 +6,12 @@ set keeps counting. :class:`HeapTrimmer` hands those pages back (``malloc_trim``
 worth it, and :func:`fix_mmap_threshold` stops glibc from raising its mmap threshold (see
 ``benchmarks/README.md`` for the measurements).
 
+The threshold is where a tensor stops coming from the heap: below it, a pass's temporaries
+(a layer's activations, a chunk of logits) reuse the heap pages the last pass freed; above
+it, each is mapped fresh and every page of it is faulted in again, on every pass. The free
+heap a pass leaves is kept until the next pass starts, and given back then only past what
+that pass reserved (its temporaries reuse it), so the resident set stays within the budget.
+
 Not handled: allocators other than glibc's (then every function here does nothing), memory
 held by other libraries (a trim cannot give it back; :class:`HeapTrimmer` bounds the time
 spent trying).
@@ -20,8 +26,14 @@ import time
 
 logger = logging.getLogger(__name__)
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-MMAP_THRESHOLD_BYTES = 256 << 10  # a few log-prob rows: larger tensors are mapped and unmapped when freed
+M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
+# A pass's temporaries come from the heap up to this size (a layer's activations for ~2,700
+# tokens of a 576-wide model, 64 rows of logits of a 49k vocabulary); larger tensors are mapped
+# and unmapped when freed. At 256 KB, scoring the 9 suite texts twice faulted 4.1M pages in
+# (benchmarks/README.md, session 15).
+MMAP_THRESHOLD_BYTES = 16 << 20
+TRIM_THRESHOLD_BYTES = 2 * MMAP_THRESHOLD_BYTES  # free heap top free() keeps (glibc's own ratio; trims give it back)
 
 
 def _glibc():
@@ -57,6 +69,8 @@ def fix_mmap_threshold() -> bool:
     if _MALLOPT is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     ok = bool(_MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:  # (a fixed mmap threshold leaves glibc's at 128 KB)
+        _MALLOPT(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     logger.debug("glibc mmap threshold fixed at %d bytes: %s", MMAP_THRESHOLD_BYTES, ok)
     return ok
 
@@ -77,12 +91,14 @@ def trim_heap() -> None:
 
 
 class HeapTrimmer:
-    """Trims the heap after a pass when it is worth it: after evictions freed
-    ``config.trim_after_bytes``, or when the resident set has grown past what the cache
-    accounts for (``cache.nbytes + cache.reserved`` over the resident set with the model
-    loaded) by more than ``config.trim_slack_bytes``, spending at most
-    ``config.trim_time_share`` of the passes' time on such trims (trimmed pages cost page
-    faults when reused, hence not after every pass)."""
+    """Trims the heap around passes when it is worth it: after evictions freed
+    ``config.trim_after_bytes``, or, as a pass starts, when the resident set has grown past
+    what the cache accounts for (``cache.nbytes + cache.reserved``, the starting pass's
+    reservation included, over the resident set with the model loaded) by more than
+    ``config.trim_slack_bytes``, spending at most ``config.trim_time_share`` of the passes'
+    time on such trims (trimmed pages cost page faults when reused, hence not after every
+    pass). The free heap a pass leaves behind (its temporaries) is not trimmed as it ends:
+    the next pass's temporaries reuse it, within that pass's reservation."""
 
     def __init__(self, cache, config):
         self.cache, self.config = cache, config
@@ -99,9 +115,11 @@ class HeapTrimmer:
 
     def pass_ended(self) -> None:
         self.pass_seconds += time.perf_counter() - self._t0
-        self.maybe_trim()
+        self.maybe_trim(over_accounting=False)
 
-    def maybe_trim(self) -> None:
+    def maybe_trim(self, over_accounting: bool = True) -> None:
+        """Trim after enough evictions; ``over_accounting``: also when the resident set exceeds
+        the accounted memory (see the class docstring)."""
         if _MALLOC_TRIM is None:
             return
         cache = self.cache
@@ -109,7 +127,7 @@ class HeapTrimmer:
             cache.freed_bytes = 0
             trim_heap()
             return
-        if self.rss0 is None or self.trim_seconds > self.config.trim_time_share * self.pass_seconds:
+        if not over_accounting or self.rss0 is None or self.trim_seconds > self.config.trim_time_share * self.pass_seconds:
             return  # (memory held elsewhere that a trim cannot give back costs at most that share)
         rss = rss_bytes()
         if rss is not None and rss - self.rss0 - cache.nbytes - cache.reserved > self.config.trim_slack_bytes:

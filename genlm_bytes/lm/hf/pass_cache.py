@@ -129,8 +129,8 @@ class _Gather:
     def _buffers(self, key_states, P: int):
         """The ``(1, hk, P + n, d)`` key and value buffers a one-row pass's layer gathers into: the pass's
         workspace, shared by its layers (a layer's gathered keys/values are dead once its
-        attention ran), so a pass allocates them once, not once per layer: a large tensor is
-        mapped fresh by the allocator (see ``fix_mmap_threshold``), and its first writes fault
+        attention ran), so a pass allocates them once, not once per layer: a tensor above the
+        mmap threshold (see ``fix_mmap_threshold``) is mapped fresh, and its first writes fault
         in every page."""
         shape = (key_states.shape[0], key_states.shape[1], P + key_states.shape[2], key_states.shape[3])
         bufs = self.workspace.get("gather")
