@@ -117,6 +117,7 @@ class PassRunner:
         self.passes = collections.Counter()  # passes run per forward kind ("lean", "decoder", "model")
         self._keeps_logits = True  # the model's forward takes logits_to_keep
         self.before_layer = None  # run once per layer of a pass (may raise to stop it; see speculation)
+        self._logits = None  # the output layer's buffer (see _logprob_rows)
 
     # ------------------------------------------------------------------ running
     def make_cache(self, rows, P: int, keep=(), arena=None):
@@ -174,20 +175,56 @@ class PassRunner:
                 self._keeps_logits = False
         return self.model(**kwargs).logits
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _head(self, hidden: torch.Tensor, into_buffer: bool = False) -> torch.Tensor:
+        """Logits ``(N, V)`` of ``hidden`` ``(N, H)``; ``into_buffer``: written into the runner's
+        logits buffer (see :meth:`_logprob_rows`)."""
         n, pad = hidden.shape[0], self.config.head_pad
         if hidden.dim() == 2 and 5 <= n < pad and hidden.device.type == "cpu":  # (see EngineConfig.head_pad)
             hidden = torch.cat([hidden, hidden.new_zeros(pad - n, hidden.shape[1])])
-        logits = self.model.get_output_embeddings()(hidden)[:n]  # (N, V)
+        layer = self.model.get_output_embeddings()
+        if into_buffer:  # (the product F.linear runs, into the buffer)
+            w, b = layer.weight, layer.bias
+            out = self._logits_buffer(hidden.shape[0], w)
+            return (torch.mm(hidden, w.t(), out=out) if b is None else torch.addmm(b, hidden, w.t(), out=out))[:n]
+        logits = layer(hidden)[:n]  # (N, V)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def _buffered_head(self, head, states: torch.Tensor) -> bool:
+        """Whether :meth:`_logprob_rows` may write the logits into the buffer: the lean pass
+        (the model is pristine: its output layer a plain ``Linear`` without hooks) of a float32
+        model on the CPU, without soft-capping."""
+        layer = self.model.get_output_embeddings()
+        return (head == self._head and self.watch.mode == "lean" and not self.softcap and not torch.is_grad_enabled()
+                and type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32 == states.dtype
+                and layer.weight.device.type == "cpu")
+
+    def _logits_buffer(self, rows: int, w: torch.Tensor) -> torch.Tensor:
+        """``rows`` rows of the ``(·, V)`` logits buffer, grown to the most rows asked for (every
+        pass reserves its bytes: ``KVStore.pass_bytes``)."""
+        buf = self._logits
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != w.shape[0]:
+            self._logits = None  # (the old one freed first)
+            buf = self._logits = w.new_empty((max(rows, 0 if buf is None else buf.shape[0]), w.shape[0]))
+            self.store.logits_reserved = buf.numel() * buf.element_size()
+        return buf[:rows]
+
     def _logprob_rows(self, states: torch.Tensor, head):
         """The (V,) log-prob rows of ``states`` (N, ·), ``logp_chunk`` at a time, each its own
-        copy (a view would keep the whole chunk alive in the cache)."""
+        copy (a view would keep the whole chunk alive in the cache).
+
+        A chunk's logits go into one buffer the runner keeps, log-softmaxed in place, where
+        :meth:`_buffered_head` allows: a large vocabulary's chunk (64 rows: 67 MB at 262k
+        tokens) is otherwise mapped fresh twice per chunk, and faulting its pages in took 0.6 s
+        of a 9.8 s Gemma 3 prefill (benchmarks/README.md, session 15). The rows are the same."""
+        buffered = self.store.logits_buffered = self._buffered_head(head, states)
         for c in range(0, states.shape[0], self.config.logp_chunk):
-            lp = torch.log_softmax(head(states[c:c + self.config.logp_chunk]).float(), dim=-1)
+            if buffered:
+                lp = self._head(states[c:c + self.config.logp_chunk], into_buffer=True)
+                torch.log_softmax(lp, dim=-1, out=lp)
+            else:
+                lp = torch.log_softmax(head(states[c:c + self.config.logp_chunk]).float(), dim=-1)
             for row in lp:
                 yield row.clone()
             del lp
