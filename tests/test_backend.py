@@ -1132,28 +1132,28 @@ async def test_output_layer_writes_one_reused_buffer_and_gives_the_same_rows(emb
     runner, store = lm.runner, lm.runner.store
     assert runner.watch.mode == "lean"
     hidden = torch.randn(70, embedded_hf[0].config.hidden_size, generator=torch.Generator().manual_seed(0))
-    assert not runner._buffered_head(runner._head, hidden), "not where autograd records"
+    assert not runner.out.buffered(runner.out.logits, hidden), "not where autograd records"
     for n in (7, 70, 3):  # (7: padded to 16 rows; 70: two chunks of at most 64)
         states = hidden[:n]
         with torch.inference_mode():  # (as in a pass)
-            assert runner._buffered_head(runner._head, states)
-            got = list(runner._logprob_rows(states, runner._head))
-            want = list(runner._logprob_rows(states, lambda h: runner._head(h)))  # (another head: not buffered)
+            assert runner.out.buffered(runner.out.logits, states)
+            got = list(runner.out.rows(states, runner.out.logits))
+            want = list(runner.out.rows(states, lambda h: runner.out.logits(h)))  # (another head: not buffered)
         assert len(got) == len(want) == n
         assert all(torch.equal(a, b) for a, b in zip(got, want))
-        assert all(a.untyped_storage().data_ptr() != runner._logits.untyped_storage().data_ptr() for a in got)
-    assert runner._logits.shape[0] == min(lm.config.logp_chunk, 70)
-    assert store.logits_reserved == runner._logits.numel() * 4
-    ptr = runner._logits.data_ptr()
+        assert all(a.untyped_storage().data_ptr() != runner.out.buffer.untyped_storage().data_ptr() for a in got)
+    assert runner.out.buffer.shape[0] == min(lm.config.logp_chunk, 70)
+    assert store.logits_reserved == runner.out.buffer.numel() * 4
+    ptr = runner.out.buffer.data_ptr()
     await lm.prefetch([0] + embedded_hf[1].encode(TEXT)[:40])
-    assert runner._logits.data_ptr() == ptr, "passes reuse the buffer"
+    assert runner.out.buffer.data_ptr() == ptr, "passes reuse the buffer"
     assert store.logits_buffered
     row_bytes = len(lm.byte_vocab) * 4
     assert store.pass_bytes(1, 10, 1, 1) - store.pass_bytes(1, 10, 1, 0) == 0, "one row fits the buffer"
     store.logits_buffered = False
     assert store.pass_bytes(1, 10, 1, 1) - store.pass_bytes(1, 10, 1, 0) == 2 * row_bytes
     with torch.inference_mode():
-        assert not runner._buffered_head(lambda h: h, hidden), "the model's own forward's logits are not the buffer's"
+        assert not runner.out.buffered(lambda h: h, hidden), "the model's own forward's logits are not the buffer's"
 
 
 def test_lookup_draft_follows_the_last_earlier_occurrence():

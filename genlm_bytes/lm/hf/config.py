@@ -24,7 +24,7 @@ class EngineConfig:
     prefetch_chunk: int = 512  # a long text's tokens per pass: weights read once for many tokens, temporaries small
     alt_chunk: int = 256  # alternatives per tree pass: cost is about linear in tokens, so larger saves little
     logp_chunk: int = 64  # output positions whose logits are in memory at once (12 MB at a 49k vocabulary; one
-    # buffer the passes reuse, see PassRunner._logprob_rows)
+    # buffer the passes reuse, see passes.OutputLayer)
     head_pad: int = 16  # output-layer products of 5 to this many rows run padded to it (0: never): CPU
     # matrix products of a few rows by a large vocabulary's weights take a slow path (Gemma 3: 8 rows 65 ms,
     # 12 rows 89 ms, 16 rows 39 ms; benchmarks/README.md)

@@ -96,6 +96,78 @@ def tree_layout(ids: tuple, P: int, tail: int, items) -> tuple[list, list[int], 
     return slots, tokens, pos, torch.cat([past_ok, new_ok], dim=1)
 
 
+class OutputLayer:
+    """A pass's output layer: logits of its kept positions, and their log-prob rows.
+
+    A chunk's logits go into one buffer it keeps, log-softmaxed in place, where
+    :meth:`buffered` allows: a large vocabulary's chunk (64 rows: 67 MB at 262k tokens) is
+    otherwise mapped fresh twice per chunk, and faulting its pages in took 0.6 s of a 9.8 s
+    Gemma 3 prefill (benchmarks/README.md, session 15). The rows are the same.
+
+    Args:
+        model: the transformers causal LM.
+        store: the :class:`~genlm_bytes.lm.hf.kv.KVStore` (it reserves the buffer's bytes).
+        watch: the :class:`~genlm_bytes.lm.hf.faithful.ModelWatch` (the buffer only for lean passes).
+        config: the :class:`~genlm_bytes.lm.hf.config.EngineConfig`.
+    """
+
+    def __init__(self, model, store, watch, config):
+        self.model, self.store, self.watch, self.config = model, store, watch, config
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.buffer = None  # (rows, V) float32, grown to the most rows asked for
+
+    def logits(self, hidden: torch.Tensor, into_buffer: bool = False) -> torch.Tensor:
+        """Logits ``(N, V)`` of ``hidden`` ``(N, H)``; ``into_buffer``: written into the buffer."""
+        n, pad = hidden.shape[0], self.config.head_pad
+        if hidden.dim() == 2 and 5 <= n < pad and hidden.device.type == "cpu":  # (see EngineConfig.head_pad)
+            hidden = torch.cat([hidden, hidden.new_zeros(pad - n, hidden.shape[1])])
+        layer = self.model.get_output_embeddings()
+        if into_buffer:  # (the product F.linear runs, into the buffer)
+            w, b = layer.weight, layer.bias
+            out = self._buffer(hidden.shape[0], w)
+            return (torch.mm(hidden, w.t(), out=out) if b is None else torch.addmm(b, hidden, w.t(), out=out))[:n]
+        logits = layer(hidden)[:n]  # (N, V)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def buffered(self, head, states: torch.Tensor) -> bool:
+        """Whether :meth:`rows` may write the logits of ``head`` into the buffer: this layer's
+        (not the model's own forward's) in a lean pass (the model is pristine: its output layer
+        a plain ``Linear`` without hooks) of a float32 model on the CPU, without soft-capping,
+        outside autograd."""
+        layer = self.model.get_output_embeddings()
+        return (head == self.logits and self.watch.mode == "lean" and not self.softcap and not torch.is_grad_enabled()
+                and type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32 == states.dtype
+                and layer.weight.device.type == "cpu")
+
+    def _buffer(self, rows: int, w: torch.Tensor) -> torch.Tensor:
+        """``rows`` rows of the buffer, grown to the most rows asked for (every pass reserves its
+        bytes: ``KVStore.pass_bytes``)."""
+        buf = self.buffer
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != w.shape[0]:
+            self.buffer = None  # (the old one freed first)
+            buf = self.buffer = w.new_empty((max(rows, 0 if buf is None else buf.shape[0]), w.shape[0]))
+            self.store.logits_reserved = buf.numel() * buf.element_size()
+        return buf[:rows]
+
+    def rows(self, states: torch.Tensor, head):
+        """The (V,) log-prob rows of ``states`` (N, ·) by ``head`` (:meth:`logits`, or the identity
+        for logits already computed), ``logp_chunk`` at a time, each its own copy (a view would
+        keep the whole chunk alive in the cache)."""
+        buffered = self.store.logits_buffered = self.buffered(head, states)
+        chunk = self.config.logp_chunk
+        for c in range(0, states.shape[0], chunk):
+            if buffered:
+                lp = self.logits(states[c:c + chunk], into_buffer=True)
+                torch.log_softmax(lp, dim=-1, out=lp)
+            else:
+                lp = torch.log_softmax(head(states[c:c + chunk]).float(), dim=-1)
+            for row in lp:
+                yield row.clone()
+            del lp
+
+
 class PassRunner:
     """Runs passes of ``model`` and stores their results (the engine's model runner).
 
@@ -111,13 +183,12 @@ class PassRunner:
         self.model, self.store, self.cache, self.watch = model, store, store.cache, watch
         self.trimmer, self.config = trimmer, config
         self.device = next(model.parameters()).device
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.sliding_window = getattr(model.config, "sliding_window", None)  # (some layers attend that far back)
         self.n_forward_tokens = 0  # tokens run through the model: for tests and benchmarks
         self.passes = collections.Counter()  # passes run per forward kind ("lean", "decoder", "model")
         self._keeps_logits = True  # the model's forward takes logits_to_keep
         self.before_layer = None  # run once per layer of a pass (may raise to stop it; see speculation)
-        self._logits = None  # the output layer's buffer (see _logprob_rows)
+        self.out = OutputLayer(model, store, watch, config)
 
     # ------------------------------------------------------------------ running
     def make_cache(self, rows, P: int, keep=(), arena=None):
@@ -146,7 +217,7 @@ class PassRunner:
         args = (input_ids.to(dev), None if attention_mask is None else attention_mask.to(dev), position_ids.to(dev))
         if mode == "lean":
             kp = None if key_positions is None else key_positions.to(dev)
-            return self.watch.lean(*args, cache, key_positions=kp), self._head
+            return self.watch.lean(*args, cache, key_positions=kp), self.out.logits
         windows = None
         if key_positions is not None and self.sliding_window is not None:
             windows = (args[2], key_positions.to(dev))
@@ -154,7 +225,7 @@ class PassRunner:
             if mode == "decoder":
                 hidden = decoder_of(self.model)(input_ids=args[0], attention_mask=args[1], position_ids=args[2],
                                                 past_key_values=cache, use_cache=True).last_hidden_state
-                return hidden, self._head
+                return hidden, self.out.logits
             logits = self._model_logits(args, cache, n_keep)
         T = input_ids.shape[1]
         if logits.shape[1] < T:  # (front positions not kept: never read)
@@ -174,60 +245,6 @@ class PassRunner:
                     raise
                 self._keeps_logits = False
         return self.model(**kwargs).logits
-
-    def _head(self, hidden: torch.Tensor, into_buffer: bool = False) -> torch.Tensor:
-        """Logits ``(N, V)`` of ``hidden`` ``(N, H)``; ``into_buffer``: written into the runner's
-        logits buffer (see :meth:`_logprob_rows`)."""
-        n, pad = hidden.shape[0], self.config.head_pad
-        if hidden.dim() == 2 and 5 <= n < pad and hidden.device.type == "cpu":  # (see EngineConfig.head_pad)
-            hidden = torch.cat([hidden, hidden.new_zeros(pad - n, hidden.shape[1])])
-        layer = self.model.get_output_embeddings()
-        if into_buffer:  # (the product F.linear runs, into the buffer)
-            w, b = layer.weight, layer.bias
-            out = self._logits_buffer(hidden.shape[0], w)
-            return (torch.mm(hidden, w.t(), out=out) if b is None else torch.addmm(b, hidden, w.t(), out=out))[:n]
-        logits = layer(hidden)[:n]  # (N, V)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    def _buffered_head(self, head, states: torch.Tensor) -> bool:
-        """Whether :meth:`_logprob_rows` may write the logits into the buffer: the lean pass
-        (the model is pristine: its output layer a plain ``Linear`` without hooks) of a float32
-        model on the CPU, without soft-capping."""
-        layer = self.model.get_output_embeddings()
-        return (head == self._head and self.watch.mode == "lean" and not self.softcap and not torch.is_grad_enabled()
-                and type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32 == states.dtype
-                and layer.weight.device.type == "cpu")
-
-    def _logits_buffer(self, rows: int, w: torch.Tensor) -> torch.Tensor:
-        """``rows`` rows of the ``(·, V)`` logits buffer, grown to the most rows asked for (every
-        pass reserves its bytes: ``KVStore.pass_bytes``)."""
-        buf = self._logits
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != w.shape[0]:
-            self._logits = None  # (the old one freed first)
-            buf = self._logits = w.new_empty((max(rows, 0 if buf is None else buf.shape[0]), w.shape[0]))
-            self.store.logits_reserved = buf.numel() * buf.element_size()
-        return buf[:rows]
-
-    def _logprob_rows(self, states: torch.Tensor, head):
-        """The (V,) log-prob rows of ``states`` (N, ·), ``logp_chunk`` at a time, each its own
-        copy (a view would keep the whole chunk alive in the cache).
-
-        A chunk's logits go into one buffer the runner keeps, log-softmaxed in place, where
-        :meth:`_buffered_head` allows: a large vocabulary's chunk (64 rows: 67 MB at 262k
-        tokens) is otherwise mapped fresh twice per chunk, and faulting its pages in took 0.6 s
-        of a 9.8 s Gemma 3 prefill (benchmarks/README.md, session 15). The rows are the same."""
-        buffered = self.store.logits_buffered = self._buffered_head(head, states)
-        for c in range(0, states.shape[0], self.config.logp_chunk):
-            if buffered:
-                lp = self._head(states[c:c + self.config.logp_chunk], into_buffer=True)
-                torch.log_softmax(lp, dim=-1, out=lp)
-            else:
-                lp = torch.log_softmax(head(states[c:c + self.config.logp_chunk]).float(), dim=-1)
-            for row in lp:
-                yield row.clone()
-            del lp
 
     # ------------------------------------------------------------------ a ragged pass
     @torch.inference_mode()
@@ -259,7 +276,7 @@ class PassRunner:
         else:
             sel = [states[b, ks[b] - 1: ks[b]] for b in range(B)]  # each (1, ·)
         block = self._store_ragged(rows, cache.layers, arena, P + Kn, all_positions,
-                                   self._logprob_rows(torch.cat(sel), head), out := [])
+                                   self.out.rows(torch.cat(sel), head), out := [])
         store.end_pass(block, B * Kn)
         self.trimmer.pass_ended()
         return out
@@ -313,7 +330,7 @@ class PassRunner:
         states, head = self._run(torch.tensor([tokens]), mask, pos[None], cache, Q,
                                  torch.cat([torch.arange(P), pos])[None])
         self.n_forward_tokens += Q
-        logp_rows = self._logprob_rows(states[0], head)  # Q rows, in slot order
+        logp_rows = self.out.rows(states[0], head)  # Q rows, in slot order
         del states
         layers = cache.layers
         path_block, alt_block = store.split_block(layers, tail, bool(arena))
@@ -358,7 +375,7 @@ class PassRunner:
         key_pos = torch.cat([torch.arange(P)[None] - (P - torch.tensor([r[2] for r in rows]))[:, None], pos], dim=1)
         states, head = self._run(input_ids, mask, pos, cache, Q, key_pos)  # (padding keys: masked anyway)
         self.n_forward_tokens += sum(Qs)
-        logp_rows = self._logprob_rows(torch.cat([states[b, :Qs[b]] for b in range(B)]), head)
+        logp_rows = self.out.rows(torch.cat([states[b, :Qs[b]] for b in range(B)]), head)
         del states
         layers = cache.layers
         block = store.new_block(layers) if store.kv_reuse else None
