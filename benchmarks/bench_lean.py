@@ -58,24 +58,6 @@ def decode(model, run, ids: list[int], steps: int) -> tuple[float, list[int]]:
     return (time.perf_counter() - t0) / steps, out
 
 
-@torch.inference_mode()
-def products(model, steps: int) -> float:
-    """Seconds per step of the matrix products alone."""
-    layers = [(lay.self_attn, lay.mlp) for lay in model.get_decoder().layers]
-    head = model.get_output_embeddings()
-    hidden = model.config.hidden_size
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        x = torch.randn(1, 1, hidden)
-        for a, f in layers:
-            F.linear(x, a.k_proj.weight)
-            F.linear(x, a.v_proj.weight)
-            x = x + F.linear(F.linear(x, a.q_proj.weight), a.o_proj.weight)
-            x = x + F.linear(F.linear(x, f.gate_proj.weight) * F.linear(x, f.up_proj.weight), f.down_proj.weight)
-        head(x)
-    return (time.perf_counter() - t0) / steps
-
-
 def _int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` (N, K) as int8 with one bfloat16 scale per output row (symmetric rounding)."""
     scale = w.abs().amax(dim=1).clamp(min=1e-30) / 127
@@ -165,6 +147,7 @@ def main(args) -> dict:
 
     for run in (hf, ours):  # warm-up
         decode(model, run, ids, 3)
+    weights = _weights(model)
     times = {"transformers": [], "lean": [], "products": []}
     same = True
     for _ in range(args.repeats):
@@ -172,7 +155,7 @@ def main(args) -> dict:
         s_lean, tok_lean = decode(model, ours, ids, args.steps)
         times["transformers"].append(s_hf)
         times["lean"].append(s_lean)
-        times["products"].append(products(model, args.steps))
+        times["products"].append(products_of(weights, 1, args.steps))
         same &= tok_hf == tok_lean
     med = {k: common.median(v) for k, v in times.items()}
     tokens = by_tokens(model, lean, ids, args.tokens, args.steps, args.repeats) if args.tokens else None
