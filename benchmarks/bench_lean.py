@@ -9,7 +9,9 @@ three ways, alternating them ``--repeats`` times in one process:
 - ``transformers``: the model's decoder (``model.model(...)``) and its output layer;
 - ``lean``: :class:`~genlm_bytes.lm.lean.LeanDecoder` on the same weights and cache type;
 - ``products``: only the step's matrix products (q, k, v, o, gate, up, down per layer, and
-  the output layer) on a random hidden state: a floor for any implementation in torch.
+  the output layer) on a random hidden state, by ``F.linear`` (transformers' BLAS);
+- ``products (engine's)``: the same by the lean pass's own products (oneDNN's where torch
+  has them, :mod:`genlm_bytes.lm.gemm`): a floor for our passes.
 
 Both decoders must pick the same tokens (checked). Reported: median ms per step and the
 ratio transformers / lean.
@@ -19,8 +21,9 @@ ratio transformers / lean.
 alternating in the same process:
 
 - ``lean``: the lean pass of T tokens on the cached context, and the output layer on its T
-  rows (the cache cut back after each);
-- ``products``: the same pass's matrix products alone, T rows;
+  rows (the cache cut back after each); with oneDNN's products (the engine's) and, beside
+  it, with ``F.linear``'s;
+- ``products``: the same pass's matrix products alone, T rows (oneDNN's and ``F.linear``'s);
 - ``int8 products``: the same products with every weight matrix rounded to int8 per output
   row (``torch._weight_int8pack_mm``, bfloat16 inputs): the floor of a draft step of an 8-bit
   copy of the model, against the float32 pass it would save.
@@ -85,14 +88,15 @@ def pass_of(model, lean, ids: list[int], T: int, passes: int) -> float:
     x, pos = torch.tensor([ids[-T:]]), torch.arange(len(ids), len(ids) + T)[None]
     t0 = time.perf_counter()
     for _ in range(passes):
-        head(lean(x, None, pos, cache)[0])
+        lean.linear(lean(x, None, pos, cache)[0], head.weight, head.bias)  # (the output layer by its products)
         cache.crop(-T)  # (transformers 5: a negative count removes that many tokens)
     return (time.perf_counter() - t0) / passes
 
 
 @torch.inference_mode()
-def products_of(weights, T: int, passes: int, int8=None) -> float:
-    """Seconds per pass of the products alone on ``T`` rows (``int8``: the rounded weights)."""
+def products_of(weights, T: int, passes: int, int8=None, linear=F.linear) -> float:
+    """Seconds per pass of the products alone on ``T`` rows by ``linear`` (``int8``: the rounded
+    weights)."""
     xs = {w.shape[1]: torch.randn(T, w.shape[1]) for w in weights}
     if int8 is not None:
         xs = {k: v.to(torch.bfloat16) for k, v in xs.items()}
@@ -100,7 +104,7 @@ def products_of(weights, T: int, passes: int, int8=None) -> float:
     for _ in range(passes):
         if int8 is None:
             for w in weights:
-                F.linear(xs[w.shape[1]], w)
+                linear(xs[w.shape[1]], w)
         else:
             for w, (q, sc) in zip(weights, int8):
                 torch._weight_int8pack_mm(xs[w.shape[1]], q, sc)
@@ -113,6 +117,11 @@ def by_tokens(model, lean, ids: list[int], tokens: list[int], passes: int, repea
     int8 = [_int8(w) for w in weights] if hasattr(torch, "_weight_int8pack_mm") else None
     kinds = {"lean": lambda T: pass_of(model, lean, ids, T, passes),
              "products": lambda T: products_of(weights, T, passes)}
+    if lean.linear is not F.linear:  # (the engine's products are oneDNN's: F.linear's beside them)
+        plain = type(lean)(model.get_decoder(), F.linear)
+        kinds = {"lean (oneDNN)": kinds["lean"], "lean (F.linear)": lambda T: pass_of(model, plain, ids, T, passes),
+                 "products (oneDNN)": lambda T: products_of(weights, T, passes, linear=lean.linear),
+                 "products (F.linear)": kinds["products"]}
     if int8 is not None:
         kinds["int8 products"] = lambda T: products_of(weights, T, passes, int8)
     times = {(k, T): [] for k in kinds for T in tokens}
@@ -148,7 +157,7 @@ def main(args) -> dict:
     for run in (hf, ours):  # warm-up
         decode(model, run, ids, 3)
     weights = _weights(model)
-    times = {"transformers": [], "lean": [], "products": []}
+    times = {"transformers": [], "lean": [], "products": [], "products (engine's)": []}
     same = True
     for _ in range(args.repeats):
         s_hf, tok_hf = decode(model, hf, ids, args.steps)
@@ -156,6 +165,7 @@ def main(args) -> dict:
         times["transformers"].append(s_hf)
         times["lean"].append(s_lean)
         times["products"].append(products_of(weights, 1, args.steps))
+        times["products (engine's)"].append(products_of(weights, 1, args.steps, linear=lean.linear))
         same &= tok_hf == tok_lean
     med = {k: common.median(v) for k, v in times.items()}
     tokens = by_tokens(model, lean, ids, args.tokens, args.steps, args.repeats) if args.tokens else None

@@ -313,6 +313,19 @@ def library_commit() -> str:
 COMMIT_AT_START = library_commit()  # the library may change while a benchmark runs
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else ``platform.processor()``): matrix products
+    take other paths on other CPUs (MKL's on an AMD EPYC, see genlm_bytes/lm/gemm.py)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def environment(threads: int = THREADS, **extra) -> dict:
     """What the numbers depend on, for the JSON files."""
     end = library_commit()
@@ -327,6 +340,7 @@ def environment(threads: int = THREADS, **extra) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),
         **extra,

@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1122,12 +1123,13 @@ def test_heap_trimmer_keeps_a_pass_temporaries_for_the_next_pass(monkeypatch):
 
 
 async def test_output_layer_writes_one_reused_buffer_and_gives_the_same_rows(embedded_lm, embedded_hf):
-    """A float32 model's lean passes write the output layer's logits into one buffer, grown to
-    the most rows asked for and reused by every pass (a large vocabulary's chunk is not mapped
-    and faulted in afresh each time), log-softmaxed in place: the rows are bit for bit those
-    of the output layer's own module and a separate log-softmax. Every pass reserves the
-    buffer's bytes (not twice a chunk's, as a pass without it)."""
-    lm = transformer(embedded_lm)
+    """With F.linear's products (``onednn=False``), a float32 model's lean passes write the
+    output layer's logits into one buffer, grown to the most rows asked for and reused by every
+    pass (a large vocabulary's chunk is not mapped and faulted in afresh each time),
+    log-softmaxed in place: the rows are bit for bit those of the output layer's own module and
+    a separate log-softmax. Every pass reserves the buffer's bytes (not twice a chunk's, as a
+    pass without it)."""
+    lm = transformer(embedded_lm, config=EngineConfig(onednn=False))
     await lm.next_token_logprobs([0, 1, 2])  # (the lean decoder checked and in use)
     runner, store = lm.runner, lm.runner.store
     assert runner.watch.mode == "lean"
@@ -1154,6 +1156,39 @@ async def test_output_layer_writes_one_reused_buffer_and_gives_the_same_rows(emb
     assert store.pass_bytes(1, 10, 1, 1) - store.pass_bytes(1, 10, 1, 0) == 2 * row_bytes
     with torch.inference_mode():
         assert not runner.out.buffered(lambda h: h, hidden), "the model's own forward's logits are not the buffer's"
+
+
+async def test_output_layer_with_onednn_products_log_softmaxes_chunks_below_the_mmap_threshold(
+        embedded_lm, embedded_hf):
+    """With oneDNN's products (the default where torch has them), the output layer's chunks are
+    as many rows as stay below glibc's mmap threshold (their pages come back from the heap),
+    computed fresh and log-softmaxed in place: no buffer is kept or reserved, a kept row costs
+    one row's bytes (not two), and the rows are the module's (oneDNN rounds differently from
+    MKL in the last bits only)."""
+    from genlm_bytes.lm.gemm import onednn_works
+    from genlm_bytes.lm.hf.memory import MMAP_THRESHOLD_BYTES
+
+    if not onednn_works():
+        pytest.skip("torch has no working oneDNN linear op here")
+    lm = transformer(embedded_lm, config=EngineConfig(logp_chunk=512))
+    await lm.next_token_logprobs([0, 1, 2])
+    runner, store = lm.runner, lm.runner.store
+    row_bytes = len(lm.byte_vocab) * 4
+    assert runner.watch.mode == "lean" and runner.out.onednn and runner.watch.lean.linear is not F.linear
+    assert runner.out.chunk == store.logits_chunk < 512
+    assert runner.out.chunk * row_bytes < MMAP_THRESHOLD_BYTES < (runner.out.chunk + 6) * row_bytes
+    hidden = torch.randn(200, embedded_hf[0].config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got = list(runner.out.rows(hidden, runner.out.logits))
+        want = list(runner.out.rows(hidden, lambda h: runner.out.logits(h)))  # (the module's product)
+    assert len(got) == len(want) == 200
+    assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-4
+    assert all(torch.allclose(a.exp().sum(), torch.tensor(1.0), atol=1e-4) for a in got[:3])
+    assert runner.out.buffer is None and store.logits_reserved == 0
+    await lm.prefetch([0] + embedded_hf[1].encode(TEXT)[:40])
+    assert store.logits_buffered and runner.out.buffer is None
+    assert store.pass_bytes(1, 10, 1, 1) - store.pass_bytes(1, 10, 1, 0) == row_bytes
+    assert store.pass_bytes(1, 10, 1, 300) - store.pass_bytes(1, 10, 1, 0) == runner.out.chunk * row_bytes
 
 
 def test_lookup_draft_follows_the_last_earlier_occurrence():

@@ -3,7 +3,9 @@ recognizes, and transformers' forward for the others."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from genlm_bytes.lm.gemm import linear_fn, onednn_works
 from genlm_bytes.lm.lean import LeanDecoder, lean_decoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -65,17 +67,49 @@ def passes(model, run):
     return out
 
 
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
-def test_lean_passes_equal_the_models_own(kind):
+def test_lean_passes_equal_the_models_own(kind, onednn):
     model = tiny(kind)
-    lean = lean_decoder(model)
+    lean = lean_decoder(model, onednn=onednn)
     assert isinstance(lean, LeanDecoder)
+    assert (lean.linear is not F.linear) == (onednn and onednn_works())
     want = passes(model, lambda *a: hf_hidden(model, *a))
     got = passes(model, lambda *a: lean(*a))
     assert len(got) == len(want) == 5
     for g, w in zip(got, want):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_onednn_products_where_they_apply_and_f_linear_elsewhere(monkeypatch):
+    """``linear_fn()``: oneDNN's product for float32 CPU tensors outside autograd (the same values
+    as ``F.linear`` up to rounding, any leading shape, with or without a bias, on a transposed
+    weight); ``F.linear`` for other dtypes, for tensors autograd records, and when turned off."""
+    assert linear_fn(False) is F.linear
+    if not onednn_works():
+        pytest.skip("torch has no working oneDNN linear op here")
+    linear = linear_fn()
+    assert linear is not F.linear
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(300, 64, generator=gen), torch.randn(300, generator=gen)
+    for shape in ((1, 64), (4, 64), (2, 7, 64), (0, 64)):
+        x = torch.randn(shape, generator=gen)
+        for ww, bb in ((w, None), (w, b), (w.t().contiguous().t(), b)):
+            got, want = linear(x, ww, bb), F.linear(x, ww, bb)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: calls.append(a[0].dtype) or real(*a))
+    linear(torch.randn(2, 64), w)
+    assert calls == []  # oneDNN's
+    linear(torch.randn(2, 64, dtype=torch.float64), w.double())
+    linear(torch.randn(2, 64, requires_grad=True), w)
+    assert calls == [torch.float64, torch.float32]
+    with torch.inference_mode():
+        linear(torch.randn(2, 64), w)
+    assert len(calls) == 2
 
 
 def test_a_check_before_each_layer_can_stop_the_pass():

@@ -26,6 +26,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from genlm_bytes.lm.gemm import linear_fn
 from genlm_bytes.models.layers import (
     apply_rope,
     attend,
@@ -58,11 +59,11 @@ class LeanDecoder:
     backend stops its passes in the cache's ``update`` instead, see ``lm/hf/pass_cache.py``).
     """
 
-    def __init__(self, body):
+    def __init__(self, body, linear=F.linear):
         if not all(hasattr(body, part) for part in _BODY_PARTS):
             raise TypeError(f"LeanDecoder needs a LLaMA-style transformers decoder (with {sorted(_BODY_PARTS)}), "
                             f"got {type(body).__name__}; lean_decoder(model) checks a model first")
-        self._shapes(body)
+        self._shapes(body, linear)
         rot = body.rotary_emb
         self.inv_freq = rot.inv_freq
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
@@ -79,9 +80,10 @@ class LeanDecoder:
                 n2.weight, n2.variance_epsilon, mlp.gate_proj.weight, mlp.gate_proj.bias,
                 mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias))
 
-    def _shapes(self, body) -> None:
-        """The decoder, its layers and the attention's shapes (from the first layer)."""
-        self.body = body
+    def _shapes(self, body, linear) -> None:
+        """The decoder, its layers, the attention's shapes (from the first layer), and the matrix
+        product the layers run (``F.linear``, or :func:`genlm_bytes.lm.gemm.linear_fn`'s)."""
+        self.body, self.linear = body, linear
         self.layers = list(body.layers)
         a = self.layers[0].self_attn
         self.head_dim = int(a.head_dim)
@@ -122,20 +124,20 @@ class LeanDecoder:
         x = F.embedding(input_ids, body.embed_tokens.weight)  # (B, T, H)
         B, T, _ = x.shape
         cos, sin = self._rope(position_ids, x.dtype)  # (B, 1, T, d) each
-        h, hk, d, g = self.heads, self.kv_heads, self.head_dim, self.groups
+        h, hk, d, g, linear = self.heads, self.kv_heads, self.head_dim, self.groups, self.linear
         mask = None
         for i, (w1, e1, wq, bq, wk, bk, wv, bv, wo, bo, w2, e2, wg, bg, wu, bu, wd, bd) in enumerate(self._weights):
             if before_layer is not None:
                 before_layer()
             y = rms_norm(x, w1, e1)  # (B, T, H)
-            q = apply_rope(split_heads(F.linear(y, wq, bq), h, d), cos, sin)  # (B, h, T, d)
-            k = apply_rope(split_heads(F.linear(y, wk, bk), hk, d), cos, sin)  # (B, hk, T, d)
-            K, V = cache.layers[i].update(k, split_heads(F.linear(y, wv, bv), hk, d))  # (B, hk, L, d)
+            q = apply_rope(split_heads(linear(y, wq, bq), h, d), cos, sin)  # (B, h, T, d)
+            k = apply_rope(split_heads(linear(y, wk, bk), hk, d), cos, sin)  # (B, hk, T, d)
+            K, V = cache.layers[i].update(k, split_heads(linear(y, wv, bv), hk, d))  # (B, hk, L, d)
             if i == 0:
                 L = K.shape[2]
                 mask = group_mask(self._mask(attention_mask, B, T, L, x.device), B, g, T, L)
-            x = x + F.linear(merge_heads(attend(q, K, V, mask, self.scaling)), wo, bo)
-            x = x + swiglu(rms_norm(x, w2, e2), wg, bg, wu, bu, wd, bd)
+            x = x + linear(merge_heads(attend(q, K, V, mask, self.scaling)), wo, bo)
+            x = x + swiglu(rms_norm(x, w2, e2), wg, bg, wu, bu, wd, bd, linear)
         n = body.norm
         return rms_norm(x, n.weight, n.variance_epsilon)
 
@@ -163,8 +165,8 @@ class LeanGemma3Decoder(LeanDecoder):
     queries and keys: ``key_positions`` ``(B, L)`` if given, else the slots' own; a 4-D mask
     without them is taken as given, as transformers does)."""
 
-    def __init__(self, body):
-        self._shapes(body)
+    def __init__(self, body, linear=F.linear):
+        self._shapes(body, linear)
         self.window = int(body.config.sliding_window)
         rot = body.rotary_emb
         self._rot = {t: (getattr(rot, f"{t}_inv_freq"), float(getattr(rot, f"{t}_attention_scaling")))
@@ -204,7 +206,7 @@ class LeanGemma3Decoder(LeanDecoder):
         x = F.embedding(input_ids, emb.weight) * emb.embed_scale.to(emb.weight.dtype)  # (B, T, H)
         B, T, _ = x.shape
         ropes = {k: self._rope(position_ids, x.dtype, k, *self._rot[k]) for k in self._rot}
-        h, hk, d, g = self.heads, self.kv_heads, self.head_dim, self.groups
+        h, hk, d, g, linear = self.heads, self.kv_heads, self.head_dim, self.groups, self.linear
         masks = {}  # (sliding, keys) -> the grouped mask (a sliding cache may hold fewer keys)
         for i, (sliding, n1, wq, bq, wk, bk, wv, bv, wo, bo, qn, kn, n2, n3, n4, wg, wu, wd, kind) \
                 in enumerate(self._weights):
@@ -212,9 +214,9 @@ class LeanGemma3Decoder(LeanDecoder):
                 before_layer()
             cos, sin = ropes[kind]
             y = gemma_norm(x, n1.weight, n1.eps)
-            q = apply_rope(gemma_norm(split_heads(F.linear(y, wq, bq), h, d), qn.weight, qn.eps), cos, sin)
-            k = apply_rope(gemma_norm(split_heads(F.linear(y, wk, bk), hk, d), kn.weight, kn.eps), cos, sin)
-            K, V = cache.layers[i].update(k, split_heads(F.linear(y, wv, bv), hk, d))  # (B, hk, L, d)
+            q = apply_rope(gemma_norm(split_heads(linear(y, wq, bq), h, d), qn.weight, qn.eps), cos, sin)
+            k = apply_rope(gemma_norm(split_heads(linear(y, wk, bk), hk, d), kn.weight, kn.eps), cos, sin)
+            K, V = cache.layers[i].update(k, split_heads(linear(y, wv, bv), hk, d))  # (B, hk, L, d)
             L = K.shape[2]
             mask = masks.get((sliding, L))
             if mask is None:
@@ -223,10 +225,10 @@ class LeanGemma3Decoder(LeanDecoder):
                     given = attention_mask is not None and attention_mask.dim() == 4
                     mask = self._windowed(mask, T, L, position_ids, key_positions, x.device, given)
                 mask = masks[(sliding, L)] = group_mask(mask, B, g, T, L)
-            o = F.linear(merge_heads(attend(q, K, V, mask, self.scaling)), wo, bo)
+            o = linear(merge_heads(attend(q, K, V, mask, self.scaling)), wo, bo)
             x = x + gemma_norm(o, n2.weight, n2.eps)
             z = gemma_norm(x, n3.weight, n3.eps)
-            z = F.linear(F.gelu(F.linear(z, wg), approximate="tanh") * F.linear(z, wu), wd)
+            z = linear(F.gelu(linear(z, wg), approximate="tanh") * linear(z, wu), wd)
             x = x + gemma_norm(z, n4.weight, n4.eps)
         n = body.norm
         return gemma_norm(x, n.weight, n.eps)
@@ -356,10 +358,11 @@ def _agrees(lean: LeanDecoder, body, config) -> bool:
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> check passed
 
 
-def lean_decoder(hf_model) -> LeanDecoder | None:
+def lean_decoder(hf_model, onednn: bool = True) -> LeanDecoder | None:
     """A :class:`LeanDecoder` for ``hf_model``'s decoder, or None (not recognized, or the check
     on a few tokens disagrees with the model's own forward; logged at debug level). The check
-    runs once per model (and again if its dtype or device changed)."""
+    runs once per model (and again if its dtype, device or products changed). ``onednn``: its
+    float32 CPU products through oneDNN (:mod:`genlm_bytes.lm.gemm`), else ``F.linear``."""
     body = decoder_of(hf_model)
     config = getattr(hf_model, "config", None)
     if body is None or config is None:
@@ -369,9 +372,10 @@ def lean_decoder(hf_model) -> LeanDecoder | None:
         logger.debug("lean decoder not used: %s", why)
         return None
     w = body.embed_tokens.weight
-    key = (w.dtype, w.device, w.data_ptr())
+    linear = linear_fn(onednn)
+    key = (w.dtype, w.device, w.data_ptr(), linear is F.linear)
     try:
-        lean = (LeanGemma3Decoder if config.model_type == "gemma3_text" else LeanDecoder)(body)
+        lean = (LeanGemma3Decoder if config.model_type == "gemma3_text" else LeanDecoder)(body, linear)
         if _CHECKED.get(hf_model) == key:
             return lean
         if _agrees(lean, body, config):

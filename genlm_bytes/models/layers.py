@@ -96,6 +96,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return o.reshape(B, h, T, d)
 
 
-def swiglu(x: torch.Tensor, w_gate, b_gate, w_up, b_up, w_down, b_down) -> torch.Tensor:
-    """The SwiGLU feed-forward ``down(silu(gate(x)) * up(x))``; biases may be None."""
-    return F.linear(F.silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up), w_down, b_down)
+def swiglu(x: torch.Tensor, w_gate, b_gate, w_up, b_up, w_down, b_down, linear=F.linear) -> torch.Tensor:
+    """The SwiGLU feed-forward ``down(silu(gate(x)) * up(x))``; biases may be None; ``linear``:
+    the matrix product (``F.linear``'s signature)."""
+    return linear(F.silu(linear(x, w_gate, b_gate)) * linear(x, w_up, b_up), w_down, b_down)

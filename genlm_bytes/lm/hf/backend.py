@@ -22,6 +22,7 @@ request runs its whole context (results are still cached).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 
 import torch
@@ -118,7 +119,8 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         reserve = ((self.prepared_dists + self.speculation_window * 3 // 2) * len(self.byte_vocab) * 8
                    + int(cfg.heap_share * budget))
         store = KVStore(self.cache, cfg, model, self.kv_reuse, self.vocab_size, reserve)
-        watch = ModelWatch(model, lean=self.kv_reuse and self._use_lean, make_lean=lean_decoder)
+        watch = ModelWatch(model, lean=self.kv_reuse and self._use_lean,
+                           make_lean=functools.partial(lean_decoder, onednn=cfg.onednn))
         self.runner = PassRunner(model, store, watch, HeapTrimmer(self.cache, cfg), cfg)
         self.device = self.runner.device
         self.spellings = Spellings(self.byte_vocab, self.eos_token_ids)

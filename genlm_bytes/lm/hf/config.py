@@ -28,6 +28,8 @@ class EngineConfig:
     head_pad: int = 16  # output-layer products of 5 to this many rows run padded to it (0: never): CPU
     # matrix products of a few rows by a large vocabulary's weights take a slow path (Gemma 3: 8 rows 65 ms,
     # 12 rows 89 ms, 16 rows 39 ms; benchmarks/README.md)
+    onednn: bool = True  # float32 CPU products of lean passes and the output layer through oneDNN, not
+    # F.linear's BLAS: 1.6-2.1x faster at every row count on the benchmarks' AMD CPU (lm/gemm.py)
     pass_share: float = 0.2  # of the budget, for one pass's temporaries: leaves the cache its working set
 
     # kv: segments and arenas

@@ -44,7 +44,8 @@ class KVStore:
         self.cache, self.config, self.kv_reuse, self.vocab_size = cache, config, kv_reuse, vocab_size
         self.base_reserve = reserve
         self.logits_reserved = 0  # bytes of the pass runner's logits buffer (see pass_bytes)
-        self.logits_buffered = False  # whether passes write their logits there (the runner says)
+        self.logits_buffered = False  # whether passes log-softmax their logits in place (the runner says)
+        self.logits_chunk = config.logp_chunk  # rows of such a chunk (the runner says)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.kv_per_token = kv_bytes_per_token(model)  # (0: measured by the first pass)
         cfg = model.config  # (transformers' config attributes are slow to read on a hot path)
@@ -64,10 +65,12 @@ class KVStore:
         gathered = rows * kv_len * kv // layers  # one layer's padded pasts ...
         if rows > 1:  # ... or a group of layers (see pass_cache._Gather._gather_group)
             gathered = max(gathered, min(gathered * layers, self.config.gather_chunk_bytes))
-        # Logits of a chunk: in the runner's buffer (log-softmaxed in place), which stays as large
-        # as the largest chunk before; else a chunk's logits and their log-softmax, beside it.
-        need = min(n_out, self.config.logp_chunk) * self.vocab_size * 4
-        logits = max(need, self.logits_reserved) if self.logits_buffered else 2 * need + self.logits_reserved
+        # Logits of a chunk: log-softmaxed in place (in the runner's buffer, which stays as large
+        # as the largest chunk before, or fresh); else a chunk's logits and their log-softmax.
+        if self.logits_buffered:
+            logits = max(min(n_out, self.logits_chunk) * self.vocab_size * 4, self.logits_reserved)
+        else:
+            logits = 2 * min(n_out, self.config.logp_chunk) * self.vocab_size * 4 + self.logits_reserved
         return (gathered + (rows * n_new + whole) * kv
                 + rows * n_new * (16 * 4 * hidden + 4 * kv_len * (2 * heads + 1)) + logits)
 

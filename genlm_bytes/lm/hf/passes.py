@@ -24,8 +24,11 @@ import collections
 import logging
 
 import torch
+import torch.nn.functional as F
 
+from genlm_bytes.lm.gemm import linear_fn
 from genlm_bytes.lm.hf.attention import grouped_attention
+from genlm_bytes.lm.hf.memory import MMAP_THRESHOLD_BYTES
 from genlm_bytes.lm.hf.pass_cache import make_pass_cache
 from genlm_bytes.lm.lean import decoder_of
 from genlm_bytes.lm.prefix_cache import KVBlock, KVRef
@@ -99,10 +102,13 @@ def tree_layout(ids: tuple, P: int, tail: int, items) -> tuple[list, list[int], 
 class OutputLayer:
     """A pass's output layer: logits of its kept positions, and their log-prob rows.
 
-    A chunk's logits go into one buffer it keeps, log-softmaxed in place, where
-    :meth:`buffered` allows: a large vocabulary's chunk (64 rows: 67 MB at 262k tokens) is
-    otherwise mapped fresh twice per chunk, and faulting its pages in took 0.6 s of a 9.8 s
-    Gemma 3 prefill (benchmarks/README.md, session 15). The rows are the same.
+    Where :meth:`buffered` allows, a chunk's logits are log-softmaxed in place, and never in a
+    tensor glibc maps fresh: a large vocabulary's chunk (64 rows: 67 MB at 262k tokens) was
+    mapped twice per chunk, and faulting its pages in took 0.6 s of a 9.8 s Gemma 3 prefill
+    (benchmarks/README.md, session 15). With oneDNN's products (``EngineConfig.onednn``,
+    :mod:`genlm_bytes.lm.gemm`) a chunk is as many rows as stay below glibc's mmap threshold
+    (the heap reuses their pages); with ``F.linear``'s, the logits go into one buffer this
+    layer keeps. The rows are the same either way.
 
     Args:
         model: the transformers causal LM.
@@ -114,14 +120,22 @@ class OutputLayer:
     def __init__(self, model, store, watch, config):
         self.model, self.store, self.watch, self.config = model, store, watch, config
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.buffer = None  # (rows, V) float32, grown to the most rows asked for
+        self.buffer = None  # (rows, V) float32, grown to the most rows asked for (F.linear's products)
+        self.linear = linear_fn(config.onednn)
+        self.onednn = self.linear is not F.linear
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.chunk = (max(1, min(config.logp_chunk, (MMAP_THRESHOLD_BYTES - (1 << 20)) // (4 * vocab)))
+                      if self.onednn else config.logp_chunk)  # rows per chunk of a buffered pass
+        store.logits_chunk = self.chunk
 
     def logits(self, hidden: torch.Tensor, into_buffer: bool = False) -> torch.Tensor:
         """Logits ``(N, V)`` of ``hidden`` ``(N, H)``; ``into_buffer``: written into the buffer."""
+        layer = self.model.get_output_embeddings()
+        if into_buffer and self.onednn:  # (a fresh chunk below the mmap threshold: see the class)
+            return self.linear(hidden, layer.weight, layer.bias)
         n, pad = hidden.shape[0], self.config.head_pad
         if hidden.dim() == 2 and 5 <= n < pad and hidden.device.type == "cpu":  # (see EngineConfig.head_pad)
             hidden = torch.cat([hidden, hidden.new_zeros(pad - n, hidden.shape[1])])
-        layer = self.model.get_output_embeddings()
         if into_buffer:  # (the product F.linear runs, into the buffer)
             w, b = layer.weight, layer.bias
             out = self._buffer(hidden.shape[0], w)
@@ -132,7 +146,7 @@ class OutputLayer:
         return logits
 
     def buffered(self, head, states: torch.Tensor) -> bool:
-        """Whether :meth:`rows` may write the logits of ``head`` into the buffer: this layer's
+        """Whether :meth:`rows` may log-softmax the logits of ``head`` in place (see the class): this layer's
         (not the model's own forward's) in a lean pass (the model is pristine: its output layer
         a plain ``Linear`` without hooks) of a float32 model on the CPU, without soft-capping,
         outside autograd."""
@@ -156,7 +170,7 @@ class OutputLayer:
         for logits already computed), ``logp_chunk`` at a time, each its own copy (a view would
         keep the whole chunk alive in the cache)."""
         buffered = self.store.logits_buffered = self.buffered(head, states)
-        chunk = self.config.logp_chunk
+        chunk = self.chunk if buffered else self.config.logp_chunk
         for c in range(0, states.shape[0], chunk):
             if buffered:
                 lp = self.logits(states[c:c + chunk], into_buffer=True)
