@@ -85,7 +85,8 @@ def pass_of(model, lean, ids: list[int], T: int, passes: int) -> float:
     cache = DynamicCache(config=model.config)
     head = model.get_output_embeddings()
     lean(torch.tensor([ids]), None, torch.arange(len(ids))[None], cache)
-    x, pos = torch.tensor([ids[-T:]]), torch.arange(len(ids), len(ids) + T)[None]
+    x = torch.tensor([(ids * (T // len(ids) + 1))[:T]])  # (T tokens, the context's repeated if longer)
+    pos = torch.arange(len(ids), len(ids) + T)[None]
     t0 = time.perf_counter()
     for _ in range(passes):
         lean.linear(lean(x, None, pos, cache)[0], head.weight, head.bias)  # (the output layer by its products)

@@ -1191,6 +1191,30 @@ async def test_output_layer_with_onednn_products_log_softmaxes_chunks_below_the_
     assert store.pass_bytes(1, 10, 1, 300) - store.pass_bytes(1, 10, 1, 0) == runner.out.chunk * row_bytes
 
 
+async def test_onednn_products_only_where_their_kernels_fit_a_quarter_of_the_budget(embedded_lm):
+    """The kernels oneDNN compiles are charged to the cache budget; below four times their
+    bound the engine multiplies with F.linear (the lean decoder and the output layer alike),
+    with the same log-probs up to rounding."""
+    from genlm_bytes.lm.gemm import kernel_bytes, onednn_works
+
+    if not onednn_works():
+        pytest.skip("torch has no working oneDNN linear op here")
+    kernels = kernel_bytes(embedded_lm.model.parameters())
+    on = transformer(embedded_lm, cache_budget_bytes=4 * kernels)
+    off = transformer(embedded_lm, cache_budget_bytes=4 * kernels - 1)
+    off_by_config = transformer(embedded_lm, config=EngineConfig(onednn=False))
+    assert on.onednn and not off.onednn and not off_by_config.onednn
+    base = transformer(embedded_lm, cache_budget_bytes=4 * kernels, config=EngineConfig(onednn=False))
+    assert on.cache.reserved == min(2 * kernels, base.cache.reserved + kernels) > base.cache.reserved
+    ids = [0] + embedded_lm.tokenizer.encode(TEXT)[:12]
+    rows = [await lm.next_token_logprobs(ids) for lm in (on, off, off_by_config)]
+    assert on.runner.watch.lean.linear is not F.linear and on.runner.out.onednn
+    for lm in (off, off_by_config):
+        assert lm.runner.watch.lean.linear is F.linear and not lm.runner.out.onednn
+    torch.testing.assert_close(rows[0], rows[1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(rows[1], rows[2], atol=0, rtol=0)
+
+
 def test_lookup_draft_follows_the_last_earlier_occurrence():
     from genlm_bytes.lm.hf.speculation import lookup_draft
 

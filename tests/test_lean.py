@@ -112,6 +112,44 @@ def test_onednn_products_where_they_apply_and_f_linear_elsewhere(monkeypatch):
     assert len(calls) == 2
 
 
+def test_onednn_products_run_on_a_few_row_counts_and_their_kernels_are_bounded():
+    """oneDNN keeps a compiled kernel per shape: row counts are rounded up to ``ROW_BUCKETS``
+    (zero rows, dropped) and larger products run in pieces, with the values of the exact
+    product; ``kernel_bytes`` bounds what those kernels keep (distinct weight shapes x buckets)."""
+    from genlm_bytes.lm import gemm
+
+    if not onednn_works():
+        pytest.skip("torch has no working oneDNN linear op here")
+    seen = []
+    real = gemm._onednn_op()
+
+    class Spy:
+        def __call__(self, x, *a):
+            seen.append(x.shape[0])
+            return real(x, *a)
+
+    linear = None
+    try:
+        gemm._onednn_op = lambda: Spy()
+        linear = linear_fn()
+    finally:
+        gemm._onednn_op = lambda: real
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 16, generator=gen), torch.randn(40, generator=gen)
+    top = gemm.ROW_BUCKETS[-1]
+    for shape in ((9, 16), (3, 5, 16), (top + 70, 16), (2, top, 16)):
+        seen.clear()
+        x = torch.randn(shape, generator=gen)
+        got = linear(x, w, b)
+        assert got.shape == (*shape[:-1], 40)
+        torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+        assert seen and all(n in gemm.ROW_BUCKETS for n in seen)
+    assert seen == [top, top], "two pieces of the largest bucket"
+    model = tiny()
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    assert gemm.kernel_bytes(model.parameters()) == len(shapes) * len(gemm.ROW_BUCKETS) * gemm.KERNEL_BYTES
+
+
 def test_a_check_before_each_layer_can_stop_the_pass():
     from transformers import DynamicCache
 

@@ -29,6 +29,7 @@ import torch
 
 from genlm_bytes.batching import Batcher
 from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM, check_token_ids, parse_alternative
+from genlm_bytes.lm.gemm import kernel_bytes, onednn_works
 from genlm_bytes.lm.hf.config import (
     DEFAULT_CACHE_BUDGET,
     DEFAULT_DRAFT_TOKENS,
@@ -73,6 +74,10 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
             the model computes (see :mod:`genlm_bytes.lm.hf.faithful`). False: transformers'
             forward always.
         config: the engine's tuning knobs (:class:`~genlm_bytes.lm.hf.config.EngineConfig`).
+
+    ``lm.onednn``: whether the lean passes and the output layer multiply through oneDNN
+    (:mod:`genlm_bytes.lm.gemm`): a float32 model on the CPU, ``EngineConfig.onednn``, and
+    its compiled kernels (charged to the budget) within a quarter of ``cache_budget_bytes``.
     """
 
     _trusted_output = True
@@ -116,12 +121,15 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         self.prepared_dists = max(32, min(cfg.prepared_dists, cfg.prepared_dists * budget // DEFAULT_CACHE_BUDGET))
         self.speculation_window = max(16, min(cfg.speculation_window,
                                               cfg.speculation_window * budget // cfg.window_budget))
+        # oneDNN's products, where its compiled kernels fit a quarter of the budget (charged to it).
+        kernels = self._kernel_bytes()
+        self.onednn = 0 < 4 * kernels <= budget
         reserve = ((self.prepared_dists + self.speculation_window * 3 // 2) * len(self.byte_vocab) * 8
-                   + int(cfg.heap_share * budget))
+                   + int(cfg.heap_share * budget) + (kernels if self.onednn else 0))
         store = KVStore(self.cache, cfg, model, self.kv_reuse, self.vocab_size, reserve)
         watch = ModelWatch(model, lean=self.kv_reuse and self._use_lean,
-                           make_lean=functools.partial(lean_decoder, onednn=cfg.onednn))
-        self.runner = PassRunner(model, store, watch, HeapTrimmer(self.cache, cfg), cfg)
+                           make_lean=functools.partial(lean_decoder, onednn=self.onednn))
+        self.runner = PassRunner(model, store, watch, HeapTrimmer(self.cache, cfg), cfg, onednn=self.onednn)
         self.device = self.runner.device
         self.spellings = Spellings(self.byte_vocab, self.eos_token_ids)
         drafter = Drafter(self.runner, self.spellings, self.draft_tokens, self.max_positions)
@@ -134,6 +142,15 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         # Flush denormals to zero in the model's worker thread (a per-thread CPU flag): forwards on a
         # cached past otherwise run into denormal floats and slow down several times on x86.
         self.batcher._executor.submit(torch.set_flush_denormal, True).result()
+
+    def _kernel_bytes(self) -> int:
+        """What oneDNN's compiled kernels for this model's products may keep (charged to the
+        budget; :mod:`genlm_bytes.lm.gemm`): 0 unless its lean passes may use them."""
+        p = next(self.model.parameters())
+        if not (self.config.onednn and self.kv_reuse and self._use_lean and p.dtype == torch.float32
+                and p.device.type == "cpu" and onednn_works()):
+            return 0
+        return kernel_bytes(self.model.parameters())
 
     # ---------------------------------------------------------------- loading
     @classmethod

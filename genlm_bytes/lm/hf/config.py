@@ -29,7 +29,8 @@ class EngineConfig:
     # matrix products of a few rows by a large vocabulary's weights take a slow path (Gemma 3: 8 rows 65 ms,
     # 12 rows 89 ms, 16 rows 39 ms; benchmarks/README.md)
     onednn: bool = True  # float32 CPU products of lean passes and the output layer through oneDNN, not
-    # F.linear's BLAS: 1.6-2.1x faster at every row count on the benchmarks' AMD CPU (lm/gemm.py)
+    # F.linear's BLAS: 1.6-2.1x faster at every row count on the benchmarks' AMD CPU (lm/gemm.py); used
+    # where the kernels it compiles (lm.gemm.kernel_bytes) fit a quarter of the cache budget
     pass_share: float = 0.2  # of the budget, for one pass's temporaries: leaves the cache its working set
 
     # kv: segments and arenas

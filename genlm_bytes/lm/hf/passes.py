@@ -115,13 +115,14 @@ class OutputLayer:
         store: the :class:`~genlm_bytes.lm.hf.kv.KVStore` (it reserves the buffer's bytes).
         watch: the :class:`~genlm_bytes.lm.hf.faithful.ModelWatch` (the buffer only for lean passes).
         config: the :class:`~genlm_bytes.lm.hf.config.EngineConfig`.
+        onednn: its products through oneDNN (:mod:`genlm_bytes.lm.gemm`) where they apply.
     """
 
-    def __init__(self, model, store, watch, config):
+    def __init__(self, model, store, watch, config, onednn: bool = False):
         self.model, self.store, self.watch, self.config = model, store, watch, config
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.buffer = None  # (rows, V) float32, grown to the most rows asked for (F.linear's products)
-        self.linear = linear_fn(config.onednn)
+        self.linear = linear_fn(onednn)
         self.onednn = self.linear is not F.linear
         vocab = model.get_output_embeddings().weight.shape[0]
         self.chunk = (max(1, min(config.logp_chunk, (MMAP_THRESHOLD_BYTES - (1 << 20)) // (4 * vocab)))
@@ -191,9 +192,11 @@ class PassRunner:
         watch: the :class:`~genlm_bytes.lm.hf.faithful.ModelWatch` (which forward to run).
         trimmer: the :class:`~genlm_bytes.lm.hf.memory.HeapTrimmer` (run around each pass).
         config: the :class:`~genlm_bytes.lm.hf.config.EngineConfig`.
+        onednn: the output layer's products through oneDNN (the backend decides: see
+            ``AsyncTransformer.onednn``).
     """
 
-    def __init__(self, model, store, watch, trimmer, config):
+    def __init__(self, model, store, watch, trimmer, config, onednn: bool = False):
         self.model, self.store, self.cache, self.watch = model, store, store.cache, watch
         self.trimmer, self.config = trimmer, config
         self.device = next(model.parameters()).device
@@ -202,7 +205,7 @@ class PassRunner:
         self.passes = collections.Counter()  # passes run per forward kind ("lean", "decoder", "model")
         self._keeps_logits = True  # the model's forward takes logits_to_keep
         self.before_layer = None  # run once per layer of a pass (may raise to stop it; see speculation)
-        self.out = OutputLayer(model, store, watch, config)
+        self.out = OutputLayer(model, store, watch, config, onednn)
 
     # ------------------------------------------------------------------ running
     def make_cache(self, rows, P: int, keep=(), arena=None):
