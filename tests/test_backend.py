@@ -1165,7 +1165,7 @@ async def test_output_layer_with_onednn_products_log_softmaxes_chunks_below_the_
     computed fresh and log-softmaxed in place: no buffer is kept or reserved, a kept row costs
     one row's bytes (not two), and the rows are the module's (oneDNN rounds differently from
     MKL in the last bits only)."""
-    from genlm_bytes.lm.gemm import onednn_works
+    from genlm_bytes.lm.gemm import ROW_BUCKETS, onednn_works
     from genlm_bytes.lm.hf.memory import MMAP_THRESHOLD_BYTES
 
     if not onednn_works():
@@ -1176,7 +1176,9 @@ async def test_output_layer_with_onednn_products_log_softmaxes_chunks_below_the_
     row_bytes = len(lm.byte_vocab) * 4
     assert runner.watch.mode == "lean" and runner.out.onednn and runner.watch.lean.linear is not F.linear
     assert runner.out.chunk == store.logits_chunk < 512
-    assert runner.out.chunk * row_bytes < MMAP_THRESHOLD_BYTES < (runner.out.chunk + 6) * row_bytes
+    assert runner.out.chunk in ROW_BUCKETS, "the rows oneDNN's product runs with"
+    bigger = ROW_BUCKETS[ROW_BUCKETS.index(runner.out.chunk) + 1]
+    assert runner.out.chunk * row_bytes <= MMAP_THRESHOLD_BYTES - (1 << 20) < bigger * row_bytes
     hidden = torch.randn(200, embedded_hf[0].config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         got = list(runner.out.rows(hidden, runner.out.logits))

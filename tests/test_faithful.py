@@ -247,3 +247,20 @@ async def test_a_hook_is_seen_before_a_cached_row_is_served(embedded_lm):
         assert lm.runner.passes["model"] == 1
     finally:
         handle.remove()
+
+
+def test_a_model_without_lean_passes_charges_no_onednn_kernels(embedded_lm):
+    """oneDNN's kernels are charged to the budget only where lean passes may use them: a model
+    the lean decoder does not compute (another activation) runs transformers' modules, and its
+    cache keeps that share."""
+    from genlm_bytes.lm.hf import EngineConfig
+
+    odd = tiny_llama(embedded_lm.model.config.vocab_size)
+    odd.config.hidden_act = "gelu"
+    for layer in odd.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    lm = backend(embedded_lm, odd)
+    plain = backend(embedded_lm, odd, config=EngineConfig(onednn=False))
+    assert not lm.onednn and lm.cache.reserved == plain.cache.reserved
+    same = backend(embedded_lm, tiny_llama(embedded_lm.model.config.vocab_size))
+    assert same.onednn and same.cache.reserved > plain.cache.reserved

@@ -355,7 +355,7 @@ def _agrees(lean: LeanDecoder, body, config) -> bool:
     return True
 
 
-_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> check passed
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the keys whose check passed
 
 
 def lean_decoder(hf_model, onednn: bool = True) -> LeanDecoder | None:
@@ -376,10 +376,11 @@ def lean_decoder(hf_model, onednn: bool = True) -> LeanDecoder | None:
     key = (w.dtype, w.device, w.data_ptr(), linear is F.linear)
     try:
         lean = (LeanGemma3Decoder if config.model_type == "gemma3_text" else LeanDecoder)(body, linear)
-        if _CHECKED.get(hf_model) == key:
+        checked = _CHECKED.get(hf_model)
+        if checked is not None and key in checked:
             return lean
         if _agrees(lean, body, config):
-            _CHECKED[hf_model] = key
+            _CHECKED[hf_model] = {key} | {k for k in (checked or ()) if k[:3] == key[:3]}
             return lean
         logger.debug("lean decoder not used: its hidden states differ from the model's")
     except Exception:

@@ -145,10 +145,11 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
 
     def _kernel_bytes(self) -> int:
         """What oneDNN's compiled kernels for this model's products may keep (charged to the
-        budget; :mod:`genlm_bytes.lm.gemm`): 0 unless its lean passes may use them."""
+        budget; :mod:`genlm_bytes.lm.gemm`): 0 unless its lean passes may use them (a model
+        the lean decoder does not compute runs transformers' modules)."""
         p = next(self.model.parameters())
         if not (self.config.onednn and self.kv_reuse and self._use_lean and p.dtype == torch.float32
-                and p.device.type == "cpu" and onednn_works()):
+                and p.device.type == "cpu" and onednn_works() and lean_decoder(self.model) is not None):
             return 0
         return kernel_bytes(self.model.parameters())
 

@@ -26,7 +26,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from genlm_bytes.lm.gemm import linear_fn
+from genlm_bytes.lm.gemm import ROW_BUCKETS, linear_fn
 from genlm_bytes.lm.hf.attention import grouped_attention
 from genlm_bytes.lm.hf.memory import MMAP_THRESHOLD_BYTES
 from genlm_bytes.lm.hf.pass_cache import make_pass_cache
@@ -124,9 +124,11 @@ class OutputLayer:
         self.buffer = None  # (rows, V) float32, grown to the most rows asked for (F.linear's products)
         self.linear = linear_fn(onednn)
         self.onednn = self.linear is not F.linear
-        vocab = model.get_output_embeddings().weight.shape[0]
-        self.chunk = (max(1, min(config.logp_chunk, (MMAP_THRESHOLD_BYTES - (1 << 20)) // (4 * vocab)))
-                      if self.onednn else config.logp_chunk)  # rows per chunk of a buffered pass
+        # Rows per chunk of a buffered pass: with oneDNN, the largest row bucket (the rows its
+        # product runs with) whose logits stay below the mmap threshold.
+        row_bytes = 4 * model.get_output_embeddings().weight.shape[0]
+        fit = min(config.logp_chunk, (MMAP_THRESHOLD_BYTES - (1 << 20)) // row_bytes)
+        self.chunk = max(b for b in ROW_BUCKETS if b <= max(1, fit)) if self.onednn else config.logp_chunk
         store.logits_chunk = self.chunk
 
     def logits(self, hidden: torch.Tensor, into_buffer: bool = False) -> torch.Tensor:
