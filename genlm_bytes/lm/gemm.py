@@ -115,7 +115,6 @@ def linear_fn(onednn: bool = True):
             y = torch.cat([product(x2[i:i + top], w, b) for i in range(0, m, top)])
         return y.view(*x.shape[:-1], w.shape[0])
 
-    linear.onednn = True
     return linear
 
 
