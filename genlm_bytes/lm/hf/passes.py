@@ -132,7 +132,8 @@ class OutputLayer:
         store.logits_chunk = self.chunk
 
     def logits(self, hidden: torch.Tensor, into_buffer: bool = False) -> torch.Tensor:
-        """Logits ``(N, V)`` of ``hidden`` ``(N, H)``; ``into_buffer``: written into the buffer."""
+        """Logits ``(N, V)`` of ``hidden`` ``(N, H)``; ``into_buffer``: for :meth:`rows` to
+        log-softmax in place (oneDNN's fresh chunk, or written into the buffer)."""
         layer = self.model.get_output_embeddings()
         if into_buffer and self.onednn:  # (a fresh chunk below the mmap threshold: see the class)
             return self.linear(hidden, layer.weight, layer.bias)
@@ -170,8 +171,9 @@ class OutputLayer:
 
     def rows(self, states: torch.Tensor, head):
         """The (V,) log-prob rows of ``states`` (N, ·) by ``head`` (:meth:`logits`, or the identity
-        for logits already computed), ``logp_chunk`` at a time, each its own copy (a view would
-        keep the whole chunk alive in the cache)."""
+        for logits already computed), a chunk at a time (``self.chunk`` rows where
+        :meth:`buffered`, else ``logp_chunk``), each its own copy (a view would keep the whole
+        chunk alive in the cache)."""
         buffered = self.store.logits_buffered = self.buffered(head, states)
         chunk = self.chunk if buffered else self.config.logp_chunk
         for c in range(0, states.shape[0], chunk):
