@@ -62,16 +62,23 @@ class Batcher:
             worker thread. An exception fails every request of that batch.
         max_batch_size: the largest batch handed to ``process``.
         name: used in log messages and the worker thread's name.
+        before_dispatch: optional callable run in the event loop's thread right before each
+            batch is handed to the worker thread (the HF backend frees the caller's OpenMP
+            pool there: :mod:`genlm_bytes.lm.openmp`); an exception it raises is logged, not
+            raised.
     """
 
     SETTLE_ROUNDS = 32  # event-loop iterations a batch waits at most for more requests (see _settle)
     SETTLE_PATIENCE = 8  # ... and iterations in a row without a new request (a caller takes ~5)
 
     def __init__(self, process: Callable[[Sequence[Any]], Sequence[Any]], max_batch_size: int = 32,
-                 name: str = "batcher"):
+                 name: str = "batcher", before_dispatch: Callable[[], Any] | None = None):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        if before_dispatch is not None and not callable(before_dispatch):
+            raise TypeError(f"before_dispatch must be callable or None, got {before_dispatch!r}")
         self.process = process
+        self.before_dispatch = before_dispatch
         self.max_batch_size = max_batch_size
         self.name = name
         self.n_batches = 0  # number of process() calls: for tests and benchmarks
@@ -143,6 +150,7 @@ class Batcher:
             del st.queue[: len(batch)]
             requests = [r for _, r, _ in batch]
             try:
+                self.dispatching()
                 results = await loop.run_in_executor(self._executor, self._call, requests)
                 if len(results) != len(batch):
                     raise RuntimeError(f"{self.name}: process returned {len(results)} results "
@@ -170,6 +178,15 @@ class Batcher:
                 if not fut.done():
                     fut.set_result(res)
             await self._settle(loop, st)
+
+    def dispatching(self) -> None:
+        """Run ``before_dispatch`` (in the calling thread: the event loop's, before work goes to
+        the worker thread); what it raises is logged."""
+        if self.before_dispatch is not None:
+            try:
+                self.before_dispatch()
+            except Exception:
+                logger.exception("%s: before_dispatch failed", self.name)
 
     def _call(self, requests):
         with self._lock:

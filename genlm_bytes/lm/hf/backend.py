@@ -28,6 +28,7 @@ import os
 import torch
 
 from genlm_bytes.batching import Batcher
+from genlm_bytes.lm import openmp
 from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM, check_token_ids, parse_alternative
 from genlm_bytes.lm.gemm import kernel_bytes, onednn_works
 from genlm_bytes.lm.hf.config import (
@@ -137,7 +138,10 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
                                draft_tokens=self.draft_tokens)
         self.scheduler = Scheduler(self.runner, drafter, self.ahead)
         self.ahead.check_model = self.scheduler.check_model
-        self.batcher = Batcher(self.scheduler.process, max_batch_size=batch_size, name="AsyncTransformer")
+        # One OpenMP pool at a time: the caller's is freed before work goes to the model's thread.
+        release = cfg.one_openmp_pool and self.device.type == "cpu" and openmp.available()
+        self.batcher = Batcher(self.scheduler.process, max_batch_size=batch_size, name="AsyncTransformer",
+                               before_dispatch=openmp.release_thread_pool if release else None)
         self.ahead.batcher = self.batcher
         # Flush denormals to zero in the model's worker thread (a per-thread CPU flag): forwards on a
         # cached past otherwise run into denormal floats and slow down several times on x86.
@@ -265,6 +269,7 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
             return
         self.stop_lookahead()
         loop = asyncio.get_running_loop()
+        self.batcher.dispatching()
         await loop.run_in_executor(self.batcher._executor, self._locked, self.scheduler.prefetch, ids, items, start)
 
     def _uncached_alternatives(self, ids: tuple, alternatives) -> list[tuple[int, tuple, tuple]]:
