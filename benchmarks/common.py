@@ -111,8 +111,21 @@ def canonical_ids(lm, data: bytes) -> list[int]:
 
 # ------------------------------------------------------- the token-level floor
 @torch.inference_mode()
+def engine_pool_released(lm) -> None:
+    """Free the OpenMP pool of ``lm``'s model thread (``genlm_bytes.lm.openmp``) before a
+    transformers baseline runs in this thread: two threads' pools on 2 CPUs throttle both (our
+    engine frees this thread's pool before its own passes in the same way), so the baseline is
+    timed as a program that runs transformers alone would see it."""
+    from genlm_bytes.lm import openmp
+
+    batcher = getattr(lm, "batcher", None)
+    if openmp.available() and batcher is not None and hasattr(batcher, "_executor"):
+        batcher._executor.submit(openmp.release_thread_pool).result()
+
+
 def forward_seconds(lm, ids: list[int]) -> float:
     """Wall time of one token-level forward pass (logits at every position) over ``ids``."""
+    engine_pool_released(lm)
     x = torch.tensor([ids])  # (1, T)
     t0 = time.perf_counter()
     lm.model(input_ids=x)  # logits (1, T, V)
