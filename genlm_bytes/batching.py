@@ -66,13 +66,16 @@ class Batcher:
             batch is handed to the worker thread (the HF backend frees the caller's OpenMP
             pool there: :mod:`genlm_bytes.lm.openmp`); an exception it raises is logged, not
             raised.
+        executor: the single-thread executor ``process`` runs in (default: one of its own);
+            batchers may share one (their ``process`` calls then take turns in its thread).
     """
 
     SETTLE_ROUNDS = 32  # event-loop iterations a batch waits at most for more requests (see _settle)
     SETTLE_PATIENCE = 8  # ... and iterations in a row without a new request (a caller takes ~5)
 
     def __init__(self, process: Callable[[Sequence[Any]], Sequence[Any]], max_batch_size: int = 32,
-                 name: str = "batcher", before_dispatch: Callable[[], Any] | None = None):
+                 name: str = "batcher", before_dispatch: Callable[[], Any] | None = None,
+                 executor: concurrent.futures.ThreadPoolExecutor | None = None):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         if before_dispatch is not None and not callable(before_dispatch):
@@ -84,7 +87,9 @@ class Batcher:
         self.n_batches = 0  # number of process() calls: for tests and benchmarks
         self.n_requests = 0
         self.last_batch = 0  # requests in the latest process() call
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        if executor is not None and getattr(executor, "_max_workers", 1) != 1:
+            raise ValueError("executor must run one thread (max_workers=1): process calls must not overlap")
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._lock = threading.Lock()  # serializes process() calls
         self._states_lock = threading.Lock()
         # Per event loop: its queue, in-flight futures and worker (futures belong to one loop).

@@ -87,3 +87,27 @@ async def test_before_dispatch_runs_in_the_loops_thread_once_per_batch(caplog):
 def test_before_dispatch_must_be_callable():
     with pytest.raises(TypeError, match="before_dispatch"):
         Batcher(lambda reqs: reqs, before_dispatch=3)
+
+
+@pytest.mark.skipif(not openmp.available(), reason="needs torch on libgomp (Linux)")
+async def test_cpu_engines_compute_in_one_shared_thread(embedded_lm):
+    from genlm_bytes.lm.hf import AsyncTransformer, EngineConfig
+
+    lm = embedded_lm
+    other = AsyncTransformer(lm.model, lm.tokenizer, byte_vocab=lm.byte_vocab, initial_context=lm.initial_context,
+                             eos_token_ids=lm.eos_token_ids, lookahead=False)
+    own = AsyncTransformer(lm.model, lm.tokenizer, byte_vocab=lm.byte_vocab, initial_context=lm.initial_context,
+                           eos_token_ids=lm.eos_token_ids, config=EngineConfig(one_openmp_pool=False))
+    assert other.batcher._executor is lm.batcher._executor is openmp.shared_executor()
+    assert own.batcher._executor is not lm.batcher._executor and own.batcher.before_dispatch is None
+    ctx = [lm.initial_context[0], 504, 2677, 314]
+    a, b, c = await asyncio.gather(lm.next_token_logprobs(ctx), other.next_token_logprobs(ctx),
+                                   own.next_token_logprobs(ctx))
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+
+
+def test_a_shared_executor_must_run_one_thread():
+    import concurrent.futures
+
+    with pytest.raises(ValueError, match="one thread"):
+        Batcher(lambda reqs: reqs, executor=concurrent.futures.ThreadPoolExecutor(max_workers=2))

@@ -22,16 +22,23 @@ to the model's thread (``EngineConfig.one_openmp_pool``), so while the model com
 pool is the only one, as long as the caller's thread runs no parallel torch op meanwhile (the
 byte level's own work on the caller's thread uses numpy, or tensors too small for a region).
 
+Several engines on the CPU (an ensemble's models, or two settings of one model) would each
+have a thread with a pool of its own: they all compute in one thread instead
+(:func:`shared_executor`), taking turns, as two passes on the same cores would anyway.
+
 Not handled: other OpenMP runtimes (Intel's or LLVM's, macOS, Windows: nothing is done), and
 pools of other threads of the program (only the calling thread's can be freed).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import logging
+import os
 import sys
+import threading
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +81,19 @@ def release_thread_pool() -> bool:
     parallel region). Cheap when there is no pool: one C call."""
     fn = _pause_fn()
     return fn is not None and fn(OMP_PAUSE_SOFT) == 0
+
+
+_SHARED: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread every CPU engine of this process computes in (see the module docstring);
+    made on first use, and again in a forked child (which inherits the executor without its
+    thread)."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None or _SHARED[0] != os.getpid():
+            _SHARED = (os.getpid(), concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                          thread_name_prefix="genlm-cpu"))
+        return _SHARED[1]

@@ -138,10 +138,12 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
                                draft_tokens=self.draft_tokens)
         self.scheduler = Scheduler(self.runner, drafter, self.ahead)
         self.ahead.check_model = self.scheduler.check_model
-        # One OpenMP pool at a time: the caller's is freed before work goes to the model's thread.
-        release = cfg.one_openmp_pool and self.device.type == "cpu" and openmp.available()
+        # One OpenMP pool at a time: the caller's is freed before work goes to the model's thread,
+        # and CPU engines share that thread (lm/openmp.py).
+        one_pool = cfg.one_openmp_pool and self.device.type == "cpu" and openmp.available()
         self.batcher = Batcher(self.scheduler.process, max_batch_size=batch_size, name="AsyncTransformer",
-                               before_dispatch=openmp.release_thread_pool if release else None)
+                               before_dispatch=openmp.release_thread_pool if one_pool else None,
+                               executor=openmp.shared_executor() if one_pool else None)
         self.ahead.batcher = self.batcher
         # Flush denormals to zero in the model's worker thread (a per-thread CPU flag): forwards on a
         # cached past otherwise run into denormal floats and slow down several times on x86.

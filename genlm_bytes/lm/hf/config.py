@@ -34,7 +34,7 @@ class EngineConfig:
     pass_share: float = 0.2  # of the budget, for one pass's temporaries: leaves the cache its working set
     one_openmp_pool: bool = True  # free the caller's thread's OpenMP pool before handing work to the model's
     # thread (a CPU model on libgomp): two pools on 2 CPUs throttle every parallel region's spin, and a
-    # one-token pass took 31 ms instead of 21 (lm/openmp.py)
+    # one-token pass took 31 ms instead of 21; CPU engines also share one thread (lm/openmp.py)
 
     # kv: segments and arenas
     max_segments: int = 64  # a past chained from this many segments is stored whole by the next pass
