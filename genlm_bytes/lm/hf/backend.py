@@ -42,6 +42,7 @@ from genlm_bytes.lm.hf.memory import HeapTrimmer
 from genlm_bytes.lm.hf.passes import PassRunner
 from genlm_bytes.lm.hf.scheduler import Scheduler
 from genlm_bytes.lm.hf.speculation import Drafter, LookAhead, Spellings
+from genlm_bytes.lm.hugepages import move_to_huge_pages
 from genlm_bytes.lm.lean import lean_decoder
 from genlm_bytes.lm.prefix_cache import CachedRowsLM, PrefixCache
 
@@ -179,6 +180,7 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
             raise ValueError(f"cannot load a causal LM from {path!r}: {str(e).splitlines()[0]}") from e
         if device:
             model = model.to(device)
+        move_to_huge_pages(model)  # (CPU parameters only: see genlm_bytes.lm.hugepages)
         return cls(model, tok, **kwargs)
 
     # ---------------------------------------------------------------- state

@@ -1,0 +1,91 @@
+"""A CPU model's weights on huge pages: each pass reads every weight, page by page.
+
+A decode step of a small model is bound by reading its weights from memory (SmolLM2-135M in
+float32: 513 MB per pass). With 4 KB pages that is 131k pages, each a TLB miss the first time
+a pass touches it; with the 2 MB pages Linux gives anonymous memory that asks for them
+(``madvise(MADV_HUGEPAGE)``, transparent huge pages in ``madvise`` or ``always`` mode), 257.
+transformers loads a safetensors checkpoint as a file mapping, which the kernel backs with
+4 KB pages. Measured on the benchmark machine (``benchmarks/README.md``, session 17): the
+products of a SmolLM2 step by its own loaded weights 17.0-18.1 ms at 1 row, 15.7-17.0 ms with
+the same weights copied onto huge pages; 4 rows 25.5-26.0 -> 22.7-22.9 ms.
+
+:func:`move_to_huge_pages` copies a model's parameters, storage by storage (tied weights stay
+tied), into one anonymous mapping that asks for huge pages, and points the parameters at it.
+The loaders of this package (:func:`genlm_bytes.load_model`, ``AsyncTransformer.from_name``)
+do it for the models they load; a model you load yourself is yours to move (it changes where
+its parameters live, not their values).
+
+Not handled: other platforms than Linux (nothing is done), models not on the CPU (nor a
+model moved to another device later: its new parameters are that device's), buffers (small).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import sys
+import weakref
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14  # Linux
+_MOVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bytes moved
+
+
+def moved_bytes(model) -> int:
+    """What :func:`move_to_huge_pages` moved of ``model`` (0: nothing)."""
+    return _MOVED.get(model, 0)
+
+
+def _madvise_huge(buf: mmap.mmap, offset: int, length: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + offset
+        return libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError, TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def move_to_huge_pages(model: torch.nn.Module, min_bytes: int = 64 << 20) -> int:
+    """Copy ``model``'s CPU parameters into one anonymous mapping that asks for huge pages and
+    point the parameters at it (values, dtypes, shapes, strides and tying unchanged). Returns
+    the bytes moved (0: nothing done: not Linux, parameters under ``min_bytes`` in all, or not
+    on the CPU). The mapping lives as long as the parameters (their storage holds it)."""
+    if not sys.platform.startswith("linux") or not isinstance(model, torch.nn.Module):
+        return 0
+    params = [p for p in model.parameters()]
+    if not params or any(p.device.type != "cpu" for p in params):
+        return 0
+    storages: dict[int, torch.UntypedStorage] = {}
+    for p in params:
+        s = p.untyped_storage()
+        storages.setdefault(s.data_ptr(), s)
+    sizes = {ptr: -(-s.nbytes() // 64) * 64 for ptr, s in storages.items()}  # (64-byte aligned)
+    total = sum(sizes.values())
+    if total < min_bytes:
+        return 0
+    buf = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    start = (-base) % HUGE_PAGE
+    advised = _madvise_huge(buf, start, total)
+    flat = torch.frombuffer(buf, dtype=torch.uint8, count=total, offset=start)
+    new, at = {}, 0
+    for ptr, s in storages.items():
+        n = s.nbytes()
+        view = flat[at:at + n]
+        view.copy_(torch.empty(0, dtype=torch.uint8).set_(s))
+        new[ptr] = view.untyped_storage(), at
+        at += sizes[ptr]
+    for p in params:
+        s_new, off = new[p.untyped_storage().data_ptr()]
+        moved = torch.empty(0, dtype=p.dtype)
+        moved.set_(s_new, off // p.element_size() + p.storage_offset(), p.size(), p.stride())
+        p.data = moved
+    _MOVED[model] = total
+    logger.debug("moved %d MB of parameters onto %s pages", total >> 20, "huge" if advised else "anonymous")
+    return total
