@@ -54,8 +54,8 @@ def _madvise_huge(buf: mmap.mmap, offset: int, length: int) -> bool:
 def move_to_huge_pages(model: torch.nn.Module, min_bytes: int = 64 << 20) -> int:
     """Copy ``model``'s CPU parameters into one anonymous mapping that asks for huge pages and
     point the parameters at it (values, dtypes, shapes, strides and tying unchanged). Returns
-    the bytes moved (0: nothing done: not Linux, parameters under ``min_bytes`` in all, or not
-    on the CPU). The mapping lives as long as the parameters (their storage holds it)."""
+    the bytes moved (0: nothing done: not Linux, not a torch module, parameters under
+    ``min_bytes`` in all, or not on the CPU). The mapping lives as long as the parameters (their storage holds it)."""
     if not sys.platform.startswith("linux") or not isinstance(model, torch.nn.Module):
         return 0
     params = [p for p in model.parameters()]
