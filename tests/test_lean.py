@@ -150,6 +150,34 @@ def test_onednn_products_run_on_a_few_row_counts_and_their_kernels_are_bounded()
     assert gemm.kernel_bytes(model.parameters()) == len(shapes) * len(gemm.ROW_BUCKETS) * gemm.KERNEL_BYTES
 
 
+def test_products_of_a_few_rows_run_as_weight_times_rows_with_the_same_values():
+    """Up to ``SMALL_ROWS`` rows: ``w @ x.T`` (rows padded to an even count), not oneDNN's op;
+    the values of ``F.linear``, with and without a bias, for 2-D and 3-D inputs."""
+    from genlm_bytes.lm import gemm
+
+    if not onednn_works():
+        pytest.skip("torch has no working oneDNN linear op here")
+    seen = []
+    real = gemm._onednn_op()
+    try:
+        gemm._onednn_op = lambda: (lambda x, *a: seen.append(x.shape[0]) or real(x, *a))
+        linear = linear_fn()
+    finally:
+        gemm._onednn_op = lambda: real
+    gen = torch.Generator().manual_seed(1)
+    w, b = torch.randn(40, 16, generator=gen), torch.randn(40, generator=gen)
+    with torch.inference_mode():
+        for shape in [(m, 16) for m in range(1, gemm.SMALL_ROWS + 1)] + [(1, 3, 16), (2, 2, 16)]:
+            x = torch.randn(shape, generator=gen)
+            for bias in (None, b):
+                got = linear(x, w, bias)
+                assert got.shape == (*shape[:-1], 40) and got.is_contiguous()
+                torch.testing.assert_close(got, F.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+        assert seen == []  # none went to oneDNN
+        linear(torch.randn(gemm.SMALL_ROWS + 1, 16, generator=gen), w)
+    assert seen == [gemm.SMALL_ROWS + 1]
+
+
 def test_a_check_before_each_layer_can_stop_the_pass():
     from transformers import DynamicCache
 

@@ -20,6 +20,13 @@ So the row count of a product is rounded up to one of :data:`ROW_BUCKETS` (the p
 are zeros, their results dropped), a larger product runs in pieces of the largest, and the
 engine charges the most those kernels can hold to its cache budget (:func:`kernel_bytes`).
 
+A product of at most :data:`SMALL_ROWS` rows goes to MKL after all, in the other layout:
+``w @ x.T`` (the weight as the operand MKL streams, the rows padded to an even count), not
+``x @ w.T`` as ``F.linear`` asks. Measured there (session 17, the 210 decoder matrices of
+SmolLM2, 2 threads): 1 row 14.7-15.0 -> 11.9 ms, 2 rows 16.7-16.9 -> 11.6-12.0, 3 rows
+16.6-16.9 -> 12.1-12.5, 4 rows 17.1-17.9 -> 12.2 ms (oneDNN -> this); from 5 rows on oneDNN's
+is faster (8 rows 19.9 against 25.8 ms).
+
 Not handled: other dtypes and devices (``F.linear``); autograd (``F.linear``: oneDNN's
 product here has no backward).
 """
@@ -42,6 +49,7 @@ CHECK_TOLERANCE = 1e-4  # largest relative difference from F.linear accepted by 
 # steps of 1.5x, 1.09x with these (benchmarks/README.md, session 16).
 ROW_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512)
 KERNEL_BYTES = 1 << 20  # what one compiled kernel keeps, rounded up (0.7 MB measured; module docstring)
+SMALL_ROWS = 4  # products of at most this many rows run as w @ x.T through MKL (module docstring)
 
 
 def _onednn_op():
@@ -90,9 +98,19 @@ def linear_fn(onednn: bool = True):
     f32 = torch.float32
     top = ROW_BUCKETS[-1]
 
+    def small(x2: torch.Tensor, w, b) -> torch.Tensor:
+        """``x2`` (M, K), M <= SMALL_ROWS, by ``w`` as ``w @ x2.T``, M padded to an even count."""
+        m = x2.shape[0]
+        if m % 2:
+            x2 = torch.cat([x2, x2.new_zeros((1, x2.shape[1]))])
+        y = torch.mm(w, x2.t()) if b is None else torch.addmm(b[:, None], w, x2.t())  # (N, M)
+        return y.t()[:m].contiguous()
+
     def product(x2: torch.Tensor, w, b) -> torch.Tensor:
         """``x2`` (M, K) by ``w``, M rounded up to a bucket (at most ``top``)."""
         m = x2.shape[0]
+        if m <= SMALL_ROWS:
+            return small(x2, w, b)
         n = ROW_BUCKETS[bisect.bisect_left(ROW_BUCKETS, m)]
         if n == m:
             return op(x2, w, b, "none", [], "")
