@@ -151,8 +151,8 @@ def test_onednn_products_run_on_a_few_row_counts_and_their_kernels_are_bounded()
 
 
 def test_products_of_a_few_rows_run_as_weight_times_rows_with_the_same_values():
-    """Up to ``SMALL_ROWS`` rows: ``w @ x.T`` (rows padded to an even count), not oneDNN's op;
-    the values of ``F.linear``, with and without a bias, for 2-D and 3-D inputs."""
+    """Up to ``SMALL_ROWS`` rows (one): ``w @ x.T`` (rows padded to an even count), not oneDNN's
+    op; the values of ``F.linear``, with and without a bias, for 2-D and 3-D inputs."""
     from genlm_bytes.lm import gemm
 
     if not onednn_works():
@@ -167,7 +167,7 @@ def test_products_of_a_few_rows_run_as_weight_times_rows_with_the_same_values():
     gen = torch.Generator().manual_seed(1)
     w, b = torch.randn(40, 16, generator=gen), torch.randn(40, generator=gen)
     with torch.inference_mode():
-        for shape in [(m, 16) for m in range(1, gemm.SMALL_ROWS + 1)] + [(1, 3, 16), (2, 2, 16)]:
+        for shape in [(m, 16) for m in range(1, gemm.SMALL_ROWS + 1)] + [(1, 1, 16)]:
             x = torch.randn(shape, generator=gen)
             for bias in (None, b):
                 got = linear(x, w, bias)

@@ -20,12 +20,14 @@ So the row count of a product is rounded up to one of :data:`ROW_BUCKETS` (the p
 are zeros, their results dropped), a larger product runs in pieces of the largest, and the
 engine charges the most those kernels can hold to its cache budget (:func:`kernel_bytes`).
 
-A product of at most :data:`SMALL_ROWS` rows goes to MKL after all, in the other layout:
-``w @ x.T`` (the weight as the operand MKL streams, the rows padded to an even count), not
-``x @ w.T`` as ``F.linear`` asks. Measured there (session 17, the 210 decoder matrices of
-SmolLM2, 2 threads): 1 row 14.7-15.0 -> 11.9 ms, 2 rows 16.7-16.9 -> 11.6-12.0, 3 rows
-16.6-16.9 -> 12.1-12.5, 4 rows 17.1-17.9 -> 12.2 ms (oneDNN -> this); from 5 rows on oneDNN's
-is faster (8 rows 19.9 against 25.8 ms).
+A one-row product (a decode step's) goes to MKL after all, in the other layout: ``w @ x.T``
+(the weight as the operand MKL streams, the row padded to two), not ``x @ w.T`` as
+``F.linear`` asks. Measured there (session 17, the 210 decoder matrices of SmolLM2, 2
+threads): 1 row 14.7-15.0 -> 11.9 ms (oneDNN -> this). 2 to 4 rows would gain as much (16.7-17.9
+-> 11.6-12.5 ms; from 5 rows on oneDNN's is faster), but rows computed that way differ from
+the same rows in a larger pass by MKL's rounding, not oneDNN's: a windowed prefill's log Z
+moved 2.1e-4 against a one-window prefill's (tests/test_byte_lm.py allows 1e-4; it was
+6.5e-5, as it is with one row), so :data:`SMALL_ROWS` is 1.
 
 Not handled: other dtypes and devices (``F.linear``); autograd (``F.linear``: oneDNN's
 product here has no backward).
@@ -49,7 +51,7 @@ CHECK_TOLERANCE = 1e-4  # largest relative difference from F.linear accepted by 
 # steps of 1.5x, 1.09x with these (benchmarks/README.md, session 16).
 ROW_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512)
 KERNEL_BYTES = 1 << 20  # what one compiled kernel keeps, rounded up (0.7 MB measured; module docstring)
-SMALL_ROWS = 4  # products of at most this many rows run as w @ x.T through MKL (module docstring)
+SMALL_ROWS = 1  # products of at most this many rows run as w @ x.T through MKL (module docstring)
 
 
 def _onednn_op():
@@ -99,7 +101,8 @@ def linear_fn(onednn: bool = True):
     top = ROW_BUCKETS[-1]
 
     def small(x2: torch.Tensor, w, b) -> torch.Tensor:
-        """``x2`` (M, K), M <= SMALL_ROWS, by ``w`` as ``w @ x2.T``, M padded to an even count."""
+        """``x2`` (M, K), M <= SMALL_ROWS, by ``w`` as ``w @ x2.T``, M padded to an even count (MKL's
+        path for one column is slower)."""
         m = x2.shape[0]
         if m % 2:
             x2 = torch.cat([x2, x2.new_zeros((1, x2.shape[1]))])
