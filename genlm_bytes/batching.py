@@ -87,6 +87,8 @@ class Batcher:
         self.n_batches = 0  # number of process() calls: for tests and benchmarks
         self.n_requests = 0
         self.last_batch = 0  # requests in the latest process() call
+        if executor is not None and not isinstance(executor, concurrent.futures.Executor):
+            raise TypeError(f"executor must be a concurrent.futures executor or None, got {executor!r}")
         if executor is not None and getattr(executor, "_max_workers", 1) != 1:
             raise ValueError("executor must run one thread (max_workers=1): process calls must not overlap")
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)

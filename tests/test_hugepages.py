@@ -54,6 +54,10 @@ def test_small_models_and_other_devices_are_left_alone():
     with torch.device("meta"):
         meta = torch.nn.Linear(4096, 4096)
     assert move_to_huge_pages(meta, min_bytes=0) == 0
+    for bad in (-1, 1.5, "64", True):
+        with pytest.raises(ValueError, match="min_bytes"):
+            move_to_huge_pages(model, min_bytes=bad)
+    assert model.lm_head.weight.data_ptr() == ptr  # nothing moved
 
 
 @linux

@@ -111,3 +111,5 @@ def test_a_shared_executor_must_run_one_thread():
 
     with pytest.raises(ValueError, match="one thread"):
         Batcher(lambda reqs: reqs, executor=concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    with pytest.raises(TypeError, match="executor"):
+        Batcher(lambda reqs: reqs, executor="a thread")

@@ -56,6 +56,8 @@ def move_to_huge_pages(model: torch.nn.Module, min_bytes: int = 64 << 20) -> int
     point the parameters at it (values, dtypes, shapes, strides and tying unchanged). Returns
     the bytes moved (0: nothing done: not Linux, not a torch module, parameters under
     ``min_bytes`` in all, or not on the CPU). The mapping lives as long as the parameters (their storage holds it)."""
+    if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
+        raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
     if not sys.platform.startswith("linux") or not isinstance(model, torch.nn.Module):
         return 0
     params = [p for p in model.parameters()]
