@@ -68,6 +68,11 @@ async def child(args) -> dict:
     """Runs in the subprocess: one budget, one scoring of the long text."""
     lm = common.setup(args.threads, cache_budget_bytes=args.budget)
     param_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    try:  # oneDNN's packed copies of the weights (the model's side, made with the engine)
+        from genlm_bytes.lm.gemm import packed_bytes
+        packed = packed_bytes()
+    except ImportError:
+        packed = None
     data = common.prefix(common.varied_text(), args.bytes)
     await common.prefill_run(lm, common.prefix(data, 256))  # warm-up
     lm.clear_cache()
@@ -79,6 +84,7 @@ async def child(args) -> dict:
         "budget_bytes": args.budget,
         "text_bytes": len(data),
         "param_bytes": param_bytes,
+        "packed_weight_bytes": packed,
         "rss_before_scoring": before,
         "peak_rss_scoring": sampler.peak,
         "growth_bytes": sampler.peak - before,

@@ -29,6 +29,26 @@ the same rows in a larger pass by MKL's rounding, not oneDNN's: a windowed prefi
 moved 2.1e-4 against a one-window prefill's (tests/test_byte_lm.py allows 1e-4; it was
 6.5e-5, as it is with one row), so :data:`SMALL_ROWS` is 1.
 
+Weights in oneDNN's own layout (:func:`pack_weights`, ``linear_fn(packed=True)``). Given the
+weights as torch stores them, oneDNN runs a slower kernel than for the blocked layout it would
+pack them into. Packed once (``torch.ops.mkldnn._reorder_linear_weight``; 0.14 s for
+SmolLM2-135M) the same products took (session 18, the 210 decoder matrices, 2 threads, ms):
+
+| rows | 1 | 2 | 4 | 8 | 32 | 128 |
+|---|---|---|---|---|---|---|
+| plain layout | 13.0-16.3 | 17.6-19.0 | 17.4-18.5 | 19.6-20.3 | 31.0-32.4 | 79.6 |
+| packed | 10.1-12.7 | 10.5-13.5 | 10.9-12.8 | 12.4-15.1 | 24.8-26.2 | 69.6 |
+
+and the output layer (49,152 x 576) 4.0 -> 1.5 ms at 2 to 4 rows. A row comes out the same,
+bit for bit, whatever the number of rows of its product (1 to 32 checked), and the same as the
+plain layout's products of 2 rows or more: every pass rounds a row alike, so packed products
+need no MKL path for small ones. The cost is a second copy of the weights (the model's own
+stay as they are, for its own forward and for autograd), made by the engine
+(``EngineConfig.packed_weights``) when it fits a quarter of the memory available. A pack is
+used only while its weight is the same tensor, at the same address and version (a weight
+changed in place is multiplied as it is now, and packed again when the engine next checks
+the model); it is freed with its weight.
+
 Not handled: other dtypes and devices (``F.linear``); autograd (``F.linear``: oneDNN's
 product here has no backward).
 """
@@ -38,6 +58,8 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +73,7 @@ CHECK_TOLERANCE = 1e-4  # largest relative difference from F.linear accepted by 
 # steps of 1.5x, 1.09x with these (benchmarks/README.md, session 16).
 ROW_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512)
 KERNEL_BYTES = 1 << 20  # what one compiled kernel keeps, rounded up (0.7 MB measured; module docstring)
+PROBE_TOLERANCE = 1e-6  # relative change of a probe product that counts as a changed weight (changed_weights)
 SMALL_ROWS = 1  # products of at most this many rows run as w @ x.T through MKL (module docstring)
 
 
@@ -91,9 +114,104 @@ def onednn_works() -> bool:
     return True
 
 
-def linear_fn(onednn: bool = True):
+_PACKS: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its version, its address, its oneDNN packed copy,
+#                                 its product with the probe of its width when packed)
+_PACK_LOCK = threading.RLock()  # (re-entered by _forget: a weight collected while packing)
+_PROBES: dict[int, torch.Tensor] = {}  # width -> (2, width) rows a weight is multiplied by to see it changed
+
+
+def _probe(w: torch.Tensor) -> torch.Tensor:
+    """``w``'s product with fixed pseudo-random rows (:func:`changed_weights` compares it)."""
+    k = w.shape[1]
+    x = _PROBES.get(k)
+    if x is None:
+        x = _PROBES[k] = torch.randn(2, k, generator=torch.Generator().manual_seed(k))
+    return torch.mm(x, w.detach().t())
+
+
+def _packable(w) -> bool:
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype is torch.float32 and w.device.type == "cpu"
+            and not w.is_inference() and w.numel() > 0)
+
+
+def packed_weight(w: torch.Tensor):
+    """oneDNN's packed copy of ``w`` if :func:`pack_weights` made one for ``w`` as it is now (same
+    tensor, address and version), else None."""
+    e = _PACKS.get(id(w))
+    if e is None or e[0]() is not w or e[1] != w._version or e[2] != w.data_ptr():
+        return None
+    return e[3]
+
+
+def _forget(key: int, ref) -> None:
+    with _PACK_LOCK:
+        e = _PACKS.get(key)
+        if e is not None and e[0] is ref:
+            del _PACKS[key]
+
+
+def pack_bytes(weights) -> int:
+    """The bytes :func:`pack_weights` would add for ``weights`` (those not packed as they are now)."""
+    seen, total = set(), 0
+    for w in weights:
+        if _packable(w) and id(w) not in seen and packed_weight(w) is None:
+            seen.add(id(w))
+            total += w.numel() * w.element_size()
+    return total
+
+
+@torch.no_grad()
+def pack_weights(weights) -> int:
+    """Make oneDNN's packed copy of every float32 CPU matrix of ``weights`` not packed as it is
+    now (others are skipped); ``linear_fn(packed=True)`` multiplies by them. Returns the bytes
+    packed now. Does nothing (0) where :func:`onednn_works` is False."""
+    if not onednn_works():
+        return 0
+    made = 0
+    with _PACK_LOCK:
+        for w in weights:
+            if not _packable(w) or packed_weight(w) is not None:
+                continue
+            key = id(w)
+            ref = weakref.ref(w, lambda r, key=key: _forget(key, r))
+            _PACKS[key] = (ref, w._version, w.data_ptr(), torch.ops.mkldnn._reorder_linear_weight(w.detach()),
+                           _probe(w))
+            made += w.numel() * w.element_size()
+    if made:
+        logger.debug("packed %d MB of weights in oneDNN's layout", made >> 20)
+    return made
+
+
+@torch.no_grad()
+def changed_weights(weights) -> list[torch.Tensor]:
+    """The weights among ``weights`` with a pack that no longer multiplies like them, though
+    their version and address are the same: changed through ``.data`` (which torch's version
+    counters do not see). Each is multiplied by two fixed rows, as when it was packed: a change
+    shows unless it moves that product by less than ``PROBE_TOLERANCE`` of its scale (less
+    than a few roundings: the pack then multiplies as the weight does, to rounding). Their
+    packs are dropped (:func:`pack_weights` makes them again). Costs one small product per weight."""
+    out = []
+    with _PACK_LOCK:
+        for w in weights:
+            e = _PACKS.get(id(w))
+            if e is None or packed_weight(w) is None:
+                continue
+            y, y0 = _probe(w), e[4]
+            if float((y - y0).abs().max()) > PROBE_TOLERANCE * float(y0.abs().max()):
+                del _PACKS[id(w)]
+                out.append(w)
+    return out
+
+
+def packed_bytes() -> int:
+    """The bytes of every packed copy alive."""
+    return sum(e[3].shape.numel() * 4 for e in list(_PACKS.values()) if e[0]() is not None)
+
+
+def linear_fn(onednn: bool = True, packed: bool = False):
     """``linear(x, w, b=None)``: oneDNN's product where it applies and ``onednn`` is set and
-    :func:`onednn_works`, else ``F.linear`` itself."""
+    :func:`onednn_works`, else ``F.linear`` itself. ``packed``: by the packed copy of ``w``
+    where :func:`pack_weights` made one (for every row count; see the module docstring)."""
     if not (onednn and onednn_works()):
         return F.linear
     op = _onednn_op()
@@ -110,9 +228,12 @@ def linear_fn(onednn: bool = True):
         return y.t()[:m].contiguous()
 
     def product(x2: torch.Tensor, w, b) -> torch.Tensor:
-        """``x2`` (M, K) by ``w``, M rounded up to a bucket (at most ``top``)."""
+        """``x2`` (M, K) by ``w`` (or its packed copy ``pk``), M rounded up to a bucket (at most ``top``)."""
         m = x2.shape[0]
-        if m <= SMALL_ROWS:
+        pk = packed_weight(w) if packed else None
+        if pk is not None:
+            w = pk
+        elif m <= SMALL_ROWS:
             return small(x2, w, b)
         n = ROW_BUCKETS[bisect.bisect_left(ROW_BUCKETS, m)]
         if n == m:

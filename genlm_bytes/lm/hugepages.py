@@ -15,6 +15,13 @@ The loaders of this package (:func:`genlm_bytes.load_model`, ``AsyncTransformer.
 do it for the models they load; a model you load yourself is yours to move (it changes where
 its parameters live, not their values).
 
+Memory that a library allocates for us (oneDNN's packed copies of the weights,
+:func:`genlm_bytes.lm.gemm.pack_weights`) cannot be placed: :class:`new_memory_on_huge_pages`
+finds the anonymous memory a block of code mapped (``/proc/self/maps`` before and after) and
+asks the kernel to back it with huge pages now (``MADV_COLLAPSE``, Linux 6.1+; older kernels
+get ``MADV_HUGEPAGE`` alone, which khugepaged acts on later). Memory that block reused (heap
+already mapped before it) stays as it was.
+
 Not handled: other platforms than Linux (nothing is done), models not on the CPU (nor a
 model moved to another device later: its new parameters are that device's), buffers (small).
 """
@@ -22,6 +29,7 @@ model moved to another device later: its new parameters are that device's), buff
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import mmap
 import sys
@@ -33,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # Linux
+MADV_COLLAPSE = 25  # Linux 6.1+: back the range with huge pages now
 _MOVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bytes moved
 
 
@@ -91,3 +100,106 @@ def move_to_huge_pages(model: torch.nn.Module, min_bytes: int = 64 << 20) -> int
     _MOVED[model] = total
     logger.debug("moved %d MB of parameters onto %s pages", total >> 20, "huge" if advised else "anonymous")
     return total
+
+
+def _anonymous_ranges() -> list[tuple[int, int]]:
+    """The process's writable private anonymous mappings (the heap included), ``(start, end)`` sorted."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 5 or not parts[1].startswith("rw") or parts[1][3] != "p":
+                    continue
+                if len(parts) > 5 and parts[5] != "[heap]":  # a file, the stack, vdso ...
+                    continue
+                a, b = parts[0].split("-")
+                out.append((int(a, 16), int(b, 16)))
+    except OSError:
+        return []
+    return sorted(out)
+
+
+def _new_ranges(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``after``'s ranges that no range of ``before`` covers (both sorted)."""
+    out = []
+    for a, b in after:
+        at = a
+        for c, d in before:
+            if d <= at or c >= b:
+                continue
+            if c > at:
+                out.append((at, c))
+            at = max(at, d)
+            if at >= b:
+                break
+        if at < b:
+            out.append((at, b))
+    return out
+
+
+class new_memory_on_huge_pages:
+    """``with new_memory_on_huge_pages() as h: ...``: the anonymous memory the block mapped (its
+    whole 2 MB pages) asks for huge pages, made now where the kernel can (``MADV_COLLAPSE``).
+    ``h.bytes``: the bytes advised; 0 off Linux, or where ``/proc/self/maps`` is unreadable."""
+
+    def __init__(self):
+        self.bytes = 0
+        self._gc = False
+        self._before: list[tuple[int, int]] | None = None
+
+    def __enter__(self):
+        # (the garbage collector held off: memory it unmapped within the block could be mapped
+        # again at the same addresses, which the block would then not see as new)
+        self._gc = gc.isenabled()
+        gc.disable()
+        if sys.platform.startswith("linux"):
+            self._before = _anonymous_ranges()
+        return self
+
+    def __exit__(self, *exc):
+        if self._gc:
+            gc.enable()
+        if self._before is None or exc[0] is not None:
+            return False
+        try:
+            madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            return False
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        collapsed = 0
+        for a, b in _new_ranges(self._before, _anonymous_ranges()):
+            lo, hi = -(-a // HUGE_PAGE) * HUGE_PAGE, b // HUGE_PAGE * HUGE_PAGE
+            if hi <= lo or madvise(lo, hi - lo, MADV_HUGEPAGE) != 0:
+                continue
+            self.bytes += hi - lo
+            collapsed += (hi - lo) if madvise(lo, hi - lo, MADV_COLLAPSE) == 0 else 0
+        logger.debug("%d MB of new memory advised onto huge pages, %d MB collapsed now",
+                     self.bytes >> 20, collapsed >> 20)
+        return False
+
+
+class mapped_fresh:
+    """``with mapped_fresh(nbytes): ...``: glibc maps allocations of ``nbytes`` or more made within
+    the block fresh (its mmap threshold) where no free heap chunk serves them, so that
+    :class:`new_memory_on_huge_pages` sees them as new; then back to the engine's threshold.
+    Nothing is changed where this process does not own glibc's threshold
+    (``lm.hf.memory.fix_mmap_threshold``). Best effort: a large free heap chunk is still reused."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes, self.own = nbytes, False
+
+    def __enter__(self):
+        from genlm_bytes.lm.hf import memory
+
+        self.own = memory.fix_mmap_threshold() and memory._MALLOPT is not None
+        if self.own:
+            memory._MALLOPT(memory.M_MMAP_THRESHOLD, self.nbytes)
+        return self
+
+    def __exit__(self, *exc):
+        if self.own:
+            from genlm_bytes.lm.hf import memory
+
+            memory._MALLOPT(memory.M_MMAP_THRESHOLD, memory.MMAP_THRESHOLD_BYTES)
+        return False

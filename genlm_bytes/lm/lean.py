@@ -26,7 +26,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from genlm_bytes.lm.gemm import linear_fn
+from genlm_bytes.lm.gemm import linear_fn, pack_weights
+from genlm_bytes.lm.hugepages import mapped_fresh, new_memory_on_huge_pages
 from genlm_bytes.models.layers import (
     apply_rope,
     attend,
@@ -47,6 +48,7 @@ _ATTN_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
 _MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 _BODY_PARTS = {"embed_tokens", "layers", "norm", "rotary_emb"}
 CHECK_TOLERANCE = 1e-4  # largest relative difference of hidden states accepted by the check
+PACK_MAPPED_FROM = 256 << 10  # packed weights this large get mappings of their own (adjacent ones merge: huge pages)
 
 
 class LeanDecoder:
@@ -355,14 +357,34 @@ def _agrees(lean: LeanDecoder, body, config) -> bool:
     return True
 
 
+def model_matrices(hf_model) -> list[torch.Tensor]:
+    """The weights a lean pass multiplies by: every ``nn.Linear``'s of the decoder, and the
+    output layer's."""
+    body = decoder_of(hf_model)
+    out = [m.weight for m in body.modules() if isinstance(m, torch.nn.Linear)] if body is not None else []
+    head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        out.append(head.weight)
+    return out
+
+
+def pack_model(hf_model) -> int:
+    """oneDNN's packed copies of :func:`model_matrices` where missing or stale, on huge pages
+    (:func:`~genlm_bytes.lm.gemm.pack_weights`); the bytes packed."""
+    with mapped_fresh(PACK_MAPPED_FROM), new_memory_on_huge_pages():
+        return pack_weights(model_matrices(hf_model))
+
+
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the keys whose check passed
 
 
-def lean_decoder(hf_model, onednn: bool = True) -> LeanDecoder | None:
+def lean_decoder(hf_model, onednn: bool = True, packed: bool = False) -> LeanDecoder | None:
     """A :class:`LeanDecoder` for ``hf_model``'s decoder, or None (not recognized, or the check
     on a few tokens disagrees with the model's own forward; logged at debug level). The check
     runs once per model (and again if its dtype, device or products changed). ``onednn``: its
-    float32 CPU products through oneDNN (:mod:`genlm_bytes.lm.gemm`), else ``F.linear``."""
+    float32 CPU products through oneDNN (:mod:`genlm_bytes.lm.gemm`), else ``F.linear``;
+    ``packed``: by oneDNN's packed copies of the decoder's and the output layer's weights,
+    made here where missing or stale (:func:`~genlm_bytes.lm.gemm.pack_weights`, on huge pages)."""
     body = decoder_of(hf_model)
     config = getattr(hf_model, "config", None)
     if body is None or config is None:
@@ -372,9 +394,12 @@ def lean_decoder(hf_model, onednn: bool = True) -> LeanDecoder | None:
         logger.debug("lean decoder not used: %s", why)
         return None
     w = body.embed_tokens.weight
-    linear = linear_fn(onednn)
-    key = (w.dtype, w.device, w.data_ptr(), linear is F.linear)
+    linear = linear_fn(onednn, packed)
+    packed = packed and linear is not F.linear
+    key = (w.dtype, w.device, w.data_ptr(), linear is F.linear, packed)
     try:
+        if packed:
+            pack_model(hf_model)
         lean = (LeanGemma3Decoder if config.model_type == "gemma3_text" else LeanDecoder)(body, linear)
         checked = _CHECKED.get(hf_model)
         if checked is not None and key in checked:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 
 import torch
@@ -30,7 +31,7 @@ import torch
 from genlm_bytes.batching import Batcher
 from genlm_bytes.lm import openmp
 from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM, check_token_ids, parse_alternative
-from genlm_bytes.lm.gemm import kernel_bytes, onednn_works
+from genlm_bytes.lm.gemm import changed_weights, kernel_bytes, onednn_works, pack_bytes
 from genlm_bytes.lm.hf.config import (
     DEFAULT_CACHE_BUDGET,
     DEFAULT_DRAFT_TOKENS,
@@ -38,13 +39,15 @@ from genlm_bytes.lm.hf.config import (
 )
 from genlm_bytes.lm.hf.faithful import ModelWatch
 from genlm_bytes.lm.hf.kv import KVStore, plain_cache
-from genlm_bytes.lm.hf.memory import HeapTrimmer
+from genlm_bytes.lm.hf.memory import HeapTrimmer, available_bytes
 from genlm_bytes.lm.hf.passes import PassRunner
 from genlm_bytes.lm.hf.scheduler import Scheduler
 from genlm_bytes.lm.hf.speculation import Drafter, LookAhead, Spellings
 from genlm_bytes.lm.hugepages import move_to_huge_pages
-from genlm_bytes.lm.lean import lean_decoder
+from genlm_bytes.lm.lean import lean_decoder, model_matrices, pack_model
 from genlm_bytes.lm.prefix_cache import CachedRowsLM, PrefixCache
+
+logger = logging.getLogger(__name__)
 
 
 class AsyncTransformer(CachedRowsLM, AsyncLM):
@@ -128,10 +131,13 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         self.onednn = 0 < 4 * kernels <= budget
         reserve = ((self.prepared_dists + self.speculation_window * 3 // 2) * len(self.byte_vocab) * 8
                    + int(cfg.heap_share * budget) + (kernels if self.onednn else 0))
+        # ... by a packed copy of the weights, where it fits a quarter of the memory available.
+        self.packed = self.onednn and cfg.packed_weights and self._packing_fits()
         store = KVStore(self.cache, cfg, model, self.kv_reuse, self.vocab_size, reserve)
         watch = ModelWatch(model, lean=self.kv_reuse and self._use_lean,
-                           make_lean=functools.partial(lean_decoder, onednn=self.onednn))
-        self.runner = PassRunner(model, store, watch, HeapTrimmer(self.cache, cfg), cfg, onednn=self.onednn)
+                           make_lean=functools.partial(lean_decoder, onednn=self.onednn, packed=self.packed))
+        self.runner = PassRunner(model, store, watch, HeapTrimmer(self.cache, cfg), cfg, onednn=self.onednn,
+                                 packed=self.packed)
         self.device = self.runner.device
         self.spellings = Spellings(self.byte_vocab, self.eos_token_ids)
         drafter = Drafter(self.runner, self.spellings, self.draft_tokens, self.max_positions)
@@ -149,6 +155,17 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         # Flush denormals to zero in the model's worker thread (a per-thread CPU flag): forwards on a
         # cached past otherwise run into denormal floats and slow down several times on x86.
         self.batcher._executor.submit(torch.set_flush_denormal, True).result()
+
+    def _packing_fits(self) -> bool:
+        """Whether oneDNN's packed copies of the weights not packed yet fit a quarter of the memory
+        available now (``MemAvailable``; where it cannot be read, they are made)."""
+        need = pack_bytes(model_matrices(self.model))
+        avail = available_bytes()
+        if need and avail is not None and 4 * need > avail:
+            logger.info("weights not packed for oneDNN: %d MB would take more than a quarter of the %d MB "
+                        "available", need >> 20, avail >> 20)
+            return False
+        return True
 
     def _kernel_bytes(self) -> int:
         """What oneDNN's compiled kernels for this model's products may keep (charged to the
@@ -243,9 +260,12 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         return not self.runner.watch.hooks_changed()  # a hook added since: recompute
 
     def clear_cache(self) -> None:
-        """Drop every cached distribution and past (and stop a look-ahead pass)."""
+        """Drop every cached distribution and past (and stop a look-ahead pass). Weights changed
+        through ``.data`` (unseen by torch's version counters) are packed again (see ``packed``)."""
         self.stop_lookahead()
         self.cache.clear()
+        if self.packed and changed_weights(model_matrices(self.model)):
+            self._locked(pack_model, self.model)
 
     def stop_lookahead(self) -> None:
         """Stop a look-ahead pass (see ``lookahead``) queued or running, if any: the model's

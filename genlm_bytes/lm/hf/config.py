@@ -31,6 +31,9 @@ class EngineConfig:
     onednn: bool = True  # float32 CPU products of lean passes and the output layer through oneDNN, not
     # F.linear's BLAS: 1.6-2.1x faster at every row count on the benchmarks' AMD CPU (lm/gemm.py); used
     # where the kernels it compiles (lm.gemm.kernel_bytes) fit a quarter of the cache budget
+    packed_weights: bool = True  # with oneDNN, multiply by a copy of the weights in its own layout: a
+    # second copy of them (not charged to the cache budget; made when it fits a quarter of the memory
+    # available), for products 20-40% faster at 2 rows and more, rounded alike at every row count (lm/gemm.py)
     pass_share: float = 0.2  # of the budget, for one pass's temporaries: leaves the cache its working set
     one_openmp_pool: bool = True  # free the caller's thread's OpenMP pool before handing work to the model's
     # thread (a CPU model on libgomp): two pools on 2 CPUs throttle every parallel region's spin, and a

@@ -84,6 +84,18 @@ def rss_bytes() -> int | None:
         return None
 
 
+def available_bytes() -> int | None:
+    """Memory the system could give this process now (Linux's ``MemAvailable``), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def trim_heap() -> None:
     """Hand the free pages inside the heap back to the system (glibc only)."""
     if _MALLOC_TRIM is not None:

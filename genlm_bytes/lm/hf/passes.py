@@ -116,13 +116,14 @@ class OutputLayer:
         watch: the :class:`~genlm_bytes.lm.hf.faithful.ModelWatch` (the buffer only for lean passes).
         config: the :class:`~genlm_bytes.lm.hf.config.EngineConfig`.
         onednn: its products through oneDNN (:mod:`genlm_bytes.lm.gemm`) where they apply.
+        packed: ... by the weight's packed copy where there is one (``EngineConfig.packed_weights``).
     """
 
-    def __init__(self, model, store, watch, config, onednn: bool = False):
+    def __init__(self, model, store, watch, config, onednn: bool = False, packed: bool = False):
         self.model, self.store, self.watch, self.config = model, store, watch, config
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.buffer = None  # (rows, V) float32, grown to the most rows asked for (F.linear's products)
-        self.linear = linear_fn(onednn)
+        self.linear = linear_fn(onednn, packed)
         self.onednn = self.linear is not F.linear
         # Rows per chunk of a buffered pass: with oneDNN, the largest row bucket (the rows its
         # product runs with) whose logits stay below the mmap threshold.
@@ -198,9 +199,10 @@ class PassRunner:
         config: the :class:`~genlm_bytes.lm.hf.config.EngineConfig`.
         onednn: the output layer's products through oneDNN (the backend decides: see
             ``AsyncTransformer.onednn``).
+        packed: ... by its packed copy of the weight (``AsyncTransformer.packed``).
     """
 
-    def __init__(self, model, store, watch, trimmer, config, onednn: bool = False):
+    def __init__(self, model, store, watch, trimmer, config, onednn: bool = False, packed: bool = False):
         self.model, self.store, self.cache, self.watch = model, store, store.cache, watch
         self.trimmer, self.config = trimmer, config
         self.device = next(model.parameters()).device
@@ -209,7 +211,7 @@ class PassRunner:
         self.passes = collections.Counter()  # passes run per forward kind ("lean", "decoder", "model")
         self._keeps_logits = True  # the model's forward takes logits_to_keep
         self.before_layer = None  # run once per layer of a pass (may raise to stop it; see speculation)
-        self.out = OutputLayer(model, store, watch, config, onednn)
+        self.out = OutputLayer(model, store, watch, config, onednn, packed)
 
     # ------------------------------------------------------------------ running
     def make_cache(self, rows, P: int, keep=(), arena=None):
