@@ -83,6 +83,8 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
     ``lm.onednn``: whether the lean passes and the output layer multiply through oneDNN
     (:mod:`genlm_bytes.lm.gemm`): a float32 model on the CPU, ``EngineConfig.onednn``, and
     its compiled kernels (charged to the budget) within a quarter of ``cache_budget_bytes``.
+    ``lm.packed``: whether they multiply by oneDNN's packed copies of the weights
+    (``EngineConfig.packed_weights``, where the copies fit a quarter of the memory available).
     """
 
     _trusted_output = True
