@@ -179,3 +179,22 @@ def test_a_change_through_data_is_found_and_packed_again():
     x = torch.randn(4, 48, generator=g)
     with torch.inference_mode():
         torch.testing.assert_close(gemm.linear_fn(True, packed=True)(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_pack_that_multiplies_differently_or_fails_is_not_used(monkeypatch):
+    w = torch.randn(64, 32)
+    real = torch.ops.mkldnn._reorder_linear_weight
+
+    class Ops:  # oneDNN's packing, giving another matrix's pack
+        _linear_pointwise = torch.ops.mkldnn._linear_pointwise
+        _reorder_linear_weight = staticmethod(lambda t: real(t * 2.0))
+
+    monkeypatch.setattr(gemm.torch.ops, "mkldnn", Ops)
+    assert gemm.pack_weights([w]) == 0 and gemm.packed_weight(w) is None
+
+    def broken(t):
+        raise RuntimeError("no packing here")
+
+    Ops._reorder_linear_weight = staticmethod(broken)
+    assert gemm.pack_weights([w]) == 0 and gemm.packed_weight(w) is None

@@ -167,15 +167,27 @@ def pack_weights(weights) -> int:
     packed now. Does nothing (0) where :func:`onednn_works` is False."""
     if not onednn_works():
         return 0
-    made = 0
+    made, op = 0, _onednn_op()
     with _PACK_LOCK:
         for w in weights:
             if not _packable(w) or packed_weight(w) is not None:
                 continue
             key = id(w)
+            try:
+                pk = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+                y0 = _probe(w)
+                # (checked like onednn_works: the packed product of the probe rows agrees with BLAS's)
+                y = op(_PROBES[w.shape[1]], pk, None, "none", [], "")
+                ok = y.shape == y0.shape and torch.allclose(y, y0, rtol=CHECK_TOLERANCE,
+                                                             atol=CHECK_TOLERANCE * float(y0.abs().max()))
+            except Exception:
+                logger.debug("weights not packed: oneDNN's packing failed", exc_info=True)
+                break
+            if not ok:
+                logger.debug("a packed weight %s multiplies differently from F.linear: not packed", tuple(w.shape))
+                continue
             ref = weakref.ref(w, lambda r, key=key: _forget(key, r))
-            _PACKS[key] = (ref, w._version, w.data_ptr(), torch.ops.mkldnn._reorder_linear_weight(w.detach()),
-                           _probe(w))
+            _PACKS[key] = (ref, w._version, w.data_ptr(), pk, y0)
             made += w.numel() * w.element_size()
     if made:
         logger.debug("packed %d MB of weights in oneDNN's layout", made >> 20)
