@@ -117,6 +117,9 @@ def test_mapped_fresh_lowers_glibcs_threshold_within_the_block(monkeypatch):
     with mapped_fresh(1 << 20):
         assert calls == [(memory.M_MMAP_THRESHOLD, 1 << 20)]
     assert calls[-1] == (memory.M_MMAP_THRESHOLD, memory.MMAP_THRESHOLD_BYTES)
+    for bad in (0, -1, 2.5, True, "1M", 4 << 30):
+        with pytest.raises(ValueError, match="nbytes"):
+            mapped_fresh(bad)
     calls.clear()
     monkeypatch.setattr(memory, "fix_mmap_threshold", lambda: False)  # the user set MALLOC_MMAP_THRESHOLD_
     with mapped_fresh(1 << 20):

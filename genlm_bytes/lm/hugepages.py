@@ -187,6 +187,8 @@ class mapped_fresh:
     (``lm.hf.memory.fix_mmap_threshold``). Best effort: a large free heap chunk is still reused."""
 
     def __init__(self, nbytes: int):
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 < nbytes <= 1 << 30:
+            raise ValueError(f"nbytes must be an int in (0, 1 GiB], got {nbytes!r}")
         self.nbytes, self.own = nbytes, False
 
     def __enter__(self):
