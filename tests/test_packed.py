@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from genlm_bytes.lm import gemm
-from genlm_bytes.lm.hugepages import _new_ranges, mapped_fresh, new_memory_on_huge_pages
+from genlm_bytes.lm.hf.memory import mapped_fresh
+from genlm_bytes.lm.hugepages import _new_ranges, new_memory_on_huge_pages
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_works(), reason="torch has no working oneDNN linear op")
 
@@ -201,3 +202,16 @@ def test_a_pack_that_multiplies_differently_or_fails_is_not_used(monkeypatch):
 
     Ops._reorder_linear_weight = staticmethod(broken)
     assert gemm.pack_weights([w]) == 0 and gemm.packed_weight(w) is None
+
+
+def test_bad_input_to_the_packing_entry_points():
+    from genlm_bytes import EngineConfig
+
+    w = torch.randn(8, 4)
+    for fn in (gemm.pack_weights, gemm.pack_bytes, gemm.changed_weights):
+        with pytest.raises(TypeError, match="not one tensor"):
+            fn(w)
+        with pytest.raises(TypeError, match="iterable of tensors"):
+            fn(3)
+    with pytest.raises(TypeError, match="packed_weights must be True or False"):
+        EngineConfig(packed_weights=1)

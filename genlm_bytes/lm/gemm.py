@@ -150,10 +150,19 @@ def _forget(key: int, ref) -> None:
             del _PACKS[key]
 
 
+def _weight_list(weights) -> list:
+    if isinstance(weights, torch.Tensor):
+        raise TypeError("weights must be an iterable of tensors, not one tensor (pass [w])")
+    try:
+        return list(weights)
+    except TypeError:
+        raise TypeError(f"weights must be an iterable of tensors, got {type(weights).__name__}") from None
+
+
 def pack_bytes(weights) -> int:
     """The bytes :func:`pack_weights` would add for ``weights`` (those not packed as they are now)."""
     seen, total = set(), 0
-    for w in weights:
+    for w in _weight_list(weights):
         if _packable(w) and id(w) not in seen and packed_weight(w) is None:
             seen.add(id(w))
             total += w.numel() * w.element_size()
@@ -165,6 +174,7 @@ def pack_weights(weights) -> int:
     """Make oneDNN's packed copy of every float32 CPU matrix of ``weights`` not packed as it is
     now (others are skipped); ``linear_fn(packed=True)`` multiplies by them. Returns the bytes
     packed now. Does nothing (0) where :func:`onednn_works` is False."""
+    weights = _weight_list(weights)
     if not onednn_works():
         return 0
     made, op = 0, _onednn_op()
@@ -202,7 +212,7 @@ def changed_weights(weights) -> list[torch.Tensor]:
     shows unless it moves that product by less than ``PROBE_TOLERANCE`` of its scale (less
     than a few roundings: the pack then multiplies as the weight does, to rounding). Their
     packs are dropped (:func:`pack_weights` makes them again). Costs one small product per weight."""
-    out = []
+    out, weights = [], _weight_list(weights)
     with _PACK_LOCK:
         for w in weights:
             e = _PACKS.get(id(w))

@@ -20,7 +20,8 @@ Memory that a library allocates for us (oneDNN's packed copies of the weights,
 finds the anonymous memory a block of code mapped (``/proc/self/maps`` before and after) and
 asks the kernel to back it with huge pages now (``MADV_COLLAPSE``, Linux 6.1+; older kernels
 get ``MADV_HUGEPAGE`` alone, which khugepaged acts on later). Memory that block reused (heap
-already mapped before it) stays as it was.
+already mapped before it) stays as it was; ``lm.hf.memory.mapped_fresh`` makes glibc map
+large allocations fresh within a block.
 
 Not handled: other platforms than Linux (nothing is done), models not on the CPU (nor a
 model moved to another device later: its new parameters are that device's), buffers (small).
@@ -50,13 +51,16 @@ def moved_bytes(model) -> int:
     return _MOVED.get(model, 0)
 
 
-def _madvise_huge(buf: mmap.mmap, offset: int, length: int) -> bool:
+def _madvise(addr: int, length: int, advice: int) -> bool:
+    """``madvise(addr, length, advice)`` (libc); False where it fails or cannot be called."""
     try:
-        libc = ctypes.CDLL(None)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + offset
-        return libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), MADV_HUGEPAGE) == 0
+        return ctypes.CDLL(None).madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice) == 0
     except (OSError, AttributeError, TypeError, ValueError):
         return False
+
+
+def _madvise_huge(buf: mmap.mmap, offset: int, length: int) -> bool:
+    return _madvise(ctypes.addressof(ctypes.c_char.from_buffer(buf)) + offset, length, MADV_HUGEPAGE)
 
 
 @torch.no_grad()
@@ -162,46 +166,14 @@ class new_memory_on_huge_pages:
             gc.enable()
         if self._before is None or exc[0] is not None:
             return False
-        try:
-            madvise = ctypes.CDLL(None, use_errno=True).madvise
-        except (OSError, AttributeError):
-            return False
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         collapsed = 0
         for a, b in _new_ranges(self._before, _anonymous_ranges()):
             lo, hi = -(-a // HUGE_PAGE) * HUGE_PAGE, b // HUGE_PAGE * HUGE_PAGE
-            if hi <= lo or madvise(lo, hi - lo, MADV_HUGEPAGE) != 0:
+            if hi <= lo or not _madvise(lo, hi - lo, MADV_HUGEPAGE):
                 continue
             self.bytes += hi - lo
-            collapsed += (hi - lo) if madvise(lo, hi - lo, MADV_COLLAPSE) == 0 else 0
+            collapsed += (hi - lo) if _madvise(lo, hi - lo, MADV_COLLAPSE) else 0
         logger.debug("%d MB of new memory advised onto huge pages, %d MB collapsed now",
                      self.bytes >> 20, collapsed >> 20)
         return False
 
-
-class mapped_fresh:
-    """``with mapped_fresh(nbytes): ...``: glibc maps allocations of ``nbytes`` or more made within
-    the block fresh (its mmap threshold) where no free heap chunk serves them, so that
-    :class:`new_memory_on_huge_pages` sees them as new; then back to the engine's threshold.
-    Nothing is changed where this process does not own glibc's threshold
-    (``lm.hf.memory.fix_mmap_threshold``). Best effort: a large free heap chunk is still reused."""
-
-    def __init__(self, nbytes: int):
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 < nbytes <= 1 << 30:
-            raise ValueError(f"nbytes must be an int in (0, 1 GiB], got {nbytes!r}")
-        self.nbytes, self.own = nbytes, False
-
-    def __enter__(self):
-        from genlm_bytes.lm.hf import memory
-
-        self.own = memory.fix_mmap_threshold() and memory._MALLOPT is not None
-        if self.own:
-            memory._MALLOPT(memory.M_MMAP_THRESHOLD, self.nbytes)
-        return self
-
-    def __exit__(self, *exc):
-        if self.own:
-            from genlm_bytes.lm.hf import memory
-
-            memory._MALLOPT(memory.M_MMAP_THRESHOLD, memory.MMAP_THRESHOLD_BYTES)
-        return False

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from genlm_bytes.lm.gemm import linear_fn, pack_weights
-from genlm_bytes.lm.hugepages import mapped_fresh, new_memory_on_huge_pages
+from genlm_bytes.lm.hugepages import new_memory_on_huge_pages
 from genlm_bytes.models.layers import (
     apply_rope,
     attend,
@@ -371,6 +371,8 @@ def model_matrices(hf_model) -> list[torch.Tensor]:
 def pack_model(hf_model) -> int:
     """oneDNN's packed copies of :func:`model_matrices` where missing or stale, on huge pages
     (:func:`~genlm_bytes.lm.gemm.pack_weights`); the bytes packed."""
+    from genlm_bytes.lm.hf.memory import mapped_fresh  # (lm.hf imports this module)
+
     with mapped_fresh(PACK_MAPPED_FROM), new_memory_on_huge_pages():
         return pack_weights(model_matrices(hf_model))
 

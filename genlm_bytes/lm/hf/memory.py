@@ -75,6 +75,30 @@ def fix_mmap_threshold() -> bool:
     return ok
 
 
+class mapped_fresh:
+    """``with mapped_fresh(nbytes): ...``: glibc maps allocations of ``nbytes`` or more made within
+    the block fresh (its mmap threshold) where no free heap chunk serves them (so that
+    ``lm.hugepages.new_memory_on_huge_pages`` sees them as new); then back to
+    MMAP_THRESHOLD_BYTES. Nothing is changed where this process does not own glibc's threshold
+    (:func:`fix_mmap_threshold`). Best effort: a large free heap chunk is still reused."""
+
+    def __init__(self, nbytes: int):
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 < nbytes <= 1 << 30:
+            raise ValueError(f"nbytes must be an int in (0, 1 GiB], got {nbytes!r}")
+        self.nbytes, self.own = nbytes, False
+
+    def __enter__(self):
+        self.own = _MALLOPT is not None and fix_mmap_threshold()
+        if self.own:
+            _MALLOPT(M_MMAP_THRESHOLD, self.nbytes)
+        return self
+
+    def __exit__(self, *exc):
+        if self.own:
+            _MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        return False
+
+
 def rss_bytes() -> int | None:
     """Resident set size of this process (Linux), else None."""
     try:
