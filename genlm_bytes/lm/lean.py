@@ -61,6 +61,8 @@ class LeanDecoder:
     backend stops its passes in the cache's ``update`` instead, see ``lm/hf/pass_cache.py``).
     """
 
+    bucketed = True  # runs a batch's attention per bucket of rows (see LeanCache)
+
     def __init__(self, body, linear=F.linear):
         if not all(hasattr(body, part) for part in _BODY_PARTS):
             raise TypeError(f"LeanDecoder needs a LLaMA-style transformers decoder (with {sorted(_BODY_PARTS)}), "
@@ -119,6 +121,26 @@ class LeanDecoder:
             return allowed[None, None]
         return allowed[None, None] & attention_mask[:, None, None, :].bool()
 
+    def _bucket_masks(self, attention_mask, buckets, T: int, device) -> list:
+        """Per bucket ``(r0, r1, Pb)``, the grouped mask of its rows: the 2-D ``attention_mask``
+        ``(B, P + T)``'s rows ``[r0, r1)`` and last ``Pb + T`` slots (a row's past sits at the end of
+        the batch's padding, and of its bucket's)."""
+        P = attention_mask.shape[1] - T
+        out = []
+        for r0, r1, Pb in buckets:
+            n, L = r1 - r0, Pb + T
+            out.append(group_mask(self._mask(attention_mask[r0:r1, P - Pb:], n, T, L, device), n, self.groups, T, L))
+        return out
+
+    def _attend(self, layer, q, k, v, attention_mask, buckets, masks):
+        """Attention of a bucketed pass (see :class:`LeanCache`): ``(o (B, h, T, d), masks)``,
+        ``masks`` made on the first layer (None before)."""
+        kv = layer.update_buckets(k, v)
+        if masks is None:
+            masks = self._bucket_masks(attention_mask, buckets, q.shape[2], q.device)
+        o = torch.cat([attend(q[r0:r1], K, V, m, self.scaling) for (r0, r1, _), (K, V), m in zip(buckets, kv, masks)])
+        return o, masks
+
     @torch.inference_mode()
     def __call__(self, input_ids, attention_mask, position_ids, cache, before_layer=None,
                  key_positions=None) -> torch.Tensor:
@@ -128,17 +150,23 @@ class LeanDecoder:
         cos, sin = self._rope(position_ids, x.dtype)  # (B, 1, T, d) each
         h, hk, d, g, linear = self.heads, self.kv_heads, self.head_dim, self.groups, self.linear
         mask = None
+        buckets = getattr(cache, "buckets", None)
         for i, (w1, e1, wq, bq, wk, bk, wv, bv, wo, bo, w2, e2, wg, bg, wu, bu, wd, bd) in enumerate(self._weights):
             if before_layer is not None:
                 before_layer()
             y = rms_norm(x, w1, e1)  # (B, T, H)
             q = apply_rope(split_heads(linear(y, wq, bq), h, d), cos, sin)  # (B, h, T, d)
             k = apply_rope(split_heads(linear(y, wk, bk), hk, d), cos, sin)  # (B, hk, T, d)
-            K, V = cache.layers[i].update(k, split_heads(linear(y, wv, bv), hk, d))  # (B, hk, L, d)
-            if i == 0:
-                L = K.shape[2]
-                mask = group_mask(self._mask(attention_mask, B, T, L, x.device), B, g, T, L)
-            x = x + linear(merge_heads(attend(q, K, V, mask, self.scaling)), wo, bo)
+            v = split_heads(linear(y, wv, bv), hk, d)
+            if buckets:
+                o, mask = self._attend(cache.layers[i], q, k, v, attention_mask, buckets, mask)
+            else:
+                K, V = cache.layers[i].update(k, v)  # (B, hk, L, d)
+                if i == 0:
+                    L = K.shape[2]
+                    mask = group_mask(self._mask(attention_mask, B, T, L, x.device), B, g, T, L)
+                o = attend(q, K, V, mask, self.scaling)
+            x = x + linear(merge_heads(o), wo, bo)
             x = x + swiglu(rms_norm(x, w2, e2), wg, bg, wu, bu, wd, bd, linear)
         n = body.norm
         return rms_norm(x, n.weight, n.variance_epsilon)
@@ -146,12 +174,18 @@ class LeanDecoder:
 
 class LeanCache:
     """The cache a :class:`LeanDecoder` pass needs: ``layers[i].update(k, v)`` -> the layer's
-    whole keys and values (no transformers ``Cache`` object to build per pass)."""
+    whole keys and values (no transformers ``Cache`` object to build per pass).
 
-    __slots__ = ("layers",)
+    ``buckets``: None, or ``(r0, r1, Pb)`` row ranges of a batch whose rows are sorted by past
+    length (longest first), each left-padded to its own past ``Pb`` instead of the batch's:
+    then ``layers[i].update_buckets(k, v)`` gives each range's keys and values, and attention
+    runs per range (:meth:`LeanDecoder._attend`)."""
 
-    def __init__(self, layers):
+    __slots__ = ("buckets", "layers")
+
+    def __init__(self, layers, buckets=None):
         self.layers = layers
+        self.buckets = buckets
 
 
 def gemma_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -166,6 +200,8 @@ class LeanGemma3Decoder(LeanDecoder):
     a GELU-tanh MLP, and sliding-window layers (the window masked by the positions of the
     queries and keys: ``key_positions`` ``(B, L)`` if given, else the slots' own; a 4-D mask
     without them is taken as given, as transformers does)."""
+
+    bucketed = False  # (its sliding-window masks are made for the batch's padding)
 
     def __init__(self, body, linear=F.linear):
         self._shapes(body, linear)

@@ -81,6 +81,18 @@ def group_mask(mask: torch.Tensor | None, B: int, groups: int, T: int, L: int) -
     return mask.expand(B, 1, T, L)[:, :, None].expand(B, 1, groups, T, L).reshape(B, 1, groups * T, L)
 
 
+FEW_QUERIES = 16  # queries per key/value head up to which attend() multiplies instead of running SDPA
+
+
+def safe_softmax(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, 0 (not NaN) on a row of only ``-inf``: a query that sees no
+    key (a padding slot outside every window) gets zeros, as torch's SDPA gives it."""
+    fn = getattr(torch, "_safe_softmax", None)
+    if fn is not None:
+        return fn(s, -1)
+    return torch.softmax(s, dim=-1).masked_fill_(torch.isneginf(s.amax(dim=-1, keepdim=True)), 0.0)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Grouped-query attention: queries ``(B, h, T, d)`` on keys and values ``(B, hk, L, d)``.
@@ -91,7 +103,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     B, h, T, d = q.shape
     hk = k.shape[1]
-    o = F.scaled_dot_product_attention(q.reshape(B, hk, (h // hk) * T, d), k, v, attn_mask=mask,
+    gT = (h // hk) * T
+    if gT <= FEW_QUERIES and B > 1 and not dropout_p and q.device.type == "cpu":
+        # A few queries per key/value head of a batch of rows (decoding): two batched products.
+        # torch's CPU flash kernel costs ~3 us per (row, head) whatever the work: 32 rows of 56
+        # keys took 200 us per layer, these 76-89 us (benchmarks/README.md, session 19).
+        s = torch.matmul(q.reshape(B, hk, gT, d), k.transpose(-1, -2))  # (B, hk, g*T, L)
+        s.mul_(d ** -0.5 if scale is None else scale)
+        if mask is not None:
+            s = s.masked_fill_(mask.logical_not(), float("-inf")) if mask.dtype == torch.bool else s.add_(mask)
+        return torch.matmul(safe_softmax(s), v).reshape(B, h, T, d)
+    o = F.scaled_dot_product_attention(q.reshape(B, hk, gT, d), k, v, attn_mask=mask,
                                        dropout_p=dropout_p, scale=scale)  # (B, hk, g*T, d)
     return o.reshape(B, h, T, d)
 

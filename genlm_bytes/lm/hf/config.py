@@ -46,6 +46,9 @@ class EngineConfig:
     arena_spare_share: float = 0.25  # ... or this share of its context, whichever is more
     arena_budget_share: float = 0.25  # the most of the budget one arena may take (its spare slots sit unused)
     gather_chunk_bytes: int = 16 << 20  # a batched pass gathers its pasts this much at a time: fewer calls (0: a layer)
+    bucket_slots: int = 128  # a lean batched pass pads its rows' pasts per bucket of similar lengths, not to the
+    # longest, where a bucket saves this many key slots per layer (its own calls' cost; 0: never): 32 rows of
+    # pasts of ~5-55 tokens gather and attend to half the slots (PassRunner.buckets)
 
     # backend: the byte level's working set, charged to the budget
     prepared_dists: int = 256  # distributions kept prepared at the default budget: a K=32 beam's reuse

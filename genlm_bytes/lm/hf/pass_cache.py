@@ -68,18 +68,50 @@ class _Gather:
         else:
             K, V = self._gather_stacked(key_states, value_states)
         for row, lo, hi in self.keep:
-            self._keep_whole(K, V, row, lo, hi)
+            self._keep_whole(K[row:row + 1], V[row:row + 1], row, lo, hi)
         return K, V
 
+    def update_buckets(self, key_states, value_states) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`update` for a pass whose rows (sorted by past length, longest first) are split
+        into buckets ``workspace["buckets"]`` ``(r0, r1, Pb)``: rows ``[r0, r1)`` left-padded to
+        ``Pb`` only. Returns per bucket its ``(r1 - r0, hk, Pb + n, d)`` keys and values."""
+        if self.check is not None:
+            self.check()
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.new_keys, self.new_values = key_states, value_states
+        i = self.index
+        group = self.workspace.get("group")
+        if group is None or not group[0] <= i < group[0] + group[1]:
+            group = self.workspace["group"] = self._gather_group(key_states, value_states)
+        a, _, KB, VB = group
+        _, hk, n, d = key_states.shape
+        hv, dv = value_states.shape[1], value_states.shape[3]
+        out, at = [], 0
+        for r0, r1, Pb in self.workspace["buckets"]:
+            m = (r1 - r0) * (Pb + n)
+            K = KB[i - a, at:at + m].view(r1 - r0, Pb + n, hk, d)
+            V = VB[i - a, at:at + m].view(r1 - r0, Pb + n, hv, dv)
+            at += m
+            K[:, Pb:].copy_(key_states[r0:r1].transpose(1, 2))
+            V[:, Pb:].copy_(value_states[r0:r1].transpose(1, 2))
+            K, V = K.transpose(1, 2), V.transpose(1, 2)
+            for row, lo, hi in self.keep:
+                if r0 <= row < r1:
+                    self._keep_whole(K[row - r0:row - r0 + 1], V[row - r0:row - r0 + 1], row, lo, hi)
+            out.append((K, V))
+        return out
+
     def _keep_whole(self, K, V, row: int, lo: int, hi: int) -> None:
-        """This layer's slots ``[lo, hi)`` of row ``row`` into the pass's stacked block of that
-        context (``workspace["kept"][row]``), which the store keeps whole."""
+        """This layer's slots ``[lo, hi)`` of row ``row`` (``K``, ``V``: its ``(1, hk, ·, d)`` keys
+        and values) into the pass's stacked block of that context (``workspace["kept"][row]``),
+        which the store keeps whole."""
         kept = self.workspace.setdefault("kept", {})
         if row not in kept:
             kept[row] = KVBlock.empty(self.workspace["layers"], K, V, 1, hi - lo)
         blk, i = kept[row], self.index
-        blk.keys[i].copy_(K[row:row + 1, :, lo:hi])
-        blk.values[i].copy_(V[row:row + 1, :, lo:hi])
+        blk.keys[i].copy_(K[:, :, lo:hi])
+        blk.values[i].copy_(V[:, :, lo:hi])
 
     def _gather_stacked(self, key_states, value_states):
         """This layer's keys/values from the group of layers gathered with it (see
@@ -97,25 +129,27 @@ class _Gather:
         return K.transpose(1, 2), V.transpose(1, 2)
 
     def _gather_group(self, key_states, value_states) -> tuple:
-        """Layers ``[a, a + c)`` (``a``: this one) of every row, left-padded, then room for the new
-        tokens, in one concatenation each for keys and values: ``(a, c, KB, VB)``, ``KB``
-        ``(c, B * (past + n), hk * d)``. ``c``: as many layers as fit ``chunk_bytes`` (one at
+        """Layers ``[a, a + c)`` (``a``: this one) of every row, left-padded (to the pass's past, or
+        to its bucket's: :meth:`_pads`), then room for the new tokens, in one concatenation each
+        for keys and values: ``(a, c, KB, VB)``, ``KB`` ``(c, B * (past + n), hk * d)`` (the sum of
+        the rows' lengths with buckets). ``c``: as many layers as fit ``chunk_bytes`` (one at
         least); the buffers are the pass's, reused by its next groups."""
         ws, a, P = self.workspace, self.index, self.past
         _, hk, n, d = key_states.shape
         Dk, Dv = hk * d, value_states.shape[1] * value_states.shape[3]
         T = P + n
+        pads = self._pads()
         bufs = ws.get("group_bufs")
         if bufs is None:
-            bufs = ws["group_bufs"] = self._group_buffers(key_states, value_states, T)
+            bufs = ws["group_bufs"] = self._group_buffers(key_states, value_states, sum(pads) + n * len(pads))
         c = min(bufs[0].shape[0], ws["layers"] - a)
         zk = key_states.new_zeros(()).expand(c, T, Dk)  # padding, and room for the new tokens
         zv = value_states.new_zeros(()).expand(c, T, Dv)
         kp, vp = [], []
-        for segs, p in self.pasts:
-            if p < P:
-                kp.append(zk[:, :P - p])
-                vp.append(zv[:, :P - p])
+        for (segs, p), pad in zip(self.pasts, pads):
+            if p < pad:
+                kp.append(zk[:, :pad - p])
+                vp.append(zv[:, :pad - p])
             for blk, r, s, m in segs:
                 kp.append(blk.stack[0][a:a + c, r, s:s + m])
                 vp.append(blk.stack[1][a:a + c, r, s:s + m])
@@ -138,15 +172,23 @@ class _Gather:
             bufs = self.workspace["gather"] = (key_states.new_empty(shape), key_states.new_empty(shape))
         return bufs
 
-    def _group_buffers(self, key_states, value_states, T: int):
-        """The pass's ``(c, B * T, heads * d)`` key and value buffers of :meth:`_gather_group`: ``c``
-        layers, as many as fit ``chunk_bytes`` (one at least)."""
+    def _pads(self) -> list[int]:
+        """Per row, the past length it is left-padded to: the pass's, or its bucket's
+        (``workspace["buckets"]``, see :meth:`update_buckets`)."""
+        buckets = self.workspace.get("buckets")
+        if not buckets:
+            return [self.past] * len(self.pasts)
+        return [Pb for r0, r1, Pb in buckets for _ in range(r0, r1)]
+
+    def _group_buffers(self, key_states, value_states, slots: int):
+        """The pass's ``(c, slots, heads * d)`` key and value buffers of :meth:`_gather_group`
+        (``slots``: the rows' padded lengths, summed): ``c`` layers, as many as fit ``chunk_bytes``
+        (one at least)."""
         ws = self.workspace
-        B = key_states.shape[0]
         Dk, Dv = key_states.shape[1] * key_states.shape[3], value_states.shape[1] * value_states.shape[3]
-        per_layer = B * T * (Dk + Dv) * key_states.element_size()
+        per_layer = slots * (Dk + Dv) * key_states.element_size()
         c = max(1, min(ws["layers"], ws.get("chunk_bytes", 0) // per_layer))
-        return key_states.new_empty((c, B * T, Dk)), value_states.new_empty((c, B * T, Dv))
+        return key_states.new_empty((c, slots, Dk)), value_states.new_empty((c, slots, Dv))
 
     def _write_arena(self, key_states, value_states):
         P, i, n = self.past, self.index, key_states.shape[2]
@@ -203,17 +245,23 @@ def pass_layer(index: int, pasts, past: int, keep=(), arena=None, check=None, re
 
 
 def make_pass_cache(model, n_layers: int | None, pasts, past: int, keep=(), arena=None, check=None,
-                    chunk_bytes: int = 0):
+                    chunk_bytes: int = 0, buckets=None):
     """The cache for one pass on ``pasts`` (per row ``(segments, length)``) left-padded to
     ``past``: a ``DynamicCache`` of :func:`pass_layer` s for the model's own forward, or
     (``n_layers`` given: the lean decoder's layer count) a plain :class:`LeanCache`.
-    ``chunk_bytes``: the most a batched pass gathers at once (see ``_Gather._gather_group``)."""
+    ``chunk_bytes``: the most a batched pass gathers at once (see ``_Gather._gather_group``).
+    ``buckets``: ``(r0, r1, Pb)`` row ranges each padded to its own past (a lean pass's rows
+    sorted by past length, longest first; see ``_Gather.update_buckets``)."""
     if n_layers is not None:
         from genlm_bytes.lm.lean import LeanCache
 
         ws = {"layers": n_layers, "chunk_bytes": chunk_bytes}
+        if buckets:
+            ws["buckets"] = list(buckets)
         return LeanCache([pass_layer(i, pasts, past, keep, arena, check, ready=True, workspace=ws)
-                          for i in range(n_layers)])
+                          for i in range(n_layers)], ws.get("buckets"))
+    if buckets:
+        raise ValueError("buckets need a lean pass (n_layers)")
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
