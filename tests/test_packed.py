@@ -135,12 +135,15 @@ async def test_engine_multiplies_by_packed_weights_with_the_same_rows(embedded_l
     engine without packs gives (to rounding); it does not pack where the copies would not fit a
     quarter of the memory available."""
     from genlm_bytes import AsyncTransformer, EngineConfig
-    from genlm_bytes.lm.lean import model_matrices
+    from genlm_bytes.lm.lean import model_groups, model_matrices
 
     model, tok = embedded_lm.model, embedded_lm.tokenizer
     assert embedded_lm.packed
     mats = model_matrices(model)
-    assert len(mats) > 100 and all(gemm.packed_weight(w) is not None for w in mats)
+    assert len(mats) > 100 and all(gemm.is_packed(w) for w in mats)
+    groups = model_groups(model)  # (q, k, v) and (gate, up) of every layer: one pack each
+    assert len(groups) == 2 * model.config.num_hidden_layers
+    assert all(gemm.packed_group(g) is not None and all(gemm.packed_weight(w) is None for w in g) for g in groups)
     plain = AsyncTransformer(model, tok, initial_context=[0], config=EngineConfig(packed_weights=False))
     assert plain.onednn and not plain.packed
     contexts = [[0] + tok.encode(t) for t in ("The river was high that spring", "def main():\n    x = 1",
@@ -215,3 +218,62 @@ def test_bad_input_to_the_packing_entry_points():
             fn(3)
     with pytest.raises(TypeError, match="packed_weights must be True or False"):
         EngineConfig(packed_weights=1)
+
+
+@needs_onednn
+def test_a_group_of_weights_packed_as_one_multiplies_as_each_of_them():
+    """Weights that multiply the same input (q, k, v) packed as one matrix: one product gives
+    each one's product side by side, bit for bit as their own packs do, at every row count; their
+    own packs are dropped (the same bytes); a group of other widths or dtypes is not packed."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(n, 64, generator=g) for n in (64, 16, 16))
+    x = torch.randn(20, 64, generator=g)
+    gemm.pack_weights([q, k, v])
+    with torch.inference_mode():
+        linear = gemm.linear_fn(True, packed=True)
+        alone = torch.cat([linear(x, w) for w in (q, k, v)], dim=-1)
+        assert linear.group(x, (q, k, v)) is None, "no group pack yet: multiply by each"
+        assert gemm.pack_groups([(q, k, v)]) == (64 + 16 + 16) * 64 * 4
+        assert gemm.packed_group((q, k, v)) is not None and all(gemm.packed_weight(w) is None for w in (q, k, v))
+        assert all(gemm.is_packed(w) for w in (q, k, v)) and gemm.pack_bytes([q, k, v]) == 0
+        assert gemm.pack_weights([q, k, v]) == 0, "a grouped weight is not packed alone again"
+        for m in (1, 2, 7, 20):
+            assert torch.equal(linear.group(x[:m], (q, k, v)), alone[:m]), m
+        y3 = linear.group(x.view(4, 5, 64), (q, k, v))
+        assert y3.shape == (4, 5, 96) and torch.equal(y3.view(20, 96), alone)
+        torch.testing.assert_close(alone, F.linear(x, torch.cat([q, k, v])), rtol=1e-5, atol=1e-4)
+        assert gemm.linear_fn(True).group(x, (q, k, v)) is None, "not packed: multiply by each"
+    assert gemm.pack_groups([(q, k, v)]) == 0, "packed as they are"
+    assert gemm.pack_groups([(q, torch.randn(8, 32)), (q, q), (q, k.double())]) == 0
+    with pytest.raises(TypeError, match="not one tensor"):
+        gemm.pack_groups(q)
+
+
+@needs_onednn
+def test_a_changed_weight_of_a_group_is_not_multiplied_by_the_stale_pack():
+    """A member changed in place (its version) leaves the group unused until packed again; one
+    changed through ``.data`` is found by changed_weights, which drops the group; a group goes
+    with its weights."""
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(32, 48, generator=g), torch.randn(32, 48, generator=g)
+    x = torch.randn(3, 48, generator=g)
+    gemm.pack_groups([(a, b)])
+    linear = gemm.linear_fn(True, packed=True)
+    with torch.no_grad():
+        b.mul_(2.0)
+    with torch.inference_mode():
+        assert linear.group(x, (a, b)) is None
+    assert gemm.pack_groups([(a, b)]) == 2 * 32 * 48 * 4
+    with torch.inference_mode():
+        torch.testing.assert_close(linear.group(x, (a, b))[:, 32:], F.linear(x, b), rtol=1e-5, atol=1e-4)
+    assert gemm.changed_weights([a, b]) == []
+    a.data[0, 0] += 1.0
+    changed = gemm.changed_weights([a, b])
+    assert [w is a for w in changed] == [True]
+    assert gemm.packed_group((a, b)) is None and not gemm.is_packed(b)
+    assert gemm.pack_groups([(a, b)]) > 0
+    key = (id(a), id(b))
+    before = gemm.packed_bytes()
+    del a, changed
+    gc.collect()
+    assert key not in gemm._GROUPS and gemm.packed_bytes() == before - 2 * 32 * 48 * 4

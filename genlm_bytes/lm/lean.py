@@ -26,7 +26,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from genlm_bytes.lm.gemm import linear_fn, pack_weights
+from genlm_bytes.lm.gemm import linear_fn, pack_groups, pack_weights
 from genlm_bytes.lm.hugepages import new_memory_on_huge_pages
 from genlm_bytes.models.layers import (
     apply_rope,
@@ -75,6 +75,7 @@ class LeanDecoder:
         # The parameters each layer reads, looked up once (a module attribute costs a Python call;
         # the Parameter objects stay the model's own, so moving or loading the model is seen).
         self._weights = []
+        self._groups = [layer_groups(layer) for layer in self.layers]  # (q, k, v) and (gate, up), or ()
         for layer in self.layers:
             at, mlp = layer.self_attn, layer.mlp
             n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -149,15 +150,22 @@ class LeanDecoder:
         B, T, _ = x.shape
         cos, sin = self._rope(position_ids, x.dtype)  # (B, 1, T, d) each
         h, hk, d, g, linear = self.heads, self.kv_heads, self.head_dim, self.groups, self.linear
+        group = getattr(linear, "group", None)
         mask = None
         buckets = getattr(cache, "buckets", None)
         for i, (w1, e1, wq, bq, wk, bk, wv, bv, wo, bo, w2, e2, wg, bg, wu, bu, wd, bd) in enumerate(self._weights):
             if before_layer is not None:
                 before_layer()
             y = rms_norm(x, w1, e1)  # (B, T, H)
-            q = apply_rope(split_heads(linear(y, wq, bq), h, d), cos, sin)  # (B, h, T, d)
-            k = apply_rope(split_heads(linear(y, wk, bk), hk, d), cos, sin)  # (B, hk, T, d)
-            v = split_heads(linear(y, wv, bv), hk, d)
+            groups = self._groups[i]
+            qkv = group(y, groups[0]) if group is not None and groups else None
+            if qkv is not None:  # (one product; the queries and keys rotated at once)
+                qk = apply_rope(split_heads(qkv[..., :(h + hk) * d], h + hk, d), cos, sin)
+                q, k, v = qk[:, :h], qk[:, h:], split_heads(qkv[..., (h + hk) * d:], hk, d)
+            else:
+                q = apply_rope(split_heads(linear(y, wq, bq), h, d), cos, sin)  # (B, h, T, d)
+                k = apply_rope(split_heads(linear(y, wk, bk), hk, d), cos, sin)  # (B, hk, T, d)
+                v = split_heads(linear(y, wv, bv), hk, d)
             if buckets:
                 o, mask = self._attend(cache.layers[i], q, k, v, attention_mask, buckets, mask)
             else:
@@ -167,7 +175,13 @@ class LeanDecoder:
                     mask = group_mask(self._mask(attention_mask, B, T, L, x.device), B, g, T, L)
                 o = attend(q, K, V, mask, self.scaling)
             x = x + linear(merge_heads(o), wo, bo)
-            x = x + swiglu(rms_norm(x, w2, e2), wg, bg, wu, bu, wd, bd, linear)
+            z = rms_norm(x, w2, e2)
+            gu = group(z, groups[1]) if group is not None and groups else None
+            if gu is not None:
+                n = gu.shape[-1] // 2
+                x = x + linear(F.silu(gu[..., :n]) * gu[..., n:], wd, bd)
+            else:
+                x = x + swiglu(z, wg, bg, wu, bu, wd, bd, linear)
         n = body.norm
         return rms_norm(x, n.weight, n.variance_epsilon)
 
@@ -212,6 +226,7 @@ class LeanGemma3Decoder(LeanDecoder):
         self.inv_freq = next(iter(self._rot.values()))[0]  # (the device, for the check)
         self._tables = {}  # per layer type (see LeanDecoder._rope)
         self._weights = []
+        self._groups = [layer_groups(layer) for layer in self.layers]
         for layer in self.layers:
             at, mlp = layer.self_attn, layer.mlp
             self._weights.append((
@@ -245,6 +260,7 @@ class LeanGemma3Decoder(LeanDecoder):
         B, T, _ = x.shape
         ropes = {k: self._rope(position_ids, x.dtype, k, *self._rot[k]) for k in self._rot}
         h, hk, d, g, linear = self.heads, self.kv_heads, self.head_dim, self.groups, self.linear
+        group = getattr(linear, "group", None)
         masks = {}  # (sliding, keys) -> the grouped mask (a sliding cache may hold fewer keys)
         for i, (sliding, n1, wq, bq, wk, bk, wv, bv, wo, bo, qn, kn, n2, n3, n4, wg, wu, wd, kind) \
                 in enumerate(self._weights):
@@ -252,9 +268,15 @@ class LeanGemma3Decoder(LeanDecoder):
                 before_layer()
             cos, sin = ropes[kind]
             y = gemma_norm(x, n1.weight, n1.eps)
-            q = apply_rope(gemma_norm(split_heads(linear(y, wq, bq), h, d), qn.weight, qn.eps), cos, sin)
-            k = apply_rope(gemma_norm(split_heads(linear(y, wk, bk), hk, d), kn.weight, kn.eps), cos, sin)
-            K, V = cache.layers[i].update(k, split_heads(linear(y, wv, bv), hk, d))  # (B, hk, L, d)
+            groups = self._groups[i]
+            qkv = group(y, groups[0]) if group is not None and groups else None
+            if qkv is not None:  # (one product for the three)
+                yq, yk, yv = qkv[..., :h * d], qkv[..., h * d:(h + hk) * d], qkv[..., (h + hk) * d:]
+            else:
+                yq, yk, yv = linear(y, wq, bq), linear(y, wk, bk), linear(y, wv, bv)
+            q = apply_rope(gemma_norm(split_heads(yq, h, d), qn.weight, qn.eps), cos, sin)
+            k = apply_rope(gemma_norm(split_heads(yk, hk, d), kn.weight, kn.eps), cos, sin)
+            K, V = cache.layers[i].update(k, split_heads(yv, hk, d))  # (B, hk, L, d)
             L = K.shape[2]
             mask = masks.get((sliding, L))
             if mask is None:
@@ -266,7 +288,12 @@ class LeanGemma3Decoder(LeanDecoder):
             o = linear(merge_heads(attend(q, K, V, mask, self.scaling)), wo, bo)
             x = x + gemma_norm(o, n2.weight, n2.eps)
             z = gemma_norm(x, n3.weight, n3.eps)
-            z = linear(F.gelu(linear(z, wg), approximate="tanh") * linear(z, wu), wd)
+            gu = group(z, groups[1]) if group is not None and groups else None
+            if gu is not None:
+                n = gu.shape[-1] // 2
+                z = linear(F.gelu(gu[..., :n], approximate="tanh") * gu[..., n:], wd)
+            else:
+                z = linear(F.gelu(linear(z, wg), approximate="tanh") * linear(z, wu), wd)
             x = x + gemma_norm(z, n4.weight, n4.eps)
         n = body.norm
         return gemma_norm(x, n.weight, n.eps)
@@ -393,6 +420,27 @@ def _agrees(lean: LeanDecoder, body, config) -> bool:
     return True
 
 
+def layer_groups(layer) -> tuple:
+    """The weights of a LLaMA-style decoder layer that multiply the same input, as groups packed
+    together (:func:`~genlm_bytes.lm.gemm.pack_groups`): ``((q, k, v), (gate, up))``; ``()``
+    where the layer has other parts, or biases (not stacked)."""
+    at, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    try:
+        qkv = (at.q_proj, at.k_proj, at.v_proj)
+        gu = (mlp.gate_proj, mlp.up_proj)
+    except AttributeError:
+        return ()
+    if not all(isinstance(m, torch.nn.Linear) and m.bias is None for m in qkv + gu):
+        return ()
+    return tuple(m.weight for m in qkv), tuple(m.weight for m in gu)
+
+
+def model_groups(hf_model) -> list[tuple]:
+    """The :func:`layer_groups` of every layer of the model's decoder."""
+    body = decoder_of(hf_model)
+    return [g for layer in getattr(body, "layers", ()) for g in layer_groups(layer)] if body is not None else []
+
+
 def model_matrices(hf_model) -> list[torch.Tensor]:
     """The weights a lean pass multiplies by: every ``nn.Linear``'s of the decoder, and the
     output layer's."""
@@ -410,7 +458,7 @@ def pack_model(hf_model) -> int:
     from genlm_bytes.lm.hf.memory import mapped_fresh  # (lm.hf imports this module)
 
     with mapped_fresh(PACK_MAPPED_FROM), new_memory_on_huge_pages():
-        return pack_weights(model_matrices(hf_model))
+        return pack_groups(model_groups(hf_model)) + pack_weights(model_matrices(hf_model))
 
 
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the keys whose check passed
