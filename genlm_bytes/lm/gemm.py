@@ -222,6 +222,15 @@ def pack_bytes(weights) -> int:
     return total
 
 
+def _checked_pack(w: torch.Tensor, y0: torch.Tensor, op) -> tuple:
+    """oneDNN's pack of ``w``, the probe product ``y0`` of the weight(s) it packs (BLAS's), and
+    whether the pack's product of the probe rows agrees with it (checked like onednn_works)."""
+    pk = torch.ops.mkldnn._reorder_linear_weight(w)
+    y = op(_PROBES[w.shape[1]], pk, None, "none", [], "")
+    ok = y.shape == y0.shape and torch.allclose(y, y0, rtol=CHECK_TOLERANCE, atol=CHECK_TOLERANCE * float(y0.abs().max()))
+    return pk, y0, ok
+
+
 @torch.no_grad()
 def pack_weights(weights) -> int:
     """Make oneDNN's packed copy of every float32 CPU matrix of ``weights`` not packed as it is
@@ -237,12 +246,7 @@ def pack_weights(weights) -> int:
                 continue
             key = id(w)
             try:
-                pk = torch.ops.mkldnn._reorder_linear_weight(w.detach())
-                y0 = _probe(w)
-                # (checked like onednn_works: the packed product of the probe rows agrees with BLAS's)
-                y = op(_PROBES[w.shape[1]], pk, None, "none", [], "")
-                ok = y.shape == y0.shape and torch.allclose(y, y0, rtol=CHECK_TOLERANCE,
-                                                             atol=CHECK_TOLERANCE * float(y0.abs().max()))
+                pk, y0, ok = _checked_pack(w.detach(), _probe(w), op)
             except Exception:
                 logger.debug("weights not packed: oneDNN's packing failed", exc_info=True)
                 break
@@ -274,13 +278,8 @@ def pack_groups(groups) -> int:
                     or len({id(w) for w in ws}) != len(ws) or packed_group(ws) is not None):
                 continue
             try:
-                stacked = torch.cat([w.detach() for w in ws])
-                pk = torch.ops.mkldnn._reorder_linear_weight(stacked)
-                del stacked
-                y0 = torch.cat([_probe(w) for w in ws], dim=1)
-                y = op(_PROBES[ws[0].shape[1]], pk, None, "none", [], "")
-                ok = y.shape == y0.shape and torch.allclose(y, y0, rtol=CHECK_TOLERANCE,
-                                                             atol=CHECK_TOLERANCE * float(y0.abs().max()))
+                pk, y0, ok = _checked_pack(torch.cat([w.detach() for w in ws]),
+                                           torch.cat([_probe(w) for w in ws], dim=1), op)
             except Exception:
                 logger.debug("weights not packed in groups: oneDNN's packing failed", exc_info=True)
                 break
