@@ -83,6 +83,24 @@ async def test_requests_one_by_one_and_in_batches_reuse_kv_past_the_window(embed
     assert set(lm.runner.passes) == ({"lean"} if lean else {"decoder"})
 
 
+async def test_a_batch_padded_per_bucket_masks_each_buckets_window(embedded_lm, model):
+    """Rows of pasts 2 to 15 split into buckets (``bucket_slots=1``): each bucket's sliding
+    layers hide the keys a window behind their queries, counted within the bucket's padding."""
+    lm = backend(embedded_lm, model, config=EngineConfig(bucket_slots=1))
+    ids = [0] + embedded_lm.tokenizer.encode(TEXT)
+    for n in (2, 6, 9, 15):
+        await lm.next_token_logprobs(ids[:n])
+    batch = [ids[:2] + [100], ids[:15] + [200], ids[:9] + [300, 301], ids[:6] + [400], ids[:15] + [500]]
+    used = []
+    inner = lm.runner.buckets
+    lm.runner.buckets = lambda rows: used.append(r := inner(rows)) or r
+    rows = await asyncio.gather(*(lm.next_token_logprobs(c) for c in batch))
+    for ctx, row in zip(batch, rows):
+        assert_exact(model, ctx, row)
+    lean = model.config.model_type == "gemma3_text"
+    assert len(used) == 1 and (len(used[0][1] or ()) >= 2) == lean, "buckets where the lean decoder runs"
+
+
 async def test_tree_passes_mask_the_window(embedded_lm, model):
     """A prefetch with alternatives and a ragged tree pass: 4-D masks that transformers takes as
     given; a branch far down the path must not see the keys behind its window."""

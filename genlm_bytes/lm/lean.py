@@ -122,15 +122,19 @@ class LeanDecoder:
             return allowed[None, None]
         return allowed[None, None] & attention_mask[:, None, None, :].bool()
 
-    def _bucket_masks(self, attention_mask, buckets, T: int, device) -> list:
+    def _bucket_masks(self, attention_mask, buckets, T: int, device, sliding: bool = False) -> list:
         """Per bucket ``(r0, r1, Pb)``, the grouped mask of its rows: the 2-D ``attention_mask``
         ``(B, P + T)``'s rows ``[r0, r1)`` and last ``Pb + T`` slots (a row's past sits at the end of
-        the batch's padding, and of its bucket's)."""
+        the batch's padding, and of its bucket's); ``sliding``: without the keys a window or more
+        behind their query (``_windowed``, by the slots' distances: the pasts are left-padded)."""
         P = attention_mask.shape[1] - T
         out = []
         for r0, r1, Pb in buckets:
             n, L = r1 - r0, Pb + T
-            out.append(group_mask(self._mask(attention_mask[r0:r1, P - Pb:], n, T, L, device), n, self.groups, T, L))
+            m = self._mask(attention_mask[r0:r1, P - Pb:], n, T, L, device)
+            if sliding:
+                m = self._windowed(m, T, L, None, None, device, False)
+            out.append(group_mask(m, n, self.groups, T, L))
         return out
 
     def _attend(self, layer, q, k, v, attention_mask, buckets, masks):
@@ -215,7 +219,7 @@ class LeanGemma3Decoder(LeanDecoder):
     queries and keys: ``key_positions`` ``(B, L)`` if given, else the slots' own; a 4-D mask
     without them is taken as given, as transformers does)."""
 
-    bucketed = False  # (its sliding-window masks are made for the batch's padding)
+    bucketed = True  # (see LeanDecoder; a sliding layer's window masked per bucket)
 
     def __init__(self, body, linear=F.linear):
         self._shapes(body, linear)
@@ -261,7 +265,8 @@ class LeanGemma3Decoder(LeanDecoder):
         ropes = {k: self._rope(position_ids, x.dtype, k, *self._rot[k]) for k in self._rot}
         h, hk, d, g, linear = self.heads, self.kv_heads, self.head_dim, self.groups, self.linear
         group = getattr(linear, "group", None)
-        masks = {}  # (sliding, keys) -> the grouped mask (a sliding cache may hold fewer keys)
+        buckets = getattr(cache, "buckets", None)
+        masks = {}  # (sliding, keys) -> the grouped mask (a sliding cache may hold fewer keys); sliding -> per bucket
         for i, (sliding, n1, wq, bq, wk, bk, wv, bv, wo, bo, qn, kn, n2, n3, n4, wg, wu, wd, kind) \
                 in enumerate(self._weights):
             if before_layer is not None:
@@ -276,16 +281,25 @@ class LeanGemma3Decoder(LeanDecoder):
                 yq, yk, yv = linear(y, wq, bq), linear(y, wk, bk), linear(y, wv, bv)
             q = apply_rope(gemma_norm(split_heads(yq, h, d), qn.weight, qn.eps), cos, sin)
             k = apply_rope(gemma_norm(split_heads(yk, hk, d), kn.weight, kn.eps), cos, sin)
-            K, V = cache.layers[i].update(k, split_heads(yv, hk, d))  # (B, hk, L, d)
-            L = K.shape[2]
-            mask = masks.get((sliding, L))
-            if mask is None:
-                mask = self._mask(attention_mask, B, T, L, x.device)
-                if sliding:
-                    given = attention_mask is not None and attention_mask.dim() == 4
-                    mask = self._windowed(mask, T, L, position_ids, key_positions, x.device, given)
-                mask = masks[(sliding, L)] = group_mask(mask, B, g, T, L)
-            o = linear(merge_heads(attend(q, K, V, mask, self.scaling)), wo, bo)
+            if buckets:  # (a ragged pass's rows padded per bucket: see LeanCache)
+                kv = cache.layers[i].update_buckets(k, split_heads(yv, hk, d))
+                ms = masks.get(sliding)
+                if ms is None:
+                    ms = masks[sliding] = self._bucket_masks(attention_mask, buckets, T, x.device, sliding)
+                o = torch.cat([attend(q[r0:r1], K, V, m, self.scaling)
+                               for (r0, r1, _), (K, V), m in zip(buckets, kv, ms)])
+            else:
+                K, V = cache.layers[i].update(k, split_heads(yv, hk, d))  # (B, hk, L, d)
+                L = K.shape[2]
+                mask = masks.get((sliding, L))
+                if mask is None:
+                    mask = self._mask(attention_mask, B, T, L, x.device)
+                    if sliding:
+                        given = attention_mask is not None and attention_mask.dim() == 4
+                        mask = self._windowed(mask, T, L, position_ids, key_positions, x.device, given)
+                    mask = masks[(sliding, L)] = group_mask(mask, B, g, T, L)
+                o = attend(q, K, V, mask, self.scaling)
+            o = linear(merge_heads(o), wo, bo)
             x = x + gemma_norm(o, n2.weight, n2.eps)
             z = gemma_norm(x, n3.weight, n3.eps)
             gu = group(z, groups[1]) if group is not None and groups else None

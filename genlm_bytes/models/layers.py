@@ -84,15 +84,6 @@ def group_mask(mask: torch.Tensor | None, B: int, groups: int, T: int, L: int) -
 FEW_QUERIES = 16  # queries per key/value head up to which attend() multiplies instead of running SDPA
 
 
-def safe_softmax(s: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension, 0 (not NaN) on a row of only ``-inf``: a query that sees no
-    key (a padding slot outside every window) gets zeros, as torch's SDPA gives it."""
-    fn = getattr(torch, "_safe_softmax", None)
-    if fn is not None:
-        return fn(s, -1)
-    return torch.softmax(s, dim=-1).masked_fill_(torch.isneginf(s.amax(dim=-1, keepdim=True)), 0.0)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Grouped-query attention: queries ``(B, h, T, d)`` on keys and values ``(B, hk, L, d)``.
@@ -111,8 +102,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         s = torch.matmul(q.reshape(B, hk, gT, d), k.transpose(-1, -2))  # (B, hk, g*T, L)
         s.mul_(d ** -0.5 if scale is None else scale)
         if mask is not None:
-            s = s.masked_fill_(mask.logical_not(), float("-inf")) if mask.dtype == torch.bool else s.add_(mask)
-        return torch.matmul(safe_softmax(s), v).reshape(B, h, T, d)
+            # A hidden key gets the lowest finite score, not -inf: its weight is still exactly 0
+            # wherever its query sees a key, and a query that sees none (a padding slot outside
+            # every window) averages the values instead of giving NaN, which would reach the
+            # other rows through its keys and values in the next layer (0 * NaN).
+            low = torch.finfo(s.dtype).min
+            s = torch.where(mask, s, low) if mask.dtype == torch.bool else s.add_(mask).clamp_min_(low)
+        return torch.matmul(torch.softmax(s, dim=-1), v).reshape(B, h, T, d)
     o = F.scaled_dot_product_attention(q.reshape(B, hk, gT, d), k, v, attn_mask=mask,
                                        dropout_p=dropout_p, scale=scale)  # (B, hk, g*T, d)
     return o.reshape(B, h, T, d)
