@@ -137,12 +137,12 @@ class LeanDecoder:
             out.append(group_mask(m, n, self.groups, T, L))
         return out
 
-    def _attend(self, layer, q, k, v, attention_mask, buckets, masks):
+    def _attend(self, layer, q, k, v, attention_mask, buckets, masks, sliding: bool = False):
         """Attention of a bucketed pass (see :class:`LeanCache`): ``(o (B, h, T, d), masks)``,
-        ``masks`` made on the first layer (None before)."""
+        ``masks`` made on the first layer (None before; ``sliding``: see :meth:`_bucket_masks`)."""
         kv = layer.update_buckets(k, v)
         if masks is None:
-            masks = self._bucket_masks(attention_mask, buckets, q.shape[2], q.device)
+            masks = self._bucket_masks(attention_mask, buckets, q.shape[2], q.device, sliding)
         o = torch.cat([attend(q[r0:r1], K, V, m, self.scaling) for (r0, r1, _), (K, V), m in zip(buckets, kv, masks)])
         return o, masks
 
@@ -282,12 +282,8 @@ class LeanGemma3Decoder(LeanDecoder):
             q = apply_rope(gemma_norm(split_heads(yq, h, d), qn.weight, qn.eps), cos, sin)
             k = apply_rope(gemma_norm(split_heads(yk, hk, d), kn.weight, kn.eps), cos, sin)
             if buckets:  # (a ragged pass's rows padded per bucket: see LeanCache)
-                kv = cache.layers[i].update_buckets(k, split_heads(yv, hk, d))
-                ms = masks.get(sliding)
-                if ms is None:
-                    ms = masks[sliding] = self._bucket_masks(attention_mask, buckets, T, x.device, sliding)
-                o = torch.cat([attend(q[r0:r1], K, V, m, self.scaling)
-                               for (r0, r1, _), (K, V), m in zip(buckets, kv, ms)])
+                o, masks[sliding] = self._attend(cache.layers[i], q, k, split_heads(yv, hk, d), attention_mask,
+                                                 buckets, masks.get(sliding), sliding)
             else:
                 K, V = cache.layers[i].update(k, split_heads(yv, hk, d))  # (B, hk, L, d)
                 L = K.shape[2]

@@ -7,7 +7,7 @@ the layer runs. It also keeps what the :class:`~genlm_bytes.lm.hf.kv.KVStore` st
 pass: the new tokens alone, a context kept whole, or the arena written in place.
 
 A batched pass gathers its rows' pasts for a group of layers at a time
-(:meth:`_Gather._gather_stacked`): the store keeps every layer of a block in one tensor (see
+(:meth:`_Gather._gathered`): the store keeps every layer of a block in one tensor (see
 :meth:`~genlm_bytes.lm.prefix_cache.KVBlock.empty`), so one concatenation per group copies
 every row's padding and segments, instead of one per row and layer. On a CPU the calls, not the
 bytes, were the cost: 32 rows on 30 layers made 1,920 calls per pass. The groups are as large as
@@ -48,25 +48,30 @@ class _Gather:
     def get_seq_length(self) -> int:
         return self.past + (0 if self.new_keys is None else self.new_keys.shape[-2])
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        """``(B, hk, n, d)`` new keys/values -> the layer's ``(B, hk, past + n, d)`` keys/values."""
+    def _begin(self, key_states, value_states) -> None:
+        """What every layer's update does first: the stop check, transformers' bookkeeping, and
+        the new tokens kept for the store."""
         if self.check is not None:
             self.check()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.new_keys, self.new_values = key_states, value_states
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """``(B, hk, n, d)`` new keys/values -> the layer's ``(B, hk, past + n, d)`` keys/values."""
+        self._begin(key_states, value_states)
         if self.arena is not None:
             return self._write_arena(key_states, value_states)
         P, i = self.past, self.index
+        if P and len(self.pasts) > 1:  # a batch: its rows' pasts gathered by groups of layers
+            return self._gathered(key_states, value_states)[0]
         if P == 0:
             K, V = key_states, value_states
-        elif len(self.pasts) == 1:  # one row, no padding: one concatenation
+        else:  # one row, no padding: one concatenation
             segs = self.pasts[0][0]
             K, V = self._buffers(key_states, P)
             torch.cat([piece(b.keys[i], r, s, n) for b, r, s, n in segs] + [key_states], dim=2, out=K)
             torch.cat([piece(b.values[i], r, s, n) for b, r, s, n in segs] + [value_states], dim=2, out=V)
-        else:
-            K, V = self._gather_stacked(key_states, value_states)
         for row, lo, hi in self.keep:
             self._keep_whole(K[row:row + 1], V[row:row + 1], row, lo, hi)
         return K, V
@@ -75,11 +80,18 @@ class _Gather:
         """:meth:`update` for a pass whose rows (sorted by past length, longest first) are split
         into buckets ``workspace["buckets"]`` ``(r0, r1, Pb)``: rows ``[r0, r1)`` left-padded to
         ``Pb`` only. Returns per bucket its ``(r1 - r0, hk, Pb + n, d)`` keys and values."""
-        if self.check is not None:
-            self.check()
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.new_keys, self.new_values = key_states, value_states
+        self._begin(key_states, value_states)
+        return self._gathered(key_states, value_states)
+
+    def _buckets(self) -> list[tuple[int, int, int]]:
+        """The pass's row ranges ``(r0, r1, Pb)``, each left-padded to its ``Pb``: the buckets of
+        ``workspace["buckets"]``, else every row padded to the pass's past."""
+        return self.workspace.get("buckets") or [(0, len(self.pasts), self.past)]
+
+    def _gathered(self, key_states, value_states) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per bucket (:meth:`_buckets`), this layer's keys/values from the group of layers
+        gathered with it (see :meth:`_gather_group`), the new tokens written after every row's
+        past; the rows stored whole (``keep``) copied out."""
         i = self.index
         group = self.workspace.get("group")
         if group is None or not group[0] <= i < group[0] + group[1]:
@@ -88,7 +100,7 @@ class _Gather:
         _, hk, n, d = key_states.shape
         hv, dv = value_states.shape[1], value_states.shape[3]
         out, at = [], 0
-        for r0, r1, Pb in self.workspace["buckets"]:
+        for r0, r1, Pb in self._buckets():
             m = (r1 - r0) * (Pb + n)
             K = KB[i - a, at:at + m].view(r1 - r0, Pb + n, hk, d)
             V = VB[i - a, at:at + m].view(r1 - r0, Pb + n, hv, dv)
@@ -112,21 +124,6 @@ class _Gather:
         blk, i = kept[row], self.index
         blk.keys[i].copy_(K[:, :, lo:hi])
         blk.values[i].copy_(V[:, :, lo:hi])
-
-    def _gather_stacked(self, key_states, value_states):
-        """This layer's keys/values from the group of layers gathered with it (see
-        :meth:`_gather_group`), its new tokens written after every row's past."""
-        i, P = self.index, self.past
-        group = self.workspace.get("group")
-        if group is None or not group[0] <= i < group[0] + group[1]:
-            group = self.workspace["group"] = self._gather_group(key_states, value_states)
-        a, _, KB, VB = group
-        B, hk, n, d = key_states.shape
-        K = KB[i - a].view(B, P + n, hk, d)
-        V = VB[i - a].view(B, P + n, value_states.shape[1], value_states.shape[3])
-        K[:, P:].copy_(key_states.transpose(1, 2))
-        V[:, P:].copy_(value_states.transpose(1, 2))
-        return K.transpose(1, 2), V.transpose(1, 2)
 
     def _gather_group(self, key_states, value_states) -> tuple:
         """Layers ``[a, a + c)`` (``a``: this one) of every row, left-padded (to the pass's past, or
@@ -173,12 +170,8 @@ class _Gather:
         return bufs
 
     def _pads(self) -> list[int]:
-        """Per row, the past length it is left-padded to: the pass's, or its bucket's
-        (``workspace["buckets"]``, see :meth:`update_buckets`)."""
-        buckets = self.workspace.get("buckets")
-        if not buckets:
-            return [self.past] * len(self.pasts)
-        return [Pb for r0, r1, Pb in buckets for _ in range(r0, r1)]
+        """Per row, the past length it is left-padded to (its bucket's, :meth:`_buckets`)."""
+        return [Pb for r0, r1, Pb in self._buckets() for _ in range(r0, r1)]
 
     def _group_buffers(self, key_states, value_states, slots: int):
         """The pass's ``(c, slots, heads * d)`` key and value buffers of :meth:`_gather_group`
