@@ -98,8 +98,8 @@ def use_groups(lm, groups: bool) -> None:
 
     def repack():
         with gemm._PACK_LOCK:
-            for key in list(gemm._GROUPS):
-                gemm._drop_group(key)
+            for key in [k for k in gemm._PACKS if len(k) > 1]:  # (the groups' packs)
+                gemm._drop(key)
         if groups:
             gemm.pack_groups(model_groups(lm.model))
         gemm.pack_weights(model_matrices(lm.model))

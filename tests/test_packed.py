@@ -85,7 +85,7 @@ def test_packs_are_freed_with_their_weight_and_others_are_skipped():
     key, pack = id(w), weakref.ref(gemm.packed_weight(w))
     del w
     gc.collect()
-    assert pack() is None and key not in gemm._PACKS
+    assert pack() is None and (key,) not in gemm._PACKS
 
 
 def test_new_ranges_are_what_before_did_not_cover():
@@ -276,4 +276,4 @@ def test_a_changed_weight_of_a_group_is_not_multiplied_by_the_stale_pack():
     before = gemm.packed_bytes()
     del a, changed
     gc.collect()
-    assert key not in gemm._GROUPS and gemm.packed_bytes() == before - 2 * 32 * 48 * 4
+    assert key not in gemm._PACKS and gemm.packed_bytes() == before - 2 * 32 * 48 * 4

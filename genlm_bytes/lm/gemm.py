@@ -121,17 +121,15 @@ def onednn_works() -> bool:
     return True
 
 
-_PACKS: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its version, its address, its oneDNN packed copy,
-#                                 its product with the probe of its width when packed)
+# oneDNN's packs, each of one weight or of a group of weights that multiply the same input (a layer's
+# query, key and value projections; its gate and up projections) stacked as one matrix: one product
+# instead of several, each output column computed as by its own weight's pack, bit for bit (session 19).
+# A weight is in one pack at most.
+_PACKS: dict[tuple, tuple] = {}  # ids of the weights -> (weakrefs to them, their versions, their addresses,
+#                                   the pack, its product with the probe of the width, the weights' widths)
+_MEMBER: dict[int, tuple] = {}  # id(weight) -> the key of the pack that holds it
 _PACK_LOCK = threading.RLock()  # (re-entered by _forget: a weight collected while packing)
 _PROBES: dict[int, torch.Tensor] = {}  # width -> the (1, width) row a weight is multiplied by to see it changed
-# Groups of weights multiplying the same input (a layer's query, key and value projections; its gate and
-# up projections), packed as one matrix (their rows stacked): one product instead of several, each
-# output column computed as by its own weight's pack, bit for bit (session 19). A weight in a group
-# keeps no pack of its own (the same bytes).
-_GROUPS: dict[tuple, tuple] = {}  # ids of the weights -> (weakrefs, versions, addresses, the pack, its
-#                                   product with the probe of the width, the output widths)
-_IN_GROUP: dict[int, tuple] = {}  # id(weight) -> the key of its group
 
 
 def _probe(w: torch.Tensor) -> torch.Tensor:
@@ -151,59 +149,54 @@ def _packable(w) -> bool:
             and not w.is_inference() and w.numel() > 0)
 
 
-def packed_weight(w: torch.Tensor):
-    """oneDNN's packed copy of ``w`` if :func:`pack_weights` made one for ``w`` as it is now (same
-    tensor, address and version), else None."""
-    e = _PACKS.get(id(w))
-    if e is None or e[0]() is not w or e[1] != w._version or e[2] != w.data_ptr():
-        return None
-    return e[3]
+def _members(e: tuple) -> tuple | None:
+    """The weights of pack entry ``e`` if every one is alive and as it was packed (same version
+    and address), else None."""
+    ws = tuple(r() for r in e[0])
+    for w, v, a in zip(ws, e[1], e[2]):
+        if w is None or w._version != v or w.data_ptr() != a:
+            return None
+    return ws
 
 
 def packed_group(ws: tuple):
-    """oneDNN's packed copy of the weights ``ws`` stacked, if :func:`pack_groups` made one for them
-    as they are now (each the same tensor, at the same address and version), else None."""
-    e = _GROUPS.get(tuple(map(id, ws)))
+    """oneDNN's packed copy of the weights ``ws`` stacked (or of one weight), if :func:`pack_groups`
+    (:func:`pack_weights`) made one for them as they are now (each the same tensor, at the same
+    address and version), else None."""
+    e = _PACKS.get(tuple(map(id, ws)))
     if e is None:
         return None
-    refs, versions, ptrs = e[0], e[1], e[2]
-    for w, r, v, a in zip(ws, refs, versions, ptrs):
+    for w, r, v, a in zip(ws, e[0], e[1], e[2]):  # (every product asks: no tuple built)
         if r() is not w or w._version != v or w.data_ptr() != a:
             return None
     return e[3]
 
 
+def packed_weight(w: torch.Tensor):
+    """oneDNN's packed copy of ``w`` if :func:`pack_weights` made one for ``w`` as it is now (same
+    tensor, address and version), else None."""
+    return packed_group((w,))
+
+
 def is_packed(w: torch.Tensor) -> bool:
     """Whether ``w`` as it is now is multiplied by a pack: its own, or its group's."""
-    return packed_weight(w) is not None or _in_valid_group(w)
+    e = _PACKS.get(_MEMBER.get(id(w)))
+    members = None if e is None else _members(e)
+    return members is not None and any(m is w for m in members)
 
 
-def _in_valid_group(w) -> bool:
-    key = _IN_GROUP.get(id(w))
-    e = _GROUPS.get(key) if key is not None else None
-    return e is not None and any(r() is w for r in e[0]) and packed_group(tuple(r() for r in e[0])) is not None
-
-
-def _drop_group(key: tuple) -> None:
-    e = _GROUPS.pop(key, None)
-    if e is not None:
+def _drop(key: tuple) -> None:
+    if _PACKS.pop(key, None) is not None:
         for k in key:
-            if _IN_GROUP.get(k) == key:
-                del _IN_GROUP[k]
+            if _MEMBER.get(k) == key:
+                del _MEMBER[k]
 
 
-def _forget_group(key: tuple, ref) -> None:
-    with _PACK_LOCK:
-        e = _GROUPS.get(key)
-        if e is not None and any(r is ref for r in e[0]):
-            _drop_group(key)
-
-
-def _forget(key: int, ref) -> None:
+def _forget(key: tuple, ref) -> None:
     with _PACK_LOCK:
         e = _PACKS.get(key)
-        if e is not None and e[0] is ref:
-            del _PACKS[key]
+        if e is not None and any(r is ref for r in e[0]):
+            _drop(key)
 
 
 def _weight_list(weights) -> list:
@@ -215,53 +208,71 @@ def _weight_list(weights) -> list:
         raise TypeError(f"weights must be an iterable of tensors, got {type(weights).__name__}") from None
 
 
+def _unpacked(weights) -> list[torch.Tensor]:
+    """The packable weights of ``weights`` not multiplied by a pack as they are now, each once."""
+    seen, out = set(), []
+    for w in _weight_list(weights):
+        if _packable(w) and id(w) not in seen and not is_packed(w):
+            seen.add(id(w))
+            out.append(w)
+    return out
+
+
 def pack_bytes(weights) -> int:
     """The bytes :func:`pack_weights` would add for ``weights`` (those not packed as they are now)."""
-    seen, total = set(), 0
-    for w in _weight_list(weights):
-        if _packable(w) and id(w) not in seen and packed_weight(w) is None and not _in_valid_group(w):
-            seen.add(id(w))
-            total += w.numel() * w.element_size()
-    return total
+    return sum(w.numel() * w.element_size() for w in _unpacked(weights))
 
 
-def _checked_pack(w: torch.Tensor, y0: torch.Tensor, op) -> tuple:
-    """oneDNN's pack of ``w``, the probe product ``y0`` of the weight(s) it packs (BLAS's), and
-    whether the pack's product of the probe rows agrees with it (checked like onednn_works)."""
-    pk = torch.ops.mkldnn._reorder_linear_weight(w)
-    y = op(_PROBES[w.shape[1]], pk, None, "none", [], "")
-    ok = y.shape == y0.shape and torch.allclose(y, y0, rtol=CHECK_TOLERANCE, atol=CHECK_TOLERANCE * float(y0.abs().max()))
-    return pk, y0, ok
+def _pack(groups: list[tuple]) -> int:
+    """Pack each tuple of weights of ``groups`` (one weight, or several of one width stacked) not
+    packed so as they are now, where the pack's product of the probe row agrees with BLAS's
+    (checked like onednn_works); a weight's older pack (alone or in another group) goes. A
+    packing that raises stops here. Returns the bytes packed."""
+    made, op = 0, _onednn_op()
+    with _PACK_LOCK:
+        for ws in groups:
+            if packed_group(ws) is not None:
+                continue
+            try:
+                stacked = ws[0].detach() if len(ws) == 1 else torch.cat([w.detach() for w in ws])
+                pk = torch.ops.mkldnn._reorder_linear_weight(stacked)
+                del stacked
+                y0 = torch.cat([_probe(w) for w in ws], dim=1)
+                y = op(_PROBES[ws[0].shape[1]], pk, None, "none", [], "")
+                ok = y.shape == y0.shape and torch.allclose(y, y0, rtol=CHECK_TOLERANCE,
+                                                             atol=CHECK_TOLERANCE * float(y0.abs().max()))
+            except Exception:
+                logger.debug("weights not packed: oneDNN's packing failed", exc_info=True)
+                break
+            if not ok:
+                logger.debug("a packed weight %s multiplies differently from F.linear: not packed",
+                             [tuple(w.shape) for w in ws])
+                continue
+            key = tuple(map(id, ws))
+            for k in key:
+                if k in _MEMBER:
+                    _drop(_MEMBER[k])
+            refs = tuple(weakref.ref(w, lambda r, key=key: _forget(key, r)) for w in ws)
+            _PACKS[key] = (refs, tuple(w._version for w in ws), tuple(w.data_ptr() for w in ws), pk, y0,
+                           tuple(w.shape[0] for w in ws))
+            for k in key:
+                _MEMBER[k] = key
+            made += sum(w.numel() * w.element_size() for w in ws)
+    if made:
+        logger.debug("packed %d MB of weights in oneDNN's layout", made >> 20)
+    return made
 
 
 @torch.no_grad()
 def pack_weights(weights) -> int:
     """Make oneDNN's packed copy of every float32 CPU matrix of ``weights`` not packed as it is
-    now (others are skipped); ``linear_fn(packed=True)`` multiplies by them. Returns the bytes
-    packed now. Does nothing (0) where :func:`onednn_works` is False."""
+    now, alone or in a group (others are skipped); ``linear_fn(packed=True)`` multiplies by them.
+    Returns the bytes packed now. Does nothing (0) where :func:`onednn_works` is False."""
     weights = _weight_list(weights)
     if not onednn_works():
         return 0
-    made, op = 0, _onednn_op()
     with _PACK_LOCK:
-        for w in weights:
-            if not _packable(w) or packed_weight(w) is not None or _in_valid_group(w):
-                continue
-            key = id(w)
-            try:
-                pk, y0, ok = _checked_pack(w.detach(), _probe(w), op)
-            except Exception:
-                logger.debug("weights not packed: oneDNN's packing failed", exc_info=True)
-                break
-            if not ok:
-                logger.debug("a packed weight %s multiplies differently from F.linear: not packed", tuple(w.shape))
-                continue
-            ref = weakref.ref(w, lambda r, key=key: _forget(key, r))
-            _PACKS[key] = (ref, w._version, w.data_ptr(), pk, y0)
-            made += w.numel() * w.element_size()
-    if made:
-        logger.debug("packed %d MB of weights in oneDNN's layout", made >> 20)
-    return made
+        return _pack([(w,) for w in _unpacked(weights)])
 
 
 @torch.no_grad()
@@ -270,40 +281,12 @@ def pack_groups(groups) -> int:
     multiply the same input) as one matrix, their rows stacked, where not packed so as they are
     now: :func:`packed_group` gives it, ``linear_fn(packed=True).group`` multiplies by it. Their
     own packs are dropped (the group's holds the same numbers). A group whose stacked product of
-    the probe rows differs from its weights' own is not packed. Returns the bytes packed now."""
+    the probe row differs from its weights' own is not packed. Returns the bytes packed now."""
     groups = [tuple(_weight_list(g)) for g in _weight_list(groups)]
     if not onednn_works():
         return 0
-    made, op = 0, _onednn_op()
-    with _PACK_LOCK:
-        for ws in groups:
-            if (len(ws) < 2 or not all(_packable(w) for w in ws) or len({w.shape[1] for w in ws}) != 1
-                    or len({id(w) for w in ws}) != len(ws) or packed_group(ws) is not None):
-                continue
-            try:
-                pk, y0, ok = _checked_pack(torch.cat([w.detach() for w in ws]),
-                                           torch.cat([_probe(w) for w in ws], dim=1), op)
-            except Exception:
-                logger.debug("weights not packed in groups: oneDNN's packing failed", exc_info=True)
-                break
-            if not ok:
-                logger.debug("a packed group %s multiplies differently from F.linear: not packed",
-                             [tuple(w.shape) for w in ws])
-                continue
-            key = tuple(map(id, ws))
-            for k in key:  # (a weight in an older group, or packed alone: that pack goes)
-                if k in _IN_GROUP:
-                    _drop_group(_IN_GROUP[k])
-                _PACKS.pop(k, None)
-            refs = tuple(weakref.ref(w, lambda r, key=key: _forget_group(key, r)) for w in ws)
-            _GROUPS[key] = (refs, tuple(w._version for w in ws), tuple(w.data_ptr() for w in ws), pk, y0,
-                            tuple(w.shape[0] for w in ws))
-            for k in key:
-                _IN_GROUP[k] = key
-            made += sum(w.numel() * w.element_size() for w in ws)
-    if made:
-        logger.debug("packed %d MB of weights in groups in oneDNN's layout", made >> 20)
-    return made
+    return _pack([ws for ws in groups if len(ws) >= 2 and all(_packable(w) for w in ws)
+                  and len({w.shape[1] for w in ws}) == 1 and len({id(w) for w in ws}) == len(ws)])
 
 
 @torch.no_grad()
@@ -313,42 +296,34 @@ def changed_weights(weights) -> list[torch.Tensor]:
     counters do not see). Each is multiplied by a fixed row, as when it was packed: a change
     shows unless it moves that product by less than ``PROBE_TOLERANCE`` of its scale (less
     than a few roundings: the pack then multiplies as the weight does, to rounding). Their
-    packs are dropped (:func:`pack_weights` makes them again). Costs one small product per weight."""
-    out, weights = [], _weight_list(weights)
+    packs (a group's whole) are dropped (:func:`pack_weights`, :func:`pack_groups` make them
+    again). Costs one matrix-vector product per weight."""
+    out, named = [], {}
     with _PACK_LOCK:
-        groups = {}
-        for w in weights:
-            key = _IN_GROUP.get(id(w))
-            if key is not None:
-                groups.setdefault(key, []).append(w)
-            e = _PACKS.get(id(w))
-            if e is None or packed_weight(w) is None:
-                continue
-            y, y0 = _probe(w), e[4]
-            if float((y - y0).abs().max()) > PROBE_TOLERANCE * float(y0.abs().max()):
-                del _PACKS[id(w)]
-                out.append(w)
-        for key, named in groups.items():  # (a group: the stacked probe products, as when packed)
-            e = _GROUPS.get(key)
-            ws = tuple(r() for r in e[0]) if e is not None else ()
-            if not ws or packed_group(ws) is None:
+        for w in _weight_list(weights):
+            key = _MEMBER.get(id(w))
+            if key is not None and not any(x is w for x in named.get(key, ())):
+                named.setdefault(key, []).append(w)
+        for key, asked in named.items():
+            e = _PACKS.get(key)
+            members = None if e is None else _members(e)
+            if members is None:
                 continue
             moved, at = [], 0
-            for w, n in zip(ws, e[5]):  # (each member's columns of the stacked probe product)
+            for w, n in zip(members, e[5]):  # (each member's columns of the stacked probe product)
                 y0 = e[4][:, at:at + n]
                 at += n
                 if float((_probe(w) - y0).abs().max()) > PROBE_TOLERANCE * float(y0.abs().max()):
                     moved.append(w)
             if moved:
-                _drop_group(key)
-                out.extend(w for w in named if any(w is m for m in moved))
+                _drop(key)
+                out.extend(w for w in asked if any(w is m for m in moved))
     return out
 
 
 def packed_bytes() -> int:
     """The bytes of every packed copy alive."""
-    return (sum(e[3].shape.numel() * 4 for e in list(_PACKS.values()) if e[0]() is not None)
-            + sum(e[3].shape.numel() * 4 for e in list(_GROUPS.values()) if all(r() is not None for r in e[0])))
+    return sum(e[3].shape.numel() * 4 for e in list(_PACKS.values()) if all(r() is not None for r in e[0]))
 
 
 def linear_fn(onednn: bool = True, packed: bool = False):
@@ -386,6 +361,12 @@ def linear_fn(onednn: bool = True, packed: bool = False):
         padded[:m] = x2
         return op(padded, w, b, "none", [], "")[:m]
 
+    def chunked(x2: torch.Tensor, w, b, pk=None) -> torch.Tensor:
+        """:func:`product`, in pieces of at most ``top`` rows."""
+        if x2.shape[0] <= top:
+            return product(x2, w, b, pk)
+        return torch.cat([product(x2[i:i + top], w, b, pk) for i in range(0, x2.shape[0], top)])
+
     def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if not (x.dtype is f32 and w.dtype is f32 and x.device.type == "cpu" and w.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
@@ -395,11 +376,7 @@ def linear_fn(onednn: bool = True, packed: bool = False):
         m = x2.shape[0]
         if m == 0:
             return F.linear(x, w, b)
-        if m <= top:
-            y = product(x2, w, b)
-        else:
-            y = torch.cat([product(x2[i:i + top], w, b) for i in range(0, m, top)])
-        return y.view(*x.shape[:-1], w.shape[0])
+        return chunked(x2, w, b).view(*x.shape[:-1], w.shape[0])
 
     def group(x: torch.Tensor, ws: tuple) -> torch.Tensor | None:
         """``x`` by the weights ``ws`` (no biases) at once: ``(..., sum of their widths)``, the
@@ -413,10 +390,7 @@ def linear_fn(onednn: bool = True, packed: bool = False):
         m = x2.shape[0]
         if m == 0:
             return None
-        if m <= top:
-            y = product(x2, None, None, pk)
-        else:
-            y = torch.cat([product(x2[i:i + top], None, None, pk) for i in range(0, m, top)])
+        y = chunked(x2, None, None, pk)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     linear.group = group
