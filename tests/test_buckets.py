@@ -149,3 +149,29 @@ def test_attend_keeps_a_query_that_sees_no_key_finite_and_out_of_the_other_rows(
         got = attend(q, k, v, group_mask(mask, B, h // hk, 1, L))
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got[[0, 2]], want[[0, 2]], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_to_the_bucket_entry_points():
+    for args in (([], 1, 0), ([3, 5], 1, 0), ([5, -1], 1, 0), ([5, 3], 0, 0), ([5, 3], 1, -1), ([5, 3.0], 1, 0),
+                 ([5, 3], 1, True)):
+        with pytest.raises(ValueError):
+            attention_buckets(*args)
+    with pytest.raises(ValueError, match="most_cuts"):
+        attention_buckets([5, 3], 1, 0, most_cuts=0)
+    for bad in (-1, 1.5, True, "128"):
+        with pytest.raises(ValueError, match="bucket_slots"):
+            EngineConfig(bucket_slots=bad)
+
+
+def test_bad_input_to_the_group_entry_points():
+    from genlm_bytes.lm import gemm
+
+    w = torch.randn(8, 4)
+    for fn in (gemm.packed_group, gemm.pack_groups):
+        with pytest.raises(TypeError, match="not one tensor"):
+            fn(w)
+        with pytest.raises(TypeError, match="iterable"):
+            fn(3)
+    with pytest.raises(TypeError, match="not one tensor"):
+        gemm.pack_groups([w, w])  # (a group is a tuple of weights, not one weight)
+    assert gemm.packed_group((w, torch.randn(8, 4))) is None and not gemm.is_packed(w)

@@ -159,14 +159,19 @@ def _members(e: tuple) -> tuple | None:
     return ws
 
 
-def packed_group(ws: tuple):
+def packed_group(ws):
     """oneDNN's packed copy of the weights ``ws`` stacked (or of one weight), if :func:`pack_groups`
     (:func:`pack_weights`) made one for them as they are now (each the same tensor, at the same
-    address and version), else None."""
+    address and version), else None. ``ws``: an iterable of tensors (TypeError otherwise)."""
+    return _pack_of(tuple(_weight_list(ws)))
+
+
+def _pack_of(ws: tuple):
+    """:func:`packed_group` of a tuple of tensors (every product asks: no checks)."""
     e = _PACKS.get(tuple(map(id, ws)))
     if e is None:
         return None
-    for w, r, v, a in zip(ws, e[0], e[1], e[2]):  # (every product asks: no tuple built)
+    for w, r, v, a in zip(ws, e[0], e[1], e[2]):
         if r() is not w or w._version != v or w.data_ptr() != a:
             return None
     return e[3]
@@ -175,7 +180,7 @@ def packed_group(ws: tuple):
 def packed_weight(w: torch.Tensor):
     """oneDNN's packed copy of ``w`` if :func:`pack_weights` made one for ``w`` as it is now (same
     tensor, address and version), else None."""
-    return packed_group((w,))
+    return _pack_of((w,))
 
 
 def is_packed(w: torch.Tensor) -> bool:
@@ -231,7 +236,7 @@ def _pack(groups: list[tuple]) -> int:
     made, op = 0, _onednn_op()
     with _PACK_LOCK:
         for ws in groups:
-            if packed_group(ws) is not None:
+            if _pack_of(ws) is not None:
                 continue
             try:
                 stacked = ws[0].detach() if len(ws) == 1 else torch.cat([w.detach() for w in ws])
@@ -382,7 +387,7 @@ def linear_fn(onednn: bool = True, packed: bool = False):
         """``x`` by the weights ``ws`` (no biases) at once: ``(..., sum of their widths)``, the
         products side by side, by their group's pack (:func:`pack_groups`); None where there is
         none as they are now (then multiply by each)."""
-        pk = packed_group(ws) if packed else None
+        pk = _pack_of(ws) if packed else None
         if pk is None or x.dtype is not f32 or x.device.type != "cpu" or torch.is_grad_enabled():
             return None
         k = x.shape[-1]

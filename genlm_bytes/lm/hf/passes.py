@@ -21,6 +21,7 @@ kept position at once (more memory than the chunked output layer of the other tw
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 
 import torch
@@ -59,7 +60,17 @@ def attention_buckets(pasts: list[int], n: int, cost: int, most_cuts: int = 48) 
     """Rows with pasts ``pasts`` (longest first) and ``n`` new slots each, split into contiguous
     buckets ``(r0, r1, Pb)`` (``Pb = pasts[r0]``, the longest of the bucket) that minimize the
     key slots a pass gathers and attends to, ``sum((r1 - r0) * (Pb + n))``, plus ``cost`` slots
-    per bucket (a bucket's own calls). Cuts are searched among ``most_cuts`` places at most."""
+    per bucket (a bucket's own calls). Cuts are searched among ``most_cuts`` places at most.
+    Bad input (no rows, pasts not ints >= 0 in non-increasing order, ``n`` < 1, ``cost`` < 0,
+    ``most_cuts`` < 1) is a ValueError."""
+    pasts = list(pasts)
+    ints = (n, cost, most_cuts, *pasts)
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in ints):
+        raise ValueError(f"pasts, n, cost and most_cuts must be ints, got {pasts!r}, {n!r}, {cost!r}, {most_cuts!r}")
+    if not pasts or min(pasts) < 0 or any(a < b for a, b in itertools.pairwise(pasts)):
+        raise ValueError(f"pasts must be one or more lengths >= 0, longest first, got {pasts!r}")
+    if n < 1 or cost < 0 or most_cuts < 1:
+        raise ValueError(f"need n >= 1, cost >= 0 and most_cuts >= 1, got n={n}, cost={cost}, most_cuts={most_cuts}")
     B = len(pasts)
     step = -(-B // most_cuts)
     cuts = list(range(0, B, step)) + [B]
