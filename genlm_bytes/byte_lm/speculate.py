@@ -225,6 +225,7 @@ class PrefillPlanner:
     # within noise; benchmarks/README.md, session 13).
     TO_END = 2
     GUESS_AFTER = 2  # the text's likeliest next tokens computed with its last window (a generation asks first)
+    STALL_WALK = 8  # bytes a copy of the beam walks ahead when it stalls for a pass (see stall_walk; 0: none)
 
     def __init__(self, beam, data: bytes):
         self.beam0 = beam
@@ -241,6 +242,8 @@ class PrefillPlanner:
         self._planned: dict[tuple[int, int], tuple[int, int, int]] = {}  # (id(context), token) -> the same
         self._at = (0, beam)  # (text position, the beam about to read the byte there): where a walk starts
         self._walked = (-1, None)  # (text position, the copy there) where the last walk ended
+        # context -> the look-ahead bookkeeping of a path a stall walk started for it (see stall_walk)
+        self._walked_paths: dict[tuple, tuple[int, int, int]] = {}
 
     def fits(self, n_tokens: int) -> bool:
         m = self.params.max_context_length
@@ -294,7 +297,8 @@ class PrefillPlanner:
             key = (id(s.lm_state), t)
             ctx = s.lm_state.context + (t,)
             if (i, t) in beam._ext or lm.has_logprobs(ctx):  # (made already, e.g. by beam._tighten)
-                self._planned[key] = (0, ahead0, path_end)
+                ahead_of = self._walked_paths.pop(ctx, None) if self._walked_paths else None
+                self._planned[key] = ahead_of or (0, ahead0, path_end)
                 continue
             strong = w >= top + self.DOMINANT
             # A first miss starts a new branch (its look-ahead starts small again), unless the
@@ -315,10 +319,12 @@ class PrefillPlanner:
                 ahead = min(self.MAX_AHEAD, max(4, 2 * base))
             enc = self.encode_ahead(pos, ahead)
             if enc and self.fits(len(ctx) + len(enc)):
-                new.append((ctx, tuple(enc)))
+                new.append((ctx, tuple(enc), pos))
                 self._planned[key] = (0, ahead, len(ctx) + len(enc))
         if new:
-            await self.add_paths(new, pos)
+            if self.STALL_WALK:
+                new += await self.stall_walk(beam, pos, {c for c, _, _ in new})
+            await self.add_paths(new)
 
     def after_extensions(self, beam, cands, extensions) -> None:
         """Called by a beam step with the extensions it computed for ``cands``: each inherits the
@@ -365,36 +371,72 @@ class PrefillPlanner:
             beam = beam.prune()
         return list(missing), beam
 
-    async def add_paths(self, paths: list[tuple[tuple, tuple]], pos: int) -> None:
-        """Start look-ahead paths from text position ``pos`` in as few tree passes as possible:
+    async def stall_walk(self, beam, pos: int, have: set) -> list[tuple[tuple, tuple, int]]:
+        """The beam stalls at ``pos`` for a pass: the look-ahead paths it would ask for over the
+        next ``STALL_WALK`` bytes, so that the same pass computes them. A copy of ``beam`` walks
+        those bytes on the distributions cached now (:meth:`walk_ahead`); each context it finds
+        missing after ``pos`` (a cover that ends its token a byte or more later: other covers of
+        the same stretch of text) gets a path of ``FIRST_AHEAD`` tokens from where it is. The
+        beam asks for them one byte after another otherwise, each a pass of its own. Returns
+        ``(context, tokens, text position)`` paths; their look-ahead is remembered for the
+        cover that reaches them (see :meth:`before_extensions`)."""
+        from genlm_bytes.byte_lm.beam import ByteBeamState
+
+        missing: dict[tuple, None] = {}
+        found = []
+        copy = ByteBeamState(beam.states, beam.params, canon=beam._canon)
+        for q in range(pos, min(len(self.data), pos + self.STALL_WALK)):
+            n0 = len(missing)
+            copy = await copy._step(self.data[q], pos=q, missing=missing)
+            if q > pos and len(missing) > n0:
+                enc = None
+                for ctx in list(missing)[n0:]:
+                    if ctx in have or ctx in self._walked_paths:
+                        continue
+                    enc = enc or tuple(self.encode_ahead(q, self.FIRST_AHEAD))
+                    if enc and self.fits(len(ctx) + len(enc)):
+                        found.append((ctx, enc, q))
+                        self._walked_paths[ctx] = (0, self.FIRST_AHEAD, len(ctx) + len(enc))
+            if not copy.states:
+                break
+            copy = copy.prune()
+        if len(self._walked_paths) > self.MAX_PENDING:
+            self._walked_paths = dict(list(self._walked_paths.items())[-self.MAX_PENDING:])
+        return found
+
+    async def add_paths(self, paths: list[tuple[tuple, tuple, int]]) -> None:
+        """Start look-ahead paths ``(context, tokens, text position)`` in as few tree passes as possible:
         paths whose contexts differ in their last few tokens only go in one pass, and every
         path carries, as one-token branches, the branches the first (canonical) path has at
         the same text positions: likely branches of this path too, so that its exact branches
         (computed next) are mostly cached already."""
-        groups: list[list[tuple[tuple, tuple]]] = []
-        for ctx, enc in paths:
+        groups: list[list[tuple[tuple, tuple, int]]] = []
+        for path in paths:
+            ctx = path[0]
             for g in groups:
                 if _common(g[0][0], ctx) >= max(len(g[0][0]), len(ctx)) - self.MERGE_SLACK:
-                    g.append((ctx, enc))
+                    g.append(path)
                     break
             else:
-                groups.append([(ctx, enc)])
+                groups.append([path])
+        requests = []
         for n, g in enumerate(groups):
-            (ctx0, enc0), rest = g[0], g[1:]
-            items = [(len(ctx0) + k, (t,)) for k, t in self.likely_branches(enc0, pos)]
+            (ctx0, enc0, at0), rest = g[0], g[1:]
+            items = [(len(ctx0) + k, (t,)) for k, t in self.likely_branches(enc0, at0)]
             if rest:
-                c = min(min(_common(ctx0, ctx) for ctx, _ in rest), min(len(ctx) for ctx, _ in g) - 1)
-                for ctx, enc in rest:
+                c = min(min(_common(ctx0, ctx) for ctx, _, _ in rest), min(len(p[0]) for p in g) - 1)
+                for ctx, enc, at in rest:
                     seq = ctx + enc
-                    subs = [(len(ctx) - c + k, t) for k, t in self.likely_branches(enc, pos)]
+                    subs = [(len(ctx) - c + k, t) for k, t in self.likely_branches(enc, at)]
                     items.append((c, seq[c:], subs))
             if n == 0:
                 items += self._take_pending(ctx0 + enc0)
-            await self.lm.prefetch(list(ctx0 + enc0), alternatives=items, start=len(ctx0) - 1)
-        for ctx, enc in paths:
+            requests.append((list(ctx0 + enc0), items, len(ctx0) - 1))
+        await self.lm.prefetch_many(requests)  # (the groups in one pass where they fit)
+        for ctx, enc, at in paths:
             # Its exact branches wait for the next pass: most are a token or two, and a pass of
             # their own would cost what any pass costs (the weights are read once per pass).
-            await self.add_path(ctx, enc, pos, defer=True)
+            await self.add_path(ctx, enc, at, defer=True)
 
     def _take_pending(self, path: tuple) -> list[tuple]:
         """The pending branch contexts (see ``pending``) still uncached, as alternatives of a pass

@@ -307,6 +307,16 @@ class AsyncLM(abc.ABC):
         """
         return
 
+    async def prefetch_many(self, requests) -> None:
+        """:meth:`prefetch` of several paths, each ``(token_ids, alternatives, start)``. A backend
+        that can run them together (``AsyncTransformer``: in one ragged tree pass where they
+        fit) does; the default prefetches them one after another."""
+        for req in requests:
+            if not isinstance(req, (tuple, list)) or len(req) != 3:
+                raise TypeError(f"a prefetch_many request is (token_ids, alternatives, start), got {req!r}")
+            token_ids, alternatives, start = req
+            await self.prefetch(token_ids, alternatives, start=start)
+
     @property
     def wants_hints(self) -> bool:
         """Whether :meth:`hint_next` would be used now (a caller may skip finding hints)."""

@@ -283,6 +283,26 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         the path and the alternatives run together in tree-masked passes (each alternative
         attends to its own prefix only); a long uncached path first runs in chunks.
         """
+        job = self._prefetch_job(token_ids, alternatives, start)
+        if job is None and not self.runner.watch.stale():
+            return
+        await self._run_prefetch(self.scheduler.prefetch, *(job or (tuple(token_ids), [], len(token_ids))))
+
+    async def prefetch_many(self, requests) -> None:
+        """:meth:`prefetch` of several paths, each ``(token_ids, alternatives, start)``: the short
+        ones run together, their pasts end to end in one pass (``Scheduler.prefetch_many``),
+        where a prefetch each would cost a pass each (the weights are read once per pass)."""
+        jobs = []
+        for req in requests:
+            if not isinstance(req, (tuple, list)) or len(req) != 3:
+                raise TypeError(f"a prefetch_many request is (token_ids, alternatives, start), got {req!r}")
+            if (job := self._prefetch_job(*req)) is not None:
+                jobs.append(job)
+        if jobs or self.runner.watch.stale():
+            await self._run_prefetch(self.scheduler.prefetch_many, jobs)
+
+    def _prefetch_job(self, token_ids, alternatives, start) -> tuple[tuple, list, int] | None:
+        """A prefetch's ``(ids, uncached items, start)``, checked; None when all of it is cached."""
         ids = tuple(check_token_ids(token_ids, self.vocab_size))
         self._check_length(len(ids))
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
@@ -290,13 +310,15 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         items = self._uncached_alternatives(ids, alternatives)
         start = min(start, len(ids))
         path = self.cache.walk(ids)
-        path_done = len(path) == len(ids) and all(n.logp is not None for n in path[start:])
-        if path_done and not items and not self.runner.watch.stale():
-            return
+        if len(path) == len(ids) and all(n.logp is not None for n in path[start:]) and not items:
+            return None
+        return ids, items, start
+
+    async def _run_prefetch(self, fn, *args) -> None:
         self.stop_lookahead()
         loop = asyncio.get_running_loop()
         self.batcher.dispatching()
-        await loop.run_in_executor(self.batcher._executor, self._locked, self.scheduler.prefetch, ids, items, start)
+        await loop.run_in_executor(self.batcher._executor, self._locked, fn, *args)
 
     def _uncached_alternatives(self, ids: tuple, alternatives) -> list[tuple[int, tuple, tuple]]:
         """The alternatives of :meth:`prefetch` as ``(i, chain, subs)`` items, checked, cut to the

@@ -187,6 +187,11 @@ class KVStore:
         else:
             self.cache.put_kv(nodes, lambda node: KVRef(block, row, start, node.depth - base, prev))
 
+    def split_spans(self, layers, spans: list[tuple[int, int]]) -> list[KVBlock]:
+        """The new keys/values of a pass as one block per slot span ``[lo, hi)`` of its row (each
+        frees on its own; see :meth:`split_block`)."""
+        return stack_layers(_take_new(layers), spans)
+
     def split_block(self, layers, tail: int, arena: bool = False) -> tuple[KVBlock | None, KVBlock | None]:
         """The new keys/values of a tree pass as two blocks: the path's slots ``[0, tail)`` and the
         alternatives' (each its own stacked copy). The cache frees a

@@ -424,14 +424,71 @@ class PassRunner:
         logger.debug("tree pass: %d path tokens and %d alternatives on a past of %d", tail, len(items), P)
 
     @torch.inference_mode()
-    def tree_rows(self, rows, hand_out: int | None = None) -> list:
+    def tree_many(self, jobs: list[tuple[tuple, int, object, int, list]]) -> None:
+        """Several tree passes ``(ids, P, ref, tail, items)`` (each as :meth:`tree_pass` takes
+        it) run as one pass of one row: their pasts laid end to end, then their slots, each
+        job's slots seeing only its own past and its own tree (positions and rotations are
+        each job's own). No padding, whatever the jobs' sizes: the products run on the slots
+        of all the jobs at once, where a pass of their own each reads all the weights again.
+        Caches what each job's own tree pass would: the log-probs and KV of every new prefix,
+        each job's path and alternatives in blocks of their own. Pasts are never stored whole
+        here (a job whose chain is full runs alone: see KVStore.chain_full)."""
+        store = self.store
+        layouts = [tree_layout(ids, P, tail, items) for ids, P, _, tail, items in jobs]
+        Qs = [len(lay[1]) for lay in layouts]
+        Pt, Q = sum(job[1] for job in jobs), sum(Qs)
+        if Q == 0:
+            return
+        allowed = torch.zeros((Q, Pt + Q), dtype=torch.bool)
+        tokens, pos, key_pos, pasts = [], [], [], []
+        p0 = q0 = 0
+        for (ids, P, ref, _, _), (_, toks, ps, ok), q in zip(jobs, layouts, Qs):
+            allowed[q0:q0 + q, p0:p0 + P] = ok[:, :P]
+            allowed[q0:q0 + q, Pt + q0:Pt + q0 + q] = ok[:, P:]
+            tokens.extend(toks)
+            pos.append(ps)
+            key_pos.append(torch.arange(P))
+            if P:
+                pasts.extend(ref.segments(P))
+            p0, q0 = p0 + P, q0 + q
+        pos = torch.cat(pos)
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros((1, 1, Q, Pt + Q), dtype=dtype).masked_fill_(~allowed[None, None], float("-inf"))
+        store.reserve_pass(1, Pt + Q, Q, Q)
+        self.trimmer.pass_started()
+        lean = self.watch.lean if self.watch.mode == "lean" else None
+        cache = make_pass_cache(self.model, len(lean.layers) if lean is not None else None, [(pasts, Pt)], Pt,
+                                (), None, self.before_layer, self.config.gather_chunk_bytes)
+        states, head = self._run(torch.tensor([tokens]), mask, pos[None], cache, Q, torch.cat(key_pos + [pos])[None])
+        self.n_forward_tokens += Q
+        logp_rows = self.out.rows(states[0], head)  # Q rows, in slot order (job by job)
+        del states
+        layers = cache.layers
+        spans, q0 = [], 0
+        for (_, _, _, tail, _), q in zip(jobs, Qs):
+            spans += [(q0, q0 + tail)] * bool(tail) + [(q0 + tail, q0 + q)] * (q > tail)
+            q0 += q
+        blocks = store.split_spans(layers, spans)  # (the path's and the alternatives' of each job)
+        first = blocks[0]
+        it = iter(blocks)
+        for (ids, P, ref, tail, _), (slots, *_), q in zip(jobs, layouts, Qs):
+            path_block = next(it) if tail else None
+            alt_block = next(it) if q > tail else None
+            self._store_tree(ids, P, ref, tail, slots, layers, None, path_block, alt_block, logp_rows)
+        store.end_pass(first, spans[0][1] - spans[0][0])
+        self.trimmer.pass_ended()
+        logger.debug("tree pass of %d jobs: %d slots on pasts of %d tokens in all", len(jobs), Q, Pt)
+
+    @torch.inference_mode()
+    def tree_rows(self, rows, hand_out: int | None = None, short_chains: bool = True) -> list:
         """A ragged tree pass: rows ``(ids, past ref, past length p, items)`` on different pasts,
         each the path ``ids[p:]`` with the items' chains branching off it as in :meth:`tree_pass`,
         in one batch (pasts left-padded to the longest as in :meth:`forward`, slots right-padded).
         What a few generation requests with their likely next contexts need (see the Scheduler).
         Caches log-probs and KV of every new prefix; returns for each of the first ``hand_out``
         rows (default: all) the log-prob row after its ``ids``, held for the requester (None
-        where a tiny budget evicted it at once); the other rows' stay cached for later reads."""
+        where a tiny budget evicted it at once); the other rows' stay cached for later reads.
+        ``short_chains``: generation's rows (see KVStore.chain_full); False for a prefetch's."""
         store = self.store
         layouts = [tree_layout(ids, p, len(ids) - p, items) for ids, _, p, items in rows]
         B, P = len(rows), max(r[2] for r in rows)
@@ -447,7 +504,7 @@ class PassRunner:
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros((B, 1, Q, P + Q), dtype=dtype).masked_fill_(~allowed[:, None], float("-inf"))
         keep = [(b, P - p, P + len(ids) - p) for b, (ids, ref, p, _) in enumerate(rows)
-                if store.chain_full(ref, True)]
+                if store.chain_full(ref, short_chains)]
         store.reserve_pass(B, P + Q, Q, sum(Qs), keep)
         self.trimmer.pass_started()
         cache = self.make_cache([r[:3] for r in rows], P, keep)

@@ -181,6 +181,68 @@ class Scheduler:
             done, first = n, False
         logger.debug("prefetched %d tokens", n)
 
+    @torch.inference_mode()
+    def prefetch_many(self, jobs: list[tuple[tuple, list, int]]) -> None:
+        """:meth:`prefetch` of several ``(ids, items, start)`` jobs, in as few passes as fit: the
+        short ones (each a path's uncached end and its items, within one pass alone) run
+        together (:meth:`PassRunner.tree_many`: their pasts end to end in one row, no padding),
+        up to ``alt_chunk`` slots a pass; the rest one by one."""
+        self.check_model()
+        if len(jobs) < 2 or not self.store.kv_reuse:
+            for job in jobs:
+                self.prefetch(*job)
+            return
+        rows, rest = [], []
+        for ids, items, start in jobs:
+            row = self._tree_row(ids, items, start)
+            if row is None:
+                rest.append((ids, items, start))
+            elif row[0]:  # (nothing left to compute: skipped)
+                rows.append(row)
+        for batch in self._tree_batches(rows):
+            if len(batch) == 1:
+                _, ids, ref, P, items = batch[0]
+                if items:
+                    self.runner.tree_pass(ids, P, ref, len(ids) - P, items)
+                else:
+                    self.runner.forward([(ids, ref, P)], all_positions=True)
+            else:
+                self.runner.tree_many([(ids, P, ref, len(ids) - P, items) for _, ids, ref, P, items in batch])
+        for job in rest:
+            self.prefetch(*job)
+
+    def _tree_row(self, ids: tuple, items: list, start: int):
+        """``(slots, ids to run to, past ref, past length, items)`` for a :meth:`prefetch_many`
+        job that fits one pass alone on its deepest cached past (and whose past need not be
+        stored whole); None if not."""
+        cache, cfg = self.cache, self.config
+        n, path = len(ids), cache.walk(ids)
+        done = min(start, len(path))
+        while done < len(path) and path[done].logp is not None and path[done].kv is not None:
+            done += 1
+        P, ref = cache.deepest_kv(ids, done)
+        reach = n if done < n else max([P] + [i for i, _, _ in items])
+        slots = reach - P + sum(len(chain) + len(subs) for _, chain, subs in items)
+        if slots > cfg.alt_chunk or slots > self.store.pass_tokens(P, slots) or self.store.chain_full(ref):
+            return None
+        return slots, ids[:reach], ref, P, list(items)
+
+    def _tree_batches(self, rows: list) -> list[list]:
+        """``rows`` (of :meth:`_tree_row`) grouped into passes, in order: up to ``alt_chunk`` slots
+        a pass, its temporaries (the pasts end to end, the slots) within ``pass_share``."""
+        cap, most = self.config.pass_share * self.cache.budget_bytes, self.config.alt_chunk
+        batches, cur, past, slots = [], [], 0, 0
+        for row in rows:
+            p, q = past + row[3], slots + row[0]
+            if cur and (q > most or self.store.pass_bytes(1, p + q, q, q) > cap):
+                batches.append(cur)
+                cur, p, q = [], row[3], row[0]
+            cur.append(row)
+            past, slots = p, q
+        if cur:
+            batches.append(cur)
+        return batches
+
     def _prefetch_whole(self, ids: tuple, items, start: int) -> None:
         """:meth:`prefetch` without KV reuse: every context runs whole."""
         n, path = len(ids), self.cache.walk(ids)
