@@ -135,3 +135,29 @@ async def test_the_stall_walk_changes_which_passes_run_not_the_result(embedded_l
     assert [c for c, _ in out[0][1]] == [c for c, _ in out[8][1]]
     if text is MULTI:
         assert out[8][2] <= out[0][2], (out[0][2], out[8][2])
+
+
+@pytest.mark.parametrize("budget", [1_500_000, 24_000_000])
+async def test_prefetch_many_under_a_small_budget_evicts_and_stays_exact(embedded_lm, embedded_hf,
+                                                                        hf64, budget, monkeypatch):  # noqa: F811
+    """A budget of a few log-prob rows (about 7, and 120; float64 KV: 92 KB a token), full: the
+    jobs run together where their pass fits the budget's pass share, else alone; passes evict as
+    they go, the bookkeeping holds, and what is read afterwards (cached or computed again) is exact."""
+    hf_model, tok = hf64, embedded_hf[1]
+    lm = transformer(embedded_lm, hf_model, cache_budget_bytes=budget)
+    many = _count(monkeypatch, lm.runner, "tree_many")
+    ids = [0] + tok.encode(TEXT)
+    await lm.prefetch(ids[:6])
+    await lm.prefetch(ids[:9])
+    await lm.prefetch([0] + tok.encode(" ".join([TEXT] * 4))[:96])  # (fills the larger budget)
+    evicted = lm.cache.n_evicted
+    await lm.prefetch_many([(ids[:6] + [500, 501], [(6, 502)], 5), (ids[:9] + [510], [(9, 511)], 8),
+                            (ids[:3] + [520], [], 2)])
+    assert lm.cache.nbytes <= budget
+    assert_cache_consistent(lm.cache)
+    assert len(many) == (budget > 10_000_000), "together where the shared pass fits the pass share"
+    assert lm.cache.n_evicted > evicted, "the pass evicted to make room"
+    for ctx in (ids[:6] + [500, 501], ids[:6] + [502], ids[:9] + [510], ids[:9] + [511], ids[:3] + [520]):
+        assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))
+        assert lm.cache.nbytes <= budget
+    assert_cache_consistent(lm.cache)
