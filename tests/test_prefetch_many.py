@@ -161,3 +161,23 @@ async def test_prefetch_many_under_a_small_budget_evicts_and_stays_exact(embedde
         assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))
         assert lm.cache.nbytes <= budget
     assert_cache_consistent(lm.cache)
+
+
+async def test_prefetch_together_off_runs_a_pass_each_with_the_same_rows(embedded_lm, embedded_hf, monkeypatch):
+    """``EngineConfig(prefetch_together=False)``: no shared pass, the same rows to float rounding."""
+    tok = embedded_hf[1]
+    ids = [0] + tok.encode(TEXT)
+    jobs = [(ids[:5] + [700, 701], [(5, 702)], 4), (ids[:9] + [710], [(9, 711)], 8)]
+    rows = []
+    for together in (True, False):
+        lm = transformer(embedded_lm, config=EngineConfig(prefetch_together=together))
+        await lm.prefetch(ids[:9])
+        many = _count(monkeypatch, lm.runner, "tree_many")
+        await lm.prefetch_many(jobs)
+        assert len(many) == together
+        rows.append([await lm.next_token_logprobs(c) for c in (ids[:5] + [700, 701], ids[:5] + [702],
+                                                                 ids[:9] + [710], ids[:9] + [711])])
+    for a, b in zip(*rows):
+        assert (a - b).abs().max().item() < 2e-4
+    with pytest.raises(TypeError, match="prefetch_together"):
+        EngineConfig(prefetch_together=1)

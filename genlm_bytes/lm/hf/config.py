@@ -28,6 +28,8 @@ class EngineConfig:
     head_pad: int = 16  # output-layer products of 5 to this many rows run padded to it (0: never): CPU
     # matrix products of a few rows by a large vocabulary's weights take a slow path (Gemma 3: 8 rows 65 ms,
     # 12 rows 89 ms, 16 rows 39 ms; benchmarks/README.md)
+    prefetch_together: bool = True  # several short prefetches (AsyncLM.prefetch_many) run as one pass, their
+    # pasts end to end (PassRunner.tree_many): a pass reads all the weights whatever its size (False: a pass each)
     onednn: bool = True  # float32 CPU products of lean passes and the output layer through oneDNN, not
     # F.linear's BLAS: 1.6-2.1x faster at every row count on the benchmarks' AMD CPU (lm/gemm.py); used
     # where the kernels it compiles (lm.gemm.kernel_bytes) fit a quarter of the cache budget

@@ -188,7 +188,7 @@ class Scheduler:
         together (:meth:`PassRunner.tree_many`: their pasts end to end in one row, no padding),
         up to ``alt_chunk`` slots a pass; the rest one by one."""
         self.check_model()
-        if len(jobs) < 2 or not self.store.kv_reuse:
+        if len(jobs) < 2 or not self.store.kv_reuse or not self.config.prefetch_together:
             for job in jobs:
                 self.prefetch(*job)
             return
