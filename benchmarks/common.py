@@ -132,6 +132,30 @@ def forward_seconds(lm, ids: list[int]) -> float:
     return time.perf_counter() - t0
 
 
+def engine_pass_seconds(lm, ids: list[int], n: int, repeats: int = 2) -> float | None:
+    """Best wall time of one pass of the backend's own engine computing ``n`` positions (every
+    prefix of ``ids`` repeated to ``n`` tokens, one causal pass from a cold cache, in the model's
+    thread): what the engine takes for that many positions at its best (one large pass). None
+    for a backend without a pass runner."""
+    runner, ex = getattr(lm, "runner", None), getattr(getattr(lm, "batcher", None), "_executor", None)
+    if runner is None or ex is None or not ids:
+        return None
+    seq = tuple((list(ids) * (n // len(ids) + 1))[:n])
+
+    def one() -> float:
+        t0 = time.perf_counter()
+        runner.forward([(seq, None, 0)], all_positions=True)
+        return time.perf_counter() - t0
+
+    best = None
+    for _ in range(repeats):
+        lm.clear_cache()
+        t = ex.submit(one).result()
+        best = t if best is None else min(best, t)
+    lm.clear_cache()
+    return best
+
+
 @torch.inference_mode()
 def canonical_logp(lm, ids: list[int]) -> float:
     """log P(ids[1:] | ids[0]) in nats: the log-probability of the canonical tokenization."""
