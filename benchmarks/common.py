@@ -133,18 +133,24 @@ def forward_seconds(lm, ids: list[int]) -> float:
 
 
 def engine_pass_seconds(lm, ids: list[int], n: int, repeats: int = 2) -> float | None:
-    """Best wall time of one pass of the backend's own engine computing ``n`` positions (every
-    prefix of ``ids`` repeated to ``n`` tokens, one causal pass from a cold cache, in the model's
-    thread): what the engine takes for that many positions at its best (one large pass). None
-    for a backend without a pass runner."""
+    """Best wall time of one pass of the backend's own engine computing ``n`` positions, from a
+    cold cache, in the model's thread: the positions laid out as rows of at most ``len(ids)``
+    tokens (rotations of ``ids``, distinct contexts; a beam's covers are contexts of about the
+    text's length, not one long sequence), every prefix's log-probs kept. What the engine takes
+    for that many positions at its best (one large pass, no byte-level work). None for a
+    backend without a pass runner."""
     runner, ex = getattr(lm, "runner", None), getattr(getattr(lm, "batcher", None), "_executor", None)
-    if runner is None or ex is None or not ids:
+    if runner is None or ex is None or not ids or n < 1:
         return None
-    seq = tuple((list(ids) * (n // len(ids) + 1))[:n])
+    L = len(ids)
+    rows = []
+    for b in range(-(-n // L)):
+        k = (7 * b) % L
+        rows.append(((tuple(ids[k:]) + tuple(ids[:k]))[:min(L, n - b * L)], None, 0))
 
     def one() -> float:
         t0 = time.perf_counter()
-        runner.forward([(seq, None, 0)], all_positions=True)
+        runner.forward(rows, all_positions=True)
         return time.perf_counter() - t0
 
     best = None
