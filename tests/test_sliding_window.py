@@ -124,6 +124,26 @@ async def test_tree_passes_mask_the_window(embedded_lm, model):
         assert_exact(model, ctx, lm.cache.get_logp(tuple(ctx)))
 
 
+async def test_prefetches_together_mask_each_jobs_window(embedded_lm, model):
+    """``prefetch_many``'s shared pass lays several pasts end to end: each job's keys keep their
+    own positions, so a window far down one path hides what it must (and nothing of another
+    job's past is seen)."""
+    lm = backend(embedded_lm, model)
+    ids = [0] + embedded_lm.tokenizer.encode(TEXT)[:18]
+    await lm.prefetch(ids[:14])
+    await lm.prefetch(ids[:3] + [800, 801, 802])
+    seen = []
+    inner = lm.runner.tree_many
+    lm.runner.tree_many = lambda jobs: (seen.append(len(jobs)), inner(jobs))[1]
+    await lm.prefetch_many([(ids[:14] + [810, 811], [(14, 812), (9, (813, 814))], 13),
+                            (ids[:3] + [800, 801, 802, 820], [(6, 821)], 5),
+                            (ids[:8] + [830], [], 7)])
+    assert seen == [3]
+    for ctx in (ids[:14] + [810], ids[:14] + [810, 811], ids[:14] + [812], ids[:9] + [813, 814],
+                ids[:3] + [800, 801, 802, 820], ids[:3] + [800, 801, 802, 821], ids[:8] + [830]):
+        assert_exact(model, ctx, lm.cache.get_logp(tuple(ctx)))
+
+
 async def test_a_beam_gives_what_it_gives_without_kv_reuse(embedded_lm, model):
     """Prefill and greedy generation (look-ahead on) on KV reuse give the beam and the bytes of
     the same beam on a backend that runs every context whole."""
