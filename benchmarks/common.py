@@ -134,19 +134,21 @@ def forward_seconds(lm, ids: list[int]) -> float:
 
 def engine_pass_seconds(lm, ids: list[int], n: int, repeats: int = 2) -> float | None:
     """Best wall time of one pass of the backend's own engine computing ``n`` positions, from a
-    cold cache, in the model's thread: the positions laid out as rows of at most ``len(ids)``
-    tokens (rotations of ``ids``, distinct contexts; a beam's covers are contexts of about the
-    text's length, not one long sequence), every prefix's log-probs kept. What the engine takes
+    cold cache, in the model's thread: the positions laid out as rows of equal length, at most
+    ``len(ids)`` tokens (rotations of ``ids``, distinct contexts; a beam's covers are contexts
+    of about the text's length, not one long sequence), every prefix's log-probs kept. What the engine takes
     for that many positions at its best (one large pass, no byte-level work). None for a
     backend without a pass runner."""
     runner, ex = getattr(lm, "runner", None), getattr(getattr(lm, "batcher", None), "_executor", None)
     if runner is None or ex is None or not ids or n < 1:
         return None
     L = len(ids)
+    B = -(-n // L)
+    size = -(-n // B)  # (rows of equal length: a batch pads its rows' new tokens to the longest)
     rows = []
-    for b in range(-(-n // L)):
+    for b in range(B):
         k = (7 * b) % L
-        rows.append(((tuple(ids[k:]) + tuple(ids[:k]))[:min(L, n - b * L)], None, 0))
+        rows.append(((tuple(ids[k:]) + tuple(ids[:k]))[:min(size, n - b * size)], None, 0))
 
     def one() -> float:
         t0 = time.perf_counter()
