@@ -52,3 +52,29 @@ async def test_recorder_sees_every_context_the_beam_reads_and_puts_the_method_ba
     # The beam reads the distribution of every prefix it extends, so its reads are prefix-closed:
     # the positions they need are the distinct contexts themselves.
     assert probes.positions_needed(reads.contexts) == len(set(reads.contexts))
+
+
+def test_engine_floor_runs_the_positions_in_one_pass_of_equal_rows(embedded_lm, monkeypatch):
+    """``common.engine_pass_seconds``: one pass of the engine over ``n`` positions, in rows of
+    equal length (at most the text's), distinct contexts; None for a backend without a runner."""
+    import common
+
+    from genlm_bytes.lm.hf import AsyncTransformer
+
+    lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, byte_vocab=embedded_lm.byte_vocab,
+                          initial_context=embedded_lm.initial_context, lookahead=False)
+    seen = []
+    inner = lm.runner.forward
+
+    def forward(rows, *args, **kwargs):
+        seen.append([len(ids) for ids, _, _ in rows])
+        assert len({ids for ids, _, _ in rows}) == len(rows)
+        return inner(rows, *args, **kwargs)
+
+    monkeypatch.setattr(lm.runner, "forward", forward)
+    ids = list(range(100, 130))  # 30 tokens
+    t = common.engine_pass_seconds(lm, ids, 71, repeats=1)
+    assert t is not None and t > 0
+    assert seen == [[24, 24, 23]], "71 positions: three rows of at most 30, as equal as can be"
+    assert not lm.has_logprobs(ids[:5]), "the cache is left cold"
+    assert common.engine_pass_seconds(MockLM(seed=0), ids, 10) is None
