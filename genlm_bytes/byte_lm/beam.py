@@ -168,16 +168,17 @@ async def _warm_first_window(lm: AsyncLM, params: BeamParams, initial_context, d
         await lm.prefetch(ids, start=len(ctx0) - 1)
 
 
-def _cached_only(beam: ByteBeamState, cands, missing: dict) -> list:
-    """The candidates of ``beam`` whose distributions are cached; the contexts of the others go
-    into ``missing`` (see ``ByteBeamState._step``)."""
+def _cached_only(beam: ByteBeamState, cands, missing: dict, pos: int) -> list:
+    """The candidates of ``beam`` (about to read the byte at text position ``pos``) whose
+    distributions are cached; the contexts of the others go into ``missing``, each with the
+    position where it was first missed (see ``ByteBeamState._step``)."""
     lm, out = beam.lm, []
     for i, t, w in cands:
         ctx = beam.states[i].lm_state.context + (t,)
         if lm.has_logprobs(list(ctx)):
             out.append((i, t, w))
         else:
-            missing[ctx] = None
+            missing.setdefault(ctx, pos)
     return out
 
 
@@ -421,7 +422,8 @@ class ByteBeamState(StatefulByteLM):
 
         ``missing`` (a prefill planner's walk ahead, see ``PrefillPlanner.walk_ahead``): only the
         extensions whose distributions are cached are made (read as peeks), the contexts of the
-        others go into ``missing`` (a dict used as an ordered set), and nothing is healed."""
+        others go into ``missing`` (context -> the text position where it was first missed, in
+        the order found), and nothing is healed."""
         if not self.states:
             return self
         await self._ready()
@@ -440,7 +442,7 @@ class ByteBeamState(StatefulByteLM):
             if missing is None and not final:
                 cands = await _tighten(self, cands, sym, ws)
             if missing is not None:
-                cands = _cached_only(self, cands, missing)
+                cands = _cached_only(self, cands, missing, pos)
             elif planner is not None:
                 await planner.before_extensions(self, cands, pos)
         exts = await self._extend(cands, peek=missing is not None)

@@ -355,51 +355,43 @@ class PrefillPlanner:
             at = max(c for c, _ in items)
             await self.lm.prefetch(list(full[:at]), alternatives=items, start=at)
 
-    async def walk_ahead(self, beam, pos: int, end: int) -> tuple[list[tuple], object]:
+    async def walk_ahead(self, beam, pos: int, end: int) -> tuple[dict[tuple, int], object]:
         """The contexts, not cached, of the extensions a copy of ``beam`` (about to read the byte
-        at ``pos``) asks for while it reads the text up to ``end`` as the prefill does: the copy
-        goes on without them (what they would ask for in turn is found when the beam gets
-        there). Also returns the copy as it is at ``end``."""
+        at ``pos``) asks for while it reads the text up to ``end`` as the prefill does, each with
+        the text position where the copy first asked for it: the copy goes on without them (what
+        they would ask for in turn is found when the beam gets there). Also returns the copy as
+        it is at ``end``."""
         from genlm_bytes.byte_lm.beam import ByteBeamState
 
-        missing: dict[tuple, None] = {}
+        missing: dict[tuple, int] = {}
         beam = ByteBeamState(beam.states, beam.params, canon=beam._canon)  # (the beam's own extensions untouched)
         for q in range(pos, min(end, len(self.data))):
             beam = await beam._step(self.data[q], pos=q, missing=missing)
             if not beam.states:
                 break
             beam = beam.prune()
-        return list(missing), beam
+        return missing, beam
 
     async def stall_walk(self, beam, pos: int, have: set) -> list[tuple[tuple, tuple, int]]:
         """The beam stalls at ``pos`` for a pass: the look-ahead paths it would ask for over the
-        next ``STALL_WALK`` bytes, so that the same pass computes them. A copy of ``beam`` walks
-        those bytes on the distributions cached now (:meth:`walk_ahead`); each context it finds
-        missing after ``pos`` (a cover that ends its token a byte or more later: other covers of
-        the same stretch of text) gets a path of ``FIRST_AHEAD`` tokens from where it is. The
-        beam asks for them one byte after another otherwise, each a pass of its own. Returns
-        ``(context, tokens, text position)`` paths; their look-ahead is remembered for the
-        cover that reaches them (see :meth:`before_extensions`)."""
-        from genlm_bytes.byte_lm.beam import ByteBeamState
-
-        missing: dict[tuple, None] = {}
-        found = []
-        copy = ByteBeamState(beam.states, beam.params, canon=beam._canon)
-        for q in range(pos, min(len(self.data), pos + self.STALL_WALK)):
-            n0 = len(missing)
-            copy = await copy._step(self.data[q], pos=q, missing=missing)
-            if q > pos and len(missing) > n0:
-                enc = None
-                for ctx in list(missing)[n0:]:
-                    if ctx in have or ctx in self._walked_paths:
-                        continue
-                    enc = enc or tuple(self.encode_ahead(q, self.FIRST_AHEAD))
-                    if enc and self.fits(len(ctx) + len(enc)):
-                        found.append((ctx, enc, q))
-                        self._walked_paths[ctx] = (0, self.FIRST_AHEAD, len(ctx) + len(enc))
-            if not copy.states:
-                break
-            copy = copy.prune()
+        next ``STALL_WALK`` bytes, so that the same pass computes them. The contexts a walk
+        ahead over those bytes (:meth:`walk_ahead`) finds missing after ``pos`` (covers that end
+        their tokens a byte or more later: other segmentations of the same stretch of text)
+        each get a path of ``FIRST_AHEAD`` tokens from where they were missed; the beam would
+        ask for them one byte after another, each a pass of its own. Returns ``(context, tokens,
+        text position)`` paths; their look-ahead is remembered for the cover that reaches them
+        (see :meth:`before_extensions`)."""
+        missing, _ = await self.walk_ahead(beam, pos, pos + self.STALL_WALK)
+        found, encs = [], {}
+        for ctx, q in missing.items():
+            if q == pos or ctx in have or ctx in self._walked_paths:
+                continue
+            if q not in encs:
+                encs[q] = tuple(self.encode_ahead(q, self.FIRST_AHEAD))
+            enc = encs[q]
+            if enc and self.fits(len(ctx) + len(enc)):
+                found.append((ctx, enc, q))
+                self._walked_paths[ctx] = (0, self.FIRST_AHEAD, len(ctx) + len(enc))
         if len(self._walked_paths) > self.MAX_PENDING:
             self._walked_paths = dict(list(self._walked_paths.items())[-self.MAX_PENDING:])
         return found
@@ -488,27 +480,28 @@ class PrefillPlanner:
             if enc is not None:
                 break
         if enc is None:
-            enc = self.longest_match(window)
+            enc = _longest_match(self.space.trie, window)
         if end < len(data) and enc:
             enc = enc[:-1]  # the window may cut the last token
         return enc if whole and len(enc) <= (1 + self.TO_END) * n_tokens else enc[:n_tokens]
 
-    def longest_match(self, window: bytes) -> list[int]:
-        """Split ``window`` greedily into the longest tokens (stops where no token matches)."""
-        trie, out, i = self.space.trie, [], 0
-        while i < len(window):
-            node, best = 0, None
-            for j in range(i, len(window)):
-                node = trie.edges.get((node << 8) | window[j], -1)
-                if node < 0:
-                    break
-                if trie.end[node] > trie.lo[node]:
-                    best = (j + 1, int(trie.order[trie.lo[node]]))
-            if best is None:
+
+def _longest_match(trie, window: bytes) -> list[int]:
+    """Split ``window`` greedily into the longest tokens of ``trie`` (stops where no token matches)."""
+    out, i = [], 0
+    while i < len(window):
+        node, best = 0, None
+        for j in range(i, len(window)):
+            node = trie.edges.get((node << 8) | window[j], -1)
+            if node < 0:
                 break
-            i, t = best
-            out.append(t)
-        return out
+            if trie.end[node] > trie.lo[node]:
+                best = (j + 1, int(trie.order[trie.lo[node]]))
+        if best is None:
+            break
+        i, t = best
+        out.append(t)
+    return out
 
 
 def _common(a: tuple, b: tuple) -> int:

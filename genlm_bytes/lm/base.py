@@ -309,8 +309,8 @@ class AsyncLM(abc.ABC):
 
     async def prefetch_many(self, requests) -> None:
         """:meth:`prefetch` of several paths, each ``(token_ids, alternatives, start)``. A backend
-        that can run them together (``AsyncTransformer``: in one ragged tree pass where they
-        fit) does; the default prefetches them one after another."""
+        that can run them together (``AsyncTransformer``: in one pass, their pasts end to end,
+        where they fit) does; the default prefetches them one after another."""
         for req in requests:
             if not isinstance(req, (tuple, list)) or len(req) != 3:
                 raise TypeError(f"a prefetch_many request is (token_ids, alternatives, start), got {req!r}")

@@ -283,10 +283,9 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         the path and the alternatives run together in tree-masked passes (each alternative
         attends to its own prefix only); a long uncached path first runs in chunks.
         """
-        job = self._prefetch_job(token_ids, alternatives, start)
-        if job is None and not self.runner.watch.stale():
-            return
-        await self._run_prefetch(self.scheduler.prefetch, *(job or (tuple(token_ids), [], len(token_ids))))
+        job, cached = self._prefetch_job(token_ids, alternatives, start)
+        if not cached or self.runner.watch.stale():
+            await self._run_prefetch(self.scheduler.prefetch, *job)
 
     async def prefetch_many(self, requests) -> None:
         """:meth:`prefetch` of several paths, each ``(token_ids, alternatives, start)``: the short
@@ -296,13 +295,14 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         for req in requests:
             if not isinstance(req, (tuple, list)) or len(req) != 3:
                 raise TypeError(f"a prefetch_many request is (token_ids, alternatives, start), got {req!r}")
-            if (job := self._prefetch_job(*req)) is not None:
-                jobs.append(job)
-        if jobs or self.runner.watch.stale():
-            await self._run_prefetch(self.scheduler.prefetch_many, jobs)
+            jobs.append(self._prefetch_job(*req))
+        stale = self.runner.watch.stale()  # (then every job runs: the model's change drops the cache)
+        todo = [job for job, cached in jobs if stale or not cached]
+        if todo:
+            await self._run_prefetch(self.scheduler.prefetch_many, todo)
 
-    def _prefetch_job(self, token_ids, alternatives, start) -> tuple[tuple, list, int] | None:
-        """A prefetch's ``(ids, uncached items, start)``, checked; None when all of it is cached."""
+    def _prefetch_job(self, token_ids, alternatives, start) -> tuple[tuple[tuple, list, int], bool]:
+        """A prefetch's ``(ids, uncached items, start)``, checked, and whether all of it is cached."""
         ids = tuple(check_token_ids(token_ids, self.vocab_size))
         self._check_length(len(ids))
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
@@ -310,9 +310,8 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         items = self._uncached_alternatives(ids, alternatives)
         start = min(start, len(ids))
         path = self.cache.walk(ids)
-        if len(path) == len(ids) and all(n.logp is not None for n in path[start:]) and not items:
-            return None
-        return ids, items, start
+        cached = len(path) == len(ids) and all(n.logp is not None for n in path[start:]) and not items
+        return (ids, items, start), cached
 
     async def _run_prefetch(self, fn, *args) -> None:
         self.stop_lookahead()

@@ -187,6 +187,50 @@ class KVStore:
         else:
             self.cache.put_kv(nodes, lambda node: KVRef(block, row, start, node.depth - base, prev))
 
+    def store_tree(self, ids, P, ref, tail, slots, layers, arena, path_block, alt_block, logp_rows,
+                    row: int = 0) -> None:
+        """Point every new prefix of a tree pass at its slots (chained to the past it attended
+        to) and cache its log-probs. ``alt_block`` None: the alternatives' slots follow the
+        path's in ``path_block`` (row ``row``: a ragged tree pass, see ``PassRunner.tree_rows``)."""
+        store, cache = self, self.cache
+
+        def at(s: int) -> tuple[KVBlock, int]:  # where slot ``s`` of the pass is stored
+            return (path_block, s) if s < tail or alt_block is None else (alt_block, s - tail)
+
+        def path_ref(depth: int) -> KVRef | None:  # the past of ids[:depth], depth <= P + tail
+            if arena:  # (a new arena holds a copy of the past too)
+                return KVRef(path_block, 0, 0, depth) if depth else None
+            if depth <= P:
+                return ref.prefix(depth) if ref is not None else None
+            return KVRef(path_block, row, 0, depth - P, ref)
+
+        prevs, ctxs = [], []
+        for e, (i, chain, s, parent, k) in enumerate(slots):
+            if parent >= 0:
+                pi, _, ps = slots[parent][:3]
+                ctx = ctxs[parent][:pi + k] + chain
+                prev = prevs[parent]
+                if k:
+                    blk, start = at(ps)
+                    prev = KVRef(blk, row if blk is path_block else 0, start, k, prev)
+            else:
+                ctx = ids[:i] + chain
+                prev = ref if e == 0 else path_ref(i)
+            prevs.append(prev)
+            ctxs.append(ctx)
+            if not chain and not (e == 0 and arena and arena[0] is None):
+                continue
+            nodes = cache.walk(ctx, create=True)
+            if e == 0 and arena:
+                store.point_at_arena(nodes if arena[0] is None else nodes[i:], path_block, arena[0] is None)
+            else:
+                # Only the path's slots hold a whole past in the buffer (an item's ancestors are spread).
+                blk, start = at(s)
+                store.put_segment(nodes[i:], blk, row if blk is path_block else 0, start, i, prev,
+                                  layers if e == 0 else None)
+            for j, node in enumerate(nodes[i:]):
+                cache.put_logp(ctx[: i + j + 1], next(logp_rows), node=node)
+
     def split_spans(self, layers, spans: list[tuple[int, int]]) -> list[KVBlock]:
         """The new keys/values of a pass as one block per slot span ``[lo, hi)`` of its row (each
         frees on its own; see :meth:`split_block`)."""

@@ -32,7 +32,6 @@ from genlm_bytes.lm.hf.attention import grouped_attention
 from genlm_bytes.lm.hf.memory import MMAP_THRESHOLD_BYTES
 from genlm_bytes.lm.hf.pass_cache import make_pass_cache
 from genlm_bytes.lm.lean import decoder_of
-from genlm_bytes.lm.prefix_cache import KVBlock, KVRef
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +126,33 @@ def tree_layout(ids: tuple, P: int, tail: int, items) -> tuple[list, list[int], 
               | ((cols >= par_lo[:, None]) & (cols < par_hi[:, None])))  # (Q, Q)
     past_ok = torch.arange(P)[None, :] < past_lim[:, None]  # (Q, P)
     return slots, tokens, pos, torch.cat([past_ok, new_ok], dim=1)
+
+
+def many_layout(jobs) -> tuple:
+    """The one row :meth:`PassRunner.tree_many` runs for tree passes ``(ids, P, ref, tail,
+    items)`` on different pasts: their pasts laid end to end, then their slots, each job's
+    slots seeing only its own past and its own tree (at the job's own positions). Returns the
+    jobs' :func:`tree_layout` s, the tokens, the slots' positions ``(Q,)``, the keys' positions
+    ``(Pt + Q,)``, which key each slot may attend to ``(Q, Pt + Q)``, the pasts' segments in
+    order, and each job's slot spans (its path's, then its alternatives', the empty ones left out)."""
+    layouts = [tree_layout(ids, P, tail, items) for ids, P, _, tail, items in jobs]
+    Pt, Q = sum(job[1] for job in jobs), sum(len(lay[1]) for lay in layouts)
+    allowed = torch.zeros((Q, Pt + Q), dtype=torch.bool)
+    tokens, pos, key_pos, pasts, spans = [], [], [], [], []
+    p0 = q0 = 0
+    for (ids, P, ref, tail, _), (_, toks, ps, ok) in zip(jobs, layouts):
+        q = len(toks)
+        allowed[q0:q0 + q, p0:p0 + P] = ok[:, :P]
+        allowed[q0:q0 + q, Pt + q0:Pt + q0 + q] = ok[:, P:]
+        tokens.extend(toks)
+        pos.append(ps)
+        key_pos.append(torch.arange(P))
+        if P:
+            pasts.extend(ref.segments(P))
+        spans += [(q0, q0 + tail)] * bool(tail) + [(q0 + tail, q0 + q)] * (q > tail)
+        p0, q0 = p0 + P, q0 + q
+    pos = torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long)
+    return layouts, tokens, pos, torch.cat(key_pos + [pos]), allowed, pasts, spans
 
 
 class OutputLayer:
@@ -244,16 +270,17 @@ class PassRunner:
         self.out = OutputLayer(model, store, watch, config, onednn, packed)
 
     # ------------------------------------------------------------------ running
-    def make_cache(self, rows, P: int, keep=(), arena=None, buckets=None):
+    def make_cache(self, rows, P: int, keep=(), arena=None, buckets=None, pasts=None):
         """The cache a pass on the pasts of ``rows`` (left-padded to ``P``) runs with (see
         :func:`~genlm_bytes.lm.hf.pass_cache.make_pass_cache`); ``keep``: ``(row, lo, hi)`` slots
         of rows stored whole; ``arena``: see :meth:`KVStore.arena_for`; ``buckets``: see
-        :meth:`buckets`."""
+        :meth:`buckets`; ``pasts``: per row ``(segments, length)`` given instead of ``rows``."""
         if not self.store.kv_reuse:
             from transformers import DynamicCache
 
             return DynamicCache(config=self.model.config)
-        pasts = [(ref.segments(p) if p else [], p) for _, ref, p in rows]  # (block, row, start, n) pieces
+        if pasts is None:
+            pasts = [(ref.segments(p) if p else [], p) for _, ref, p in rows]  # (block, row, start, n) pieces
         lean = self.watch.lean if self.watch.mode == "lean" else None
         return make_pass_cache(self.model, len(lean.layers) if lean is not None else None, pasts, P, keep, arena,
                                self.before_layer, self.config.gather_chunk_bytes, buckets)
@@ -399,8 +426,7 @@ class PassRunner:
         Q = len(tokens)
         if Q == 0:
             return
-        dtype = next(self.model.parameters()).dtype
-        mask = torch.zeros((1, 1, Q, P + Q), dtype=dtype).masked_fill_(~allowed[None, None], float("-inf"))
+        mask = self._additive(allowed[None, None])
         arena = store.arena_for(ref, P, Q, grow)
         keep = [(0, 0, P + tail)] if store.chain_full(ref) and not arena else []
         store.reserve_pass(1, P + Q, Q, Q, keep, arena)
@@ -415,7 +441,7 @@ class PassRunner:
         path_block, alt_block = store.split_block(layers, tail, bool(arena))
         if arena:
             path_block = store.arena_block(layers, arena, P + tail)
-        self._store_tree(ids, P, ref, tail, slots, layers, arena, path_block, alt_block, logp_rows)
+        store.store_tree(ids, P, ref, tail, slots, layers, arena, path_block, alt_block, logp_rows)
         if arena:
             store.end_pass(alt_block, Q - tail)
         else:
@@ -426,69 +452,50 @@ class PassRunner:
     @torch.inference_mode()
     def tree_many(self, jobs: list[tuple[tuple, int, object, int, list]]) -> None:
         """Several tree passes ``(ids, P, ref, tail, items)`` (each as :meth:`tree_pass` takes
-        it) run as one pass of one row: their pasts laid end to end, then their slots, each
-        job's slots seeing only its own past and its own tree (positions and rotations are
-        each job's own). No padding, whatever the jobs' sizes: the products run on the slots
-        of all the jobs at once, where a pass of their own each reads all the weights again.
-        Caches what each job's own tree pass would: the log-probs and KV of every new prefix,
-        each job's path and alternatives in blocks of their own. Pasts are never stored whole
-        here (a job whose chain is full runs alone: see KVStore.chain_full)."""
+        it) run as one pass of one row (:func:`many_layout`): no padding, whatever the jobs'
+        sizes, where a pass of their own each reads all the weights again. Caches what each
+        job's own tree pass would: the log-probs and KV of every new prefix, each job's path
+        and alternatives in blocks of their own. Pasts are never stored whole here (a job whose
+        chain is full runs alone: see KVStore.chain_full)."""
         store = self.store
-        layouts = [tree_layout(ids, P, tail, items) for ids, P, _, tail, items in jobs]
-        Qs = [len(lay[1]) for lay in layouts]
-        Pt, Q = sum(job[1] for job in jobs), sum(Qs)
+        layouts, tokens, pos, key_pos, allowed, pasts, spans = many_layout(jobs)
+        Q = len(tokens)
         if Q == 0:
             return
-        allowed = torch.zeros((Q, Pt + Q), dtype=torch.bool)
-        tokens, pos, key_pos, pasts = [], [], [], []
-        p0 = q0 = 0
-        for (ids, P, ref, _, _), (_, toks, ps, ok), q in zip(jobs, layouts, Qs):
-            allowed[q0:q0 + q, p0:p0 + P] = ok[:, :P]
-            allowed[q0:q0 + q, Pt + q0:Pt + q0 + q] = ok[:, P:]
-            tokens.extend(toks)
-            pos.append(ps)
-            key_pos.append(torch.arange(P))
-            if P:
-                pasts.extend(ref.segments(P))
-            p0, q0 = p0 + P, q0 + q
-        pos = torch.cat(pos)
-        dtype = next(self.model.parameters()).dtype
-        mask = torch.zeros((1, 1, Q, Pt + Q), dtype=dtype).masked_fill_(~allowed[None, None], float("-inf"))
+        Pt = key_pos.shape[0] - Q
         store.reserve_pass(1, Pt + Q, Q, Q)
         self.trimmer.pass_started()
-        lean = self.watch.lean if self.watch.mode == "lean" else None
-        cache = make_pass_cache(self.model, len(lean.layers) if lean is not None else None, [(pasts, Pt)], Pt,
-                                (), None, self.before_layer, self.config.gather_chunk_bytes)
-        states, head = self._run(torch.tensor([tokens]), mask, pos[None], cache, Q, torch.cat(key_pos + [pos])[None])
+        cache = self.make_cache((), Pt, pasts=[(pasts, Pt)])
+        states, head = self._run(torch.tensor([tokens]), self._additive(allowed[None, None]), pos[None], cache, Q,
+                                 key_pos[None])
         self.n_forward_tokens += Q
         logp_rows = self.out.rows(states[0], head)  # Q rows, in slot order (job by job)
         del states
         layers = cache.layers
-        spans, q0 = [], 0
-        for (_, _, _, tail, _), q in zip(jobs, Qs):
-            spans += [(q0, q0 + tail)] * bool(tail) + [(q0 + tail, q0 + q)] * (q > tail)
-            q0 += q
         blocks = store.split_spans(layers, spans)  # (the path's and the alternatives' of each job)
-        first = blocks[0]
         it = iter(blocks)
-        for (ids, P, ref, tail, _), (slots, *_), q in zip(jobs, layouts, Qs):
+        for (ids, P, ref, tail, _), (slots, toks, *_) in zip(jobs, layouts):
             path_block = next(it) if tail else None
-            alt_block = next(it) if q > tail else None
-            self._store_tree(ids, P, ref, tail, slots, layers, None, path_block, alt_block, logp_rows)
-        store.end_pass(first, spans[0][1] - spans[0][0])
+            alt_block = next(it) if len(toks) > tail else None
+            store.store_tree(ids, P, ref, tail, slots, layers, None, path_block, alt_block, logp_rows)
+        store.end_pass(blocks[0], spans[0][1] - spans[0][0])
         self.trimmer.pass_ended()
         logger.debug("tree pass of %d jobs: %d slots on pasts of %d tokens in all", len(jobs), Q, Pt)
 
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A bool mask (True: attend) as the additive float mask of the model's dtype."""
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
     @torch.inference_mode()
-    def tree_rows(self, rows, hand_out: int | None = None, short_chains: bool = True) -> list:
+    def tree_rows(self, rows, hand_out: int | None = None) -> list:
         """A ragged tree pass: rows ``(ids, past ref, past length p, items)`` on different pasts,
         each the path ``ids[p:]`` with the items' chains branching off it as in :meth:`tree_pass`,
         in one batch (pasts left-padded to the longest as in :meth:`forward`, slots right-padded).
         What a few generation requests with their likely next contexts need (see the Scheduler).
         Caches log-probs and KV of every new prefix; returns for each of the first ``hand_out``
         rows (default: all) the log-prob row after its ``ids``, held for the requester (None
-        where a tiny budget evicted it at once); the other rows' stay cached for later reads.
-        ``short_chains``: generation's rows (see KVStore.chain_full); False for a prefetch's."""
+        where a tiny budget evicted it at once); the other rows' stay cached for later reads."""
         store = self.store
         layouts = [tree_layout(ids, p, len(ids) - p, items) for ids, _, p, items in rows]
         B, P = len(rows), max(r[2] for r in rows)
@@ -501,10 +508,9 @@ class PassRunner:
             input_ids[b, :q], pos[b, :q], pos[b, q:] = torch.tensor(tokens), ps, p
             allowed[b, :q, P - p:P], allowed[b, :q, P:P + q] = ok[:, :p], ok[:, p:]
             allowed[b, range(q, Q), range(P + q, P + Q)] = True  # (a padding slot sees itself: no NaN)
-        dtype = next(self.model.parameters()).dtype
-        mask = torch.zeros((B, 1, Q, P + Q), dtype=dtype).masked_fill_(~allowed[:, None], float("-inf"))
+        mask = self._additive(allowed[:, None])
         keep = [(b, P - p, P + len(ids) - p) for b, (ids, ref, p, _) in enumerate(rows)
-                if store.chain_full(ref, short_chains)]
+                if store.chain_full(ref, True)]
         store.reserve_pass(B, P + Q, Q, sum(Qs), keep)
         self.trimmer.pass_started()
         cache = self.make_cache([r[:3] for r in rows], P, keep)
@@ -516,51 +522,7 @@ class PassRunner:
         layers = cache.layers
         block = store.new_block(layers) if store.kv_reuse else None
         for b, ((ids, ref, p, _), (slots, *_)) in enumerate(zip(rows, layouts)):
-            self._store_tree(ids, p, ref, len(ids) - p, slots, layers, None, block, None, logp_rows, row=b)
+            store.store_tree(ids, p, ref, len(ids) - p, slots, layers, None, block, None, logp_rows, row=b)
         store.end_pass(block, B * Q)
         self.trimmer.pass_ended()
         return [self.cache.get_logp(r[0], held=True) for r in rows[:hand_out]]
-
-    def _store_tree(self, ids, P, ref, tail, slots, layers, arena, path_block, alt_block, logp_rows,
-                    row: int = 0) -> None:
-        """Point every new prefix of a tree pass at its slots (chained to the past it attended
-        to) and cache its log-probs. ``alt_block`` None: the alternatives' slots follow the
-        path's in ``path_block`` (row ``row``: a ragged tree pass, see :meth:`tree_rows`)."""
-        store, cache = self.store, self.cache
-
-        def at(s: int) -> tuple[KVBlock, int]:  # where slot ``s`` of the pass is stored
-            return (path_block, s) if s < tail or alt_block is None else (alt_block, s - tail)
-
-        def path_ref(depth: int) -> KVRef | None:  # the past of ids[:depth], depth <= P + tail
-            if arena:  # (a new arena holds a copy of the past too)
-                return KVRef(path_block, 0, 0, depth) if depth else None
-            if depth <= P:
-                return ref.prefix(depth) if ref is not None else None
-            return KVRef(path_block, row, 0, depth - P, ref)
-
-        prevs, ctxs = [], []
-        for e, (i, chain, s, parent, k) in enumerate(slots):
-            if parent >= 0:
-                pi, _, ps = slots[parent][:3]
-                ctx = ctxs[parent][:pi + k] + chain
-                prev = prevs[parent]
-                if k:
-                    blk, start = at(ps)
-                    prev = KVRef(blk, row if blk is path_block else 0, start, k, prev)
-            else:
-                ctx = ids[:i] + chain
-                prev = ref if e == 0 else path_ref(i)
-            prevs.append(prev)
-            ctxs.append(ctx)
-            if not chain and not (e == 0 and arena and arena[0] is None):
-                continue
-            nodes = cache.walk(ctx, create=True)
-            if e == 0 and arena:
-                store.point_at_arena(nodes if arena[0] is None else nodes[i:], path_block, arena[0] is None)
-            else:
-                # Only the path's slots hold a whole past in the buffer (an item's ancestors are spread).
-                blk, start = at(s)
-                store.put_segment(nodes[i:], blk, row if blk is path_block else 0, start, i, prev,
-                                  layers if e == 0 else None)
-            for j, node in enumerate(nodes[i:]):
-                cache.put_logp(ctx[: i + j + 1], next(logp_rows), node=node)

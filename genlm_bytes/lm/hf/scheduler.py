@@ -155,16 +155,11 @@ class Scheduler:
             self._prefetch_whole(ids, items, start)
             return
         n, cache, runner, cfg = len(ids), self.cache, self.runner, self.config
-        path = cache.walk(ids)
-        done = min(start, len(path))
-        while done < len(path) and path[done].logp is not None and path[done].kv is not None:
-            done += 1
+        done = self._cached_to(ids, start)
         first = True
         while first or items:
             P, ref = cache.deepest_kv(ids, done)
-            # How far the path must run in this pass: to its end while its rows are missing, else
-            # as far as the alternatives branch off it (its past may have been evicted since).
-            reach = n if done < n else max([P] + [i for i, _, _ in items])
+            reach = self._reach(n, done, P, items)
             # A long stretch runs in chunks first, each within pass_share of the budget; the
             # last one joins the tree pass.
             P, ref = self.run_in_chunks(ids, P, ref, reach, all_positions=True, most=cfg.prefetch_chunk)
@@ -181,67 +176,58 @@ class Scheduler:
             done, first = n, False
         logger.debug("prefetched %d tokens", n)
 
+    def _cached_to(self, ids: tuple, start: int) -> int:
+        """How far from ``start`` on the prefixes of ``ids`` have their log-probs and KV cached."""
+        path = self.cache.walk(ids)
+        done = min(start, len(path))
+        while done < len(path) and path[done].logp is not None and path[done].kv is not None:
+            done += 1
+        return done
+
+    @staticmethod
+    def _reach(n: int, done: int, P: int, items) -> int:
+        """How far a prefetch's path must run in its pass: to its end while its rows are missing,
+        else as far as the alternatives branch off it (its past may have been evicted since)."""
+        return n if done < n else max([P] + [i for i, _, _ in items])
+
     @torch.inference_mode()
     def prefetch_many(self, jobs: list[tuple[tuple, list, int]]) -> None:
         """:meth:`prefetch` of several ``(ids, items, start)`` jobs, in as few passes as fit: the
-        short ones (each a path's uncached end and its items, within one pass alone) run
-        together (:meth:`PassRunner.tree_many`: their pasts end to end in one row, no padding),
-        up to ``alt_chunk`` slots a pass; the rest one by one."""
+        short ones (each a path's uncached end and its items, within one pass alone, on a past
+        not due to be stored whole) run together (:meth:`PassRunner.tree_many`: their pasts end
+        to end in one row, no padding), up to ``alt_chunk`` slots and ``pass_share`` of the
+        budget a pass; the rest, and a short one left alone, as :meth:`prefetch` runs them."""
         self.check_model()
         if len(jobs) < 2 or not self.store.kv_reuse or not self.config.prefetch_together:
             for job in jobs:
                 self.prefetch(*job)
             return
-        rows, rest = [], []
-        for ids, items, start in jobs:
-            row = self._tree_row(ids, items, start)
-            if row is None:
-                rest.append((ids, items, start))
-            elif row[0]:  # (nothing left to compute: skipped)
-                rows.append(row)
-        for batch in self._tree_batches(rows):
-            if len(batch) == 1:
-                _, ids, ref, P, items = batch[0]
-                if items:
-                    self.runner.tree_pass(ids, P, ref, len(ids) - P, items)
-                else:
-                    self.runner.forward([(ids, ref, P)], all_positions=True)
-            else:
-                self.runner.tree_many([(ids, P, ref, len(ids) - P, items) for _, ids, ref, P, items in batch])
-        for job in rest:
-            self.prefetch(*job)
-
-    def _tree_row(self, ids: tuple, items: list, start: int):
-        """``(slots, ids to run to, past ref, past length, items)`` for a :meth:`prefetch_many`
-        job that fits one pass alone on its deepest cached past (and whose past need not be
-        stored whole); None if not."""
-        cache, cfg = self.cache, self.config
-        n, path = len(ids), cache.walk(ids)
-        done = min(start, len(path))
-        while done < len(path) and path[done].logp is not None and path[done].kv is not None:
-            done += 1
-        P, ref = cache.deepest_kv(ids, done)
-        reach = n if done < n else max([P] + [i for i, _, _ in items])
-        slots = reach - P + sum(len(chain) + len(subs) for _, chain, subs in items)
-        if slots > cfg.alt_chunk or slots > self.store.pass_tokens(P, slots) or self.store.chain_full(ref):
-            return None
-        return slots, ids[:reach], ref, P, list(items)
-
-    def _tree_batches(self, rows: list) -> list[list]:
-        """``rows`` (of :meth:`_tree_row`) grouped into passes, in order: up to ``alt_chunk`` slots
-        a pass, its temporaries (the pasts end to end, the slots) within ``pass_share``."""
         cap, most = self.config.pass_share * self.cache.budget_bytes, self.config.alt_chunk
-        batches, cur, past, slots = [], [], 0, 0
-        for row in rows:
-            p, q = past + row[3], slots + row[0]
+        batches, cur, alone, past, slots = [], [], [], 0, 0
+        for job in jobs:
+            ids, items, start = job
+            done = self._cached_to(ids, start)
+            P, ref = self.cache.deepest_kv(ids, done)
+            reach = self._reach(len(ids), done, P, items)
+            n = reach - P + sum(len(chain) + len(subs) for _, chain, subs in items)
+            if n > most or n > self.store.pass_tokens(P, n) or self.store.chain_full(ref):
+                alone.append(job)
+                continue
+            if not n:  # (nothing left to compute)
+                continue
+            p, q = past + P, slots + n
             if cur and (q > most or self.store.pass_bytes(1, p + q, q, q) > cap):
                 batches.append(cur)
-                cur, p, q = [], row[3], row[0]
-            cur.append(row)
+                cur, p, q = [], P, n
+            cur.append((job, (ids[:reach], P, ref, reach - P, list(items))))
             past, slots = p, q
-        if cur:
-            batches.append(cur)
-        return batches
+        for batch in batches + [cur]:
+            if len(batch) > 1:
+                self.runner.tree_many([tree for _, tree in batch])
+            else:
+                alone[:0] = [job for job, _ in batch]
+        for job in alone:
+            self.prefetch(*job)
 
     def _prefetch_whole(self, ids: tuple, items, start: int) -> None:
         """:meth:`prefetch` without KV reuse: every context runs whole."""
