@@ -421,9 +421,8 @@ class ByteBeamState(StatefulByteLM):
         :meth:`_candidates` and :func:`_tighten`, but not at the ``final`` byte), else None.
 
         ``missing`` (a prefill planner's walk ahead, see ``PrefillPlanner.walk_ahead``): only the
-        extensions whose distributions are cached are made (read as peeks), the contexts of the
-        others go into ``missing`` (context -> the text position where it was first missed, in
-        the order found), and nothing is healed."""
+        extensions whose distributions are cached are made (read as peeks), the others' contexts
+        go into ``missing`` (-> the text position first missed at), and nothing is healed."""
         if not self.states:
             return self
         await self._ready()
