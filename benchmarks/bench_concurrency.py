@@ -18,7 +18,11 @@ cleared before each run. Alternating, after a warm-up. Settings (``--settings``)
 - ``entry`` (issue 5's distinct prompts): particle ``i`` starts from ``"Entry i: " + prompt``.
 
 Reported per setting: the ratio of the median throughputs, and the worst, median and best
-of the ratios of the repetitions (each repetition runs both sides).
+of the ratios of the repetitions (each repetition runs both sides); and, where the backend
+has a pass runner (``common.time_model``), the time the concurrent run spent inside model
+passes and the ratio it would reach were the event loop's work between passes free (its
+bytes over that time, against the same repetition's one beam): the most that loop-side work
+can gain with these passes.
 
 Run: ``python benchmarks/bench_concurrency.py [--particles 32] [--steps 16] [--repeats 2]``.
 Prints a table and writes ``benchmarks/results/concurrency.json`` (``--name``).
@@ -65,13 +69,17 @@ async def run(lm, seeds: list[int], prompts: list[bytes], steps: int) -> dict:
     the prompts' prefill."""
     starts = await prompt_states(lm, prompts)
     before = probes.counters(lm)
+    clock = common.time_model(lm)
     with probes.PassCounter(lm) as counter:
         t0 = time.perf_counter()
         outs = await asyncio.gather(*(st.sample(b"", steps, rng=s) for st, s in zip(starts, seeds)))
         seconds = time.perf_counter() - t0
+        in_passes = clock.seconds if clock.wrapped else None  # (a look-ahead pass still running: not counted)
+    clock.unwrap()
     await probes.wait_idle(lm)
     work = probes.since(before, probes.counters(lm))
-    return {"seconds": seconds, "bytes": sum(len(o) for o in outs), **work, **counter.summary(),
+    return {"seconds": seconds, "seconds_in_passes": in_passes,
+            "bytes": sum(len(o) for o in outs), **work, **counter.summary(),
             "distinct_texts": len(set(outs)), "sample": outs[0].decode("utf-8", "replace")}
 
 
@@ -102,8 +110,13 @@ async def measure(lm, args, setting: str, suite_prompts: list[bytes]) -> dict:
                 res["bytes_per_second"] = res["bytes"] / res["seconds"]
                 many.append(res)
         ratios.append({"name": f"rep {r + 1}", "ratio": many[-1]["bytes_per_second"] / solo[-1]["bytes_per_second"]})
+        in_passes = many[-1].get("seconds_in_passes")
+        if in_passes:  # the ratio were the event loop's work between passes free
+            ratios[-1]["passes_only_ratio"] = many[-1]["bytes"] / in_passes / solo[-1]["bytes_per_second"]
         print(f"  {setting}, rep {r + 1}/{args.repeats}: one beam {solo[-1]['bytes_per_second']:.1f} B/s, "
-              f"{n} beams {many[-1]['bytes_per_second']:.1f} B/s ({ratios[-1]['ratio']:.2f}x)", flush=True)
+              f"{n} beams {many[-1]['bytes_per_second']:.1f} B/s ({ratios[-1]['ratio']:.2f}x"
+              + (f"; {n} beams' passes alone {1000 * in_passes:.0f} of {1000 * many[-1]['seconds']:.0f} ms, "
+                 f"{ratios[-1]['passes_only_ratio']:.2f}x" if in_passes else "") + ")", flush=True)
     rows = []
     for label, runs, beams in (("1 beam", solo, 1), (f"{n} beams", many, n)):
         last = runs[-1]
@@ -119,8 +132,10 @@ async def measure(lm, args, setting: str, suite_prompts: list[bytes]) -> dict:
             "rows_per_pass": _per(last["rows"], last["passes"]),
             "runs": runs,
         })
+    bound = [x["passes_only_ratio"] for x in ratios if "passes_only_ratio" in x]
     return {"setting": setting, "rows": rows, "ratio": rows[1]["bytes_per_second"] / rows[0]["bytes_per_second"],
             "spread_over_repeats": suite.spread(ratios, "ratio", higher_is_better=True),
+            "passes_only_ratio": common.median(bound) if bound else None,
             "distinct_texts_of_particles": many[-1]["distinct_texts"]}
 
 
@@ -161,6 +176,9 @@ def report(res: dict) -> None:
               f"{s['particles']} beams / 1 beam = {m['ratio']:.2f}x (ratio of medians): "
               f"{common.verdict(m['ratio'] >= TARGET)} (target >= {TARGET:.0f}x, stretch {STRETCH:.0f}x)")
         suite.print_spread("  per repetition", m["spread_over_repeats"])
+        if m.get("passes_only_ratio"):
+            print(f"  the {s['particles']} beams' model passes alone (the event loop's work between them "
+                  f"free): {m['passes_only_ratio']:.2f}x (median over repetitions)")
     print(f"load average {s['load_average_1min']}")
 
 

@@ -27,7 +27,8 @@ as many positions, causally, from a cold cache: ``engine_floor_ratio`` is what t
 positions cost us at best (all in one large pass, no byte-level work); a text whose engine
 floor is above the target cannot meet it on this machine, only with a different beam (K,
 pruning). ``over_engine_floor = prefill / that pass`` is what the dependent passes, their
-fill and the byte level add.
+fill and the byte level add. ``passes_only_ratio``: the time the prefill spent inside model
+passes, over the forward pass: the ratio were the byte level's work between passes free.
 
 Run: ``python benchmarks/bench_prefill.py [--texts DIR] [--limit N] [--repeats 3]``;
 ``--text prose.txt`` scores one file of ``../shared/bench`` or ``benchmarks/data`` instead
@@ -99,6 +100,8 @@ async def measure(lm, text: dict, repeats: int, model_time: common.Timers) -> di
         "median_prefill_seconds": t_pre,
         "ratio": t_pre / t_fwd,
         "median_seconds_inside_model_passes": common.median(in_model) if any(in_model) else None,
+        # The ratio were the byte level's work between passes free: the passes alone / forward.
+        "passes_only_ratio": common.median(in_model) / t_fwd if any(in_model) else None,
         "forward_tokens": tokens,
         "forward_tokens_over_canonical": tokens / len(ids) if tokens is not None else None,
         "beam_contexts": len(set(reads.contexts)),
@@ -134,6 +137,8 @@ async def main(args) -> dict:
     over = suite.spread(rows, "over_floor", higher_is_better=False)
     engine_floor = suite.spread(rows, "engine_floor_ratio", higher_is_better=False)
     over_engine = suite.spread(rows, "over_engine_floor", higher_is_better=False)
+    passes_only = (suite.spread(rows, "passes_only_ratio", higher_is_better=False)
+                   if all(r["passes_only_ratio"] for r in rows) else None)
     return {
         "question": "prefill of each text vs one token-level forward pass (target <= 2x on every text, "
                     "stretch 1.2x)",
@@ -145,6 +150,7 @@ async def main(args) -> dict:
         "over_floor_spread": over,
         "engine_floor_spread": engine_floor,
         "over_engine_floor_spread": over_engine,
+        "passes_only_spread": passes_only,
         "texts_whose_engine_floor_is_above_target": [r["name"] for r in rows
                                                      if (r["engine_floor_ratio"] or 0) > TARGET],
         "texts_whose_floor_is_above_target": [r["name"] for r in rows if not r["floor_allows_target"]],
@@ -163,7 +169,7 @@ def report(res: dict) -> None:
         ("ratio", "x forward", ".2f"), ("floor_ratio", "floor", ".2f"), ("over_floor", "x floor", ".2f"),
         ("forward_tokens_over_canonical", "LM tok/canon", ".2f"),
         ("passes", "passes", "d"), ("pass_rows", "rows", "d"), ("median_seconds_inside_model_passes", "in passes s", ".3f"),
-        ("logZ_minus_canonical_logp", "logZ-canon", "+.3f")])
+        ("passes_only_ratio", "passes/fwd", ".2f"), ("logZ_minus_canonical_logp", "logZ-canon", "+.3f")])
     print()
     s = res["spread"]
     suite.print_spread("prefill / forward", s)
@@ -171,6 +177,9 @@ def report(res: dict) -> None:
     suite.print_spread("prefill / floor (the engine's share)", res["over_floor_spread"])
     suite.print_spread("engine floor / forward (one engine pass over those positions)", res["engine_floor_spread"])
     suite.print_spread("prefill / engine floor (passes, their fill, the byte level)", res["over_engine_floor_spread"])
+    if res.get("passes_only_spread"):
+        suite.print_spread("the prefill's model passes alone / forward (the byte level's work free)",
+                           res["passes_only_spread"])
     above = res["texts_whose_floor_is_above_target"]
     print(f"texts whose floor is above the target ({TARGET:.1f}x): {len(above)} of {len(res['rows'])}"
           + (f" ({', '.join(above)})" if above else ""))

@@ -254,6 +254,9 @@ async def prefill_run(lm, data: bytes, params=None, time_limit: float | None = N
 
 
 # ------------------------------------------------------------------ timers
+_NONE = object()
+
+
 class Timers:
     """Wall-time accounting for wrapped functions; nested wrapped calls count once (outermost).
 
@@ -266,6 +269,21 @@ class Timers:
         self.seconds = 0.0
         self.calls = 0
         self.log: list[dict] = []
+        self._saved: list[tuple] = []  # (owner, name, its own attribute before, or _NONE)
+
+    @property
+    def wrapped(self) -> bool:
+        """Whether anything is timed."""
+        return bool(self._saved)
+
+    def unwrap(self) -> None:
+        """Put every wrapped function back."""
+        for owner, name, prev in reversed(self._saved):
+            if prev is _NONE:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, prev)
+        self._saved.clear()
 
     def wrap(self, owner, name: str, describe=None) -> bool:
         """Time ``owner.name`` from now on; False (nothing wrapped) if ``owner`` has no such callable."""
@@ -289,6 +307,7 @@ class Timers:
                 if describe is not None:
                     self.log.append({"call": name, "seconds": round(dt, 4), **_described(describe, args, kwargs)})
 
+        self._saved.append((owner, name, vars(owner).get(name, _NONE) if hasattr(owner, "__dict__") else _NONE))
         setattr(owner, name, timed)
         return True
 
@@ -305,26 +324,32 @@ def _described(describe, args, kwargs) -> dict:
         return {}
 
 
-def _describe_forward(rows, all_positions=False):
+def _describe_forward(rows, all_positions=False, *_, **__):
     new = [len(ids) - p for ids, _, p in rows]  # rows: (ids, past ref, past length)
     return {"rows": len(rows), "past": max(p for _, _, p in rows), "new_tokens": sum(new),
             "padded_tokens": len(rows) * max(new), "all_positions": all_positions}
 
 
-def _describe_tree(ids, P, ref, tail, items):
+def _describe_tree(ids, P, ref, tail, items, *_, **__):
     n = tail + sum(len(chain) + len(subs) for _, chain, subs in items)
     return {"rows": 1, "past": P, "new_tokens": n, "padded_tokens": n, "all_positions": True,
             "path_tokens": tail, "items": len(items)}
 
 
 def time_model(lm) -> Timers:
-    """Timers around every model pass of the backend (they run in its worker thread):
-    ``_forward`` (batched requests, long prefetch chunks) and ``_tree_pass`` (the end of a
-    prefetched path with its tree-masked branches), each call logged with its shape.
-    A backend without these methods (a restructured one) gets no timers: ``seconds`` stays 0."""
+    """Timers around every model pass of the backend (they run in its worker thread): the
+    engine's pass runner (``lm.runner``: ``forward`` for batched requests and long prefetch
+    chunks, ``tree_pass`` / ``tree_many`` / ``tree_rows`` for prefetched paths with their
+    tree-masked branches), each call logged with its shape where its signature is the one
+    read here. A backend without a pass runner (vLLM, a mock) gets no timers: ``seconds``
+    stays 0."""
     model = Timers()
-    model.wrap(lm, "_forward", _describe_forward)
-    model.wrap(lm, "_tree_pass", _describe_tree)
+    runner = getattr(lm, "runner", None)
+    if runner is not None:
+        model.wrap(runner, "forward", _describe_forward)
+        model.wrap(runner, "tree_pass", _describe_tree)
+        for name in ("tree_many", "tree_rows"):
+            model.wrap(runner, name, lambda *a, **k: {})
     return model
 
 
@@ -396,7 +421,7 @@ def write_json(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path.relative_to(HERE.parent)}")
+    print(f"wrote {path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path}")
     return path
 
 

@@ -78,3 +78,35 @@ def test_engine_floor_runs_the_positions_in_one_pass_of_equal_rows(embedded_lm, 
     assert seen == [[24, 24, 23]], "71 positions: three rows of at most 30, as equal as can be"
     assert not lm.has_logprobs(ids[:5]), "the cache is left cold"
     assert common.engine_pass_seconds(MockLM(seed=0), ids, 10) is None
+
+
+@pytest.mark.asyncio
+async def test_time_model_times_the_engines_passes_and_puts_them_back(embedded_lm):
+    """``common.time_model``: the time inside the pass runner's passes (what ``bench_prefill``
+    and ``bench_concurrency`` report as the passes alone), nothing for a backend without a
+    runner, and ``unwrap`` leaves the runner as it was."""
+    import time
+
+    import common
+
+    from genlm_bytes.lm.hf import AsyncTransformer
+
+    lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, byte_vocab=embedded_lm.byte_vocab,
+                          initial_context=embedded_lm.initial_context, lookahead=False)
+    assert "forward" not in vars(lm.runner)
+    clock = common.time_model(lm)
+    assert clock.wrapped
+    t0 = time.perf_counter()
+    await lm.next_token_logprobs([0, 504, 3037])  # one batched pass
+    await lm.prefetch([0, 504, 3037, 314, 2101, 28], alternatives=[(4, (30,))], start=3)  # a tree pass
+    wall = time.perf_counter() - t0
+    assert clock.calls == 2 and [c["call"] for c in clock.log] == ["forward", "tree_pass"]
+    assert clock.log[0]["rows"] == 1 and clock.log[0]["new_tokens"] == 3
+    assert 0 < clock.seconds <= wall
+    clock.unwrap()
+    assert not clock.wrapped and "forward" not in vars(lm.runner) and "tree_pass" not in vars(lm.runner)
+    before = clock.calls
+    await lm.next_token_logprobs([0, 504, 3037, 7])
+    assert clock.calls == before  # no longer timed
+    mock = common.time_model(MockLM(seed=0))
+    assert not mock.wrapped and mock.seconds == 0
