@@ -436,13 +436,26 @@ def _sample_plain(logps: np.ndarray, params: SamplingParams, rng: RngLike) -> in
     the same checks and the same draw as :func:`_categorical` (one ``gen.random()``, inverse CDF
     in float64), in numpy, without a round of small torch calls per symbol."""
     x = logps.astype(np.float64)  # (V,) a copy
-    _check_distribution_rows(x, "logps")
+    # One reduction does _check_distribution_rows' three checks, in its order: the max is NaN
+    # where any entry is, +inf where one is and none is NaN, -inf where every entry is.
+    m = float(x.max())
+    if math.isnan(m):
+        raise ValueError("logps contains NaN")
+    if m == math.inf:
+        raise ValueError("logps contains +inf")
+    if m == -math.inf:
+        raise ValueError("logps has a row where every entry is -inf: nothing can be sampled")
     if params.is_greedy:
         return int(x.argmax())
     if params.temperature != 1:
         x /= params.temperature
-    p = np.exp(x - x.max())
-    return int(_inverse_cdf((p / p.sum())[None], as_generator(rng))[0])
+        m = float(x.max())
+    p = np.exp(x - m)
+    # _inverse_cdf's draw for one row, the same floats: the first j with cdf[j] >= u is the
+    # count of entries below u (a cumulative sum of probabilities never decreases).
+    cdf = np.cumsum(p / p.sum())
+    u = (1.0 - as_generator(rng).random()) * cdf[-1]
+    return int(np.searchsorted(cdf, u, side="left"))
 
 
 # --------------------------------------------------------------------------- generation, re-exported

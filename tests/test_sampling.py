@@ -270,8 +270,10 @@ def test_sample_symbol_numpy_rows_draw_what_tensor_rows_draw():
     rng = np.random.default_rng(7)
     for trial in range(400):
         x = rng.normal(size=N_SYMBOLS) * rng.uniform(0.1, 8.0)
-        x[rng.random(N_SYMBOLS) < 0.3] = -np.inf
+        x[rng.random(N_SYMBOLS) < (0.3 if trial % 2 else 0.97)] = -np.inf  # (also rows of a few symbols)
         x[trial % N_SYMBOLS] = 0.0  # (at least one finite entry)
+        if trial % 3 == 0:
+            x = x.astype(np.float32)  # (a beam's rows are float64; other callers' may not be)
         for params in (SamplingParams(), SamplingParams(temperature=0.6), SamplingParams(temperature=1.7),
                        SamplingParams(do_sample=False)):
             got = sample_symbol(x, params, np.random.default_rng(trial))
@@ -279,6 +281,7 @@ def test_sample_symbol_numpy_rows_draw_what_tensor_rows_draw():
             assert got == want
             assert np.isfinite(x[got])
     for bad, match in ((np.array([0.0, np.inf]), "inf"), (np.array([np.nan, 0.0]), "NaN"),
+                       (np.array([np.inf, np.nan]), "NaN"), (np.array([-np.inf, np.nan]), "NaN"),
                        (np.full(3, -np.inf, dtype=np.float32), "-inf")):
         with pytest.raises(ValueError, match=match):
             sample_symbol(bad, SamplingParams(), 0)

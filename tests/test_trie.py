@@ -238,3 +238,31 @@ def test_cuda_trie_matches_cpu():
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.weight_sum(p).cpu(), cpu.weight_sum(p))
     torch.testing.assert_close(gpu.weight_max(p).cpu(), cpu.weight_max(p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prepared_probabilities_are_the_lazy_ones_bit_for_bit(dtype):
+    """``ContextDist.prepare`` (a float32 row copied, then gathered into byte order) stores the
+    very floats the unprepared path computes, with zeros past the last sorted token, whatever
+    thread prepares it; a vocabulary with empty tokens (not in the trie) sorts fewer tokens
+    than it has."""
+    import concurrent.futures
+
+    from genlm_bytes.byte_lm.trie_state import BLOCK, TrieSpace
+
+    rng = np.random.default_rng(3)
+    vocab = sorted({bytes(rng.integers(97, 103, size=rng.integers(1, 6))) for _ in range(3000)}) + [b"", b""]
+    space = TrieSpace(TokenByteTrie(vocab))
+    assert space.n_sorted == len(vocab) - 2 and space.n_sorted % BLOCK
+    rows = [torch.log_softmax(torch.tensor(rng.normal(size=len(vocab)) * 4, dtype=dtype), 0) for _ in range(4)]
+    lazy = [space.dist_for(lp)._p32(slice(0, space.n_sorted)).copy() for lp in rows]
+    dists = [space.dist_for(lp) for lp in rows]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # (each thread its own scratch rows)
+        list(pool.map(lambda d: d.prepare(), dists[:2]))
+    for d in dists[2:]:
+        d.prepare()
+    for d, want in zip(dists, lazy):
+        assert d._p.dtype == np.float32 and len(d._p) == space.n_blocks * BLOCK
+        assert np.array_equal(d._p[: space.n_sorted], want)
+        assert not d._p[space.n_sorted:].any()
+        assert np.array_equal(d._bs, d._p.reshape(-1, BLOCK).sum(axis=1, dtype=np.float64))

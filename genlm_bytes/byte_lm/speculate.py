@@ -147,9 +147,10 @@ class PathSpeculator:
         await lm.prefetch(list(full[: n0 + j1 - 1]), start=n0 + j0 - 1)
         logps = await asyncio.gather(*(lm.peek_next_token_logprobs(list(full[: n0 + j])) for j in range(j0, j1)))
         dists = self.space.dists_for(logps)
+        lps = [d.logp_numpy() for d in dists]  # (numpy: a torch index costs ~1 us a token)
         W = [0.0]
         for j in range(j0, j1):
-            W.append(W[-1] + float(logps[j - j0][path[j]]))
+            W.append(W[-1] + float(lps[j - j0][path[j]]))
         N = len(data)
         # Weight (up to the common W_{j0}) of the path's own cover after each number of bytes.
         canon_w = np.full(N + 1, -math.inf)
@@ -167,7 +168,7 @@ class PathSpeculator:
         for k, d in enumerate(dists):
             j = j0 + k
             node = 0
-            lp = logps[k]
+            lp = lps[k]
             for i in range(off[j], N):
                 node = trie.edges.get((node << 8) | data[i], -1)
                 if node < 0:
