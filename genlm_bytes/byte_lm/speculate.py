@@ -70,7 +70,6 @@ class PathSpeculator:
         self.window = speculation_window(lm)
         self.on_computed = None  # awaited with (self, text end) once a window's branches are computed
         self.guess_after = 0  # the likeliest tokens after the path's end also computed with its last window
-        self.held: list = []  # the distributions of the last window's path (see branches)
 
     async def start(self) -> None:
         """Compute the first window of the path (later windows follow the beam, see ensure_bytes)."""
@@ -147,9 +146,7 @@ class PathSpeculator:
         # its whole suffix from the deepest cached past).
         await lm.prefetch(list(full[: n0 + j1 - 1]), start=n0 + j0 - 1)
         logps = await asyncio.gather(*(lm.peek_next_token_logprobs(list(full[: n0 + j])) for j in range(j0, j1)))
-        # Held until the next window's: the beam reads them when it gets here, past the space's
-        # LRU of prepared distributions (this window's rows are in the memory budget's reserve).
-        dists = self.held = self.space.dists_for(logps)
+        dists = self.space.dists_for(logps)
         lps = [d.logp_numpy() for d in dists]  # (numpy: a torch index costs ~1 us a token)
         W = [0.0]
         for j in range(j0, j1):
