@@ -266,29 +266,3 @@ def test_prepared_probabilities_are_the_lazy_ones_bit_for_bit(dtype):
         assert np.array_equal(d._p[: space.n_sorted], want)
         assert not d._p[space.n_sorted:].any()
         assert np.array_equal(d._bs, d._p.reshape(-1, BLOCK).sum(axis=1, dtype=np.float64))
-
-
-def test_a_distribution_still_held_is_found_again_after_the_lru_lets_go():
-    """``TrieSpace.dist_for``: past its LRU of ``max_dists``, a distribution something still
-    holds (a cover, a prefill's window) is the same object, prepared once; one nobody holds is
-    made anew."""
-    import gc
-
-    from genlm_bytes.byte_lm.trie_state import TrieSpace
-
-    vocab = [bytes([a, b]) for a in range(97, 107) for b in range(97, 107)] + [b"x"]
-    space = TrieSpace(TokenByteTrie(vocab), max_dists=2)
-    rows = [torch.log_softmax(torch.randn(len(vocab), generator=torch.Generator().manual_seed(i)), 0)
-            for i in range(5)]
-    held = space.dist_for(rows[0])
-    held.prepare()
-    p = held._p
-    space.dist_for(rows[1]).prepare()  # (held by nobody but the LRU)
-    for r in rows[2:]:
-        space.dist_for(r)  # the LRU (2) lets go of rows 0 and 1
-    assert len(space._dists) == 2
-    again = space.dist_for(rows[0])
-    assert again is held and again._p is p  # not prepared again
-    gc.collect()
-    fresh = space.dist_for(rows[1])
-    assert fresh.logp is rows[1] and fresh._p is None  # nobody held it: a new one, unprepared

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -33,8 +32,7 @@ _TINY = 1e-9  # below this (relative) a sum with the EOS terms subtracted is rec
 class TrieSpace:
     """What the covers of one beam share: the trie and which tokens are EOS."""
 
-    __slots__ = ("_alive", "_dists", "_lock", "eos_ids", "eos_pos", "eos_set", "max_dists", "n_blocks", "n_sorted",
-                 "trie")
+    __slots__ = ("_dists", "_lock", "eos_ids", "eos_pos", "eos_set", "max_dists", "n_blocks", "n_sorted", "trie")
 
     MAX_DISTS = 256  # prepared distributions kept for reuse (keyed by the LM's cached tensor)
 
@@ -47,10 +45,6 @@ class TrieSpace:
         self.n_sorted = len(trie.order)
         self.n_blocks = max(1, -(-self.n_sorted // BLOCK))
         self._dists: OrderedDict[int, ContextDist] = OrderedDict()
-        # Every distribution still alive (held by a cover, or by a prefill's window of them) by
-        # its tensor's id, also after the LRU above let go of it: it is found again, not
-        # prepared again (a prefill read ~1.5x as many rows as it prepared distinct ones).
-        self._alive: weakref.WeakValueDictionary[int, ContextDist] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()  # beams of one model in several threads share a space
 
     def dists_for(self, logps: list[torch.Tensor]) -> list[ContextDist]:
@@ -80,9 +74,7 @@ class TrieSpace:
             if d is not None and d.logp is logp:
                 self._dists.move_to_end(id(logp))
                 return d
-            d = self._alive.get(id(logp))
-            if d is None or d.logp is not logp:
-                d = self._alive[id(logp)] = ContextDist(logp, self)
+            d = ContextDist(logp, self)
             self._dists[id(logp)] = d
             if len(self._dists) > self.max_dists:
                 self._dists.popitem(last=False)
@@ -112,7 +104,7 @@ class ContextDist:
     In generation mode, EOS tokens are left out of every sum.
     """
 
-    __slots__ = ("__weakref__", "_bs", "_lp", "_p", "_p_eos", "logp", "space")
+    __slots__ = ("_bs", "_lp", "_p", "_p_eos", "logp", "space")
 
     def __init__(self, logp: torch.Tensor, space: TrieSpace):
         self.logp = logp
