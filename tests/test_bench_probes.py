@@ -110,3 +110,18 @@ async def test_time_model_times_the_engines_passes_and_puts_them_back(embedded_l
     assert clock.calls == before  # no longer timed
     mock = common.time_model(MockLM(seed=0))
     assert not mock.wrapped and mock.seconds == 0
+
+
+def test_the_prompt_suites_are_broad_and_the_held_out_one_shares_no_prompt():
+    """Both prompt suites of ``benchmarks/data`` load, have at least 24 prompts of many kinds
+    with distinct names, and the held-out suite repeats no prompt of the main one."""
+    import suite
+
+    main = suite.load_prompts(suite.PROMPT_SUITE)
+    held = suite.load_prompts(Path(suite.PROMPT_SUITE).with_name("prompts_heldout.json"))
+    for prompts in (main, held):
+        assert len(prompts) >= 24
+        assert len({p["name"] for p in prompts}) == len(prompts)
+        assert len({p["kind"] for p in prompts}) >= 12
+        assert all(p["text"] for p in prompts)
+    assert not {p["text"] for p in main} & {p["text"] for p in held}
