@@ -103,13 +103,9 @@ def report(res: dict) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--texts", default=str(suite.TEXT_SUITE), help="a folder of texts")
-    parser.add_argument("--limit", type=int, default=None, help="the first N texts only")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--name", default="planner", help="results/<name>.json")
+    suite.add_text_args(parser, "planner")
     args = parser.parse_args()
-    if args.repeats < 1 or (args.limit is not None and args.limit < 1):
-        parser.error("--repeats and --limit must be at least 1")
+    suite.check_text_args(parser, args)
     result = asyncio.run(main(args))
     report(result)
     common.write_json(args.name, result)

@@ -190,17 +190,13 @@ def report(res: dict) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--texts", default=str(suite.TEXT_SUITE), help="a folder of texts (default: the suite)")
+    suite.add_text_args(parser, "prefill")
     parser.add_argument("--text", default=None,
                         help="one file of ../shared/bench or benchmarks/data instead of the suite")
-    parser.add_argument("--limit", type=int, default=0, help="only the first N texts (smoke runs)")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=common.THREADS)
     common.add_model_arg(parser)
-    parser.add_argument("--name", default="prefill", help="JSON file name under benchmarks/results")
     args = parser.parse_args()
-    if args.repeats < 1 or args.limit < 0:
-        parser.error("--repeats must be at least 1 and --limit 0 (all) or more")
+    suite.check_text_args(parser, args)
     result = asyncio.run(main(args))
     report(result)
     common.write_json(args.name, result)

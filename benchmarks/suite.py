@@ -54,6 +54,21 @@ def prompts_from_strings(texts: list[str]) -> list[dict]:
     return [{"name": t[:24].replace("\n", "\\n"), "kind": "cli", "text": t} for t in texts]
 
 
+def add_text_args(parser, name: str, repeats: int = 3) -> None:
+    """The options of a script over the text suite: ``--texts`` (a folder), ``--limit`` (the
+    first N texts, 0: all), ``--repeats`` and ``--name`` (``results/<name>.json``)."""
+    parser.add_argument("--texts", default=str(TEXT_SUITE), help="a folder of texts (default: the suite)")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N texts (smoke runs; 0: all)")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--name", default=name, help="JSON file name under benchmarks/results")
+
+
+def check_text_args(parser, args) -> None:
+    """``parser.error`` for options of :func:`add_text_args` out of range."""
+    if args.repeats < 1 or args.limit < 0:
+        parser.error("--repeats must be at least 1 and --limit 0 (all) or more")
+
+
 def load_texts(folder: str | Path = TEXT_SUITE, limit: int | None = None) -> list[dict]:
     """The texts of a folder, sorted by file name: ``[{"name", "kind", "data": bytes}, ...]``.
 

@@ -123,15 +123,25 @@ def _as_logits(logits, name: str = "logits") -> torch.Tensor:
     return logits.detach()
 
 
-def _check_distribution_rows(x, name: str) -> None:
-    """No NaN, no +inf, and a finite entry in every row of ``x`` (a tensor or a numpy array)."""
-    isnan = np.isnan if isinstance(x, np.ndarray) else torch.isnan
-    if isnan(x).any():
+def _check_distribution_rows(x, name: str):
+    """No NaN, no +inf, and a finite entry in every row of ``x`` (a tensor or a numpy array).
+
+    One reduction does the three checks: a row's max is NaN where the row holds one, +inf where
+    it holds one and no NaN, -inf where every entry is. Returns the row maxima (None when ``x``
+    is empty)."""
+    if not math.prod(x.shape):
+        return None
+    if isinstance(x, np.ndarray):
+        m, isnan = x.max(-1), np.isnan
+    else:
+        m, isnan = x.amax(-1), torch.isnan
+    if isnan(m).any():
         raise ValueError(f"{name} contains NaN")
-    if (x == math.inf).any():
+    if (m == math.inf).any():
         raise ValueError(f"{name} contains +inf")
-    if math.prod(x.shape) and not (x > -math.inf).any(-1).all():
+    if (m == -math.inf).any():
         raise ValueError(f"{name} has a row where every entry is -inf: nothing can be sampled")
+    return m
 
 
 # --------------------------------------------------------------------------- transforms
@@ -436,15 +446,7 @@ def _sample_plain(logps: np.ndarray, params: SamplingParams, rng: RngLike) -> in
     the same checks and the same draw as :func:`_categorical` (one ``gen.random()``, inverse CDF
     in float64), in numpy, without a round of small torch calls per symbol."""
     x = logps.astype(np.float64)  # (V,) a copy
-    # One reduction does _check_distribution_rows' three checks, in its order: the max is NaN
-    # where any entry is, +inf where one is and none is NaN, -inf where every entry is.
-    m = float(x.max())
-    if math.isnan(m):
-        raise ValueError("logps contains NaN")
-    if m == math.inf:
-        raise ValueError("logps contains +inf")
-    if m == -math.inf:
-        raise ValueError("logps has a row where every entry is -inf: nothing can be sampled")
+    m = float(_check_distribution_rows(x, "logps"))
     if params.is_greedy:
         return int(x.argmax())
     if params.temperature != 1:

@@ -307,6 +307,7 @@ class LazyTrieState:
     """
 
     __slots__ = (
+        "_ends",
         "canon",
         "ctx_weight",
         "dist",
@@ -326,6 +327,7 @@ class LazyTrieState:
         self.terminated = terminated
         self.text = text
         self.canon = canon
+        self._ends = None  # end_tokens(), made once (a step reads it in logp_next and again in <<)
         self.weight = self._weight() if weight is None else weight
 
     @classmethod
@@ -397,6 +399,11 @@ class LazyTrieState:
 
     def end_tokens(self) -> list[tuple[int, float]]:
         """``(token id, ctx_weight + log p(token))`` for each token ending exactly here."""
+        if self._ends is None:
+            self._ends = self._end_tokens()
+        return self._ends
+
+    def _end_tokens(self) -> list[tuple[int, float]]:
         if self.terminated or self.node == 0:
             return []
         trie = self.dist.space.trie
