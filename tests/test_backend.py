@@ -1250,7 +1250,8 @@ async def test_prompt_lookup_drafts_are_exact_and_save_passes(embedded_lm, embed
         assert lm.has_logprobs(ctx)
         assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))
     assert lm.batcher.n_batches == batches, "drafted distributions come from the cache"
-    # Concurrent requests run as a batch, without drafts.
+    # Concurrent requests with nothing to draft (their last two tokens never occurred) run as a
+    # plain batch (a few that can draft: test_a_few_requests_together_run_their_own_drafts).
     both = [ids[:-1] + [t] for t in (11, 12)]
     before = lm.n_forward_tokens
     await asyncio.gather(*(lm.next_token_logprobs(c) for c in both))
@@ -1274,6 +1275,61 @@ async def test_prompt_lookup_drafts_are_exact_and_save_passes(embedded_lm, embed
     for bad in (-1, True, 1.5, "2"):
         with pytest.raises(ValueError, match="draft_tokens"):
             transformer(embedded_lm, draft_tokens=bad)
+
+
+@pytest.mark.slow
+async def test_a_few_requests_together_run_their_own_drafts(embedded_lm, embedded_hf, hf64):
+    """A few generation requests asked in one go (a beam whose covers copy text in two
+    segmentations) each run the tokens a prompt lookup drafts after their own context, in the
+    same pass: exact, then served from the cache. Their group look-ahead drafts after its
+    guesses too. ``group_drafts=False`` turns both off; a batch above ``ahead_group`` drafts
+    nothing."""
+    import genlm_bytes.lm.hf.speculation as tr
+
+    hf_model, tok = hf64, embedded_hf[1]
+    text = [0] + tok.encode("one two three four five six. one two three four five six. one two")
+    ctxs = [text, text[:-1] + tok.encode(" tw")]  # (the second: another segmentation's context)
+    drafts = [tr.lookup_draft(tuple(c), 2) for c in ctxs]
+    assert len(drafts[0]) == 2 and not drafts[1], "the test expects one row with a draft, one without"
+    lm = transformer(embedded_lm, hf_model, draft_tokens=2)
+    await lm.next_token_logprobs(text[:-1])  # (the shared past, cached)
+    batches, tokens = lm.batcher.n_batches, lm.n_forward_tokens
+    rows = await asyncio.gather(*(lm.next_token_logprobs(c) for c in ctxs))
+    assert lm.batcher.n_batches == batches + 1
+    assert lm.n_forward_tokens == tokens + len(ctxs) + len(drafts[0]) + len(ctxs[1]) - len(text)
+    for c, r in zip(ctxs, rows):
+        assert_close_to_uncached(hf_model, c, r)
+    for k in (1, 2):
+        ctx = ctxs[0] + list(drafts[0][:k])
+        assert lm.has_logprobs(ctx), f"draft context {k} not computed with the batch"
+        assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))
+    assert lm.batcher.n_batches == batches + 1, "the drafted contexts come from the cache"
+    assert_cache_consistent(lm.cache)
+
+    off = transformer(embedded_lm, hf_model, draft_tokens=2, config=EngineConfig(group_drafts=False))
+    await off.next_token_logprobs(text[:-1])
+    await asyncio.gather(*(off.next_token_logprobs(c) for c in ctxs))
+    assert not off.has_logprobs(ctxs[0] + list(drafts[0][:1]))
+    many = [text[:-1] + [t] for t in range(11, 12 + lm.config.ahead_group)] + [text]
+    fresh = transformer(embedded_lm, hf_model, draft_tokens=2)
+    await asyncio.gather(*(fresh.next_token_logprobs(c) for c in many))
+    assert not fresh.has_logprobs(text + list(drafts[0][:1])), "a batch above ahead_group drafts nothing"
+
+    # The group look-ahead: after the batch, each context's guess and the draft after it.
+    lm = transformer(embedded_lm, hf_model, lookahead=True, draft_tokens=2)
+    await lm.next_token_logprobs(text[:-1])
+    await asyncio.gather(*(lm.next_token_logprobs(c) for c in ctxs))
+    pending = lm.ahead.ahead
+    assert pending is not None and len(pending.paths) == len(ctxs), "one guess per context"
+    await asyncio.get_running_loop().run_in_executor(lm.batcher._executor, lambda: None)
+    drafted = {p: tr.lookup_draft(p, 2) for p in pending.paths}
+    assert any(drafted.values()), "the repeating text should give a look-ahead draft"
+    for p, d in drafted.items():
+        for k in range(len(d) + 1):
+            assert lm.has_logprobs(list(p + d[:k])), f"look-ahead context {k} not computed"
+            assert_close_to_uncached(hf_model, list(p + d[:k]), lm.cache.get_logp(p + d[:k]))
+    assert pending.targets >= {p + d[:k] for p, d in drafted.items() for k in range(len(d) + 1)}
+    assert_cache_consistent(lm.cache)
 
 
 @pytest.mark.slow

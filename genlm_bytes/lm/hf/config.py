@@ -67,6 +67,8 @@ class EngineConfig:
     ahead_shorter_p: float = 0.01  # ... when at least this likely (a byte-level beam asks for them first)
     ahead_sibling: bool = True  # or the likeliest token after a longer sibling computed with the context
     ahead_group: int = 4  # generation batches up to this size get a look-ahead; larger are beams, rarely all right
+    group_drafts: bool = True  # such a batch (and its look-ahead) also runs each row's prompt-lookup draft, as a
+    # lone request does: a beam of a few covers copying text costs a pass per few tokens, not per token
     hint_tokens: int = 2  # hinted contexts (AsyncLM.hint_next) run with such a batch: a pass of 3 tokens costs ~1.1x one
 
     # memory: heap trims

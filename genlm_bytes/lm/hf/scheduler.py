@@ -66,6 +66,8 @@ class Scheduler:
         if lone and todo and (row := self.drafter.drafted(*todo[0])) is not None:
             done[todo[0][0]] = row
             todo = []
+        elif todo and generating and 1 < len(requests) <= self.config.ahead_group:
+            todo = self._with_drafts(todo, done)
         for group in self.store.memory_groups(todo):
             for (ids, _, _), logp in zip(group, self.runner.forward(group, all_positions=False, grow=lone,
                                                                     short_chains=generating)):
@@ -121,6 +123,27 @@ class Scheduler:
                 done[ids] = row
             return [r for r in todo if r[0] not in done]
         for (ids, *_), row in zip(rows, self.runner.tree_rows(rows, hand_out=len(todo))):
+            if row is not None:
+                done[ids] = row
+        return [r for r in todo if r[0] not in done]
+
+    def _with_drafts(self, todo: list, done: dict) -> list:
+        """A few generation requests asked together (a beam whose covers follow one text in
+        different segmentations, or a few states stepping together): each row with the tokens a
+        prompt lookup drafts after its own context (:meth:`Drafter.lookup`), in one ragged tree
+        pass (:meth:`PassRunner.tree_rows`), as a lone request runs its draft. Returns what is
+        left to run (``done`` takes the rows computed); ``todo`` itself when no row has a draft
+        or the pass would not fit one pass."""
+        d = self.drafter
+        if not d.draft_tokens or not self.config.group_drafts or not self.store.kv_reuse:
+            return todo
+        rows = []
+        for ids, ref, p in todo:
+            draft = d.lookup(ids, d.draft_tokens) if len(ids) - p <= self.config.draft_max_new else ()
+            rows.append((ids, ref, p, [(len(ids), draft, ())] if draft else []))
+        if not any(r[3] for r in rows) or len(self.store.memory_groups([r[:3] for r in rows])) > 1:
+            return todo
+        for (ids, *_), row in zip(rows, self.runner.tree_rows(rows)):
             if row is not None:
                 done[ids] = row
         return [r for r in todo if r[0] not in done]

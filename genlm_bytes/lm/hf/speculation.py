@@ -6,11 +6,14 @@ costs a little time, never a result):
 - :class:`Drafter`: a pass run for one context alone also runs a few guessed tokens in the same
   tree pass (``draft_tokens``): longer siblings of a short last token (" the" when the context
   ends with " "), then the tokens that followed the last earlier occurrence of its last two
-  tokens (:func:`lookup_draft`, "prompt lookup").
+  tokens (:func:`lookup_draft`, "prompt lookup"). A few generation requests asked together
+  (up to ``ahead_group``: a beam whose covers copy text in different segmentations) each run
+  their own prompt-lookup draft in one ragged tree pass (``Scheduler._with_drafts``;
+  ``group_drafts``).
 - :class:`LookAhead`: after serving a lone request (or a few generation requests asked
   together), the model's thread runs the context extended by its guessed next token while the
   caller works through that token's bytes, and after it the tokens a prompt lookup drafts
-  (with the shorter tokens spelling each one's start). Asking for a guessed context starts
+  (with the shorter tokens spelling each one's start, for a lone request). Asking for a guessed context starts
   the next guess, from the first guess along the drafts that is not computed yet (text that
   repeats itself then costs a pass per few tokens); asking for any other context stops the
   pass at its next layer (the check runs in
@@ -270,19 +273,12 @@ class LookAhead:
         cfg = self.config
         if not self.enabled or not self._fits(ids):
             return
-        lp = np_row(row)  # numpy: no torch parallel region on the caller's thread
-        top = top_tokens(lp, cfg.ahead_top)
-        a = self._guess(lp, top)
         # Guesses computed already (drafts of an earlier pass) are followed to the first one
         # that is not: the pass for it starts while the caller still works through those.
-        for _ in range(self.draft_tokens + 1):
-            nxt = self.cache.get_logp(ids + (a,)) if a is not None else None
-            if nxt is None or not self._fits(ids + (a,)):
-                break
-            ids, sibling = ids + (a,), None
-            lp = np_row(nxt)
-            top = top_tokens(lp, cfg.ahead_top)
-            a = self._guess(lp, top)
+        n = len(ids)
+        ids, a, lp, top = self._follow(ids, np_row(row))  # (numpy: no torch parallel region on this thread)
+        if len(ids) > n:
+            sibling = None
         if a is None or self.cache.get_logp(ids + (a,)) is not None:
             return
         items, paths = [], [ids + (a,)]
@@ -302,9 +298,7 @@ class LookAhead:
                     items.append((len(ids), (t,), ()))
         # The tokens that followed the last earlier occurrence of the guess's context, run after
         # it in the same pass (text that repeats itself is then a few tokens per pass).
-        draft = lookup_draft(ids + (a,), self.draft_tokens, cfg.draft_search) if self.draft_tokens else ()
-        if self.max_positions:
-            draft = draft[: max(0, self.max_positions - len(ids) - 1)]
+        draft = self._draft(ids + (a,))
         if draft:
             # With each drafted token, the tokens spelling a proper prefix of it (a byte-level
             # beam also asks for the contexts ending in those: its shorter covers).
@@ -319,22 +313,49 @@ class LookAhead:
     def start_group(self, contexts: list[tuple], rows: list) -> None:
         """Queue one look-ahead pass for a few contexts asked for together (a beam whose covers
         follow the same text in different segmentations, or a few states stepping together):
-        each extended by the token a greedy byte walk of its distribution ends at, as one
-        batch. Asking for all of them (or some, in one go) starts the next guess; asking for
-        any other context stops it, as for one context."""
+        each extended by the token a greedy byte walk of its distribution ends at (guesses
+        computed already are followed to the first one that is not, as for one context), and
+        by the tokens a prompt lookup drafts after that, as one ragged batch. Asking for all of
+        the guesses (or some, in one go) starts the next guess; asking for any other context
+        stops it, as for one context."""
         if not self.enabled:
             return
-        paths = []
+        jobs = {}
         for ids, row in zip(contexts, rows):
             if not self._fits(ids):
                 continue
-            lp = np_row(row)
-            a = self._guess(lp, top_tokens(lp, self.config.ahead_top))
-            if a is not None and self.cache.get_logp(ids + (a,)) is None:
-                paths.append(ids + (a,))
-        paths = tuple(dict.fromkeys(paths))
-        if paths:
-            self._queue(Ahead(frozenset(paths), frozenset(paths), threading.Event()), self._run_group, paths)
+            ids, a, _, _ = self._follow(ids, np_row(row))
+            if a is None or self.cache.get_logp(ids + (a,)) is not None:
+                continue
+            path = ids + (a,)
+            jobs.setdefault(path, self._draft(path) if self.config.group_drafts else ())
+        if jobs:
+            targets = frozenset(jobs) | frozenset(path + d[:k] for path, d in jobs.items() for k in range(1, len(d) + 1))
+            self._queue(Ahead(frozenset(jobs), targets, threading.Event()), self._run_group, tuple(jobs.items()))
+
+    def _follow(self, ids: tuple, lp) -> tuple:
+        """``(ids', a, lp', top')``: ``ids`` extended along the guesses whose distributions are
+        cached (drafts of an earlier pass), the guess after ``ids'`` (None: no guess), and the
+        numpy distribution after ``ids'`` with its likeliest tokens; ``lp``: the distribution
+        after ``ids``."""
+        k = self.config.ahead_top
+        top = top_tokens(lp, k)
+        a = self._guess(lp, top)
+        for _ in range(self.draft_tokens + 1):
+            nxt = self.cache.get_logp(ids + (a,)) if a is not None else None
+            if nxt is None or not self._fits(ids + (a,)):
+                break
+            ids = ids + (a,)
+            lp = np_row(nxt)
+            top = top_tokens(lp, k)
+            a = self._guess(lp, top)
+        return ids, a, lp, top
+
+    def _draft(self, ids: tuple) -> tuple:
+        """The tokens a prompt lookup drafts after ``ids`` (up to ``draft_tokens``), within the
+        model's window."""
+        draft = lookup_draft(ids, self.draft_tokens, self.config.draft_search) if self.draft_tokens else ()
+        return draft[: max(0, self.max_positions - len(ids))] if self.max_positions else draft
 
     def _arm(self, ahead: Ahead) -> None:
         """Make ``ahead`` the look-ahead (stopping the one before)."""
@@ -383,17 +404,21 @@ class LookAhead:
 
         self._guarded(ahead, prepare)
 
-    def _run_group(self, ahead: Ahead, paths: tuple) -> None:
-        """Run a group look-ahead pass unless stopped: the paths whose contexts are cached, in
-        one batch."""
+    def _run_group(self, ahead: Ahead, jobs: tuple) -> None:
+        """Run a group look-ahead pass unless stopped: the paths ``(path, draft)`` whose contexts
+        are cached, in one batch, each with its draft after it (a ragged tree pass)."""
         def prepare():
             rows = []
-            for path in paths:
+            for path, draft in jobs:
                 if self.cache.get_logp(path) is None:
                     P, ref = self.cache.deepest_kv(path, len(path) - 1)
                     if P == len(path) - 1:  # (a context whose past was evicted: no guess)
-                        rows.append((path, ref, P))
-            return (lambda: self.runner.forward(rows, all_positions=True, grow=len(rows) == 1)) if rows else None
+                        rows.append((path, ref, P, [(len(path), draft, ())] if draft else []))
+            if not rows:
+                return None
+            if any(items for *_, items in rows):
+                return lambda: self.runner.tree_rows(rows, hand_out=0)
+            return lambda: self.runner.forward([r[:3] for r in rows], all_positions=True, grow=len(rows) == 1)
 
         self._guarded(ahead, prepare)
 
