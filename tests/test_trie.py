@@ -266,3 +266,7 @@ def test_prepared_probabilities_are_the_lazy_ones_bit_for_bit(dtype):
         assert np.array_equal(d._p[: space.n_sorted], want)
         assert not d._p[space.n_sorted:].any()
         assert np.array_equal(d._bs, d._p.reshape(-1, BLOCK).sum(axis=1, dtype=np.float64))
+    # (The gather skips numpy's bounds check: a row too short for the vocabulary is refused first.)
+    short = space.dist_for(rows[0][: space.min_row - 1].clone())
+    with pytest.raises(ValueError, match="distribution of"):
+        short.prepare()
