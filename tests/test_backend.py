@@ -1230,6 +1230,13 @@ def test_lookup_draft_follows_the_last_earlier_occurrence():
     assert lookup_draft((1, 2, 3, 1, 2), 0) == ()
     assert lookup_draft((5, 5, 5), 3) == (5,), "a run of one token drafts what follows inside the run"
     assert lookup_draft((1, 2, 3) + (0,) * 50 + (1, 2), 2, window=20) == (), "searched back `window` positions"
+    # A copy under way (the occurrence's earlier tokens match too) drafts as many tokens as match.
+    copy = (7, 8, 9, 1, 2, 3, 4, 5, 6, 0, 7, 8, 9, 1, 2)
+    assert lookup_draft(copy, 2) == (3, 4)
+    assert lookup_draft(copy, 2, most=4) == (3, 4, 5, 6), "5 tokens match: up to `most`"
+    assert lookup_draft(copy, 2, most=8) == (3, 4, 5, 6, 0), "5 tokens match: 5 drafted"
+    assert lookup_draft((3, 1, 2, 9, 1, 2), 1, most=8) == (9, 1), "2 tokens match: 2 drafted"
+    assert lookup_draft(copy, 2, most=1) == (3, 4), "never fewer than k"
 
 
 @pytest.mark.slow
@@ -1239,7 +1246,8 @@ async def test_prompt_lookup_drafts_are_exact_and_save_passes(embedded_lm, embed
     hf_model, tok = hf64, embedded_hf[1]
     ids = [0] + tok.encode("The cat sat on the mat. The cat sat on the")
     mat = ids[ids.index(ids[-1]) + 1:ids.index(ids[-1]) + 3]  # the two tokens after the first " the"
-    lm = transformer(embedded_lm, hf_model, draft_tokens=2)
+    # (Plain drafts of draft_tokens; a copy under way drafts longer: test_lookup_draft_follows_...)
+    lm = transformer(embedded_lm, hf_model, draft_tokens=2, config=EngineConfig(draft_most=0))
     await lm.next_token_logprobs(ids[:-1])  # a long uncached context: no draft
     assert lm.n_forward_tokens == len(ids) - 1
     assert_close_to_uncached(hf_model, ids, await lm.next_token_logprobs(ids))
@@ -1289,9 +1297,9 @@ async def test_a_few_requests_together_run_their_own_drafts(embedded_lm, embedde
     hf_model, tok = hf64, embedded_hf[1]
     text = [0] + tok.encode("one two three four five six. one two three four five six. one two")
     ctxs = [text, text[:-1] + tok.encode(" tw")]  # (the second: another segmentation's context)
-    drafts = [tr.lookup_draft(tuple(c), 2) for c in ctxs]
-    assert len(drafts[0]) == 2 and not drafts[1], "the test expects one row with a draft, one without"
     lm = transformer(embedded_lm, hf_model, draft_tokens=2)
+    drafts = [tr.lookup_draft(tuple(c), 2, most=lm.config.draft_most) for c in ctxs]
+    assert len(drafts[0]) > 2 and not drafts[1], "the test expects one row with a copy's draft, one without"
     await lm.next_token_logprobs(text[:-1])  # (the shared past, cached)
     batches, tokens = lm.batcher.n_batches, lm.n_forward_tokens
     rows = await asyncio.gather(*(lm.next_token_logprobs(c) for c in ctxs))
@@ -1299,7 +1307,7 @@ async def test_a_few_requests_together_run_their_own_drafts(embedded_lm, embedde
     assert lm.n_forward_tokens == tokens + len(ctxs) + len(drafts[0]) + len(ctxs[1]) - len(text)
     for c, r in zip(ctxs, rows):
         assert_close_to_uncached(hf_model, c, r)
-    for k in (1, 2):
+    for k in range(1, len(drafts[0]) + 1):
         ctx = ctxs[0] + list(drafts[0][:k])
         assert lm.has_logprobs(ctx), f"draft context {k} not computed with the batch"
         assert_close_to_uncached(hf_model, ctx, await lm.next_token_logprobs(ctx))
@@ -1315,14 +1323,15 @@ async def test_a_few_requests_together_run_their_own_drafts(embedded_lm, embedde
     await asyncio.gather(*(fresh.next_token_logprobs(c) for c in many))
     assert not fresh.has_logprobs(text + list(drafts[0][:1])), "a batch above ahead_group drafts nothing"
 
-    # The group look-ahead: after the batch, each context's guess and the draft after it.
-    lm = transformer(embedded_lm, hf_model, lookahead=True, draft_tokens=2)
+    # The group look-ahead: after the batch, each context's guess and the draft after it (plain
+    # drafts here: a copy's longer draft in the batch's pass would leave row 0 nothing to guess).
+    lm = transformer(embedded_lm, hf_model, lookahead=True, draft_tokens=2, config=EngineConfig(draft_most=0))
     await lm.next_token_logprobs(text[:-1])
     await asyncio.gather(*(lm.next_token_logprobs(c) for c in ctxs))
     pending = lm.ahead.ahead
     assert pending is not None and len(pending.paths) == len(ctxs), "one guess per context"
     await asyncio.get_running_loop().run_in_executor(lm.batcher._executor, lambda: None)
-    drafted = {p: tr.lookup_draft(p, 2) for p in pending.paths}
+    drafted = {p: tr.lookup_draft(p, 2, most=lm.config.draft_most) for p in pending.paths}
     assert any(drafted.values()), "the repeating text should give a look-ahead draft"
     for p, d in drafted.items():
         for k in range(len(d) + 1):

@@ -61,6 +61,8 @@ class EngineConfig:
     # speculation: drafts and look-ahead
     draft_max_new: int = 8  # draft only for a lone request with at most this many uncached tokens
     draft_search: int = 2048  # positions searched back for a prompt-lookup draft: bounded cost per pass
+    draft_most: int = 8  # a prompt-lookup draft of a copy under way (the earlier occurrence matches its last m
+    # tokens) runs min(m, this) tokens, not draft_tokens: a copied stretch costs a pass per few tokens
     sibling_top: int = 8  # likeliest tokens searched for longer siblings (" the" after " ")
     ahead_top: int = 64  # tokens a look-ahead's greedy byte walk considers: the rest hold little mass
     ahead_shorter: int = 2  # shorter tokens spelling the guess's start that a look-ahead also runs ...

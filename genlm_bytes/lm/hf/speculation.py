@@ -97,13 +97,17 @@ def byte_mode(lp, top: list[int], vocab, eos_ids) -> int | None:
     return None
 
 
-def lookup_draft(ids: tuple, k: int, window: int = 2048) -> tuple:
+def lookup_draft(ids: tuple, k: int, window: int = 2048, most: int = 0) -> tuple:
     """Up to ``k`` tokens guessed to follow ``ids``: the tokens after the most recent earlier
     occurrence (within the last ``window`` positions) of its last two tokens, preferring one
-    where its last three match. ``()`` when they did not occur before.
+    where its last three match. ``()`` when they did not occur before. With ``most`` > ``k``, a
+    copy under way drafts longer: as many tokens as the occurrence already matches (the tokens
+    before it equal the last ones of ``ids``), up to ``most``.
 
     >>> lookup_draft((1, 2, 3, 1, 2), 2)
     (3, 1)
+    >>> lookup_draft((5, 6, 7, 8, 9, 1, 5, 6, 7), 1, most=4)
+    (8, 9, 1)
     """
     n = len(ids)
     if n < 3 or k < 1:
@@ -118,7 +122,14 @@ def lookup_draft(ids: tuple, k: int, window: int = 2048) -> tuple:
                 break
             if best < 0:
                 best = j
-    return ids[best + 1: best + 1 + k] if best >= 0 else ()
+    if best < 0:
+        return ()
+    if most > k:  # (the match's length: ids[best - m + 1:best + 1] == ids[n - m:])
+        m = 2
+        while m < most and best - m >= 0 and ids[best - m] == ids[n - 1 - m]:
+            m += 1
+        k = max(k, m)
+    return ids[best + 1: best + 1 + k]
 
 
 class Drafter:
@@ -155,7 +166,7 @@ class Drafter:
     def lookup(self, ids: tuple, k: int) -> tuple:
         """Up to ``k`` tokens drafted to follow ``ids`` from its own text (:func:`lookup_draft`),
         within the model's window."""
-        draft = lookup_draft(ids, k, self.config.draft_search) if k > 0 else ()
+        draft = lookup_draft(ids, k, self.config.draft_search, self.config.draft_most) if k > 0 else ()
         return draft[: max(0, self.max_positions - len(ids))] if self.max_positions else draft
 
     def longer_tokens(self, ids: tuple) -> tuple[list[int], object]:
@@ -302,7 +313,7 @@ class LookAhead:
         if draft:
             # With each drafted token, the tokens spelling a proper prefix of it (a byte-level
             # beam also asks for the contexts ending in those: its shorter covers).
-            subs = tuple((k, t) for k, tok in enumerate(draft)
+            subs = tuple((k, t) for k, tok in enumerate(draft[: self.draft_tokens])
                          for t in self.spellings.prefix_tokens(tok)[: cfg.ahead_shorter])
             items.append((len(ids) + 1, tuple(draft), subs))
         base = ids + (a,)
@@ -354,7 +365,8 @@ class LookAhead:
     def _draft(self, ids: tuple) -> tuple:
         """The tokens a prompt lookup drafts after ``ids`` (up to ``draft_tokens``), within the
         model's window."""
-        draft = lookup_draft(ids, self.draft_tokens, self.config.draft_search) if self.draft_tokens else ()
+        cfg = self.config
+        draft = lookup_draft(ids, self.draft_tokens, cfg.draft_search, cfg.draft_most) if self.draft_tokens else ()
         return draft[: max(0, self.max_positions - len(ids))] if self.max_positions else draft
 
     def _arm(self, ahead: Ahead) -> None:
