@@ -86,8 +86,9 @@ class Scheduler:
         """A few generation requests and up to ``hint_tokens`` hinted contexts one token past a
         cached past (the likeliest first), in one ragged tree pass (:meth:`PassRunner.tree_rows`):
         a hint whose past is a prefix of a request's context branches off that request's row,
-        the others get rows of their own. A lone request also runs its prompt-lookup draft (the
-        hints take the place of the Drafter's guessed siblings). Returns what is left to run
+        the others get rows of their own. Each request also runs its prompt-lookup draft (the
+        hints take the place of the Drafter's guessed siblings; a few requests only with
+        ``group_drafts``). Returns what is left to run
         (``done`` takes the rows computed); ``todo`` itself when no hint qualifies or the pass
         would not fit one pass."""
         cache, want = self.cache, {ids for ids, _, _ in todo}
@@ -113,10 +114,12 @@ class Scheduler:
         if (len(rows) == len(todo) and not any(r[3] for r in rows)) \
                 or len(self.store.memory_groups([r[:3] for r in rows])) > 1:
             return todo
+        d, cfg = self.drafter, self.config
+        for ids, ref, p, items in rows[:len(todo)] if lone or cfg.group_drafts else ():  # (their drafts)
+            draft = d.lookup(ids, d.draft_tokens) if len(ids) - p <= cfg.draft_max_new else ()
+            if draft:
+                items.append((len(ids), draft, ()))
         ids, ref, p, items = rows[0]
-        draft = self.drafter.lookup(ids, self.drafter.draft_tokens) if lone else ()
-        if draft and len(ids) - p <= self.config.draft_max_new:
-            items.append((len(ids), draft, ()))
         if len(rows) == 1:  # one row: a tree pass, which writes a lone request's arena in place
             self.runner.tree_pass(ids, p, ref, len(ids) - p, items, grow=lone)
             if (row := self.cache.get_logp(ids, held=True)) is not None:
