@@ -352,7 +352,7 @@ class LookAhead:
         k = self.config.ahead_top
         top = top_tokens(lp, k)
         a = self._guess(lp, top)
-        for _ in range(self.draft_tokens + 1):
+        for _ in range(max(self.draft_tokens, self.config.draft_most if self.draft_tokens else 0) + 1):
             nxt = self.cache.get_logp(ids + (a,)) if a is not None else None
             if nxt is None or not self._fits(ids + (a,)):
                 break
