@@ -269,7 +269,8 @@ def _inverse_cdf(probs: np.ndarray, gen: np.random.Generator) -> np.ndarray:
     ``gen.random()`` per row: int64 ``(N,)``; entries of probability 0 are never drawn."""
     cdf = np.cumsum(probs, axis=-1)  # (N, V) non-decreasing
     u = (1.0 - gen.random(probs.shape[0])) * cdf[:, -1]  # (N,) in (0, total]
-    return (cdf < u[:, None]).sum(axis=-1).astype(np.int64)  # first j with cdf[j] >= u, so p[j] > 0
+    # The first j with cdf[j] >= u (so p[j] > 0): a binary search, each row being non-decreasing.
+    return np.array([np.searchsorted(c, x, side="left") for c, x in zip(cdf, u)], dtype=np.int64)
 
 
 def greedy_sampling(logits: torch.Tensor, rng: RngLike = None) -> torch.Tensor:
@@ -453,11 +454,7 @@ def _sample_plain(logps: np.ndarray, params: SamplingParams, rng: RngLike) -> in
         x /= params.temperature
         m = float(x.max())
     p = np.exp(x - m)
-    # _inverse_cdf's draw for one row, the same floats: the first j with cdf[j] >= u is the
-    # count of entries below u (a cumulative sum of probabilities never decreases).
-    cdf = np.cumsum(p / p.sum())
-    u = (1.0 - as_generator(rng).random()) * cdf[-1]
-    return int(np.searchsorted(cdf, u, side="left"))
+    return int(_inverse_cdf((p / p.sum())[None], as_generator(rng))[0])
 
 
 # --------------------------------------------------------------------------- generation, re-exported

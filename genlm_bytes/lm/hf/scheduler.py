@@ -61,13 +61,11 @@ class Scheduler:
         lone = len(requests) == 1 and requests[0][1]  # a lone request, not from a known text
         generating = all(may for _, may in requests)  # (no known text: see KVStore.chain_full)
         hints, self.hints = self.hints, ()
-        if todo and generating and hints and len(requests) <= self.config.ahead_group:
-            todo = self._with_hints(todo, hints, done, lone)
+        if todo and generating and (hints or not lone) and len(requests) <= self.config.ahead_group:
+            todo = self._with_guesses(todo, hints, done, lone)
         if lone and todo and (row := self.drafter.drafted(*todo[0])) is not None:
             done[todo[0][0]] = row
             todo = []
-        elif todo and generating and 1 < len(requests) <= self.config.ahead_group:
-            todo = self._with_drafts(todo, done)
         for group in self.store.memory_groups(todo):
             for (ids, _, _), logp in zip(group, self.runner.forward(group, all_positions=False, grow=lone,
                                                                     short_chains=generating)):
@@ -82,16 +80,18 @@ class Scheduler:
             self.ahead.start_group([ids for ids, _ in requests], out)
         return out
 
-    def _with_hints(self, todo: list, hints: tuple, done: dict, lone: bool) -> list:
-        """A few generation requests and up to ``hint_tokens`` hinted contexts one token past a
-        cached past (the likeliest first), in one ragged tree pass (:meth:`PassRunner.tree_rows`):
-        a hint whose past is a prefix of a request's context branches off that request's row,
-        the others get rows of their own. Each request also runs its prompt-lookup draft (the
-        hints take the place of the Drafter's guessed siblings; a few requests only with
-        ``group_drafts``). Returns what is left to run
-        (``done`` takes the rows computed); ``todo`` itself when no hint qualifies or the pass
-        would not fit one pass."""
-        cache, want = self.cache, {ids for ids, _, _ in todo}
+    def _with_guesses(self, todo: list, hints: tuple, done: dict, lone: bool) -> list:
+        """A few generation requests with what they will likely ask for next, in one ragged tree
+        pass (:meth:`PassRunner.tree_rows`): up to ``hint_tokens`` hinted contexts one token past
+        a cached past (the likeliest first; a hint whose past is a prefix of a request's context
+        branches off that request's row, the others get rows of their own), and each request's
+        prompt-lookup draft (:meth:`Drafter.draft_items`). A lone request drafts here only along
+        with hints (the hints take the place of the Drafter's guessed siblings); a few requests
+        asked together (a beam whose covers follow one text in different segmentations, or a
+        few states stepping together) draft with or without hints (``group_drafts``). Returns
+        what is left to run (``done`` takes the rows computed); ``todo`` itself when nothing is
+        guessed or the pass would not fit one pass."""
+        cache, want, d = self.cache, {ids for ids, _, _ in todo}, self.drafter
         picked = []
         for h in hints:
             if len(picked) >= self.config.hint_tokens:
@@ -99,8 +99,6 @@ class Scheduler:
             if h in want or len(h) < 2 or cache.get_logp(h) is not None or h in picked:
                 continue
             picked.append(h)
-        if not picked:
-            return todo
         rows = [(ids, ref, p, []) for ids, ref, p in todo]
         for h in picked:
             n = len(h) - 1
@@ -111,14 +109,14 @@ class Scheduler:
             P, ref = cache.deepest_kv(h, n)
             if P == n:  # (a hint whose past was evicted is not worth its tokens)
                 rows.append((h, ref, P, []))
-        if (len(rows) == len(todo) and not any(r[3] for r in rows)) \
-                or len(self.store.memory_groups([r[:3] for r in rows])) > 1:
+        hinted = len(rows) > len(todo) or any(r[3] for r in rows)
+        group = not lone and self.config.group_drafts and self.store.kv_reuse
+        if not (hinted or group) or len(self.store.memory_groups([r[:3] for r in rows])) > 1:
             return todo
-        d, cfg = self.drafter, self.config
-        for ids, ref, p, items in rows[:len(todo)] if lone or cfg.group_drafts else ():  # (their drafts)
-            draft = d.lookup(ids, d.draft_tokens) if len(ids) - p <= cfg.draft_max_new else ()
-            if draft:
-                items.append((len(ids), draft, ()))
+        for ids, _, p, items in rows[:len(todo)] if lone or group else ():
+            items += d.draft_items(ids, p)
+        if not hinted and not any(r[3] for r in rows):
+            return todo
         ids, ref, p, items = rows[0]
         if len(rows) == 1:  # one row: a tree pass, which writes a lone request's arena in place
             self.runner.tree_pass(ids, p, ref, len(ids) - p, items, grow=lone)
@@ -126,27 +124,6 @@ class Scheduler:
                 done[ids] = row
             return [r for r in todo if r[0] not in done]
         for (ids, *_), row in zip(rows, self.runner.tree_rows(rows, hand_out=len(todo))):
-            if row is not None:
-                done[ids] = row
-        return [r for r in todo if r[0] not in done]
-
-    def _with_drafts(self, todo: list, done: dict) -> list:
-        """A few generation requests asked together (a beam whose covers follow one text in
-        different segmentations, or a few states stepping together): each row with the tokens a
-        prompt lookup drafts after its own context (:meth:`Drafter.lookup`), in one ragged tree
-        pass (:meth:`PassRunner.tree_rows`), as a lone request runs its draft. Returns what is
-        left to run (``done`` takes the rows computed); ``todo`` itself when no row has a draft
-        or the pass would not fit one pass."""
-        d = self.drafter
-        if not d.draft_tokens or not self.config.group_drafts or not self.store.kv_reuse:
-            return todo
-        rows = []
-        for ids, ref, p in todo:
-            draft = d.lookup(ids, d.draft_tokens) if len(ids) - p <= self.config.draft_max_new else ()
-            rows.append((ids, ref, p, [(len(ids), draft, ())] if draft else []))
-        if not any(r[3] for r in rows) or len(self.store.memory_groups([r[:3] for r in rows])) > 1:
-            return todo
-        for (ids, *_), row in zip(rows, self.runner.tree_rows(rows)):
             if row is not None:
                 done[ids] = row
         return [r for r in todo if r[0] not in done]

@@ -8,7 +8,7 @@ costs a little time, never a result):
   ends with " "), then the tokens that followed the last earlier occurrence of its last two
   tokens (:func:`lookup_draft`, "prompt lookup"). A few generation requests asked together
   (up to ``ahead_group``: a beam whose covers copy text in different segmentations) each run
-  their own prompt-lookup draft in one ragged tree pass (``Scheduler._with_drafts``;
+  their own prompt-lookup draft in one ragged tree pass (``Scheduler._with_guesses``;
   ``group_drafts``).
 - :class:`LookAhead`: after serving a lone request (or a few generation requests asked
   together), the model's thread runs the context extended by its guessed next token while the
@@ -132,6 +132,13 @@ def lookup_draft(ids: tuple, k: int, window: int = 2048, most: int = 0) -> tuple
     return ids[best + 1: best + 1 + k]
 
 
+def clipped_draft(ids: tuple, k: int, config, max_positions: int | None) -> tuple:
+    """:func:`lookup_draft` of up to ``k`` tokens (a copy under way: up to ``draft_most``) with
+    the engine's ``config``, within the model's window ``max_positions`` (None: unbounded)."""
+    draft = lookup_draft(ids, k, config.draft_search, config.draft_most) if k > 0 else ()
+    return draft[: max(0, max_positions - len(ids))] if max_positions else draft
+
+
 class Drafter:
     """Guessed tokens run with a lone request (see the module docstring).
 
@@ -166,8 +173,13 @@ class Drafter:
     def lookup(self, ids: tuple, k: int) -> tuple:
         """Up to ``k`` tokens drafted to follow ``ids`` from its own text (:func:`lookup_draft`),
         within the model's window."""
-        draft = lookup_draft(ids, k, self.config.draft_search, self.config.draft_most) if k > 0 else ()
-        return draft[: max(0, self.max_positions - len(ids))] if self.max_positions else draft
+        return clipped_draft(ids, k, self.config, self.max_positions)
+
+    def draft_items(self, ids: tuple, p: int) -> list[tuple[int, tuple, tuple]]:
+        """The tree-pass item of ``ids``'s prompt-lookup draft (:meth:`lookup`), ``[]`` when there
+        is none or the context has more than ``draft_max_new`` uncached tokens (past ``p``)."""
+        draft = self.lookup(ids, self.draft_tokens) if len(ids) - p <= self.config.draft_max_new else ()
+        return [(len(ids), draft, ())] if draft else []
 
     def longer_tokens(self, ids: tuple) -> tuple[list[int], object]:
         """The tokens ``t`` among the ``sibling_top`` likeliest after ``ids[:-1]`` that spell
@@ -352,7 +364,8 @@ class LookAhead:
         k = self.config.ahead_top
         top = top_tokens(lp, k)
         a = self._guess(lp, top)
-        for _ in range(max(self.draft_tokens, self.config.draft_most if self.draft_tokens else 0) + 1):
+        longest = max(self.draft_tokens, self.config.draft_most) if self.draft_tokens else 0  # (a pass's draft)
+        for _ in range(longest + 1):
             nxt = self.cache.get_logp(ids + (a,)) if a is not None else None
             if nxt is None or not self._fits(ids + (a,)):
                 break
@@ -365,9 +378,7 @@ class LookAhead:
     def _draft(self, ids: tuple) -> tuple:
         """The tokens a prompt lookup drafts after ``ids`` (up to ``draft_tokens``), within the
         model's window."""
-        cfg = self.config
-        draft = lookup_draft(ids, self.draft_tokens, cfg.draft_search, cfg.draft_most) if self.draft_tokens else ()
-        return draft[: max(0, self.max_positions - len(ids))] if self.max_positions else draft
+        return clipped_draft(ids, self.draft_tokens, self.config, self.max_positions)
 
     def _arm(self, ahead: Ahead) -> None:
         """Make ``ahead`` the look-ahead (stopping the one before)."""
