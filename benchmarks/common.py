@@ -418,8 +418,10 @@ def environment(threads: int = THREADS, **extra) -> dict:
 
 
 def write_json(name: str, result: dict) -> Path:
+    """``result`` as JSON to ``results/<name>.json`` (``name`` may also be a path, with or
+    without its ``.json``)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / (name if name.endswith(".json") else f"{name}.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path}")
     return path

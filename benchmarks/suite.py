@@ -6,7 +6,11 @@ Two suites, written for these benchmarks (no text of them comes from elsewhere):
   languages, JSON, markup, lists and numbers, French, German, Spanish, Russian, Chinese,
   Japanese, mixed), each ``{"name", "kind", "text"}``; for greedy generation and concurrency;
 - ``data/texts/``: texts of about 600 bytes to score (prose, a server log, a JSON record,
-  code, a multilingual paragraph, Markdown, HTML), one file each; for prefill.
+  code, a multilingual paragraph, Markdown, HTML), one file each; for prefill;
+- ``data/prompts_heldout.json`` and ``data/texts_heldout/``: more of each, of other kinds
+  (session 21 and 23), used to tune nothing: do the figures carry over to what no change
+  was measured on? The held-out texts include identifiers (UUIDs, hashes, base64, hex
+  trace ids), whose many segmentations make them the hardest kind to score.
 
 A figure over a suite is never one prompt's: :func:`spread` gives the worst, the median
 and the best of per-item ratios, naming the worst and the best items.
@@ -18,11 +22,13 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROMPT_SUITE = HERE / "data" / "prompts.json"
 TEXT_SUITE = HERE / "data" / "texts"
+HELDOUT_TEXTS = HERE / "data" / "texts_heldout"
 
 
 def load_prompts(path: str | Path = PROMPT_SUITE, limit: int | None = None) -> list[dict]:
@@ -72,15 +78,42 @@ def check_text_args(parser, args) -> None:
 def load_texts(folder: str | Path = TEXT_SUITE, limit: int | None = None) -> list[dict]:
     """The texts of a folder, sorted by file name: ``[{"name", "kind", "data": bytes}, ...]``.
 
-    The kind is the file's extension (``txt``, ``log``, ``json``, ``py``, ...).
+    The kind is the file's extension (``txt``, ``log``, ``json``, ``py``, ...). Every text is
+    scored against a forward pass over the tokenizer's encoding, which needs UTF-8 text: a file
+    that is empty or not UTF-8 is skipped, with a line on stderr saying which and why (see
+    :func:`unscorable`); a folder with no other text is a ``ValueError``.
     """
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) \
         if folder.is_dir() else []
     if not files:
         raise FileNotFoundError(f"no texts in {folder}")
-    out = [{"name": p.name, "kind": p.suffix.lstrip(".") or "-", "data": p.read_bytes()} for p in files]
+    out = []
+    for p in files:
+        data = p.read_bytes()
+        why = unscorable(data)
+        if why:
+            print(f"skipped {p.name}: {why}", file=sys.stderr)
+        else:
+            out.append({"name": p.name, "kind": p.suffix.lstrip(".") or "-", "data": data})
+    if not out:
+        raise ValueError(f"no text in {folder} can be scored (each is empty or not UTF-8)")
     return out[:limit] if limit else out
+
+
+def unscorable(data: bytes) -> str | None:
+    """Why ``data`` cannot be a text of the suites (None if it can).
+
+    >>> unscorable(b""), unscorable(b"caf\\xc3\\xa9"), unscorable(b"ab\\xff")
+    ('empty', None, 'not UTF-8 (byte 2: invalid start byte)')
+    """
+    if not data:
+        return "empty"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 (byte {e.start}: {e.reason})"
+    return None
 
 
 def spread(rows: list[dict], key: str, higher_is_better: bool) -> dict:

@@ -125,3 +125,50 @@ def test_the_prompt_suites_are_broad_and_the_held_out_one_shares_no_prompt():
         assert len({p["kind"] for p in prompts}) >= 12
         assert all(p["text"] for p in prompts)
     assert not {p["text"] for p in main} & {p["text"] for p in held}
+
+
+def test_the_text_suites_are_broad_and_the_held_out_one_shares_no_text():
+    """Both text suites load, each with at least 6 texts of several kinds (the issue's minimum),
+    every text scorable (non-empty UTF-8), and the held-out suite repeats no text of the main
+    one."""
+    import suite
+
+    main, held = suite.load_texts(suite.TEXT_SUITE), suite.load_texts(suite.HELDOUT_TEXTS)
+    for texts in (main, held):
+        assert len(texts) >= 6 and len({t["kind"] for t in texts}) >= 5
+        assert all(suite.unscorable(t["data"]) is None for t in texts)
+    assert len(held) >= 12
+    assert not {t["data"] for t in main} & {t["data"] for t in held}
+    assert not {t["name"] for t in main} & {t["name"] for t in held}
+
+
+def test_a_text_folder_skips_what_it_cannot_score_and_says_why(tmp_path, capsys):
+    """An empty or non-UTF-8 file is skipped with a line naming it and why; a folder of nothing
+    else is a ValueError, not a traceback from the tokenizer later."""
+    import suite
+
+    (tmp_path / "a.txt").write_bytes(b"")
+    (tmp_path / "b.bin").write_bytes(b"ok \xff\xfe then")
+    (tmp_path / "c.txt").write_bytes("déjà vu".encode())
+    texts = suite.load_texts(tmp_path)
+    assert [t["name"] for t in texts] == ["c.txt"] and texts[0]["kind"] == "txt"
+    err = capsys.readouterr().err
+    assert "skipped a.txt: empty" in err and "skipped b.bin: not UTF-8 (byte 3" in err
+    assert suite.unscorable(b"caf\xc3") == "not UTF-8 (byte 3: unexpected end of data)"
+    (tmp_path / "c.txt").unlink()
+    with pytest.raises(ValueError, match="can be scored"):
+        suite.load_texts(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no texts"):
+        suite.load_texts(tmp_path / "nowhere")
+
+
+def test_results_go_where_the_name_says(tmp_path):
+    """``write_json`` adds ``.json`` to a bare name only; a path given whole is written as is."""
+    import json
+
+    import common
+
+    out = common.write_json(str(tmp_path / "run_a"), {"x": 1})
+    assert out == tmp_path / "run_a.json" and json.loads(out.read_text()) == {"x": 1}
+    out = common.write_json(str(tmp_path / "run_b.json"), {"y": 2})
+    assert out == tmp_path / "run_b.json" and json.loads(out.read_text()) == {"y": 2}
