@@ -755,3 +755,67 @@ async def test_walk_ahead_lists_only_uncached_one_token_extensions_and_leaves_th
         assert not lm.has_logprobs(list(ctx))
         assert lm.has_logprobs(list(ctx[:-1])), "each missing context extends a cached one by one token"
     assert end_beam.states, "the copy reads on past the misses"
+
+
+def test_first_look_aheads_are_given_while_enough_new_branches_go_on_along_them():
+    """``_FirstAheads``: every new branch gets a first look-ahead until ``MIN`` have an outcome;
+    then only while at least ``least`` of the last ``WINDOW`` went on along the encoding. A branch
+    is counted once, an unknown one not at all, and the branches waiting are bounded."""
+    from genlm_bytes.byte_lm.speculate import _FirstAheads
+
+    fa = _FirstAheads(0.25)
+    assert fa.worth()
+    branches = [fa.start(7) for _ in range(fa.MIN)]
+    assert fa.token(branches[0]) == 7 and fa.token(10_000) == -1
+    for b in branches[:-1]:
+        fa.resolve(b, False)
+    assert fa.worth(), "fewer than MIN outcomes: still given"
+    fa.resolve(branches[-1], False)
+    fa.resolve(branches[-1], True)  # (already counted: ignored)
+    fa.resolve(12_345, True)  # (unknown: ignored)
+    assert len(fa.outcomes) == fa.MIN and not fa.worth()
+    for _ in range(fa.MIN // 2):  # hits come back: a quarter and more of the window
+        fa.resolve(fa.start(3), True)
+    assert fa.worth()
+    for _ in range(fa.WINDOW):  # only the last WINDOW count
+        fa.resolve(fa.start(3), False)
+    assert not fa.worth()
+    for _ in range(3 * fa.PENDING):
+        fa.start(1)
+    assert len(fa.tokens) == fa.PENDING
+    assert _FirstAheads(0.0).worth() and all(_FirstAheads(0.0).worth() for _ in range(3))
+
+
+@pytest.mark.slow
+async def test_a_prefill_without_first_look_aheads_gives_the_same_beam_for_fewer_tokens(embedded_lm, monkeypatch):
+    """Where most new branches die within a token (here German, Russian and Spanish on SmolLM2:
+    8 of 10), the planner stops giving them first look-aheads (the contexts alone run with the
+    stall's pass). The beam asks for the same contexts and ends the same; fewer LM tokens are
+    computed."""
+    from genlm_bytes import AsyncTransformer
+    from genlm_bytes.byte_lm import speculate
+
+    text = ("Die Kinder spielten gestern Nachmittag im Garten, während die Großeltern Kaffee tranken. "
+            "Поезд отправился поздно вечером, и к утру за окнами уже тянулась степь. "
+            "El mercado abre temprano y los vendedores colocan las frutas con cuidado.").encode()
+    params = BeamParams(K=5, prune_threshold=0.05)
+    worth = speculate._FirstAheads.worth
+    monkeypatch.setattr(speculate._FirstAheads, "MIN", 4)  # (a short text)
+    results = []
+    for least in (0.0, 0.5):  # never off; off while fewer than half go on
+        monkeypatch.setattr(speculate.PrefillPlanner, "FIRST_HIT_MIN", least)
+        seen = []
+        monkeypatch.setattr(speculate._FirstAheads, "worth",
+                            lambda self, _seen=seen: _seen.append(worth(self)) or _seen[-1])
+        lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0])
+        asked, ask = [], lm.next_token_logprobs
+        lm.next_token_logprobs = lambda ids, _ask=ask, _log=asked: (_log.append(tuple(ids)), _ask(ids))[1]
+        beam = await (await ByteBeamState.initial(lm, params)).prefill(text)
+        results.append((beam, lm.n_forward_tokens, set(asked), seen))
+    (on, tok_on, asked_on, seen_on), (off, tok_off, asked_off, seen_off) = results
+    assert all(seen_on) and not all(seen_off), "least=0.5 should turn first look-aheads off here"
+    assert asked_off == asked_on, "the beam itself must ask for the same contexts"
+    assert sorted((s.lm_state.context, s.node) for s in off.states) == \
+        sorted((s.lm_state.context, s.node) for s in on.states)
+    assert off.logZ == pytest.approx(on.logZ, abs=1e-4)
+    assert tok_off < tok_on, f"no first look-aheads should compute fewer tokens ({tok_off} vs {tok_on})"
