@@ -991,6 +991,14 @@ async def test_beams_of_one_model_share_prepared_distributions(embedded_lm, embe
     small = transformer(embedded_lm, cache_budget_bytes=256 << 20)
     assert small.prepared_dists < embedded_lm.prepared_dists
     assert shared_space(small).max_dists == small.prepared_dists
+    # ... and within EngineConfig.prepared_share of the budget (8 bytes a token each): a large
+    # vocabulary's rows would otherwise crowd out the cache (the reserve shrinks with them).
+    V, budget = len(embedded_lm.byte_vocab), embedded_lm.cache.budget_bytes
+    assert embedded_lm.prepared_dists == 256 and 256 * 8 * V <= budget // 8  # (SmolLM2: the cap does not bind)
+    capped = transformer(embedded_lm, config=EngineConfig(prepared_share=0.05))
+    assert capped.prepared_dists == int(0.05 * budget) // (8 * V) < 256
+    assert capped.runner.store.base_reserve < embedded_lm.runner.store.base_reserve
+    assert transformer(embedded_lm, config=EngineConfig(prepared_share=0.0)).prepared_dists == 32  # (the floor)
 
 
 @pytest.mark.slow

@@ -125,7 +125,9 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         # The byte level's working set, charged to the budget: prepared distributions (a
         # probability row in byte order plus the log-prob row each keeps, 8 bytes per token)
         # and a speculation window's worth (1.5 rows per boundary) being built.
-        self.prepared_dists = max(32, min(cfg.prepared_dists, cfg.prepared_dists * budget // DEFAULT_CACHE_BUDGET))
+        by_memory = int(cfg.prepared_share * budget) // (8 * max(1, len(self.byte_vocab)))
+        self.prepared_dists = max(32, min(cfg.prepared_dists, cfg.prepared_dists * budget // DEFAULT_CACHE_BUDGET,
+                                          by_memory))
         self.speculation_window = max(16, min(cfg.speculation_window,
                                               cfg.speculation_window * budget // cfg.window_budget))
         # oneDNN's products, where its compiled kernels fit a quarter of the budget (charged to it).

@@ -54,6 +54,9 @@ class EngineConfig:
 
     # backend: the byte level's working set, charged to the budget
     prepared_dists: int = 256  # distributions kept prepared at the default budget: a K=32 beam's reuse
+    prepared_share: float = 0.125  # ... within this share of the budget (8 bytes a token each): a large
+    # vocabulary's (Gemma 3: 2 MB each, 256 of them half of a 2 GiB budget) would leave the cache too little
+    # for the keys/values its look-aheads branch off (hex ids: 3,703 -> 3,057 LM tokens, 66 -> 49 passes)
     speculation_window: int = 128  # token boundaries a prefill speculates per pass, from window_budget up
     window_budget: int = 512 << 20  # below it, the window shrinks in proportion (two windows of rows are cached)
     heap_share: float = 0.05  # of the budget, for free heap pages between two trims
@@ -93,7 +96,8 @@ class EngineConfig:
                     raise ValueError(f"EngineConfig.{f.name} must be an int >= {least}, got {v!r}")
             elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"EngineConfig.{f.name} must be a finite number >= 0, got {v!r}")
-        for name in ("pass_share", "arena_budget_share", "heap_share", "ahead_shorter_p", "trim_time_share"):
+        for name in ("pass_share", "arena_budget_share", "heap_share", "ahead_shorter_p", "trim_time_share",
+                     "prepared_share"):
             if getattr(self, name) > 1:
                 raise ValueError(f"EngineConfig.{name} is a share and must be at most 1, got {getattr(self, name)!r}")
 
