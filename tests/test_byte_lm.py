@@ -758,12 +758,12 @@ async def test_walk_ahead_lists_only_uncached_one_token_extensions_and_leaves_th
 
 
 def test_first_look_aheads_are_given_while_enough_new_branches_go_on_along_them():
-    """``_FirstAheads``: every new branch gets a first look-ahead until ``MIN`` have an outcome;
+    """``FirstAheads``: every new branch gets a first look-ahead until ``MIN`` have an outcome;
     then only while at least ``least`` of the last ``WINDOW`` went on along the encoding. A branch
     is counted once, an unknown one not at all, and the branches waiting are bounded."""
-    from genlm_bytes.byte_lm.speculate import _FirstAheads
+    from genlm_bytes.byte_lm.lineage import FirstAheads
 
-    fa = _FirstAheads(0.25)
+    fa = FirstAheads(0.25)
     assert fa.worth()
     branches = [fa.start(7) for _ in range(fa.MIN)]
     assert fa.token(branches[0]) == 7 and fa.token(10_000) == -1
@@ -783,7 +783,7 @@ def test_first_look_aheads_are_given_while_enough_new_branches_go_on_along_them(
     for _ in range(3 * fa.PENDING):
         fa.start(1)
     assert len(fa.tokens) == fa.PENDING
-    assert _FirstAheads(0.0).worth() and all(_FirstAheads(0.0).worth() for _ in range(3))
+    assert FirstAheads(0.0).worth() and all(FirstAheads(0.0).worth() for _ in range(3))
 
 
 @pytest.mark.slow
@@ -793,19 +793,19 @@ async def test_a_prefill_without_first_look_aheads_gives_the_same_beam_for_fewer
     stall's pass). The beam asks for the same contexts and ends the same; fewer LM tokens are
     computed."""
     from genlm_bytes import AsyncTransformer
-    from genlm_bytes.byte_lm import speculate
+    from genlm_bytes.byte_lm import lineage, speculate
 
     text = ("Die Kinder spielten gestern Nachmittag im Garten, während die Großeltern Kaffee tranken. "
             "Поезд отправился поздно вечером, и к утру за окнами уже тянулась степь. "
             "El mercado abre temprano y los vendedores colocan las frutas con cuidado.").encode()
     params = BeamParams(K=5, prune_threshold=0.05)
-    worth = speculate._FirstAheads.worth
-    monkeypatch.setattr(speculate._FirstAheads, "MIN", 4)  # (a short text)
+    worth = lineage.FirstAheads.worth
+    monkeypatch.setattr(lineage.FirstAheads, "MIN", 4)  # (a short text)
     results = []
     for least in (0.0, 0.5):  # never off; off while fewer than half go on
         monkeypatch.setattr(speculate.PrefillPlanner, "FIRST_HIT_MIN", least)
         seen = []
-        monkeypatch.setattr(speculate._FirstAheads, "worth",
+        monkeypatch.setattr(lineage.FirstAheads, "worth",
                             lambda self, _seen=seen: _seen.append(worth(self)) or _seen[-1])
         lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0])
         asked, ask = [], lm.next_token_logprobs

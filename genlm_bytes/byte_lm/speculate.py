@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import deque
 
 import numpy as np
 
+from genlm_bytes.byte_lm.lineage import NEW_LINEAGE, FirstAheads, Lineage
 from genlm_bytes.byte_lm.trie_state import TrieSpace
 
 WINDOW = 128  # token boundaries per speculation pass (unless the model asks for fewer)
@@ -214,12 +214,7 @@ class PrefillPlanner:
     DOMINANT = math.log(0.5)
     MERGE_SLACK = 4  # paths whose contexts differ in at most this many last tokens share a pass
     FIRST_AHEAD = 4  # look-ahead of a branch at its first uncached extension (0: wait for the second)
-    # ... given while at least this share of the last new branches went on along it (their next
-    # token the text's encoding from where they started), measured online (see _FirstAheads):
-    # where most new branches die within their next token (identifiers on a tokenizer that splits
-    # them many ways), a first look-ahead is tokens no one reads, and waiting for the second miss
-    # costs a pass only for the few that go on
-    FIRST_HIT_MIN = 0.25
+    FIRST_HIT_MIN = 0.25  # ... while this share of new branches go on along it (see lineage.FirstAheads)
     MAX_AHEAD = 32
     MAX_STRONG = 128
     FIRST_STRONG = 32  # look-ahead of a strong branch at its first uncached extension
@@ -245,14 +240,12 @@ class PrefillPlanner:
         # Branch contexts of new look-ahead paths, computed with the planner's next pass rather
         # than each in a pass of its own (see add_paths).
         self.pending: dict[tuple, None] = {}
-        # id(a live cover's token context) -> (misses in a row, look-ahead, context length where it ends)
-        # ... and the new branch whose first look-ahead it is measuring (-1: none; see _FirstAheads)
-        self._lineage: dict[int, tuple[int, int, int, int]] = {}
-        self._planned: dict[tuple[int, int], tuple[int, int, int, int]] = {}  # (id(context), token) -> the same
-        self._firsts = _FirstAheads(self.FIRST_HIT_MIN)
+        self._lineage: dict[int, Lineage] = {}  # id(a live cover's token context) -> its lineage
+        self._planned: dict[tuple[int, int], Lineage] = {}  # (id(context), token) -> the extension's
+        self._firsts = FirstAheads(self.FIRST_HIT_MIN)
         self._at = (0, beam)  # (text position, the beam about to read the byte there): where a walk starts
         self._walked = (-1, None)  # (text position, the copy there) where the last walk ended
-        # context -> the look-ahead bookkeeping of a path a stall walk started for it (see stall_walk)
+        # context -> the lineage of a path a stall walk started for it (see stall_walk)
         self._walked_paths: dict[tuple, tuple[int, int, int]] = {}
 
     def fits(self, n_tokens: int) -> bool:
@@ -285,9 +278,7 @@ class PrefillPlanner:
         held = {id(s.lm_state) for s in beam.states}
         if len(self.pending) > self.MAX_PENDING:  # (the oldest go: the beam has moved past them)
             self.pending = dict.fromkeys(list(self.pending)[-self.MAX_PENDING:])
-        for k, v in self._lineage.items():
-            if k not in held and v[3] >= 0:
-                self._firsts.resolve(v[3], False)  # (the branch died before its next token)
+        self._firsts.died(v.branch for k, v in self._lineage.items() if k not in held)
         self._lineage = {k: v for k, v in self._lineage.items() if k in held}
         self._planned.clear()
         live = []
@@ -304,17 +295,16 @@ class PrefillPlanner:
         lm, firsts = self.lm, self._firsts
         top = max((s.weight for s in beam.states), default=-math.inf)
         first_ahead = self.FIRST_AHEAD if firsts.worth() else 0
-        new, went_on, here = [], {}, None
+        new, here = [], None
         for i, t, w in cands:
             s = beam.states[i]
-            miss, ahead0, path_end, trial = self._lineage.get(id(s.lm_state), (0, 0, 0, -1))
-            if trial >= 0:  # a new branch measured goes on: along the encoding from where it started?
-                went_on[trial] = went_on.get(trial, False) or t == firsts.token(trial)
+            miss, ahead0, path_end, trial = self._lineage.get(id(s.lm_state), NEW_LINEAGE)
+            firsts.went_on(trial, t)
             key = (id(s.lm_state), t)
             ctx = s.lm_state.context + (t,)
             if (i, t) in beam._ext or lm.has_logprobs(ctx):  # (made already, e.g. by beam._tighten)
                 ahead_of = self._walked_paths.pop(ctx, None) if self._walked_paths else None
-                self._planned[key] = ahead_of or (0, ahead0, path_end, -1)
+                self._planned[key] = ahead_of or Lineage(0, ahead0, path_end)
                 continue
             strong = w >= top + self.DOMINANT
             # A first miss starts a new branch (its look-ahead starts small again), unless the
@@ -323,13 +313,10 @@ class PrefillPlanner:
             going_on = first and ahead0 > 0 and len(s.lm_state.context) >= path_end
             base = ahead0 if (going_on or not first) else 0
             fresh = first and not going_on
-            if fresh and self.FIRST_AHEAD:
-                if here is None:  # (the encoding from here: what a first look-ahead runs)
-                    here = self.encode_ahead(pos, self.FIRST_AHEAD)
-                trial = firsts.start(here[0] if here else -1)
-            else:
-                trial = -1
-            self._planned[key] = (miss + 1, base, 0, trial)
+            if fresh and self.FIRST_AHEAD and here is None:  # (the encoding from here: a first look-ahead's)
+                here = self.encode_ahead(pos, self.FIRST_AHEAD)
+            trial = firsts.start(here[0] if here else -1) if fresh and self.FIRST_AHEAD else -1
+            self._planned[key] = Lineage(miss + 1, base, 0, trial)
             if fresh and not first_ahead:
                 if self.fits(len(ctx)):
                     new.append((ctx, (), pos))  # the context alone, with the stall's pass
@@ -345,9 +332,8 @@ class PrefillPlanner:
             enc = here if fresh and not strong else self.encode_ahead(pos, ahead)
             if enc and self.fits(len(ctx) + len(enc)):
                 new.append((ctx, tuple(enc), pos))
-                self._planned[key] = (0, ahead, len(ctx) + len(enc), trial)
-        for trial, hit in went_on.items():
-            firsts.resolve(trial, hit)
+                self._planned[key] = Lineage(0, ahead, len(ctx) + len(enc), trial)
+        firsts.settle()
         if new:
             if self.STALL_WALK:
                 new += await self.stall_walk(beam, pos, {c for c, _, _ in new}, first_ahead)
@@ -399,19 +385,18 @@ class PrefillPlanner:
             beam = beam.prune()
         return missing, beam
 
-    async def stall_walk(self, beam, pos: int, have: set, ahead: int | None = None) -> list[tuple[tuple, tuple, int]]:
+    async def stall_walk(self, beam, pos: int, have: set, ahead: int) -> list[tuple[tuple, tuple, int]]:
         """The beam stalls at ``pos`` for a pass: the look-ahead paths it would ask for over the
         next ``STALL_WALK`` bytes, so that the same pass computes them. The contexts a walk
         ahead over those bytes (:meth:`walk_ahead`) finds missing after ``pos`` (covers that end
         their tokens a byte or more later: other segmentations of the same stretch of text)
-        each get a path of ``ahead`` tokens (default ``FIRST_AHEAD``) from where they were
-        missed (``FIRST_AHEAD`` tokens as :meth:`encode_ahead` gives them), or none (0: the
-        context alone, counted as its branch's first miss); the beam
+        each get a path from where they were missed (``ahead``: ``FIRST_AHEAD`` tokens as
+        :meth:`encode_ahead` gives them), or none (``ahead`` 0: the context alone, counted as
+        its branch's first miss); the beam
         would ask for them one byte after another, each a pass of its own. Returns
         ``(context, tokens, text position)`` paths; their look-ahead is remembered for the cover
         that reaches them (see :meth:`before_extensions`), and each is a new branch measured
-        for :class:`_FirstAheads`."""
-        ahead = self.FIRST_AHEAD if ahead is None else ahead  # (FIRST_AHEAD or 0)
+        for :class:`~genlm_bytes.byte_lm.lineage.FirstAheads`."""
         missing, _ = await self.walk_ahead(beam, pos, pos + self.STALL_WALK)
         found, encs = [], {}
         for ctx, q in missing.items():
@@ -420,10 +405,11 @@ class PrefillPlanner:
             if q not in encs:
                 encs[q] = tuple(self.encode_ahead(q, self.FIRST_AHEAD))
             enc = encs[q] if ahead else ()
-            if (enc or not ahead) and encs[q] and self.fits(len(ctx) + len(enc)):
+            if encs[q] and self.fits(len(ctx) + len(enc)):
                 found.append((ctx, enc, q))
                 trial = self._firsts.start(encs[q][0])
-                self._walked_paths[ctx] = (0, ahead, len(ctx) + len(enc), trial) if ahead else (1, 0, 0, trial)
+                self._walked_paths[ctx] = Lineage(0, ahead, len(ctx) + len(enc), trial) if ahead \
+                    else Lineage(1, 0, 0, trial)
         if len(self._walked_paths) > self.MAX_PENDING:
             self._walked_paths = dict(list(self._walked_paths.items())[-self.MAX_PENDING:])
         return found
@@ -494,71 +480,33 @@ class PrefillPlanner:
         return out
 
     def encode_ahead(self, pos: int, n_tokens: int) -> list[int]:
-        """About ``n_tokens`` tokens spelling the text from ``pos`` on: the tokenizer's encoding
-        when the window is valid text, else the longest-match split along the trie. When the
-        text left after them would be at most ``TO_END`` times as long, up to ``(1 + TO_END) *
-        n_tokens`` tokens reaching the end of the text (a look-ahead that would stop short of
-        the end costs another pass for a few tokens)."""
-        data, lm = self.data, self.lm
-        end = min(len(data), pos + 8 * n_tokens)
-        whole = len(data) - end <= self.TO_END * 8 * n_tokens
-        if whole:
-            end = len(data)
-        window = data[pos:end]
-        enc = None
-        for cut in range(4):  # the window may end inside a multi-byte character
-            if cut and end == len(data):
-                break
-            enc = lm.encode_bytes(window[: len(window) - cut] if cut else window)
-            if enc is not None:
-                break
-        if enc is None:
-            enc = _longest_match(self.space.trie, window)
-        if end < len(data) and enc:
-            enc = enc[:-1]  # the window may cut the last token
-        return enc if whole and len(enc) <= (1 + self.TO_END) * n_tokens else enc[:n_tokens]
+        """:func:`encode_ahead` of this prefill's text, with ``TO_END``."""
+        return encode_ahead(self.lm, self.space.trie, self.data, pos, n_tokens, self.TO_END)
 
 
-class _FirstAheads:
-    """Whether a new branch's first look-ahead pays, measured as a prefill goes: the share of
-    the last ``WINDOW`` new branches whose next token was the first of the text's encoding from
-    where they started (the first token of their look-ahead, had they one), against ``least``.
-    A branch pruned before its next token counts as a miss. A look-ahead of a few tokens costs
-    those tokens; a pass costs about what 16 do, and a branch with no look-ahead that goes on
-    costs one when it gets there: where most new branches die within a token (identifiers on a
-    tokenizer that splits them many ways: Gemma 3 on hex ids, 4-token look-aheads mostly unread),
-    they wait for their second miss. Measured whether or not look-aheads are given, so a text
-    that changes kind turns them back on."""
-
-    WINDOW = 32
-    MIN = 16  # new branches measured before any goes without a first look-ahead
-    PENDING = 4 * WINDOW  # branches awaiting their outcome kept at most (the oldest go)
-
-    def __init__(self, least: float):
-        self.least = least
-        self.tokens: dict[int, int] = {}  # branch -> its encoding's first token
-        self.outcomes: deque[bool] = deque(maxlen=self.WINDOW)
-        self.n = 0
-
-    def start(self, token: int) -> int:
-        """A new branch where the encoding's next token is ``token``: its number."""
-        self.n += 1
-        self.tokens[self.n] = token
-        if len(self.tokens) > self.PENDING:
-            del self.tokens[next(iter(self.tokens))]
-        return self.n
-
-    def token(self, branch: int) -> int:
-        return self.tokens.get(branch, -1)
-
-    def resolve(self, branch: int, hit: bool) -> None:
-        if self.tokens.pop(branch, None) is not None:
-            self.outcomes.append(hit)
-
-    def worth(self) -> bool:
-        """Whether new branches get a first look-ahead now."""
-        n = len(self.outcomes)
-        return n < self.MIN or sum(self.outcomes) >= self.least * n
+def encode_ahead(lm, trie, data: bytes, pos: int, n_tokens: int, to_end: int) -> list[int]:
+    """About ``n_tokens`` tokens spelling ``data`` from ``pos`` on: the tokenizer's encoding
+    (``lm.encode_bytes``) when the window is valid text, else the longest-match split along
+    ``trie``. When the text left after them would be at most ``to_end`` times as long, up to
+    ``(1 + to_end) * n_tokens`` tokens reaching the end of the text (a look-ahead that would
+    stop short of the end costs another pass for a few tokens)."""
+    end = min(len(data), pos + 8 * n_tokens)
+    whole = len(data) - end <= to_end * 8 * n_tokens
+    if whole:
+        end = len(data)
+    window = data[pos:end]
+    enc = None
+    for cut in range(4):  # the window may end inside a multi-byte character
+        if cut and end == len(data):
+            break
+        enc = lm.encode_bytes(window[: len(window) - cut] if cut else window)
+        if enc is not None:
+            break
+    if enc is None:
+        enc = _longest_match(trie, window)
+    if end < len(data) and enc:
+        enc = enc[:-1]  # the window may cut the last token
+    return enc if whole and len(enc) <= (1 + to_end) * n_tokens else enc[:n_tokens]
 
 
 def _longest_match(trie, window: bytes) -> list[int]:
