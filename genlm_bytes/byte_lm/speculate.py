@@ -228,6 +228,11 @@ class PrefillPlanner:
     # within noise; benchmarks/README.md, session 13).
     TO_END = 2
     GUESS_AFTER = 2  # the text's likeliest next tokens computed with its last window (a generation asks first)
+    # A lineage past its look-ahead's end goes on doubling with the cover whose next token is the
+    # text's encoding from there; its other covers there are new branches (hex ids: two covers of
+    # one lineage, "c0fa" and "c0" + "fa", each got a doubled look-ahead; SmolLM2's 23 texts
+    # 14,121 -> 13,620 LM tokens, the same passes; benchmarks/README.md, session 24)
+    GOING_ON_ENCODED = True
     STALL_WALK = 8  # bytes a copy of the beam walks ahead when it stalls for a pass (see stall_walk; 0: none)
 
     def __init__(self, beam, data: bytes):
@@ -308,9 +313,11 @@ class PrefillPlanner:
                 continue
             strong = w >= top + self.DOMINANT
             # A first miss starts a new branch (its look-ahead starts small again), unless the
-            # branch just ran past the end of its look-ahead: then it goes on doubling at once.
+            # branch just ran past the end of its look-ahead along the text's encoding: then it
+            # goes on doubling at once.
             first = miss == 0
-            going_on = first and ahead0 > 0 and len(s.lm_state.context) >= path_end
+            going_on = first and ahead0 > 0 and len(s.lm_state.context) >= path_end \
+                and (not self.GOING_ON_ENCODED or self._on_encoding(pos, t))
             base = ahead0 if (going_on or not first) else 0
             fresh = first and not going_on
             if fresh and self.FIRST_AHEAD and here is None:  # (the encoding from here: a first look-ahead's)
@@ -464,6 +471,12 @@ class PrefillPlanner:
                 items.append((c, q[c:]))
                 del self.pending[q]
         return items
+
+    def _on_encoding(self, pos: int, t: int) -> bool:
+        """Whether token ``t``, ending just before ``pos``, is where the text's encoding from
+        its start goes (a lineage past its look-ahead's end goes on along the text with it)."""
+        enc = self.encode_ahead(pos - len(self.lm.byte_vocab[t]), 2)
+        return bool(enc) and enc[0] == t
 
     def likely_branches(self, enc: tuple, pos: int) -> list[tuple[int, int]]:
         """``(k, t)``: token ``t`` in place of ``enc[k]``, where the first path branches off
