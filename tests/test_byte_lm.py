@@ -851,15 +851,16 @@ async def test_only_the_cover_going_on_along_the_text_continues_its_lineage_s_lo
     assert tok_enc < tok_every, f"look-aheads along the text only should compute fewer tokens ({tok_enc} vs {tok_every})"
 
 
-async def test_a_token_is_on_the_encoding_where_the_tokenizer_splits_the_text_from_its_start(embedded_lm):
-    """``PrefillPlanner._on_encoding``: the token ending before a position is where the
-    text's encoding from the token's start goes."""
-    from genlm_bytes.byte_lm.speculate import PrefillPlanner
+def test_a_token_starts_the_encoding_where_the_tokenizer_splits_the_text_from_its_start(embedded_lm):
+    """``speculate.starts_encoding``: the token ending before a position is the first token of
+    the text's encoding from the token's start (" owners", not " owner" + "s")."""
+    from genlm_bytes.byte_lm.speculate import starts_encoding
 
     lm = embedded_lm
+    trie = None  # (only read for a window the tokenizer cannot encode; these are valid text)
     data = b"The owners visited their daughter in Lisbon."
-    planner = PrefillPlanner(await ByteBeamState.initial(lm, BeamParams(K=5)), data)
-    (owners,), (owner,) = lm.tokenizer.encode(" owners"), lm.tokenizer.encode(" owner")
+    (owners,), (owner,), (the,) = (lm.tokenizer.encode(w) for w in (" owners", " owner", "The"))
     end = data.index(b" visited")
-    assert planner._on_encoding(end, owners)
-    assert not planner._on_encoding(end - 1, owner)
+    assert starts_encoding(lm, trie, data, end, owners, 2)
+    assert not starts_encoding(lm, trie, data, end - 1, owner, 2)
+    assert starts_encoding(lm, trie, data, 3, the, 0)

@@ -191,10 +191,10 @@ class PrefillPlanner:
 
     The first path is the tokenizer's encoding of the whole text. A branch off any path
     that survives two uncached extensions gets a path of its own: the encoding of the next
-    part of the text, from where it is. The look-ahead doubles along a lineage; a weak
-    branch starts at 4 tokens and stops growing at ``MAX_AHEAD``, a strong one (within
-    ``DOMINANT`` of the heaviest cover) starts at ``MAX_AHEAD`` and doubles up to ``MAX_STRONG``, so a
-    branch that dies soon wastes little and one that carries the beam is computed in few passes.
+    part of the text, from where it is. The look-ahead doubles along a lineage (past its end,
+    with the token the text's encoding takes there); a weak branch starts at 4 tokens and stops
+    growing at ``MAX_AHEAD``, a strong one (within ``DOMINANT`` of the heaviest cover) starts at
+    ``MAX_AHEAD`` and doubles up to ``MAX_STRONG``: a branch that dies soon wastes little.
 
     A new look-ahead path's own exact branches (the one-token branches off it that can survive,
     known once its pass ran) are not computed in a pass of their own: most are a token or two,
@@ -206,9 +206,8 @@ class PrefillPlanner:
     walks that window on the distributions cached then (:meth:`walk_window`); the branches'
     next tokens it finds missing are computed in one pass before the beam gets there.
 
-    The lineage bookkeeping (how many uncached extensions in a row, the last look-ahead) is the
-    planner's own, keyed by the token context object a cover holds (the covers of one lineage
-    share it); the covers carry none of it.
+    The lineage bookkeeping (:class:`~genlm_bytes.byte_lm.lineage.Lineage`) is the planner's own,
+    keyed by the token context object a cover holds; the covers carry none of it.
     """
 
     DOMINANT = math.log(0.5)
@@ -222,16 +221,12 @@ class PrefillPlanner:
     WALK_AHEAD = True  # after a window's branches are computed, walk the beam over it (see walk_ahead)
     WALK_DEPTH = 2  # ... and compute what it misses that parts from the path at most this many tokens before its end
     PENDING_SLACK = 8  # a pending branch joins a pass whose path it parts from at most this many tokens before its end
-    # A look-ahead reaches the end of the text when what is left after it is at most this many
-    # times as long: near the end, a look-ahead that stops short costs another pass for a few
-    # tokens (36 prompts: 108 -> 103 passes, +0.9% tokens; the 9 texts +1.7% tokens, time
-    # within noise; benchmarks/README.md, session 13).
+    # A look-ahead reaches the end of the text when what is left after it is at most this many times
+    # as long: one stopping short costs another pass for a few tokens (benchmarks/README.md, session 13)
     TO_END = 2
     GUESS_AFTER = 2  # the text's likeliest next tokens computed with its last window (a generation asks first)
-    # A lineage past its look-ahead's end goes on doubling with the cover whose next token is the
-    # text's encoding from there; its other covers there are new branches (hex ids: two covers of
-    # one lineage, "c0fa" and "c0" + "fa", each got a doubled look-ahead; SmolLM2's 23 texts
-    # 14,121 -> 13,620 LM tokens, the same passes; benchmarks/README.md, session 24)
+    # A lineage past its look-ahead's end goes on doubling only with the token the text's encoding
+    # takes there; its other covers there are new branches (benchmarks/README.md, session 24)
     GOING_ON_ENCODED = True
     STALL_WALK = 8  # bytes a copy of the beam walks ahead when it stalls for a pass (see stall_walk; 0: none)
 
@@ -316,8 +311,8 @@ class PrefillPlanner:
             # branch just ran past the end of its look-ahead along the text's encoding: then it
             # goes on doubling at once.
             first = miss == 0
-            going_on = first and ahead0 > 0 and len(s.lm_state.context) >= path_end \
-                and (not self.GOING_ON_ENCODED or self._on_encoding(pos, t))
+            going_on = first and ahead0 > 0 and len(s.lm_state.context) >= path_end and (
+                not self.GOING_ON_ENCODED or starts_encoding(self.lm, self.space.trie, self.data, pos, t, self.TO_END))
             base = ahead0 if (going_on or not first) else 0
             fresh = first and not going_on
             if fresh and self.FIRST_AHEAD and here is None:  # (the encoding from here: a first look-ahead's)
@@ -472,12 +467,6 @@ class PrefillPlanner:
                 del self.pending[q]
         return items
 
-    def _on_encoding(self, pos: int, t: int) -> bool:
-        """Whether token ``t``, ending just before ``pos``, is where the text's encoding from
-        its start goes (a lineage past its look-ahead's end goes on along the text with it)."""
-        enc = self.encode_ahead(pos - len(self.lm.byte_vocab[t]), 2)
-        return bool(enc) and enc[0] == t
-
     def likely_branches(self, enc: tuple, pos: int) -> list[tuple[int, int]]:
         """``(k, t)``: token ``t`` in place of ``enc[k]``, where the first path branches off
         with ``t`` at the same text position."""
@@ -520,6 +509,13 @@ def encode_ahead(lm, trie, data: bytes, pos: int, n_tokens: int, to_end: int) ->
     if end < len(data) and enc:
         enc = enc[:-1]  # the window may cut the last token
     return enc if whole and len(enc) <= (1 + to_end) * n_tokens else enc[:n_tokens]
+
+
+def starts_encoding(lm, trie, data: bytes, pos: int, t: int, to_end: int) -> bool:
+    """Whether token ``t``, ending just before ``pos``, is the first token of the encoding of
+    ``data`` from ``t``'s start (:func:`encode_ahead`)."""
+    enc = encode_ahead(lm, trie, data, pos - len(lm.byte_vocab[t]), 2, to_end)
+    return bool(enc) and enc[0] == t
 
 
 def _longest_match(trie, window: bytes) -> list[int]:
