@@ -246,7 +246,7 @@ class PrefillPlanner:
         self._at = (0, beam)  # (text position, the beam about to read the byte there): where a walk starts
         self._walked = (-1, None)  # (text position, the copy there) where the last walk ended
         # context -> the lineage of a path a stall walk started for it (see stall_walk)
-        self._walked_paths: dict[tuple, tuple[int, int, int]] = {}
+        self._walked_paths: dict[tuple, Lineage] = {}
 
     def fits(self, n_tokens: int) -> bool:
         m = self.params.max_context_length
@@ -394,8 +394,8 @@ class PrefillPlanner:
         their tokens a byte or more later: other segmentations of the same stretch of text)
         each get a path from where they were missed (``ahead``: ``FIRST_AHEAD`` tokens as
         :meth:`encode_ahead` gives them), or none (``ahead`` 0: the context alone, counted as
-        its branch's first miss); the beam
-        would ask for them one byte after another, each a pass of its own. Returns
+        its branch's first miss); the beam would ask for them one byte after another, each a
+        pass of its own. Returns
         ``(context, tokens, text position)`` paths; their look-ahead is remembered for the cover
         that reaches them (see :meth:`before_extensions`), and each is a new branch measured
         for :class:`~genlm_bytes.byte_lm.lineage.FirstAheads`."""
