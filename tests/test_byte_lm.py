@@ -530,6 +530,46 @@ async def test_prefill_computes_the_likeliest_tokens_after_the_text_in_its_last_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("text", [b'{"name": "Ada", "langs": ["en", ', b"while read line; do\n"])
+async def test_prefill_guesses_the_longer_token_a_text_ending_in_a_short_one_goes_on_with(embedded_lm, text):
+    """A text whose encoding ends with a short token (" ", "\\n") goes on, under a byte-level
+    beam, inside a longer token spelling it (' "', "\\n  ") more often than after it: the
+    prefill's last pass ranks those contexts (the text's encoding but its last token, then the
+    longer token) with the tokens after the whole encoding, so greedy's first bytes ask for
+    nothing uncached; and no pass more than a prefill guessing nothing."""
+    from genlm_bytes import AsyncTransformer
+    from genlm_bytes.byte_lm.speculate import PrefillPlanner
+
+    params = BeamParams(K=5, prune_threshold=0.05)
+    runs = {}
+    for guess in (0, PrefillPlanner.GUESS_AFTER):
+        PrefillPlanner.GUESS_AFTER, saved = guess, PrefillPlanner.GUESS_AFTER
+        try:
+            lm = AsyncTransformer(embedded_lm.model, embedded_lm.tokenizer, initial_context=[0], lookahead=False)
+            beam = await (await ByteBeamState.initial(lm, params)).prefill(text)
+        finally:
+            PrefillPlanner.GUESS_AFTER = saved
+        passes = sum(lm.runner.passes.values())
+        enc = [0] + lm.encode_bytes(text)
+        asked, inner = [], lm.next_token_logprobs
+
+        async def recorded(ids, *a, _inner=inner, _lm=lm, _asked=asked, **k):
+            _asked.append((tuple(ids), _lm.has_logprobs(list(ids))))
+            return await _inner(ids, *a, **k)
+
+        lm.next_token_logprobs = recorded
+        out = await beam.greedy(b"", 3)
+        runs[guess] = (passes, beam.logZ, out, asked, enc)
+    (p0, z0, out0, _, enc), (p2, z2, out2, asked, _) = runs[0], runs[PrefillPlanner.GUESS_AFTER]
+    vocab, last = embedded_lm.byte_vocab, embedded_lm.byte_vocab[enc[-1]]
+    assert out2 == out0 and z2 == pytest.approx(z0, abs=1e-4) and p2 == p0
+    assert asked and all(cached for _, cached in asked), [c for c, cached in asked if not cached]
+    longer = [c for c, _ in asked if c[:-1] == tuple(enc[:-1]) and len(vocab[c[-1]]) > len(last)
+              and vocab[c[-1]].startswith(last)]
+    assert longer, "greedy went on inside a longer token spelling the text's last one"
+
+
+@pytest.mark.slow
 async def test_prefill_skips_extensions_the_cached_ones_rule_out(embedded_lm, monkeypatch):
     """``beam._tighten``: where every heavy cover ends a token at the same byte, the
     extensions already cached bound the next total; extensions below it are not computed (nor
