@@ -154,7 +154,7 @@ class PathSpeculator:
                       if len(vocab[t]) > len(last) and vocab[t].startswith(last)][:k]
         cands.sort(key=lambda c: -c[0])
         out = [(i, t) for _, i, t in cands[:k]]
-        if out:
+        if out and out[0][1] not in self.space.trie.eos_ids:  # (a generation writes no EOS bytes)
             i, t = out[0]
             out[1:1] = self._shorter(lps[i], i, t, len(last) if i < n else 0)
         return [(i, t) for i, t in dict.fromkeys(out) if not self.lm.has_logprobs(list(full[:i]) + [t])]
