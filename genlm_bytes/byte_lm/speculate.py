@@ -24,19 +24,11 @@ import math
 
 import numpy as np
 
+from genlm_bytes.byte_lm.after_text import guesses_after
 from genlm_bytes.byte_lm.lineage import NEW_LINEAGE, FirstAheads, Lineage
 from genlm_bytes.byte_lm.trie_state import TrieSpace
 
 WINDOW = 128  # token boundaries per speculation pass (unless the model asks for fewer)
-LONGER_TOP = 64  # likeliest tokens before a text's last token searched for longer ones spelling it
-SHORTER = 2  # shorter tokens spelling the start of the likeliest guess after a text computed with it
-
-
-def _top(lp: np.ndarray, k: int) -> list[int]:
-    """The ``k`` largest entries' indices of ``lp``, largest first."""
-    k = min(k, len(lp))
-    idx = np.argpartition(-lp, k - 1)[:k]
-    return idx[np.argsort(-lp[idx], kind="stable")].tolist()
 
 
 def speculation_window(lm) -> int:
@@ -135,48 +127,12 @@ class PathSpeculator:
                 await self.on_computed(self, self.base + self.off[j1])
 
     async def _after_end(self) -> list[tuple[int, int]]:
-        """``(i, t)`` for the ``guess_after`` likeliest next tokens at the path's end (its
-        distributions are cached by now): what a generation from the end of a prompt asks for
-        first, one pass sooner, at a token's cost in a pass that runs anyway. Ranked together:
-        the tokens after the whole path, and those after all but its last token that spell
-        that token's bytes and more (the text ends with " " or mid-word, and the beam's cover
-        inside " the" ends there first). With the likeliest, the shorter tokens spelling its
-        start that a beam keeps (see :meth:`_shorter`), which it asks for first."""
-        full = self.ctx0 + self.path
-        vocab, n, k = self.lm.byte_vocab, len(full), self.guess_after
-        lps = {n: np.asarray(await self.lm.peek_next_token_logprobs(list(full)), dtype=np.float64)}
-        cands = [(float(lps[n][t]), n, int(t)) for t in _top(lps[n], k)]
-        last = vocab[full[-1]] if n >= 2 and self.lm.has_logprobs(list(full[:-1])) else None
-        if last is not None:
-            prev = lps[n - 1] = np.asarray(await self.lm.peek_next_token_logprobs(list(full[:-1])), dtype=np.float64)
-            shift = prev[full[-1]]  # (the tokens after ``full`` are that much less likely from full[:-1])
-            cands += [(float(prev[t]) - shift, n - 1, int(t)) for t in _top(prev, LONGER_TOP)
-                      if len(vocab[t]) > len(last) and vocab[t].startswith(last)][:k]
-        cands.sort(key=lambda c: -c[0])
-        out = [(i, t) for _, i, t in cands[:k]]
-        if out and out[0][1] not in self.space.trie.eos_ids:  # (a generation writes no EOS bytes)
-            i, t = out[0]
-            out[1:1] = self._shorter(lps[i], i, t, len(last) if i < n else 0)
-        return [(i, t) for i, t in dict.fromkeys(out) if not self.lm.has_logprobs(list(full[:i]) + [t])]
-
-    def _shorter(self, lp: np.ndarray, i: int, t: int, skip: int) -> list[tuple[int, int]]:
-        """``(i, u)`` for the tokens ``u`` after ``(ctx0 + path)[:i]`` spelling a proper prefix of
-        token ``t``'s bytes (longer than ``skip`` bytes) that a beam keeps when ``t``'s bytes
-        come, under the distribution ``lp`` they share with ``t``: a cover ending ``u`` holds at
-        least the threshold of the mass of the tokens spelling ``u``'s bytes and more. At most
-        ``SHORTER`` of them, shortest first."""
-        trie, spelled = self.space.trie, self.lm.byte_vocab[t]
-        out, node = [], 0
-        for depth, b in enumerate(spelled[:-1], 1):
-            node = trie.child(node, b)
-            if node < 0 or len(out) >= SHORTER:
-                break
-            ends = trie.end_tokens(node)
-            if depth <= skip or not len(ends):
-                continue
-            mass = np.logaddexp.reduce(lp[trie.order[trie.lo[node]:trie.hi[node]]])
-            out += [(i, int(u)) for u in ends.tolist() if lp[u] >= mass + self.log_thr][:SHORTER - len(out)]
-        return out
+        """``(i, t)``: what a generation from the end of a prompt asks for first (the path's
+        distributions are cached by now), one pass sooner, at a token's cost each in a pass
+        that runs anyway: ``guess_after`` guesses and the shorter tokens a beam ends on the
+        way (see :func:`~genlm_bytes.byte_lm.after_text.guesses_after`)."""
+        return await guesses_after(self.lm, self.space.trie, self.ctx0 + self.path, self.guess_after,
+                                   self.log_thr)
 
     def _window_end(self, j0: int) -> int:
         return j0 + first_window(len(self.path) - j0, self.window)
