@@ -13,63 +13,66 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
+import torch
 
 ON_PATH = 2  # tokens on the walk's path computed besides the one it stops at and the likeliest
 MOST_BYTES = 32  # the walk's longest path (a token is rarely longer)
 
 
-async def guesses_after(lm, trie, full: tuple, k: int, log_thr: float) -> list[tuple[int, int]]:
+async def guesses_after(lm, space, full: tuple, k: int, log_thr: float) -> list[tuple[int, int]]:
     """``(i, t)``: the contexts ``full[:i] + (t,)`` a generation from the end of the text
     ``full`` (token ids, distributions cached) likely asks for first, not cached yet: the token
     a greedy byte walk (:func:`walk`) stops at and the likeliest tokens after ``full``, ``k``
-    in all, and up to ``ON_PATH`` tokens the beam ends on the walk's way there. The
-    walk goes over the tokens after ``full`` and, after ``full[:-1]``, those spelling
-    ``full``'s last token and more (their probabilities divided by the last token's: one
-    scale). ``trie``: the beam's token-byte trie; ``log_thr``: the beam's log threshold."""
+    in all, and up to ``ON_PATH`` tokens the beam ends on the walk's way there. The walk goes
+    over the tokens after ``full`` and, after ``full[:-1]``, those spelling ``full``'s last
+    token and more (their probabilities divided by the last token's: one scale); never EOS (a
+    generation writes no EOS bytes). ``space``: the beam's
+    :class:`~genlm_bytes.byte_lm.trie_state.TrieSpace`; ``log_thr``: its log threshold."""
     if k < 1:
         return []
-    n, eos = len(full), np.asarray(trie.eos_ids, dtype=np.int64)
-    lp = np.asarray(await lm.peek_next_token_logprobs(list(full)), dtype=np.float64)
-    lp[eos] = -math.inf  # (a generation writes no EOS bytes)
-    starts = [(n, 0, np.exp(lp))]
+    trie, n = space.trie, len(full)
+    logp = await lm.peek_next_token_logprobs(list(full))
+    starts = [(n, 0, space.dist_for(logp), 1.0)]
     if n >= 2 and lm.has_logprobs(list(full[:-1])):
         node = trie.walk(lm.byte_vocab[full[-1]])
-        prev = np.asarray(await lm.peek_next_token_logprobs(list(full[:-1])), dtype=np.float64)
-        if node > 0 and prev[full[-1]] > -math.inf:
-            prev[eos] = -math.inf
-            starts.append((n - 1, node, np.exp(prev - prev[full[-1]])))
-    likeliest = [(n, t) for t in np.argsort(-lp, kind="stable")[:k].tolist() if lp[t] > -math.inf]
-    *on_path, stop = walk(trie, starts, log_thr) or likeliest[:1] or [None]
-    guesses = [g for g in dict.fromkeys([stop] + likeliest) if g is not None][:k]
-    return [(i, t) for i, t in dict.fromkeys(guesses + on_path[:ON_PATH]) if not lm.has_logprobs(list(full[:i]) + [t])]
+        prev = space.dist_for(await lm.peek_next_token_logprobs(list(full[:-1])))
+        p_last = math.exp(float(prev.logp_numpy()[full[-1]]))
+        if node > 0 and p_last > 0:
+            starts.append((n - 1, node, prev, 1.0 / p_last))
+    top = torch.topk(logp.float(), min(k + len(space.eos_ids), len(logp)))
+    likeliest = [(n, t) for t, v in zip(top.indices.tolist(), top.values.tolist())
+                 if t not in space.eos_set and v > -math.inf][:k]
+    path = walk(space, starts, log_thr)
+    guesses = list(dict.fromkeys(path[-1:] + likeliest))[:k]
+    return [(i, t) for i, t in dict.fromkeys(guesses + path[:-1][:ON_PATH])
+            if not lm.has_logprobs(list(full[:i]) + [t])]
 
 
-def walk(trie, starts: list[tuple[int, int, np.ndarray]], log_thr: float) -> list[tuple[int, int]]:
-    """A greedy byte walk from ``starts`` ``(i, trie node, token probabilities)``, one scale
-    for all: take the next byte whose tokens below the nodes hold the most probability; stop
-    at a token ending there that holds at least as much as that byte. Returns the ``(i, t)``
-    of the tokens ending on the way that hold at least ``exp(log_thr)`` of the probability at
-    their nodes (a beam keeps their covers), nearest first, then the one the walk stops at."""
-    thr = math.exp(log_thr) if log_thr > -math.inf else 0.0
-    cur = [(i, node, p, np.concatenate([[0.0], np.cumsum(p[trie.order])])) for i, node, p in starts]
-    out = []
+def walk(space, starts: list[tuple], log_thr: float) -> list[tuple[int, int]]:
+    """A greedy byte walk from ``starts`` ``(i, trie node, ContextDist, scale)`` (probabilities
+    times ``scale``: one scale for all): take the next byte whose tokens below the nodes hold
+    the most probability; stop at a token ending there that holds at least as much as that
+    byte. Returns the ``(i, t)`` of the tokens ending on the way that hold at least
+    ``exp(log_thr)`` of the probability at their nodes (a beam keeps their covers), nearest
+    first (with the others ending where it stops), then the one the walk stops at. EOS tokens
+    are left out."""
+    trie, thr = space.trie, (math.exp(log_thr) if log_thr > -math.inf else 0.0)
+    cur, out = starts, []
     for depth in range(MOST_BYTES):
-        ends = [(float(p[t]), (i, int(t))) for i, node, p, _ in cur if depth
-                for t in trie.end_tokens(node).tolist()]
+        ends = [(math.exp(float(d.logp_numpy()[t])) * scale, (i, t)) for i, node, d, scale in cur if depth
+                for t in trie.end_tokens(node).tolist() if t not in space.eos_set]
         groups: dict[int, float] = {}
-        for _, node, _, cum in cur:
-            for b, kid in zip(*trie.children(node)):
-                groups[int(b)] = groups.get(int(b), 0.0) + float(cum[trie.hi[kid]] - cum[trie.lo[kid]])
-        best = max(ends, default=None, key=lambda e: e[0])
+        for _, node, d, scale in cur:
+            bs, kids = trie.children(node)
+            for b, m in zip(bs.tolist(), d.masses(trie.lo[kids], trie.hi[kids], False).tolist()):
+                groups[b] = groups.get(b, 0.0) + m * scale
         heaviest = max(groups.values(), default=0.0)
-        node_mass = sum(p for p, _ in ends) + sum(groups.values())
-        kept = [key for p, key in ends if p > 0 and p >= thr * node_mass]
-        if not heaviest > 0 or (best is not None and best[0] >= heaviest):
-            if best is None or not best[0] > 0:
-                return out + kept
-            return out + [key for key in kept if key != best[1]] + [best[1]]
+        kept = [key for p, key in ends if p > 0 and p >= thr * (sum(e for e, _ in ends) + sum(groups.values()))]
+        best = max(ends, default=(0.0, None), key=lambda e: e[0])
+        if not heaviest > 0 or best[0] >= heaviest:
+            stop = [best[1]] if best[0] > 0 else []
+            return out + [key for key in kept if key not in stop] + stop
         out += kept
         byte = max(groups, key=groups.__getitem__)
-        cur = [(i, kid, p, cum) for i, node, p, cum in cur if (kid := trie.child(node, byte)) >= 0]
+        cur = [(i, kid, d, scale) for i, node, d, scale in cur if (kid := trie.child(node, byte)) >= 0]
     return out

@@ -131,7 +131,7 @@ class PathSpeculator:
         distributions are cached by now), one pass sooner, at a token's cost each in a pass
         that runs anyway: ``guess_after`` guesses and the shorter tokens a beam ends on the
         way (see :func:`~genlm_bytes.byte_lm.after_text.guesses_after`)."""
-        return await guesses_after(self.lm, self.space.trie, self.ctx0 + self.path, self.guess_after,
+        return await guesses_after(self.lm, self.space, self.ctx0 + self.path, self.guess_after,
                                    self.log_thr)
 
     def _window_end(self, j0: int) -> int:
