@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 PROMPT_SUITE = HERE / "data" / "prompts.json"
 TEXT_SUITE = HERE / "data" / "texts"
 HELDOUT_TEXTS = HERE / "data" / "texts_heldout"
+HELDOUT_PROMPTS = HERE / "data" / "prompts_heldout.json"
 
 
 def load_prompts(path: str | Path = PROMPT_SUITE, limit: int | None = None) -> list[dict]:

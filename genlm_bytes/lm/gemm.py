@@ -71,6 +71,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from genlm_bytes.lm import qgemm
+from genlm_bytes.lm.qgemm import QuantizedWeight
+
 logger = logging.getLogger(__name__)
 
 CHECK_TOLERANCE = 1e-4  # largest relative difference from F.linear accepted by the check
@@ -129,6 +132,7 @@ _PACKS: dict[tuple, tuple] = {}  # ids of the weights -> (weakrefs to them, thei
 #                                   the pack, its product with the probe of the width, the weights' widths)
 _MEMBER: dict[int, tuple] = {}  # id(weight) -> the key of the pack that holds it
 _PACK_LOCK = threading.RLock()  # (re-entered by _forget: a weight collected while packing)
+_NO_CODES: dict[tuple, tuple] = {}  # ids of weights -> their versions and addresses when no codes were found
 _PROBES: dict[int, torch.Tensor] = {}  # width -> the (1, width) row a weight is multiplied by to see it changed
 
 
@@ -228,22 +232,43 @@ def pack_bytes(weights) -> int:
     return sum(w.numel() * w.element_size() for w in _unpacked(weights))
 
 
-def _pack(groups: list[tuple]) -> int:
-    """Pack each tuple of weights of ``groups`` (one weight, or several of one width stacked) not
-    packed so as they are now, where the pack's product of the probe row agrees with BLAS's
-    (checked like onednn_works); a weight's older pack (alone or in another group) goes. A
-    packing that raises stops here. Returns the bytes packed."""
+def _stamp(ws: tuple) -> tuple:
+    return tuple((w._version, w.data_ptr()) for w in ws)
+
+
+def _wanted(ws: tuple, quantize: bool) -> bool:
+    """Whether ``ws`` (a tuple of weights) wants a pack: none as they are now, or (``quantize``) a
+    float32 one where no search for their codes failed as they are now."""
+    pk = _pack_of(ws)
+    if pk is None:
+        return True
+    return quantize and not isinstance(pk, QuantizedWeight) and _NO_CODES.get(tuple(map(id, ws))) != _stamp(ws)
+
+
+def _pack(groups: list[tuple], quantize: bool = False) -> int:
+    """Pack each tuple of weights of ``groups`` (one weight, or several of one width stacked) that
+    :func:`_wanted` one, where the pack's product of the probe row agrees with BLAS's (checked
+    like onednn_works); a weight's older pack (alone or in another group) goes. ``quantize``: the
+    pack is the weights' 4- or 8-bit codes where they are such codes (:mod:`genlm_bytes.lm.qgemm`),
+    else oneDNN's. A packing that raises stops here. Returns the bytes packed."""
     made, op = 0, _onednn_op()
     with _PACK_LOCK:
         for ws in groups:
-            if _pack_of(ws) is not None:
+            if not _wanted(ws, quantize):
                 continue
             try:
                 stacked = ws[0].detach() if len(ws) == 1 else torch.cat([w.detach() for w in ws])
-                pk = torch.ops.mkldnn._reorder_linear_weight(stacked)
+                pk = qgemm.quantized(stacked) if quantize else None
+                if pk is None:
+                    if quantize:
+                        _NO_CODES[tuple(map(id, ws))] = _stamp(ws)
+                    if _pack_of(ws) is not None:  # (packed already, and no codes)
+                        continue
+                    pk = torch.ops.mkldnn._reorder_linear_weight(stacked)
                 del stacked
                 y0 = torch.cat([_probe(w) for w in ws], dim=1)
-                y = op(_PROBES[ws[0].shape[1]], pk, None, "none", [], "")
+                probe = _PROBES[ws[0].shape[1]]
+                y = pk.product(probe) if isinstance(pk, QuantizedWeight) else op(probe, pk, None, "none", [], "")
                 ok = y.shape == y0.shape and torch.allclose(y, y0, rtol=CHECK_TOLERANCE,
                                                              atol=CHECK_TOLERANCE * float(y0.abs().max()))
             except Exception:
@@ -262,36 +287,41 @@ def _pack(groups: list[tuple]) -> int:
                            tuple(w.shape[0] for w in ws))
             for k in key:
                 _MEMBER[k] = key
-            made += sum(w.numel() * w.element_size() for w in ws)
+            made += _nbytes(pk)
     if made:
         logger.debug("packed %d MB of weights in oneDNN's layout", made >> 20)
     return made
 
 
 @torch.no_grad()
-def pack_weights(weights) -> int:
+def pack_weights(weights, quantize: bool = False) -> int:
     """Make oneDNN's packed copy of every float32 CPU matrix of ``weights`` not packed as it is
     now, alone or in a group (others are skipped); ``linear_fn(packed=True)`` multiplies by them.
-    Returns the bytes packed now. Does nothing (0) where :func:`onednn_works` is False."""
+    ``quantize``: a matrix that is 4- or 8-bit codes (:func:`~genlm_bytes.lm.qgemm.quantized`) is
+    packed as its codes instead, and a float32 pack of one alone replaced by them. Returns the
+    bytes packed now. Does nothing (0) where :func:`onednn_works` is False."""
     weights = _weight_list(weights)
     if not onednn_works():
         return 0
     with _PACK_LOCK:
-        return _pack([(w,) for w in _unpacked(weights)])
+        alone = [w for w in weights if _packable(w) and (_MEMBER.get(id(w)) in (None, (id(w),)))]
+        return _pack([(w,) for w in _unpacked(weights)] + [(w,) for w in alone if quantize and is_packed(w)],
+                     quantize)
 
 
 @torch.no_grad()
-def pack_groups(groups) -> int:
+def pack_groups(groups, quantize: bool = False) -> int:
     """Pack each group of float32 CPU matrices of one width (``groups``: tuples of weights that
     multiply the same input) as one matrix, their rows stacked, where not packed so as they are
     now: :func:`packed_group` gives it, ``linear_fn(packed=True).group`` multiplies by it. Their
     own packs are dropped (the group's holds the same numbers). A group whose stacked product of
-    the probe row differs from its weights' own is not packed. Returns the bytes packed now."""
+    the probe row differs from its weights' own is not packed. ``quantize``: as
+    :func:`pack_weights`'s. Returns the bytes packed now."""
     groups = [tuple(_weight_list(g)) for g in _weight_list(groups)]
     if not onednn_works():
         return 0
     return _pack([ws for ws in groups if len(ws) >= 2 and all(_packable(w) for w in ws)
-                  and len({w.shape[1] for w in ws}) == 1 and len({id(w) for w in ws}) == len(ws)])
+                  and len({w.shape[1] for w in ws}) == 1 and len({id(w) for w in ws}) == len(ws)], quantize)
 
 
 @torch.no_grad()
@@ -326,9 +356,13 @@ def changed_weights(weights) -> list[torch.Tensor]:
     return out
 
 
+def _nbytes(pk) -> int:
+    return pk.nbytes if isinstance(pk, QuantizedWeight) else pk.shape.numel() * 4
+
+
 def packed_bytes() -> int:
     """The bytes of every packed copy alive."""
-    return sum(e[3].shape.numel() * 4 for e in list(_PACKS.values()) if all(r() is not None for r in e[0]))
+    return sum(_nbytes(e[3]) for e in list(_PACKS.values()) if all(r() is not None for r in e[0]))
 
 
 def linear_fn(onednn: bool = True, packed: bool = False):
@@ -355,6 +389,9 @@ def linear_fn(onednn: bool = True, packed: bool = False):
         m = x2.shape[0]
         if pk is None and packed:
             pk = packed_weight(w)
+        if isinstance(pk, QuantizedWeight):  # (any number of rows: no compiled kernels, no pieces)
+            y = pk.product(x2.contiguous())
+            return y if b is None else y.add_(b)
         if pk is not None:
             w = pk
         elif m <= SMALL_ROWS:
@@ -368,7 +405,9 @@ def linear_fn(onednn: bool = True, packed: bool = False):
 
     def chunked(x2: torch.Tensor, w, b, pk=None) -> torch.Tensor:
         """:func:`product`, in pieces of at most ``top`` rows."""
-        if x2.shape[0] <= top:
+        if pk is None and packed:
+            pk = packed_weight(w)
+        if x2.shape[0] <= top or isinstance(pk, QuantizedWeight):
             return product(x2, w, b, pk)
         return torch.cat([product(x2[i:i + top], w, b, pk) for i in range(0, x2.shape[0], top)])
 

@@ -462,25 +462,30 @@ def model_matrices(hf_model) -> list[torch.Tensor]:
     return out
 
 
-def pack_model(hf_model) -> int:
+def pack_model(hf_model, quantize: bool = False) -> int:
     """oneDNN's packed copies of :func:`model_matrices` where missing or stale, on huge pages
-    (:func:`~genlm_bytes.lm.gemm.pack_weights`); the bytes packed."""
+    (:func:`~genlm_bytes.lm.gemm.pack_weights`); the bytes packed. ``quantize``: weights that
+    are 4- or 8-bit codes get their codes as their pack instead (:mod:`genlm_bytes.lm.qgemm`)."""
     from genlm_bytes.lm.hf.memory import mapped_fresh  # (lm.hf imports this module)
 
     with mapped_fresh(PACK_MAPPED_FROM), new_memory_on_huge_pages():
-        return pack_groups(model_groups(hf_model)) + pack_weights(model_matrices(hf_model))
+        return (pack_groups(model_groups(hf_model), quantize=quantize)
+                + pack_weights(model_matrices(hf_model), quantize=quantize))
 
 
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the keys whose check passed
 
 
-def lean_decoder(hf_model, onednn: bool = True, packed: bool = False) -> LeanDecoder | None:
+def lean_decoder(hf_model, onednn: bool = True, packed: bool = False,
+                 quantized: bool = False) -> LeanDecoder | None:
     """A :class:`LeanDecoder` for ``hf_model``'s decoder, or None (not recognized, or the check
     on a few tokens disagrees with the model's own forward; logged at debug level). The check
     runs once per model (and again if its dtype, device or products changed). ``onednn``: its
     float32 CPU products through oneDNN (:mod:`genlm_bytes.lm.gemm`), else ``F.linear``;
     ``packed``: by oneDNN's packed copies of the decoder's and the output layer's weights,
-    made here where missing or stale (:func:`~genlm_bytes.lm.gemm.pack_weights`, on huge pages)."""
+    made here where missing or stale (:func:`~genlm_bytes.lm.gemm.pack_weights`, on huge pages);
+    ``quantized`` (with ``packed``): weights that are 4- or 8-bit codes packed as their codes
+    (:mod:`genlm_bytes.lm.qgemm`)."""
     body = decoder_of(hf_model)
     config = getattr(hf_model, "config", None)
     if body is None or config is None:
@@ -492,10 +497,11 @@ def lean_decoder(hf_model, onednn: bool = True, packed: bool = False) -> LeanDec
     w = body.embed_tokens.weight
     linear = linear_fn(onednn, packed)
     packed = packed and linear is not F.linear
-    key = (w.dtype, w.device, w.data_ptr(), linear is F.linear, packed)
+    quantized = quantized and packed
+    key = (w.dtype, w.device, w.data_ptr(), linear is F.linear, packed, quantized)
     try:
         if packed:
-            pack_model(hf_model)
+            pack_model(hf_model, quantize=quantized)
         lean = (LeanGemma3Decoder if config.model_type == "gemma3_text" else LeanDecoder)(body, linear)
         checked = _CHECKED.get(hf_model)
         if checked is not None and key in checked:

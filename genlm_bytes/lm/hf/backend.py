@@ -29,7 +29,7 @@ import os
 import torch
 
 from genlm_bytes.batching import Batcher
-from genlm_bytes.lm import openmp
+from genlm_bytes.lm import openmp, qgemm
 from genlm_bytes.lm.base import GUESS_AHEAD, AsyncLM, check_token_ids, parse_alternative
 from genlm_bytes.lm.gemm import changed_weights, kernel_bytes, onednn_works, pack_bytes
 from genlm_bytes.lm.hf.config import (
@@ -85,6 +85,9 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
     its compiled kernels (charged to the budget) within a quarter of ``cache_budget_bytes``.
     ``lm.packed``: whether they multiply by oneDNN's packed copies of the weights
     (``EngineConfig.packed_weights``, where the copies fit a quarter of the memory available).
+    ``lm.quantized``: whether products of a few rows run on the weights' 4- or 8-bit codes
+    where the float32 weights are exactly such codes (``EngineConfig.quantized_products``;
+    :mod:`genlm_bytes.lm.qgemm`: the same weights, bit for bit).
     """
 
     _trusted_output = True
@@ -137,9 +140,12 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
                    + int(cfg.heap_share * budget) + (kernels if self.onednn else 0))
         # ... by a packed copy of the weights, where it fits a quarter of the memory available.
         self.packed = self.onednn and cfg.packed_weights and self._packing_fits()
+        # ... and products of a few rows by the weights' quantized form, where they have one.
+        self.quantized = self.packed and cfg.quantized_products and qgemm.available()
         store = KVStore(self.cache, cfg, model, self.kv_reuse, self.vocab_size, reserve)
         watch = ModelWatch(model, lean=self.kv_reuse and self._use_lean,
-                           make_lean=functools.partial(lean_decoder, onednn=self.onednn, packed=self.packed))
+                           make_lean=functools.partial(lean_decoder, onednn=self.onednn, packed=self.packed,
+                                                     quantized=self.quantized))
         self.runner = PassRunner(model, store, watch, HeapTrimmer(self.cache, cfg), cfg, onednn=self.onednn,
                                  packed=self.packed)
         self.device = self.runner.device
@@ -269,7 +275,7 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         self.stop_lookahead()
         self.cache.clear()
         if self.packed and changed_weights(model_matrices(self.model)):
-            self._locked(pack_model, self.model)
+            self._locked(pack_model, self.model, self.quantized)
 
     def stop_lookahead(self) -> None:
         """Stop a look-ahead pass (see ``lookahead``) queued or running, if any: the model's

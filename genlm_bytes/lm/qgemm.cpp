@@ -1,0 +1,224 @@
+// Products by weights held as small integers per group of 32 inputs, dequantized on the fly
+// (genlm_bytes/lm/qgemm.py builds and loads this file; its docstring says why and when).
+//
+// y[m, n] = sum_k x[m, k] * w[n, k], w[n, k] = q[n, k] * scale[n, k / 32] + offset[n, k / 32],
+// the weight made by one fused multiply-add (one rounding: the bits the float32 weight had,
+// checked by qgemm.py against the weight itself with `dequantize` below). Each output is summed
+// in one fixed order (add_group), whatever the number of rows and the tiling: a row comes out
+// bit for bit the same in a product of any number of rows.
+//
+// Layouts, outputs in blocks of 16 (one AVX-512 register):
+//   4 bits: codes[N/16][K/2][16] bytes, byte (j, l) = q[16b + l][2j] | q[16b + l][2j + 1] << 4
+//   8 bits: codes[N/16][K][16] signed bytes
+//   scale, offset: [N/16][K/32][16] float32
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+
+#include <initializer_list>
+#include <vector>
+
+namespace {
+
+constexpr int GROUP = 32;
+// From TALL_FROM rows on, a tile's weights are made once into a buffer, then multiplied TALL_ROWS
+// rows at a time (SmolLM2's products, 2 threads: 4 rows 0.76-1.02x oneDNN's packed float32 ones
+// from 16 to 256 rows; 6 rows 0.90-1.04x, 8 rows 0.86-1.13x)
+constexpr int TALL_ROWS = 4;
+constexpr int TALL_FROM = 16;
+
+template <int BITS>
+inline void weights_at(const uint8_t* codes, int64_t k, __m512 s, __m512 o, __m512& w0, __m512& w1) {
+    // the weights of inputs k and k + 1 (k even) for one block of 16 outputs
+    if (BITS == 4) {
+        __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + (k / 2) * 16)));
+        __m512i lo = _mm512_and_si512(i, _mm512_set1_epi32(15));
+        __m512i hi = _mm512_srli_epi32(i, 4);
+        w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), s, o);
+        w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), s, o);
+    } else {
+        __m512i a = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(codes + k * 16)));
+        __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(codes + (k + 1) * 16)));
+        w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, o);
+        w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), s, o);
+    }
+}
+
+// The sums of group g (of 32 inputs) added to the outputs' (y, which group 0 sets): each output
+// is a sum of its groups' sums, each of those summed in order from zero (a float32 sum of 32
+// terms, then of K/32; summing all K in one went 2-4x as far from a float64 product).
+template <int MT, int NB>
+inline void add_group(const __m512 (&acc)[MT][NB], int64_t g, float* y, int64_t ldy) {
+    for (int m = 0; m < MT; m++)
+        for (int j = 0; j < NB; j++) {
+            float* at = y + m * ldy + j * 16;
+            _mm512_storeu_ps(at, g == 0 ? acc[m][j] : _mm512_add_ps(_mm512_loadu_ps(at), acc[m][j]));
+        }
+}
+
+// MT rows of x by NB blocks of 16 outputs starting at block b0.
+template <int BITS, int MT, int NB>
+void tile(const float* x, int64_t K, const uint8_t* codes, const float* scale, const float* offset,
+          int64_t b0, float* y, int64_t ldy) {
+    const int64_t cstride = BITS == 4 ? K / 2 * 16 : K * 16;  // bytes of codes per block
+    const int64_t sstride = K / GROUP * 16;                     // floats of scales per block
+    __m512 acc[MT][NB];
+    for (int64_t g = 0; g < K / GROUP; g++) {
+        for (int m = 0; m < MT; m++)
+            for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
+        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 2) {
+            for (int j = 0; j < NB; j++) {
+                const int64_t b = b0 + j;
+                __m512 s = _mm512_loadu_ps(scale + b * sstride + g * 16);
+                __m512 o = _mm512_loadu_ps(offset + b * sstride + g * 16);
+                __m512 w0, w1;
+                weights_at<BITS>(codes + b * cstride, k, s, o, w0, w1);
+                for (int m = 0; m < MT; m++) {
+                    acc[m][j] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * K + k]), w0, acc[m][j]);
+                    acc[m][j] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * K + k + 1]), w1, acc[m][j]);
+                }
+            }
+        }
+        add_group<MT, NB>(acc, g, y + b0 * 16, ldy);
+    }
+}
+
+template <int BITS, int MT, int NB>
+void rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* scale,
+          const float* offset, int64_t b0, float* y, int64_t ldy) {
+    // every row of x, in tiles of MT rows (the last ones one by one), by the NB blocks from b0
+    int64_t m = 0;
+    for (; m + MT <= M; m += MT) tile<BITS, MT, NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
+    for (; m < M; m++) tile<BITS, 1, NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
+}
+
+// Many rows: the NB blocks' weights made once into a buffer (K x NB*16 floats, in L2), then MT
+// rows at a time by them, each sum in the same order as tile's (bit for bit the same outputs).
+template <int BITS, int NB>
+void make_weights(int64_t K, const uint8_t* codes, const float* scale, const float* offset, int64_t b0,
+                  float* wb) {
+    const int64_t cstride = BITS == 4 ? K / 2 * 16 : K * 16;
+    const int64_t sstride = K / GROUP * 16;
+    for (int j = 0; j < NB; j++) {
+        const int64_t b = b0 + j;
+        for (int64_t k = 0; k < K; k += 2) {
+            __m512 s = _mm512_loadu_ps(scale + b * sstride + (k / GROUP) * 16);
+            __m512 o = _mm512_loadu_ps(offset + b * sstride + (k / GROUP) * 16);
+            __m512 w0, w1;
+            weights_at<BITS>(codes + b * cstride, k, s, o, w0, w1);
+            _mm512_store_ps(wb + k * NB * 16 + j * 16, w0);
+            _mm512_store_ps(wb + (k + 1) * NB * 16 + j * 16, w1);
+        }
+    }
+}
+
+template <int MT, int NB>
+void tall_tile(const float* x, int64_t K, const float* wb, float* y, int64_t ldy, int64_t b0) {
+    __m512 acc[MT][NB];
+    for (int64_t g = 0; g < K / GROUP; g++) {
+        for (int m = 0; m < MT; m++)
+            for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
+        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k++) {
+            __m512 xb[MT];
+            for (int m = 0; m < MT; m++) xb[m] = _mm512_set1_ps(x[m * K + k]);
+            for (int j = 0; j < NB; j++) {
+                __m512 w = _mm512_load_ps(wb + k * NB * 16 + j * 16);
+                for (int m = 0; m < MT; m++) acc[m][j] = _mm512_fmadd_ps(xb[m], w, acc[m][j]);
+            }
+        }
+        add_group<MT, NB>(acc, g, y + b0 * 16, ldy);
+    }
+}
+
+template <int BITS, int NB>
+void tall_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* scale,
+               const float* offset, int64_t b0, float* y, int64_t ldy) {
+    static thread_local std::vector<float, std::allocator<float>> buffer;
+    if ((int64_t)buffer.size() < K * NB * 16 + 16) buffer.resize(K * NB * 16 + 16);
+    float* wb = (float*)(((uintptr_t)buffer.data() + 63) & ~(uintptr_t)63);
+    make_weights<BITS, NB>(K, codes, scale, offset, b0, wb);
+    int64_t m = 0;
+    for (; m + TALL_ROWS <= M; m += TALL_ROWS) tall_tile<TALL_ROWS, NB>(x + m * K, K, wb, y + m * ldy, ldy, b0);
+    for (; m < M; m++) tall_tile<1, NB>(x + m * K, K, wb, y + m * ldy, ldy, b0);
+}
+
+template <int BITS>
+void product(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* scale,
+             const float* offset, int64_t N, float* y, int64_t ldy, int threads) {
+    const int64_t blocks = N / 16;
+    // blocks per tile: the largest of 8, 4, 2, 1 dividing the blocks that leaves each thread
+    // several tiles (the last tiles of a thread are what the other waits on); 8 blocks by 2 rows
+    // for a few rows (more sums at once), else 4 by 4 (a block's weights made once for 4 rows;
+    // 16 sums in registers: 6 rows spilled, 1.2-1.5x slower from 16 rows on)
+    const int most = M >= 6 ? 4 : 8;
+    int nb = 1;
+    for (int c : {8, 4, 2}) {
+        if (c <= most && blocks % c == 0 && blocks / c >= 4 * threads) { nb = c; break; }
+    }
+    const int64_t tiles = blocks / nb;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t b0 = t * nb;
+        if (M >= TALL_FROM) {
+            switch (nb) {
+                case 4: tall_rows<BITS, 4>(x, M, K, codes, scale, offset, b0, y, ldy); break;
+                case 2: tall_rows<BITS, 2>(x, M, K, codes, scale, offset, b0, y, ldy); break;
+                default: tall_rows<BITS, 1>(x, M, K, codes, scale, offset, b0, y, ldy); break;
+            }
+            continue;
+        }
+        switch (nb) {
+            case 8: rows<BITS, 2, 8>(x, M, K, codes, scale, offset, b0, y, ldy); break;
+            case 4: rows<BITS, 4, 4>(x, M, K, codes, scale, offset, b0, y, ldy); break;
+            case 2: rows<BITS, 4, 2>(x, M, K, codes, scale, offset, b0, y, ldy); break;
+            default: rows<BITS, 4, 1>(x, M, K, codes, scale, offset, b0, y, ldy); break;
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// y (M rows of ldy floats, the first N written) = x (M, K) by the weights; K a multiple of 32,
+// N of 16. Returns 0, or -1 for shapes it does not take.
+int qgemm_product(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* scale,
+                  const float* offset, int64_t N, int bits, float* y, int64_t ldy, int threads) {
+    if (K % GROUP || N % 16 || M < 0 || ldy < N || (bits != 4 && bits != 8)) return -1;
+    if (threads < 1) threads = 1;
+    if (bits == 4)
+        product<4>(x, M, K, codes, scale, offset, N, y, ldy, threads);
+    else
+        product<8>(x, M, K, codes, scale, offset, N, y, ldy, threads);
+    return 0;
+}
+
+// w (N, K) = the weights as the product makes them (to check them against the float32 ones).
+int qgemm_dequantize(int64_t K, const uint8_t* codes, const float* scale, const float* offset,
+                     int64_t N, int bits, float* w) {
+    if (K % GROUP || N % 16 || (bits != 4 && bits != 8)) return -1;
+    const int64_t cstride = bits == 4 ? K / 2 * 16 : K * 16;
+    const int64_t sstride = K / GROUP * 16;
+    for (int64_t b = 0; b < N / 16; b++) {
+        for (int64_t k = 0; k < K; k += 2) {
+            const int64_t g = k / GROUP;
+            __m512 s = _mm512_loadu_ps(scale + b * sstride + g * 16);
+            __m512 o = _mm512_loadu_ps(offset + b * sstride + g * 16);
+            __m512 w0, w1;
+            if (bits == 4)
+                weights_at<4>(codes + b * cstride, k, s, o, w0, w1);
+            else
+                weights_at<8>(codes + b * cstride, k, s, o, w0, w1);
+            alignas(64) float a[16], c[16];
+            _mm512_store_ps(a, w0);
+            _mm512_store_ps(c, w1);
+            for (int l = 0; l < 16; l++) {
+                w[(b * 16 + l) * K + k] = a[l];
+                w[(b * 16 + l) * K + k + 1] = c[l];
+            }
+        }
+    }
+    return 0;
+}
+
+}

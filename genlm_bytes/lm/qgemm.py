@@ -1,0 +1,257 @@
+"""Products by weights that are small integers per group of 32 inputs, as the file held them.
+
+A model loaded from a GGUF file of 4- or 8-bit weights (the embedded SmolLM2 is ``Q4_1``, its
+output layer ``Q8_0``) is dequantized to float32 by transformers: every weight of a group of
+32 inputs is then ``q * scale + offset`` exactly, ``q`` a 4- or 8-bit integer. A decode step
+of such a model reads 540 MB of float32 weights to compute one row (SmolLM2-135M), which is
+what bounds it on a CPU. The same weights as 4-bit codes and a float32 scale and offset per
+group are 6 bits a weight: 5x less to read.
+
+:func:`quantized` finds such a form of a float32 matrix, if it has one: the codes, scales and
+offsets whose weights, made as the product makes them (one fused multiply-add, one
+rounding), are the matrix's own float32 weights, bit for bit (the sign of a zero aside). The
+check is on the whole matrix; one weight off and the matrix stays float32. So a product by
+the codes is a product by the very same weights: its outputs differ from oneDNN's or BLAS's
+only by the order of the float32 sums. Each output is the sum of its groups' sums of 32, in
+order, so a row comes out bit for bit the same whatever the number of rows of its product;
+and it is closer to a float64 product than oneDNN's (SmolLM2's matrices: at most 0.8-2.3e-7 of
+the largest output off, oneDNN's 4.4-12e-7).
+
+Measured (SmolLM2's 210 decoder matrices and its output layer, 2 threads, in a thread of its
+own, against oneDNN's packed float32 products, ``lm/gemm.py``): 1 row 0.38x the time, 4 rows
+0.49x, 8 rows 0.53x, 32 rows 0.85x, 64 rows 0.93x, 256 rows 1.03x.
+
+The products run in a small C++ kernel (``qgemm.cpp``, AVX-512), compiled on first use with the
+machine's C++ compiler (``CXX``, else ``g++``; about 1 s) into the cache folder and loaded with
+``ctypes``; it runs on torch's own OpenMP runtime, linked by its path (one thread pool per
+thread: ``lm/openmp.py``). Without a compiler, without AVX-512, with ``GENLM_BYTES_QGEMM=0``, or
+if the build fails, nothing here is used (:func:`available` is False) and every product stays
+float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+GROUP = 32  # inputs per group of one scale and offset
+SOURCE = Path(__file__).with_name("qgemm.cpp")
+FLAGS = ("-O3", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-std=c++17")
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return all(f" {x}" in flags for x in ("avx512f", "avx512bw", "avx512vl"))
+
+
+def _torch_gomp() -> Path | None:
+    """The OpenMP runtime torch's wheel carries (linking to it keeps one thread pool per thread)."""
+    lib = Path(torch.__file__).parent / "lib"
+    found = sorted(lib.glob("libgomp*.so*"))
+    return found[0] if found else None
+
+
+def _build(dest: Path, gomp: Path) -> None:
+    compiler = os.environ.get("CXX", "g++")
+    with tempfile.TemporaryDirectory() as tmp:
+        obj = Path(tmp) / "qgemm.o"
+        out = Path(tmp) / dest.name
+        subprocess.run([compiler, *FLAGS, "-c", str(SOURCE), "-o", str(obj)], check=True,
+                       capture_output=True, timeout=300)
+        subprocess.run([compiler, "-shared", str(obj), "-o", str(out), str(gomp),
+                        f"-Wl,-rpath,{gomp.parent}"], check=True, capture_output=True, timeout=300)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out, dest)  # (atomic: another process building the same file reads a whole one)
+
+
+@functools.lru_cache(maxsize=1)
+def _library():
+    """The compiled kernel, loaded; None where it cannot be had here (logged at debug)."""
+    if os.environ.get("GENLM_BYTES_QGEMM", "1") == "0":
+        return None
+    if not _cpu_has_avx512():
+        logger.debug("quantized products not used: the CPU has no AVX-512")
+        return None
+    gomp = _torch_gomp()
+    if gomp is None or "OpenMP" not in torch.__config__.parallel_info():
+        logger.debug("quantized products not used: torch runs no GNU OpenMP")
+        return None
+    from genlm_bytes.lm.default import cache_dir
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + str(gomp).encode()).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"qgemm-{key}.so"
+    try:
+        if not path.exists():
+            _build(path, gomp)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.debug("quantized products not used: the kernel did not build or load (%s)", e)
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.qgemm_product.argtypes = [p, i64, i64, p, p, p, i64, ctypes.c_int, p, i64, ctypes.c_int]
+    lib.qgemm_product.restype = ctypes.c_int
+    lib.qgemm_dequantize.argtypes = [i64, p, p, p, i64, ctypes.c_int, p]
+    lib.qgemm_dequantize.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel is here (built and loaded)."""
+    return _library() is not None
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A float32 (N, K) matrix as codes, scales and offsets (module docstring's layouts)."""
+
+    bits: int
+    codes: torch.Tensor  # uint8
+    scale: torch.Tensor  # float32 (N/16, K/32, 16)
+    offset: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset))
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.shape
+        w = torch.empty(n, k)
+        rc = _library().qgemm_dequantize(k, self.codes.data_ptr(), self.scale.data_ptr(),
+                                         self.offset.data_ptr(), n, self.bits, w.data_ptr())
+        if rc:
+            raise ValueError(f"the kernel does not take a ({n}, {k}) matrix")
+        return w
+
+    def product(self, x2: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x2`` (M, K) float32, contiguous, by the weights: (M, N); into ``out`` if given."""
+        n, k = self.shape
+        m = x2.shape[0]
+        if out is None:
+            out = torch.empty(m, n)
+        rc = _library().qgemm_product(x2.data_ptr(), m, k, self.codes.data_ptr(), self.scale.data_ptr(),
+                                      self.offset.data_ptr(), n, self.bits, out.data_ptr(), out.stride(0),
+                                      torch.get_num_threads())
+        if rc:
+            raise ValueError(f"the kernel does not take a ({n}, {k}) matrix")
+        return out
+
+
+def _blocks(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, X) -> (N/16, X, 16), contiguous."""
+    return t.reshape(n // 16, 16, -1).permute(0, 2, 1).contiguous()
+
+
+def _form(bits: int, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> QuantizedWeight:
+    """The kernel's layout of codes ``q`` (N, K/32, 32) and ``scale``, ``offset`` (N, K/32)."""
+    n, k = q.shape[0], q.shape[1] * GROUP
+    q = q.reshape(n, k)
+    if bits == 4:
+        pairs = q.to(torch.uint8).reshape(n, k // 2, 2)
+        codes = _blocks(pairs[..., 0] | (pairs[..., 1] << 4), n)
+    else:
+        codes = _blocks(q.to(torch.int8), n).view(torch.uint8)
+    return QuantizedWeight(bits, codes, _blocks(scale.float(), n), _blocks(offset.float(), n), (n, k))
+
+
+def _misses(qw: QuantizedWeight, groups: torch.Tensor) -> torch.Tensor:
+    """Per group (N, K/32): whether a weight the codes make differs from the float32 one (the
+    sign of a zero aside: GGUF's Q4_0 makes -0.0 where a negative scale meets level 8)."""
+    return (qw.dequantize().reshape(groups.shape) != groups).any(-1)
+
+
+def _codes(groups: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round((groups - offset[..., None]) / safe[..., None]).clamp(lo, hi)
+
+
+def _least_gap(g: torch.Tensor) -> torch.Tensor:
+    """Per group of ``g`` (S, 32): the least positive difference of two of its weights (float64;
+    0 where all are equal). Adjacent levels of a group's codes are that far apart."""
+    gaps = g.double().sort(-1).values.diff(dim=-1)
+    gap = torch.where(gaps > 0, gaps, torch.full_like(gaps, float("inf"))).min(-1).values
+    return torch.where(torch.isinf(gap), torch.zeros_like(gap), gap)
+
+
+def _search(groups: torch.Tensor, bits: int):
+    """Codes, scales and offsets per group of ``groups`` (N, K/32, 32), the first candidates that
+    make every weight; and which groups none made."""
+    if bits == 4:  # offset: the group's least weight (code 0 there); scale: the span over 15 levels
+        offset = groups.min(-1).values
+        span = groups.max(-1).values.double() - offset.double()
+        lo, hi = 0, 15
+        first = [(span / 15).half().float()]  # (GGUF's Q4_0 and Q4_1 keep float16 scales)
+
+        def more(g, off):
+            s = g.max(-1).values.double() - off.double()
+            gap = _least_gap(g)
+            return [(s / 15).float(), gap.half().float(), gap.float(), (gap / 2).half().float()]
+    else:  # offset 0; scale: the largest magnitude over 127 (GGUF's Q8_0), or the least gap between
+        # two weights (GGUF's Q5_0, (q - 16) * d: 5-bit codes held in 8)
+        offset = torch.zeros(groups.shape[:-1])
+        lo, hi = -128, 127
+        first = [(groups.abs().max(-1).values.double() / 127).float()]
+
+        def more(g, off):
+            gap = _least_gap(g)
+            return [(g.abs().max(-1).values.double() / 127).half().float(), gap.half().float(),
+                    (gap / 2).half().float()]
+    scale = first[0]
+    q = _codes(groups, scale, offset, lo, hi)
+    missed = _misses(_form(bits, q, scale, offset), groups)
+    if bool(missed.any()):  # the groups left: other candidate scales, checked in float64 (on a
+        # sample of them first: a matrix of other codes misses them all, and sorting all is slow)
+        at = missed.nonzero(as_tuple=True)
+        for sample in (tuple(i[:64] for i in at), at):
+            g, off = groups[sample], offset[sample]
+            gq, gs = q[sample], scale[sample]
+            left = torch.ones(g.shape[0], dtype=torch.bool)
+            for cand in more(g, off):
+                cq = _codes(g, cand, off, lo, hi)
+                fit = ((cq.double() * cand.double()[..., None] + off.double()[..., None]).float() == g).all(-1) & left
+                gq[fit], gs[fit] = cq[fit], cand[fit]
+                left &= ~fit
+            if bool(left.any()):
+                break
+        q[sample], scale[sample] = gq, gs
+        missed = missed.clone()
+        missed[sample] = left
+    return q, scale, offset, missed
+
+
+@torch.no_grad()
+def quantized(w: torch.Tensor) -> QuantizedWeight | None:
+    """``w``'s form as 4-bit (or else 8-bit) codes per group of 32 inputs that makes every one of
+    its float32 weights bit for bit (module docstring), or None: no such form found, a shape
+    the kernel does not take, or no kernel."""
+    if _library() is None or w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu":
+        return None
+    n, k = w.shape
+    if n % 16 or k % GROUP or n == 0:
+        return None
+    groups = w.detach().reshape(n, k // GROUP, GROUP).contiguous()
+    if not bool(torch.isfinite(groups).all()):
+        return None
+    for bits in (4, 8):
+        q, scale, offset, missed = _search(groups, bits)
+        if bool(missed.any()):
+            continue
+        qw = _form(bits, q, scale, offset)
+        if not bool(_misses(qw, groups).any()):
+            return qw
+    return None
