@@ -35,6 +35,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import subprocess
 import tempfile
@@ -188,9 +189,9 @@ def _least_gap(g: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(gap), torch.zeros_like(gap), gap)
 
 
-def _search(groups: torch.Tensor, bits: int):
-    """Codes, scales and offsets per group of ``groups`` (N, K/32, 32), the first candidates that
-    make every weight; and which groups none made."""
+def _search(groups: torch.Tensor, bits: int) -> QuantizedWeight | None:
+    """``bits``-bit codes, scales and offsets of ``groups`` (N, K/32, 32) that make every weight
+    (per group the first candidate scale that does), checked as the kernel makes them; or None."""
     if bits == 4:  # offset: the group's least weight (code 0 there); scale: the span over 15 levels
         offset = groups.min(-1).values
         span = groups.max(-1).values.double() - offset.double()
@@ -213,7 +214,8 @@ def _search(groups: torch.Tensor, bits: int):
                     (gap / 2).half().float()]
     scale = first[0]
     q = _codes(groups, scale, offset, lo, hi)
-    missed = _misses(_form(bits, q, scale, offset), groups)
+    form = _form(bits, q, scale, offset)
+    missed = _misses(form, groups)
     if bool(missed.any()):  # the groups left: other candidate scales, checked in float64 (on a
         # sample of them first: a matrix of other codes misses them all, and sorting all is slow)
         at = missed.nonzero(as_tuple=True)
@@ -227,11 +229,12 @@ def _search(groups: torch.Tensor, bits: int):
                 gq[fit], gs[fit] = cq[fit], cand[fit]
                 left &= ~fit
             if bool(left.any()):
-                break
+                return None
         q[sample], scale[sample] = gq, gs
-        missed = missed.clone()
-        missed[sample] = left
-    return q, scale, offset, missed
+        form = _form(bits, q, scale, offset)
+        if bool(_misses(form, groups).any()):
+            return None
+    return form
 
 
 @torch.no_grad()
@@ -245,13 +248,15 @@ def quantized(w: torch.Tensor) -> QuantizedWeight | None:
     if n % 16 or k % GROUP or n == 0:
         return None
     groups = w.detach().reshape(n, k // GROUP, GROUP).contiguous()
-    if not bool(torch.isfinite(groups).all()):
+    if not math.isfinite(float(groups.abs().sum(dtype=torch.float64))):  # (a NaN or an infinity)
         return None
+    flat = groups.reshape(-1, GROUP)
+    count = min(256, flat.shape[0]) // 16 * 16  # (as 16 rows of groups: the kernel's layout)
+    sample = flat[torch.linspace(0, flat.shape[0] - 1, count).long()].reshape(16, count // 16, GROUP)
     for bits in (4, 8):
-        q, scale, offset, missed = _search(groups, bits)
-        if bool(missed.any()):
+        if _search(sample, bits) is None:  # (a few groups first: a matrix of other codes fails there)
             continue
-        qw = _form(bits, q, scale, offset)
-        if not bool(_misses(qw, groups).any()):
-            return qw
+        form = _search(groups, bits)
+        if form is not None:
+            return form
     return None
