@@ -10,8 +10,9 @@ three ways, alternating them ``--repeats`` times in one process:
 - ``lean``: :class:`~genlm_bytes.lm.lean.LeanDecoder` on the same weights and cache type;
 - ``products``: only the step's matrix products (q, k, v, o, gate, up, down per layer, and
   the output layer) on a random hidden state, by ``F.linear`` (transformers' BLAS);
-- ``products (engine's)``: the same by the lean pass's own products (oneDNN's where torch
-  has them, :mod:`genlm_bytes.lm.gemm`): a floor for our passes.
+- ``products (engine's)``: the same by the lean pass's own products, a layer's groups at once
+  (the weights' codes where they have them, :mod:`genlm_bytes.lm.qgemm`, else oneDNN's packs
+  where torch has them, :mod:`genlm_bytes.lm.gemm`): a floor for our passes.
 
 Both decoders must pick the same tokens (checked). Reported: median ms per step and the
 ratio transformers / lean.
@@ -94,6 +95,15 @@ def pass_of(model, lean, ids: list[int], T: int, passes: int) -> float:
     return (time.perf_counter() - t0) / passes
 
 
+def _in_groups(weights: list[torch.Tensor]) -> list[tuple]:
+    """:func:`_weights` as a pass multiplies them: a layer's (q, k, v), o, (gate, up), down; the output layer."""
+    out = []
+    for i in range(0, len(weights) - 1, 7):
+        q, k, v, o, g, u, d = weights[i:i + 7]
+        out += [(q, k, v), (o,), (g, u), (d,)]
+    return out + [(weights[-1],)]
+
+
 @torch.inference_mode()
 def products_of(weights, T: int, passes: int, int8=None, linear=F.linear) -> float:
     """Seconds per pass of the products alone on ``T`` rows by ``linear`` (``int8``: the rounded
@@ -104,8 +114,11 @@ def products_of(weights, T: int, passes: int, int8=None, linear=F.linear) -> flo
     t0 = time.perf_counter()
     for _ in range(passes):
         if int8 is None:
-            for w in weights:
-                linear(xs[w.shape[1]], w)
+            for ws in _in_groups(weights):  # (the engine's products take a layer's groups at once)
+                group = getattr(linear, "group", None)
+                if len(ws) == 1 or group is None or group(xs[ws[0].shape[1]], ws) is None:
+                    for w in ws:
+                        linear(xs[w.shape[1]], w)
         else:
             for w, (q, sc) in zip(weights, int8):
                 torch._weight_int8pack_mm(xs[w.shape[1]], q, sc)
