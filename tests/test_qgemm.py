@@ -91,6 +91,10 @@ def test_products_match_float64_and_a_row_is_the_same_at_every_row_count(make):
         assert torch.equal(qw.product(x[:m].contiguous()), full[:m]), m
     assert torch.equal(qw.product(x[40:41].contiguous())[0], full[40])
     assert qw.product(x[:0].contiguous()).shape == (0, 160)
+    assert torch.equal(qw.product(x.t().contiguous().t()), full)  # (a non-contiguous input)
+    for bad in (x.double(), x[:, :100], x[0]):
+        with pytest.raises(ValueError, match="float32 CPU matrix of 576 columns"):
+            qw.product(bad)
 
 
 @needs_kernel

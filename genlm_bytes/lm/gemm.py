@@ -56,6 +56,13 @@ side by side in one product, each column bit for bit as by its own weight's pack
 per layer become two: greedy generation 4-12% faster, 32 beams 9% (session 19). A group is used
 while every weight in it is as it was packed; :func:`changed_weights` probes groups too.
 
+Codes (``pack_weights(quantize=True)``, session 26): a matrix whose float32 weights are 4- or
+8-bit codes per group of 32 inputs, as a model loaded from such a GGUF file has, is packed as
+those codes instead (:mod:`genlm_bytes.lm.qgemm`: the same weights, bit for bit, a fifth of
+the bytes) and multiplied on them at every row count, without row buckets or pieces; a
+float32 pack is replaced by its codes where they are found, and a matrix without codes
+keeps (or gets) oneDNN's pack.
+
 Not handled: other dtypes and devices (``F.linear``); autograd (``F.linear``: oneDNN's
 product here has no backward); groups with biases (their weights are packed one by one).
 """
@@ -289,7 +296,7 @@ def _pack(groups: list[tuple], quantize: bool = False) -> int:
                 _MEMBER[k] = key
             made += _nbytes(pk)
     if made:
-        logger.debug("packed %d MB of weights in oneDNN's layout", made >> 20)
+        logger.debug("packed %d MB of weights (oneDNN's layout, or their codes)", made >> 20)
     return made
 
 

@@ -132,19 +132,21 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.shape
-        w = torch.empty(n, k)
+        w = torch.empty(n, k, dtype=torch.float32)
         rc = _library().qgemm_dequantize(k, self.codes.data_ptr(), self.scale.data_ptr(),
                                          self.offset.data_ptr(), n, self.bits, w.data_ptr())
         if rc:
             raise ValueError(f"the kernel does not take a ({n}, {k}) matrix")
         return w
 
-    def product(self, x2: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``x2`` (M, K) float32, contiguous, by the weights: (M, N); into ``out`` if given."""
+    def product(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2`` (M, K), float32 on the CPU, by the weights: (M, N) (ValueError for another input)."""
         n, k = self.shape
+        if x2.dtype != torch.float32 or x2.device.type != "cpu" or x2.dim() != 2 or x2.shape[1] != k:
+            raise ValueError(f"expected a float32 CPU matrix of {k} columns, got {x2.dtype} {tuple(x2.shape)}")
+        x2 = x2.contiguous()
         m = x2.shape[0]
-        if out is None:
-            out = torch.empty(m, n)
+        out = torch.empty(m, n, dtype=torch.float32)
         rc = _library().qgemm_product(x2.data_ptr(), m, k, self.codes.data_ptr(), self.scale.data_ptr(),
                                       self.offset.data_ptr(), n, self.bits, out.data_ptr(), out.stride(0),
                                       torch.get_num_threads())

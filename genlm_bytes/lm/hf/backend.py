@@ -85,8 +85,8 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
     its compiled kernels (charged to the budget) within a quarter of ``cache_budget_bytes``.
     ``lm.packed``: whether they multiply by oneDNN's packed copies of the weights
     (``EngineConfig.packed_weights``, where the copies fit a quarter of the memory available).
-    ``lm.quantized``: whether products of a few rows run on the weights' 4- or 8-bit codes
-    where the float32 weights are exactly such codes (``EngineConfig.quantized_products``;
+    ``lm.quantized``: whether the products run on the weights' 4- or 8-bit codes where the
+    float32 weights are exactly such codes (``EngineConfig.quantized_products``;
     :mod:`genlm_bytes.lm.qgemm`: the same weights, bit for bit).
     """
 
@@ -140,7 +140,7 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
                    + int(cfg.heap_share * budget) + (kernels if self.onednn else 0))
         # ... by a packed copy of the weights, where it fits a quarter of the memory available.
         self.packed = self.onednn and cfg.packed_weights and self._packing_fits()
-        # ... and products of a few rows by the weights' quantized form, where they have one.
+        # ... or by the weights' own 4- or 8-bit codes, where they are such codes.
         self.quantized = self.packed and cfg.quantized_products and qgemm.available()
         store = KVStore(self.cache, cfg, model, self.kv_reuse, self.vocab_size, reserve)
         watch = ModelWatch(model, lean=self.kv_reuse and self._use_lean,
