@@ -15,6 +15,7 @@
 #include <omp.h>
 #include <stdint.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <vector>
 
@@ -195,10 +196,11 @@ int qgemm_product(const float* x, int64_t M, int64_t K, const uint8_t* codes, co
 
 // w (N, K) = the weights as the product makes them (to check them against the float32 ones).
 int qgemm_dequantize(int64_t K, const uint8_t* codes, const float* scale, const float* offset,
-                     int64_t N, int bits, float* w) {
+                     int64_t N, int bits, float* w, int threads) {
     if (K % GROUP || N % 16 || (bits != 4 && bits != 8)) return -1;
     const int64_t cstride = bits == 4 ? K / 2 * 16 : K * 16;
     const int64_t sstride = K / GROUP * 16;
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static)
     for (int64_t b = 0; b < N / 16; b++) {
         for (int64_t k = 0; k < K; k += 2) {
             const int64_t g = k / GROUP;
@@ -219,6 +221,59 @@ int qgemm_dequantize(int64_t K, const uint8_t* codes, const float* scale, const 
         }
     }
     return 0;
+}
+
+// The codes of w (N, K) in the layouts above, the first candidate per group (qgemm.py's
+// _search: 4 bits, offset the group's least weight and scale the span over 15 levels rounded
+// to float16; 8 bits, offset 0 and scale the largest magnitude over 127), each group checked as
+// the product makes its weights (the sign of a zero aside). Returns the groups no candidate made
+// (0: every weight made), or -1 for shapes it does not take.
+int64_t qgemm_find(const float* w, int64_t N, int64_t K, int bits, uint8_t* codes, float* scale,
+                   float* offset, int threads) {
+    if (K % GROUP || N % 16 || (bits != 4 && bits != 8)) return -1;
+    const int64_t cstride = bits == 4 ? K / 2 * 16 : K * 16;
+    const int64_t sstride = K / GROUP * 16;
+    int64_t missed = 0;
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) reduction(+ : missed)
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t b = n / 16, l = n % 16;
+        for (int64_t g = 0; g < K / GROUP; g++) {
+            const float* v = w + n * K + g * GROUP;
+            float lo = v[0], hi = v[0], amax = std::fabs(v[0]);
+            for (int i = 1; i < GROUP; i++) {
+                lo = v[i] < lo ? v[i] : lo;
+                hi = v[i] > hi ? v[i] : hi;
+                amax = std::fabs(v[i]) > amax ? std::fabs(v[i]) : amax;
+            }
+            float s, o;
+            int qlo, qhi;
+            if (bits == 4) {
+                const float span = (float)(((double)hi - (double)lo) / 15.0);
+                s = _cvtsh_ss(_cvtss_sh(span, _MM_FROUND_TO_NEAREST_INT));
+                o = lo, qlo = 0, qhi = 15;
+            } else {
+                s = (float)((double)amax / 127.0);
+                o = 0.0f, qlo = -128, qhi = 127;
+            }
+            bool ok = true;
+            for (int i = 0; i < GROUP; i++) {
+                float q = s > 0 ? std::nearbyint((v[i] - o) / s) : 0.0f;
+                q = q < qlo ? qlo : (q > qhi ? qhi : q);
+                ok = ok && std::fma(q, s, o) == v[i];
+                const int64_t k = g * GROUP + i;
+                if (bits == 4) {
+                    uint8_t* at = codes + b * cstride + (k / 2) * 16 + l;
+                    *at = (uint8_t)((k % 2) ? ((*at & 15) | ((int)q << 4)) : (int)q);
+                } else {
+                    codes[b * cstride + k * 16 + l] = (uint8_t)(int8_t)(int)q;
+                }
+            }
+            scale[b * sstride + g * 16 + l] = s;
+            offset[b * sstride + g * 16 + l] = o;
+            missed += ok ? 0 : 1;
+        }
+    }
+    return missed;
 }
 
 }
