@@ -10,7 +10,9 @@ group are 6 bits a weight: 5x less to read.
 :func:`quantized` finds such a form of a float32 matrix, if it has one: the codes, scales and
 offsets whose weights, made as the product makes them (one fused multiply-add, one
 rounding), are the matrix's own float32 weights, bit for bit (the sign of a zero aside). The
-check is on the whole matrix; one weight off and the matrix stays float32. So a product by
+check is on the whole matrix; one weight off and the matrix stays float32. (The first
+candidate scales are tried for every group in one pass of the kernel's library,
+``qgemm_find``; groups they miss get others, checked in float64 here.) So a product by
 the codes is a product by the very same weights: its outputs differ from oneDNN's or BLAS's
 only by the order of the float32 sums. Each output is the sum of its groups' sums of 32, in
 order, so a row comes out bit for bit the same whatever the number of rows of its product;
