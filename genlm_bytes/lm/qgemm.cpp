@@ -15,6 +15,7 @@
 #include <omp.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <cmath>
 #include <initializer_list>
 #include <vector>
@@ -223,11 +224,48 @@ int qgemm_dequantize(int64_t K, const uint8_t* codes, const float* scale, const 
     return 0;
 }
 
-// The codes of w (N, K) in the layouts above, the first candidate per group (qgemm.py's
-// _search: 4 bits, offset the group's least weight and scale the span over 15 levels rounded
-// to float16; 8 bits, offset 0 and scale the largest magnitude over 127), each group checked as
-// the product makes its weights (the sign of a zero aside). Returns the groups no candidate made
-// (0: every weight made), or -1 for shapes it does not take.
+}  // extern "C"
+
+namespace {
+
+inline float half_of(float x) { return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT)); }
+
+// The codes of a group's weights v at scale s and offset o (into q), and whether they make every
+// weight as the product does (one fused multiply-add; the sign of a zero aside).
+inline bool fits(const float* v, float s, float o, int qlo, int qhi, float* q) {
+    bool ok = true;
+    for (int i = 0; i < GROUP; i++) {
+        float c = s > 0 ? std::nearbyint((v[i] - o) / s) : 0.0f;
+        c = c < qlo ? qlo : (c > qhi ? qhi : c);
+        q[i] = c;
+        ok = ok && std::fma(c, s, o) == v[i];
+    }
+    return ok;
+}
+
+// The least positive difference between two of a group's weights (0 where all are equal).
+inline double least_gap(const float* v) {
+    double u[GROUP];
+    for (int i = 0; i < GROUP; i++) u[i] = v[i];
+    std::sort(u, u + GROUP);
+    double gap = 0;
+    for (int i = 1; i < GROUP; i++) {
+        const double d = u[i] - u[i - 1];
+        if (d > 0 && (gap == 0 || d < gap)) gap = d;
+    }
+    return gap;
+}
+
+}  // namespace
+
+extern "C" {
+
+// The codes of w (N, K) in the layouts above, per group the first candidate scale that makes its
+// weights as the product does (qgemm.py's _search's candidates: 4 bits, offset the group's least
+// weight and scale the span over 15 levels, as float16 or not; 8 bits, offset 0 and scale the
+// largest magnitude over 127, as float32 or float16; then the least gap between two weights, as
+// float16, as it is (4 bits), halved). Returns the groups no candidate made (0: every weight
+// made), or -1 for shapes it does not take.
 int64_t qgemm_find(const float* w, int64_t N, int64_t K, int bits, uint8_t* codes, float* scale,
                    float* offset, int threads) {
     if (K % GROUP || N % 16 || (bits != 4 && bits != 8)) return -1;
@@ -245,27 +283,41 @@ int64_t qgemm_find(const float* w, int64_t N, int64_t K, int bits, uint8_t* code
                 hi = v[i] > hi ? v[i] : hi;
                 amax = std::fabs(v[i]) > amax ? std::fabs(v[i]) : amax;
             }
-            float s, o;
-            int qlo, qhi;
+            // candidate scales, in qgemm.py's _search's order (the least gap only if needed)
+            const double span = (double)hi - (double)lo;
+            const float o = bits == 4 ? lo : 0.0f;
+            const int qlo = bits == 4 ? 0 : -128, qhi = bits == 4 ? 15 : 127;
+            float cands[5];
+            int ncand = 0;
             if (bits == 4) {
-                const float span = (float)(((double)hi - (double)lo) / 15.0);
-                s = _cvtsh_ss(_cvtss_sh(span, _MM_FROUND_TO_NEAREST_INT));
-                o = lo, qlo = 0, qhi = 15;
+                cands[ncand++] = half_of((float)(span / 15.0));
+                cands[ncand++] = (float)(span / 15.0);
             } else {
-                s = (float)((double)amax / 127.0);
-                o = 0.0f, qlo = -128, qhi = 127;
+                cands[ncand++] = (float)((double)amax / 127.0);
+                cands[ncand++] = half_of((float)((double)amax / 127.0));
             }
-            bool ok = true;
+            float q[GROUP], s = cands[0];
+            bool ok = fits(v, cands[0], o, qlo, qhi, q), gaps = false;
+            for (int c = 1; !ok; c++) {
+                if (c == ncand) {  // (then the least gap between two weights, as float16, as it is, halved)
+                    if (gaps) break;
+                    gaps = true;
+                    const double gap = least_gap(v);
+                    cands[ncand++] = half_of((float)gap);
+                    if (bits == 4) cands[ncand++] = (float)gap;
+                    cands[ncand++] = half_of((float)(gap / 2));
+                }
+                s = cands[c];
+                ok = fits(v, s, o, qlo, qhi, q);
+            }
+            if (!ok) s = cands[0], fits(v, s, o, qlo, qhi, q);
             for (int i = 0; i < GROUP; i++) {
-                float q = s > 0 ? std::nearbyint((v[i] - o) / s) : 0.0f;
-                q = q < qlo ? qlo : (q > qhi ? qhi : q);
-                ok = ok && std::fma(q, s, o) == v[i];
                 const int64_t k = g * GROUP + i;
                 if (bits == 4) {
                     uint8_t* at = codes + b * cstride + (k / 2) * 16 + l;
-                    *at = (uint8_t)((k % 2) ? ((*at & 15) | ((int)q << 4)) : (int)q);
+                    *at = (uint8_t)((k % 2) ? ((*at & 15) | ((int)q[i] << 4)) : (int)q[i]);
                 } else {
-                    codes[b * cstride + k * 16 + l] = (uint8_t)(int8_t)(int)q;
+                    codes[b * cstride + k * 16 + l] = (uint8_t)(int8_t)(int)q[i];
                 }
             }
             scale[b * sstride + g * 16 + l] = s;
