@@ -167,3 +167,33 @@ def test_switched_off_by_the_environment():
                          env={"GENLM_BYTES_QGEMM": "0", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+@needs_kernel
+async def test_the_embedded_engine_runs_on_codes_and_agrees_with_float32_products(embedded_lm):
+    """The default engine packs SmolLM2's matrices as their codes; an engine on another copy of the
+    model with ``quantized_products=False`` packs them as float32, and both give the same rows up
+    to float32 rounding (the same weights, summed in another order)."""
+    from genlm_bytes.lm.default import load_embedded_hf
+    from genlm_bytes.lm.hf.backend import AsyncTransformer
+    from genlm_bytes.lm.hf.config import EngineConfig
+    from genlm_bytes.lm.lean import model_groups
+
+    def codes(model) -> list[bool]:  # (each group's pack and the output layer's: codes or not)
+        packs = [gemm.packed_group(g) for g in model_groups(model)]
+        packs.append(gemm.packed_weight(model.get_output_embeddings().weight))
+        assert all(p is not None for p in packs)
+        return [isinstance(p, qgemm.QuantizedWeight) for p in packs]
+
+    assert embedded_lm.quantized and all(codes(embedded_lm.model))
+    model, tok = load_embedded_hf()
+    plain = AsyncTransformer(model, tok, initial_context=embedded_lm.initial_context,
+                             config=EngineConfig(quantized_products=False))
+    assert plain.packed and not plain.quantized and not any(codes(model))
+    ctx = list(embedded_lm.initial_context) + embedded_lm.encode_bytes("Ce soir, à Paris, nous irons".encode())
+    for n in (2, 5, len(ctx)):
+        a = torch.as_tensor(await embedded_lm.next_token_logprobs(ctx[:n]))
+        b = torch.as_tensor(await plain.next_token_logprobs(ctx[:n]))
+        assert float((a - b).abs().max()) < 2e-4
+        assert int(a.argmax()) == int(b.argmax())

@@ -39,7 +39,8 @@ class EngineConfig:
     quantized_products: bool = True  # with packed weights, a matrix whose float32 weights are 4- or 8-bit codes
     # per group of 32 inputs (a model loaded from such a GGUF file) is packed as those codes and multiplied on
     # them, made into the very same weights on the fly: SmolLM2's products 0.38x the time at 1 row, 1.03x at
-    # 256; its packs 109 MB instead of 513 (lm/qgemm.py)
+    # 256; its packs 109 MB instead of 513 (lm/qgemm.py). Packs belong to the weights: False keeps the codes
+    # another engine on the same weights made
     pass_share: float = 0.2  # of the budget, for one pass's temporaries: leaves the cache its working set
     one_openmp_pool: bool = True  # free the caller's thread's OpenMP pool before handing work to the model's
     # thread (a CPU model on libgomp): two pools on 2 CPUs throttle every parallel region's spin, and a
