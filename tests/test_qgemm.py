@@ -3,6 +3,7 @@ use as packs (lm/gemm.py: pack_weights(quantize=True))."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 
@@ -13,6 +14,14 @@ import torch.nn.functional as F
 from genlm_bytes.lm import gemm, qgemm
 
 needs_kernel = pytest.mark.skipif(not qgemm.available(), reason="no AVX-512 or no C++ compiler here")
+
+
+@pytest.fixture(autouse=True)
+def _collected():
+    """The packs of a test's weights go with them before the next test (gemm.packed_bytes counts
+    every pack alive: test_packed.py compares it)."""
+    yield
+    gc.collect()
 
 
 def q4_1(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -171,29 +180,20 @@ def test_switched_off_by_the_environment():
 
 @pytest.mark.slow
 @needs_kernel
-async def test_the_embedded_engine_runs_on_codes_and_agrees_with_float32_products(embedded_lm):
-    """The default engine packs SmolLM2's matrices as their codes; an engine on another copy of the
-    model with ``quantized_products=False`` packs them as float32, and both give the same rows up
-    to float32 rounding (the same weights, summed in another order)."""
-    from genlm_bytes.lm.default import load_embedded_hf
-    from genlm_bytes.lm.hf.backend import AsyncTransformer
-    from genlm_bytes.lm.hf.config import EngineConfig
+async def test_the_embedded_engine_runs_on_codes_and_agrees_with_the_model_s_forward(embedded_lm):
+    """The default engine packs SmolLM2's matrices as their codes (every group and the output
+    layer), and its rows are the model's own float32 forward's up to rounding (the same
+    weights, summed in another order)."""
     from genlm_bytes.lm.lean import model_groups
 
-    def codes(model) -> list[bool]:  # (each group's pack and the output layer's: codes or not)
-        packs = [gemm.packed_group(g) for g in model_groups(model)]
-        packs.append(gemm.packed_weight(model.get_output_embeddings().weight))
-        assert all(p is not None for p in packs)
-        return [isinstance(p, qgemm.QuantizedWeight) for p in packs]
-
-    assert embedded_lm.quantized and all(codes(embedded_lm.model))
-    model, tok = load_embedded_hf()
-    plain = AsyncTransformer(model, tok, initial_context=embedded_lm.initial_context,
-                             config=EngineConfig(quantized_products=False))
-    assert plain.packed and not plain.quantized and not any(codes(model))
+    model = embedded_lm.model
+    packs = [gemm.packed_group(g) for g in model_groups(model)]
+    packs.append(gemm.packed_weight(model.get_output_embeddings().weight))
+    assert embedded_lm.quantized and all(isinstance(p, qgemm.QuantizedWeight) for p in packs)
     ctx = list(embedded_lm.initial_context) + embedded_lm.encode_bytes("Ce soir, à Paris, nous irons".encode())
+    with torch.inference_mode():
+        want = torch.log_softmax(model(torch.tensor([ctx])).logits[0].float(), -1)
     for n in (2, 5, len(ctx)):
-        a = torch.as_tensor(await embedded_lm.next_token_logprobs(ctx[:n]))
-        b = torch.as_tensor(await plain.next_token_logprobs(ctx[:n]))
-        assert float((a - b).abs().max()) < 2e-4
-        assert int(a.argmax()) == int(b.argmax())
+        got = torch.as_tensor(await embedded_lm.next_token_logprobs(ctx[:n]))
+        assert float((got - want[n - 1]).abs().max()) < 2e-4
+        assert int(got.argmax()) == int(want[n - 1].argmax())
