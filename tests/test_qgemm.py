@@ -197,3 +197,17 @@ async def test_the_embedded_engine_runs_on_codes_and_agrees_with_the_model_s_for
         got = torch.as_tensor(await embedded_lm.next_token_logprobs(ctx[:n]))
         assert float((got - want[n - 1]).abs().max()) < 2e-4
         assert int(got.argmax()) == int(want[n - 1].argmax())
+
+
+@needs_kernel
+@pytest.mark.parametrize("make", [q4_1, q8_0])
+def test_the_avx2_build_gives_the_avx512_build_s_bits(make):
+    """Both builds run the same operations lane by lane (the AVX2 one in smaller tiles): the
+    same outputs, bit for bit, at every row count (where the CPU runs both)."""
+    if qgemm._variant() != "avx512" or qgemm._library("avx2") is None:
+        pytest.skip("this CPU does not run both builds")
+    w = make(160, 576)
+    qw = qgemm.quantized(w)
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(12))
+    for m in (1, 2, 5, 16, 40):
+        assert torch.equal(qw.product(x[:m].contiguous(), "avx2"), qw.product(x[:m].contiguous(), "avx512")), m

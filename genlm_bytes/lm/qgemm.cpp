@@ -29,20 +29,63 @@ constexpr int GROUP = 32;
 constexpr int TALL_ROWS = 4;
 constexpr int TALL_FROM = 16;
 
+// A block of 16 floats: one AVX-512 register, or two AVX2 ones (the same operations lane by
+// lane, so both builds give the same bits). AVX2 has half the registers: smaller tiles.
+#ifdef __AVX512F__
+typedef __m512 V;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vloada(const float* p) { return _mm512_load_ps(p); }
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline void vstorea(float* p, V v) { _mm512_store_ps(p, v); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vset1(float x) { return _mm512_set1_ps(x); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline V vfrom_u8(const uint8_t* p, int shift) {  // 16 bytes' nibbles (shift 0: low, 4: high) as floats
+    __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm512_cvtepi32_ps(shift ? _mm512_srli_epi32(i, 4) : _mm512_and_si512(i, _mm512_set1_epi32(15)));
+}
+inline V vfrom_i8(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+constexpr int MOST_FEW = 8, MOST_MANY = 4;  // blocks a tile takes, for a few rows and for many
+constexpr int rows_for(int nb) { return nb == 8 ? 2 : 4; }
+#else
+struct V { __m256 a, b; };
+inline V vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline V vloada(const float* p) { return {_mm256_load_ps(p), _mm256_load_ps(p + 8)}; }
+inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v.a), _mm256_storeu_ps(p + 8, v.b); }
+inline void vstorea(float* p, V v) { _mm256_store_ps(p, v.a), _mm256_store_ps(p + 8, v.b); }
+inline V vfma(V a, V b, V c) { return {_mm256_fmadd_ps(a.a, b.a, c.a), _mm256_fmadd_ps(a.b, b.b, c.b)}; }
+inline V vset1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+inline V vadd(V a, V b) { return {_mm256_add_ps(a.a, b.a), _mm256_add_ps(a.b, b.b)}; }
+inline __m256 half_u8(__m128i bytes, int shift) {
+    __m256i i = _mm256_cvtepu8_epi32(bytes);
+    return _mm256_cvtepi32_ps(shift ? _mm256_srli_epi32(i, 4) : _mm256_and_si256(i, _mm256_set1_epi32(15)));
+}
+inline V vfrom_u8(const uint8_t* p, int shift) {
+    __m128i bytes = _mm_loadu_si128((const __m128i*)p);
+    return {half_u8(bytes, shift), half_u8(_mm_srli_si128(bytes, 8), shift)};
+}
+inline V vfrom_i8(const uint8_t* p) {
+    __m128i bytes = _mm_loadu_si128((const __m128i*)p);
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)))};
+}
+constexpr int MOST_FEW = 2, MOST_MANY = 1;
+constexpr int rows_for(int nb) { return nb >= 2 ? 2 : 4; }
+#endif
+
 template <int BITS>
-inline void weights_at(const uint8_t* codes, int64_t k, __m512 s, __m512 o, __m512& w0, __m512& w1) {
+inline void weights_at(const uint8_t* codes, int64_t k, V s, V o, V& w0, V& w1) {
     // the weights of inputs k and k + 1 (k even) for one block of 16 outputs
     if (BITS == 4) {
-        __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + (k / 2) * 16)));
-        __m512i lo = _mm512_and_si512(i, _mm512_set1_epi32(15));
-        __m512i hi = _mm512_srli_epi32(i, 4);
-        w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), s, o);
-        w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), s, o);
+        w0 = vfma(vfrom_u8(codes + (k / 2) * 16, 0), s, o);
+        w1 = vfma(vfrom_u8(codes + (k / 2) * 16, 4), s, o);
     } else {
-        __m512i a = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(codes + k * 16)));
-        __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(codes + (k + 1) * 16)));
-        w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, o);
-        w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), s, o);
+        w0 = vfma(vfrom_i8(codes + k * 16), s, o);
+        w1 = vfma(vfrom_i8(codes + (k + 1) * 16), s, o);
     }
 }
 
@@ -50,11 +93,11 @@ inline void weights_at(const uint8_t* codes, int64_t k, __m512 s, __m512 o, __m5
 // is a sum of its groups' sums, each of those summed in order from zero (a float32 sum of 32
 // terms, then of K/32; summing all K in one went 2-4x as far from a float64 product).
 template <int MT, int NB>
-inline void add_group(const __m512 (&acc)[MT][NB], int64_t g, float* y, int64_t ldy) {
+inline void add_group(const V (&acc)[MT][NB], int64_t g, float* y, int64_t ldy) {
     for (int m = 0; m < MT; m++)
         for (int j = 0; j < NB; j++) {
             float* at = y + m * ldy + j * 16;
-            _mm512_storeu_ps(at, g == 0 ? acc[m][j] : _mm512_add_ps(_mm512_loadu_ps(at), acc[m][j]));
+            vstore(at, g == 0 ? acc[m][j] : vadd(vload(at), acc[m][j]));
         }
 }
 
@@ -64,20 +107,20 @@ void tile(const float* x, int64_t K, const uint8_t* codes, const float* scale, c
           int64_t b0, float* y, int64_t ldy) {
     const int64_t cstride = BITS == 4 ? K / 2 * 16 : K * 16;  // bytes of codes per block
     const int64_t sstride = K / GROUP * 16;                     // floats of scales per block
-    __m512 acc[MT][NB];
+    V acc[MT][NB];
     for (int64_t g = 0; g < K / GROUP; g++) {
         for (int m = 0; m < MT; m++)
-            for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
+            for (int j = 0; j < NB; j++) acc[m][j] = vzero();
         for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 2) {
             for (int j = 0; j < NB; j++) {
                 const int64_t b = b0 + j;
-                __m512 s = _mm512_loadu_ps(scale + b * sstride + g * 16);
-                __m512 o = _mm512_loadu_ps(offset + b * sstride + g * 16);
-                __m512 w0, w1;
+                V s = vload(scale + b * sstride + g * 16);
+                V o = vload(offset + b * sstride + g * 16);
+                V w0, w1;
                 weights_at<BITS>(codes + b * cstride, k, s, o, w0, w1);
                 for (int m = 0; m < MT; m++) {
-                    acc[m][j] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * K + k]), w0, acc[m][j]);
-                    acc[m][j] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * K + k + 1]), w1, acc[m][j]);
+                    acc[m][j] = vfma(vset1(x[m * K + k]), w0, acc[m][j]);
+                    acc[m][j] = vfma(vset1(x[m * K + k + 1]), w1, acc[m][j]);
                 }
             }
         }
@@ -104,28 +147,28 @@ void make_weights(int64_t K, const uint8_t* codes, const float* scale, const flo
     for (int j = 0; j < NB; j++) {
         const int64_t b = b0 + j;
         for (int64_t k = 0; k < K; k += 2) {
-            __m512 s = _mm512_loadu_ps(scale + b * sstride + (k / GROUP) * 16);
-            __m512 o = _mm512_loadu_ps(offset + b * sstride + (k / GROUP) * 16);
-            __m512 w0, w1;
+            V s = vload(scale + b * sstride + (k / GROUP) * 16);
+            V o = vload(offset + b * sstride + (k / GROUP) * 16);
+            V w0, w1;
             weights_at<BITS>(codes + b * cstride, k, s, o, w0, w1);
-            _mm512_store_ps(wb + k * NB * 16 + j * 16, w0);
-            _mm512_store_ps(wb + (k + 1) * NB * 16 + j * 16, w1);
+            vstorea(wb + k * NB * 16 + j * 16, w0);
+            vstorea(wb + (k + 1) * NB * 16 + j * 16, w1);
         }
     }
 }
 
 template <int MT, int NB>
 void tall_tile(const float* x, int64_t K, const float* wb, float* y, int64_t ldy, int64_t b0) {
-    __m512 acc[MT][NB];
+    V acc[MT][NB];
     for (int64_t g = 0; g < K / GROUP; g++) {
         for (int m = 0; m < MT; m++)
-            for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
+            for (int j = 0; j < NB; j++) acc[m][j] = vzero();
         for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k++) {
-            __m512 xb[MT];
-            for (int m = 0; m < MT; m++) xb[m] = _mm512_set1_ps(x[m * K + k]);
+            V xb[MT];
+            for (int m = 0; m < MT; m++) xb[m] = vset1(x[m * K + k]);
             for (int j = 0; j < NB; j++) {
-                __m512 w = _mm512_load_ps(wb + k * NB * 16 + j * 16);
-                for (int m = 0; m < MT; m++) acc[m][j] = _mm512_fmadd_ps(xb[m], w, acc[m][j]);
+                V w = vloada(wb + k * NB * 16 + j * 16);
+                for (int m = 0; m < MT; m++) acc[m][j] = vfma(xb[m], w, acc[m][j]);
             }
         }
         add_group<MT, NB>(acc, g, y + b0 * 16, ldy);
@@ -152,7 +195,7 @@ void product(const float* x, int64_t M, int64_t K, const uint8_t* codes, const f
     // several tiles (the last tiles of a thread are what the other waits on); 8 blocks by 2 rows
     // for a few rows (more sums at once), else 4 by 4 (a block's weights made once for 4 rows;
     // 16 sums in registers: 6 rows spilled, 1.2-1.5x slower from 16 rows on)
-    const int most = M >= 6 ? 4 : 8;
+    const int most = M >= 6 ? MOST_MANY : MOST_FEW;
     int nb = 1;
     for (int c : {8, 4, 2}) {
         if (c <= most && blocks % c == 0 && blocks / c >= 4 * threads) { nb = c; break; }
@@ -170,10 +213,10 @@ void product(const float* x, int64_t M, int64_t K, const uint8_t* codes, const f
             continue;
         }
         switch (nb) {
-            case 8: rows<BITS, 2, 8>(x, M, K, codes, scale, offset, b0, y, ldy); break;
-            case 4: rows<BITS, 4, 4>(x, M, K, codes, scale, offset, b0, y, ldy); break;
-            case 2: rows<BITS, 4, 2>(x, M, K, codes, scale, offset, b0, y, ldy); break;
-            default: rows<BITS, 4, 1>(x, M, K, codes, scale, offset, b0, y, ldy); break;
+            case 8: rows<BITS, rows_for(8), 8>(x, M, K, codes, scale, offset, b0, y, ldy); break;
+            case 4: rows<BITS, rows_for(4), 4>(x, M, K, codes, scale, offset, b0, y, ldy); break;
+            case 2: rows<BITS, rows_for(2), 2>(x, M, K, codes, scale, offset, b0, y, ldy); break;
+            default: rows<BITS, rows_for(1), 1>(x, M, K, codes, scale, offset, b0, y, ldy); break;
         }
     }
 }
@@ -205,16 +248,16 @@ int qgemm_dequantize(int64_t K, const uint8_t* codes, const float* scale, const 
     for (int64_t b = 0; b < N / 16; b++) {
         for (int64_t k = 0; k < K; k += 2) {
             const int64_t g = k / GROUP;
-            __m512 s = _mm512_loadu_ps(scale + b * sstride + g * 16);
-            __m512 o = _mm512_loadu_ps(offset + b * sstride + g * 16);
-            __m512 w0, w1;
+            V s = vload(scale + b * sstride + g * 16);
+            V o = vload(offset + b * sstride + g * 16);
+            V w0, w1;
             if (bits == 4)
                 weights_at<4>(codes + b * cstride, k, s, o, w0, w1);
             else
                 weights_at<8>(codes + b * cstride, k, s, o, w0, w1);
             alignas(64) float a[16], c[16];
-            _mm512_store_ps(a, w0);
-            _mm512_store_ps(c, w1);
+            vstorea(a, w0);
+            vstorea(c, w1);
             for (int l = 0; l < 16; l++) {
                 w[(b * 16 + l) * K + k] = a[l];
                 w[(b * 16 + l) * K + k + 1] = c[l];

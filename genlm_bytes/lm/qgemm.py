@@ -23,12 +23,13 @@ Measured (SmolLM2's 210 decoder matrices and its output layer, 2 threads, in a t
 own, against oneDNN's packed float32 products, ``lm/gemm.py``): 1 row 0.38x the time, 4 rows
 0.49x, 8 rows 0.53x, 32 rows 0.85x, 64 rows 0.93x, 256 rows 1.03x.
 
-The products run in a small C++ kernel (``qgemm.cpp``, AVX-512), compiled on first use with the
-machine's C++ compiler (``CXX``, else ``g++``; about 1 s) into the cache folder and loaded with
-``ctypes``; it runs on torch's own OpenMP runtime, linked by its path (one thread pool per
-thread: ``lm/openmp.py``). Without a compiler, without AVX-512, with ``GENLM_BYTES_QGEMM=0``, or
-if the build fails, nothing here is used (:func:`available` is False) and every product stays
-float32.
+The products run in a small C++ kernel (``qgemm.cpp``: AVX-512, or AVX2 on a CPU without it,
+the same operations lane by lane, so the same bits), compiled on first use with the machine's
+C++ compiler (``CXX``, else ``g++``; about 1 s) into the cache folder and loaded with ``ctypes``;
+it runs on torch's own OpenMP runtime, linked by its path (one thread pool per thread:
+``lm/openmp.py``). Without a compiler, without AVX2, with ``GENLM_BYTES_QGEMM=0``, or if the
+build fails, nothing here is used (:func:`available` is False) and every product stays
+float32. ``GENLM_BYTES_QGEMM=avx2`` asks for the AVX2 build where both run.
 """
 
 from __future__ import annotations
@@ -50,16 +51,32 @@ logger = logging.getLogger(__name__)
 
 GROUP = 32  # inputs per group of one scale and offset
 SOURCE = Path(__file__).with_name("qgemm.cpp")
-FLAGS = ("-O3", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c", "-std=c++17")
+FLAGS = ("-O3", "-fPIC", "-fopenmp", "-std=c++17")
+# builds of the kernel, the first one the CPU runs is used: (compiler flags, the CPU flags they need)
+VARIANTS = {
+    "avx512": (("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"), ("avx512f", "avx512bw", "avx512vl", "fma", "f16c")),
+    "avx2": (("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
+}
 
 
-def _cpu_has_avx512() -> bool:
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return all(f" {x}" in flags for x in ("avx512f", "avx512bw", "avx512vl", "fma", "f16c"))
+        return set()
+
+
+def _variant() -> str | None:
+    """The build to use here: ``GENLM_BYTES_QGEMM`` names one (``avx512``, ``avx2``; ``0``: none),
+    else the first of :data:`VARIANTS` the CPU runs."""
+    asked, flags = os.environ.get("GENLM_BYTES_QGEMM", ""), _cpu_flags()
+    if asked == "0":
+        return None
+    for name, (_, needs) in VARIANTS.items():
+        if asked in ("", "1", name) and all(x in flags for x in needs):
+            return name
+    return None
 
 
 def _torch_gomp() -> Path | None:
@@ -69,12 +86,12 @@ def _torch_gomp() -> Path | None:
     return found[0] if found else None
 
 
-def _build(dest: Path, gomp: Path) -> None:
+def _build(dest: Path, gomp: Path, flags: tuple) -> None:
     compiler = os.environ.get("CXX", "g++")
     with tempfile.TemporaryDirectory() as tmp:
         obj = Path(tmp) / "qgemm.o"
         out = Path(tmp) / dest.name
-        subprocess.run([compiler, *FLAGS, "-c", str(SOURCE), "-o", str(obj)], check=True,
+        subprocess.run([compiler, *flags, "-c", str(SOURCE), "-o", str(obj)], check=True,
                        capture_output=True, timeout=300)
         subprocess.run([compiler, "-shared", str(obj), "-o", str(out), str(gomp),
                         f"-Wl,-rpath,{gomp.parent}"], check=True, capture_output=True, timeout=300)
@@ -82,13 +99,13 @@ def _build(dest: Path, gomp: Path) -> None:
         os.replace(out, dest)  # (atomic: another process building the same file reads a whole one)
 
 
-@functools.lru_cache(maxsize=1)
-def _library():
-    """The compiled kernel, loaded; None where it cannot be had here (logged at debug)."""
-    if os.environ.get("GENLM_BYTES_QGEMM", "1") == "0":
-        return None
-    if not _cpu_has_avx512():
-        logger.debug("quantized products not used: the CPU has no AVX-512")
+@functools.cache
+def _library(variant: str | None = ""):
+    """The compiled kernel (``variant``: one of :data:`VARIANTS`; by default :func:`_variant`'s),
+    loaded; None where it cannot be had here (logged at debug)."""
+    variant = _variant() if variant == "" else variant
+    if variant is None:
+        logger.debug("quantized products not used: switched off, or the CPU has neither AVX-512 nor AVX2")
         return None
     gomp = _torch_gomp()
     if gomp is None or "OpenMP" not in torch.__config__.parallel_info():
@@ -96,11 +113,12 @@ def _library():
         return None
     from genlm_bytes.lm.default import cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + str(gomp).encode()).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"qgemm-{key}.so"
+    flags = FLAGS + VARIANTS[variant][0]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + str(gomp).encode()).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"qgemm-{variant}-{key}.so"
     try:
         if not path.exists():
-            _build(path, gomp)
+            _build(path, gomp, flags)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
         logger.debug("quantized products not used: the kernel did not build or load (%s)", e)
@@ -143,15 +161,16 @@ class QuantizedWeight:
             raise ValueError(f"the kernel does not take a ({n}, {k}) matrix")
         return w
 
-    def product(self, x2: torch.Tensor) -> torch.Tensor:
-        """``x2`` (M, K), float32 on the CPU, by the weights: (M, N) (ValueError for another input)."""
+    def product(self, x2: torch.Tensor, variant: str | None = "") -> torch.Tensor:
+        """``x2`` (M, K), float32 on the CPU, by the weights: (M, N) (ValueError for another input;
+        ``variant``: by that build of the kernel, which must be there)."""
         n, k = self.shape
         if x2.dtype != torch.float32 or x2.device.type != "cpu" or x2.dim() != 2 or x2.shape[1] != k:
             raise ValueError(f"expected a float32 CPU matrix of {k} columns, got {x2.dtype} {tuple(x2.shape)}")
         x2 = x2.contiguous()
         m = x2.shape[0]
         out = torch.empty(m, n, dtype=torch.float32)
-        rc = _library().qgemm_product(x2.data_ptr(), m, k, self.codes.data_ptr(), self.scale.data_ptr(),
+        rc = _library(variant).qgemm_product(x2.data_ptr(), m, k, self.codes.data_ptr(), self.scale.data_ptr(),
                                       self.offset.data_ptr(), n, self.bits, out.data_ptr(), out.stride(0),
                                       torch.get_num_threads())
         if rc:
