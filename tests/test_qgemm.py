@@ -72,15 +72,12 @@ def test_codes_are_found_and_make_every_weight_bit_for_bit(make, bits):
 
 
 @needs_kernel
-@pytest.mark.parametrize("make,bits", [(q4_1, 4), (q4_0, 4), (q8_0, 8), (q5_0, 8)])
-def test_the_library_s_one_pass_finds_what_the_search_finds(make, bits):
-    groups = make(48, 64).reshape(48, 2, 32)
-    fast, slow = qgemm._found(groups, bits), qgemm._search(groups, bits)
-    assert fast is not None and slow is not None
-    for a, b in ((fast.codes, slow.codes), (fast.scale, slow.scale), (fast.offset, slow.offset)):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_plain_matrix_has_no_codes_after_every_candidate(bits):
+    """The library's pass tries every candidate scale of every group of a matrix without codes
+    (the least gap's too; a first version overran its list of candidates there) and finds none."""
     plain = torch.randn(48, 2, 32, generator=torch.Generator().manual_seed(11))
-    assert qgemm._found(plain, bits) is None and qgemm._search(plain, bits) is None
+    assert qgemm._found(plain, bits) is None
 
 
 @needs_kernel

@@ -311,9 +311,9 @@ def pack_weights(weights, quantize: bool = False) -> int:
     if not onednn_works():
         return 0
     with _PACK_LOCK:
-        alone = [w for w in weights if _packable(w) and (_MEMBER.get(id(w)) in (None, (id(w),)))]
-        return _pack([(w,) for w in _unpacked(weights)] + [(w,) for w in alone if quantize and is_packed(w)],
-                     quantize)
+        # (with quantize, also weights in a float32 pack of their own: _pack replaces it by their codes)
+        alone = [w for w in weights if quantize and _MEMBER.get(id(w)) == (id(w),) and is_packed(w)]
+        return _pack([(w,) for w in _unpacked(weights) + alone], quantize)
 
 
 @torch.no_grad()

@@ -304,7 +304,7 @@ inline double least_gap(const float* v) {
 extern "C" {
 
 // The codes of w (N, K) in the layouts above, per group the first candidate scale that makes its
-// weights as the product does (qgemm.py's _search's candidates: 4 bits, offset the group's least
+// weights as the product does (the candidates: 4 bits, offset the group's least
 // weight and scale the span over 15 levels, as float16 or not; 8 bits, offset 0 and scale the
 // largest magnitude over 127, as float32 or float16; then the least gap between two weights, as
 // float16, as it is (4 bits), halved). Returns the groups no candidate made (0: every weight
@@ -326,7 +326,7 @@ int64_t qgemm_find(const float* w, int64_t N, int64_t K, int bits, uint8_t* code
                 hi = v[i] > hi ? v[i] : hi;
                 amax = std::fabs(v[i]) > amax ? std::fabs(v[i]) : amax;
             }
-            // candidate scales, in qgemm.py's _search's order (the least gap only if needed)
+            // candidate scales, in order (the least gap only if needed)
             const double span = (double)hi - (double)lo;
             const float o = bits == 4 ? lo : 0.0f;
             const int qlo = bits == 4 ? 0 : -128, qhi = bits == 4 ? 15 : 127;

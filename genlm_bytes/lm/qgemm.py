@@ -10,10 +10,11 @@ group are 6 bits a weight: 5x less to read.
 :func:`quantized` finds such a form of a float32 matrix, if it has one: the codes, scales and
 offsets whose weights, made as the product makes them (one fused multiply-add, one
 rounding), are the matrix's own float32 weights, bit for bit (the sign of a zero aside). The
-check is on the whole matrix; one weight off and the matrix stays float32. (The first
-candidate scales are tried for every group in one pass of the kernel's library,
-``qgemm_find``; groups they miss get others, checked in float64 here.) So a product by
-the codes is a product by the very same weights: its outputs differ from oneDNN's or BLAS's
+check is on the whole matrix; one weight off and the matrix stays float32. (Candidates are
+tried in one pass of the kernel's library, ``qgemm_find``: per group, 4 bits with the group's
+least weight as offset and its span over 15 levels as scale, as float16 or not; 8 bits with
+the largest magnitude over 127, as float32 or float16; then the least gap between two
+weights, as float16, as it is, or halved.) So a product by the codes is a product by the very same weights: its outputs differ from oneDNN's or BLAS's
 only by the order of the float32 sums. Each output is the sum of its groups' sums of 32, in
 order, so a row comes out bit for bit the same whatever the number of rows of its product;
 and it is closer to a float64 product than oneDNN's (SmolLM2's matrices: at most 0.8-2.3e-7 of
@@ -178,88 +179,10 @@ class QuantizedWeight:
         return out
 
 
-def _blocks(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(N, X) -> (N/16, X, 16), contiguous."""
-    return t.reshape(n // 16, 16, -1).permute(0, 2, 1).contiguous()
-
-
-def _form(bits: int, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> QuantizedWeight:
-    """The kernel's layout of codes ``q`` (N, K/32, 32) and ``scale``, ``offset`` (N, K/32)."""
-    n, k = q.shape[0], q.shape[1] * GROUP
-    q = q.reshape(n, k)
-    if bits == 4:
-        pairs = q.to(torch.uint8).reshape(n, k // 2, 2)
-        codes = _blocks(pairs[..., 0] | (pairs[..., 1] << 4), n)
-    else:
-        codes = _blocks(q.to(torch.int8), n).view(torch.uint8)
-    return QuantizedWeight(bits, codes, _blocks(scale.float(), n), _blocks(offset.float(), n), (n, k))
-
-
 def _misses(qw: QuantizedWeight, groups: torch.Tensor) -> torch.Tensor:
     """Per group (N, K/32): whether a weight the codes make differs from the float32 one (the
     sign of a zero aside: GGUF's Q4_0 makes -0.0 where a negative scale meets level 8)."""
     return (qw.dequantize().reshape(groups.shape) != groups).any(-1)
-
-
-def _codes(groups: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round((groups - offset[..., None]) / safe[..., None]).clamp(lo, hi)
-
-
-def _least_gap(g: torch.Tensor) -> torch.Tensor:
-    """Per group of ``g`` (S, 32): the least positive difference of two of its weights (float64;
-    0 where all are equal). Adjacent levels of a group's codes are that far apart."""
-    gaps = g.double().sort(-1).values.diff(dim=-1)
-    gap = torch.where(gaps > 0, gaps, torch.full_like(gaps, float("inf"))).min(-1).values
-    return torch.where(torch.isinf(gap), torch.zeros_like(gap), gap)
-
-
-def _search(groups: torch.Tensor, bits: int) -> QuantizedWeight | None:
-    """``bits``-bit codes, scales and offsets of ``groups`` (N, K/32, 32) that make every weight
-    (per group the first candidate scale that does), checked as the kernel makes them; or None."""
-    if bits == 4:  # offset: the group's least weight (code 0 there); scale: the span over 15 levels
-        offset = groups.min(-1).values
-        span = groups.max(-1).values.double() - offset.double()
-        lo, hi = 0, 15
-        first = [(span / 15).half().float()]  # (GGUF's Q4_0 and Q4_1 keep float16 scales)
-
-        def more(g, off):
-            s = g.max(-1).values.double() - off.double()
-            gap = _least_gap(g)
-            return [(s / 15).float(), gap.half().float(), gap.float(), (gap / 2).half().float()]
-    else:  # offset 0; scale: the largest magnitude over 127 (GGUF's Q8_0), or the least gap between
-        # two weights (GGUF's Q5_0, (q - 16) * d: 5-bit codes held in 8)
-        offset = torch.zeros(groups.shape[:-1])
-        lo, hi = -128, 127
-        first = [(groups.abs().max(-1).values.double() / 127).float()]
-
-        def more(g, off):
-            gap = _least_gap(g)
-            return [(g.abs().max(-1).values.double() / 127).half().float(), gap.half().float(),
-                    (gap / 2).half().float()]
-    scale = first[0]
-    q = _codes(groups, scale, offset, lo, hi)
-    form = _form(bits, q, scale, offset)
-    missed = _misses(form, groups)
-    if bool(missed.any()):  # the groups left: other candidate scales, checked in float64 (on a
-        # sample of them first: a matrix of other codes misses them all, and sorting all is slow)
-        at = missed.nonzero(as_tuple=True)
-        for sample in (tuple(i[:64] for i in at), at):
-            g, off = groups[sample], offset[sample]
-            gq, gs = q[sample], scale[sample]
-            left = torch.ones(g.shape[0], dtype=torch.bool)
-            for cand in more(g, off):
-                cq = _codes(g, cand, off, lo, hi)
-                fit = ((cq.double() * cand.double()[..., None] + off.double()[..., None]).float() == g).all(-1) & left
-                gq[fit], gs[fit] = cq[fit], cand[fit]
-                left &= ~fit
-            if bool(left.any()):
-                return None
-        q[sample], scale[sample] = gq, gs
-        form = _form(bits, q, scale, offset)
-        if bool(_misses(form, groups).any()):
-            return None
-    return form
 
 
 @torch.no_grad()
@@ -278,21 +201,17 @@ def quantized(w: torch.Tensor) -> QuantizedWeight | None:
     flat = groups.reshape(-1, GROUP)
     count = min(256, flat.shape[0]) // 16 * 16  # (as 16 rows of groups: the kernel's layout)
     sample = flat[torch.linspace(0, flat.shape[0] - 1, count).long()].reshape(16, count // 16, GROUP)
-    for bits in (4, 8):
-        if _search(sample, bits) is None:  # (a few groups first: a matrix of other codes fails there)
-            continue
-        form = _found(groups, bits)
-        if form is None:  # (some groups need another candidate scale)
-            form = _search(groups, bits)
+    for bits in (4, 8):  # (a few groups first: a matrix of other codes fails there, and cheaply)
+        form = _found(groups, bits) if _found(sample, bits) is not None else None
         if form is not None:
             return form
     return None
 
 
 def _found(groups: torch.Tensor, bits: int) -> QuantizedWeight | None:
-    """:func:`_search`'s first candidates for every group, found by the kernel's library in one
-    pass (a tenth of the time); checked again as the product makes the weights. None where a
-    group needs another candidate."""
+    """``bits``-bit codes, scales and offsets of ``groups`` (N, K/32, 32) that make every weight,
+    found by the kernel's library in one pass (``qgemm_find``: per group the first of its
+    candidate scales that does), and checked again as the product makes the weights; or None."""
     n, k = groups.shape[0], groups.shape[1] * GROUP
     codes = torch.zeros(n // 16, k // 2 if bits == 4 else k, 16, dtype=torch.uint8)
     scale = torch.empty(n // 16, k // GROUP, 16, dtype=torch.float32)

@@ -50,6 +50,18 @@ from genlm_bytes.lm.prefix_cache import CachedRowsLM, PrefixCache
 logger = logging.getLogger(__name__)
 
 
+def _packing_fits(model) -> bool:
+    """Whether oneDNN's packed copies of ``model``'s weights not packed yet fit a quarter of the
+    memory available now (``MemAvailable``; where it cannot be read, they are made)."""
+    need = pack_bytes(model_matrices(model))
+    avail = available_bytes()
+    if need and avail is not None and 4 * need > avail:
+        logger.info("weights not packed for oneDNN: %d MB would take more than a quarter of the %d MB "
+                    "available", need >> 20, avail >> 20)
+        return False
+    return True
+
+
 class AsyncTransformer(CachedRowsLM, AsyncLM):
     """A transformers causal LM behind the AsyncLM interface.
 
@@ -139,7 +151,7 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         reserve = ((self.prepared_dists + self.speculation_window * 3 // 2) * len(self.byte_vocab) * 8
                    + int(cfg.heap_share * budget) + (kernels if self.onednn else 0))
         # ... by a packed copy of the weights, where it fits a quarter of the memory available.
-        self.packed = self.onednn and cfg.packed_weights and self._packing_fits()
+        self.packed = self.onednn and cfg.packed_weights and _packing_fits(model)
         # ... or by the weights' own 4- or 8-bit codes, where they are such codes.
         self.quantized = self.packed and cfg.quantized_products and qgemm.available()
         store = KVStore(self.cache, cfg, model, self.kv_reuse, self.vocab_size, reserve)
@@ -165,17 +177,6 @@ class AsyncTransformer(CachedRowsLM, AsyncLM):
         # Flush denormals to zero in the model's worker thread (a per-thread CPU flag): forwards on a
         # cached past otherwise run into denormal floats and slow down several times on x86.
         self.batcher._executor.submit(torch.set_flush_denormal, True).result()
-
-    def _packing_fits(self) -> bool:
-        """Whether oneDNN's packed copies of the weights not packed yet fit a quarter of the memory
-        available now (``MemAvailable``; where it cannot be read, they are made)."""
-        need = pack_bytes(model_matrices(self.model))
-        avail = available_bytes()
-        if need and avail is not None and 4 * need > avail:
-            logger.info("weights not packed for oneDNN: %d MB would take more than a quarter of the %d MB "
-                        "available", need >> 20, avail >> 20)
-            return False
-        return True
 
     def _kernel_bytes(self) -> int:
         """What oneDNN's compiled kernels for this model's products may keep (charged to the
