@@ -1642,6 +1642,7 @@ def test_byte_mode_follows_the_heaviest_bytes_not_the_likeliest_token():
     ({"pass_share": 1.5}, ValueError, "EngineConfig.pass_share is a share and must be at most 1"),
     ({"pass_share": float("nan")}, ValueError, "EngineConfig.pass_share must be a finite number >= 0"),
     ({"ahead_sibling": 1}, TypeError, "EngineConfig.ahead_sibling must be True or False"),
+    ({"quantized_products": "yes"}, TypeError, "EngineConfig.quantized_products must be True or False"),
     ({"prepared_share": 1.5}, ValueError, "EngineConfig.prepared_share is a share and must be at most 1"),
     ({"prepared_share": -0.1}, ValueError, "EngineConfig.prepared_share must be a finite number >= 0"),
     ({"prepared_share": "0.1"}, ValueError, "EngineConfig.prepared_share must be a finite number >= 0"),

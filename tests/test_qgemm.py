@@ -208,3 +208,12 @@ def test_the_avx2_build_gives_the_avx512_build_s_bits(make):
     x = torch.randn(40, 576, generator=torch.Generator().manual_seed(12))
     for m in (1, 2, 5, 16, 40):
         assert torch.equal(qw.product(x[:m].contiguous(), "avx2"), qw.product(x[:m].contiguous(), "avx512")), m
+
+
+def test_an_unknown_build_asked_for_is_a_value_error():
+    code = "from genlm_bytes.lm import qgemm; qgemm.available()"
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                         env={"GENLM_BYTES_QGEMM": "avx3", "PATH": "/usr/bin:/bin"})
+    assert out.returncode != 0
+    assert "ValueError: GENLM_BYTES_QGEMM must be 0, 1 or one of avx512, avx2, got 'avx3'" in out.stderr
+

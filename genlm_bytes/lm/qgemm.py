@@ -72,6 +72,8 @@ def _variant() -> str | None:
     """The build to use here: ``GENLM_BYTES_QGEMM`` names one (``avx512``, ``avx2``; ``0``: none),
     else the first of :data:`VARIANTS` the CPU runs."""
     asked, flags = os.environ.get("GENLM_BYTES_QGEMM", ""), _cpu_flags()
+    if asked not in ("", "0", "1", *VARIANTS):
+        raise ValueError(f"GENLM_BYTES_QGEMM must be 0, 1 or one of {', '.join(VARIANTS)}, got {asked!r}")
     if asked == "0":
         return None
     for name, (_, needs) in VARIANTS.items():
