@@ -445,6 +445,7 @@ def linear_fn(onednn: bool = True, packed: bool = False):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     linear.group = group
+    linear.packed = packed  # (whether products use the packs: lm/fused.py runs only on them)
     return linear
 
 

@@ -26,6 +26,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from genlm_bytes.lm.fused import FusedLayers
 from genlm_bytes.lm.gemm import linear_fn, pack_groups, pack_weights
 from genlm_bytes.lm.hugepages import new_memory_on_huge_pages
 from genlm_bytes.models.layers import (
@@ -62,6 +63,7 @@ class LeanDecoder:
     """
 
     bucketed = True  # runs a batch's attention per bucket of rows (see LeanCache)
+    _fused = None  # FusedLayers: a row of a few tokens in two C calls a layer (lm/fused.py)
 
     def __init__(self, body, linear=F.linear):
         if not all(hasattr(body, part) for part in _BODY_PARTS):
@@ -84,6 +86,7 @@ class LeanDecoder:
                 at.k_proj.bias, at.v_proj.weight, at.v_proj.bias, at.o_proj.weight, at.o_proj.bias,
                 n2.weight, n2.variance_epsilon, mlp.gate_proj.weight, mlp.gate_proj.bias,
                 mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias))
+        self._fused = FusedLayers(self)
 
     def _shapes(self, body, linear) -> None:
         """The decoder, its layers, the attention's shapes (from the first layer), and the matrix
@@ -157,6 +160,10 @@ class LeanDecoder:
         group = getattr(linear, "group", None)
         mask = None
         buckets = getattr(cache, "buckets", None)
+        if self._fused is not None and self._fused.applies(x, buckets):
+            out = self._fused.run(x, cos, sin, attention_mask, cache, before_layer)
+            if out is not None:
+                return rms_norm(out, body.norm.weight, body.norm.variance_epsilon)
         for i, (w1, e1, wq, bq, wk, bk, wv, bv, wo, bo, w2, e2, wg, bg, wu, bu, wd, bd) in enumerate(self._weights):
             if before_layer is not None:
                 before_layer()

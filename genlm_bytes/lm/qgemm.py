@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 GROUP = 32  # inputs per group of one scale and offset
 SOURCE = Path(__file__).with_name("qgemm.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("fused.cpp"))  # (fused.cpp: a decoder layer around the products)
 FLAGS = ("-O3", "-fPIC", "-fopenmp", "-std=c++17")
 # builds of the kernel, the first one the CPU runs is used: (compiler flags, the CPU flags they need)
 VARIANTS = {
@@ -92,11 +93,12 @@ def _torch_gomp() -> Path | None:
 def _build(dest: Path, gomp: Path, flags: tuple) -> None:
     compiler = os.environ.get("CXX", "g++")
     with tempfile.TemporaryDirectory() as tmp:
-        obj = Path(tmp) / "qgemm.o"
+        objs = [str(Path(tmp) / f"{src.stem}.o") for src in SOURCES]
         out = Path(tmp) / dest.name
-        subprocess.run([compiler, *flags, "-c", str(SOURCE), "-o", str(obj)], check=True,
-                       capture_output=True, timeout=300)
-        subprocess.run([compiler, "-shared", str(obj), "-o", str(out), str(gomp),
+        for src, obj in zip(SOURCES, objs):
+            subprocess.run([compiler, *flags, "-c", str(src), "-o", obj], check=True,
+                           capture_output=True, timeout=300)
+        subprocess.run([compiler, "-shared", *objs, "-o", str(out), str(gomp),
                         f"-Wl,-rpath,{gomp.parent}"], check=True, capture_output=True, timeout=300)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(out, dest)  # (atomic: another process building the same file reads a whole one)
@@ -117,7 +119,8 @@ def _library(variant: str | None = ""):
     from genlm_bytes.lm.default import cache_dir
 
     flags = FLAGS + VARIANTS[variant][0]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + str(gomp).encode()).hexdigest()[:16]
+    text = b"".join(src.read_bytes() for src in SOURCES)
+    key = hashlib.sha256(text + " ".join(flags).encode() + str(gomp).encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"qgemm-{variant}-{key}.so"
     try:
         if not path.exists():
@@ -133,6 +136,12 @@ def _library(variant: str | None = ""):
     lib.qgemm_dequantize.restype = ctypes.c_int
     lib.qgemm_find.argtypes = [p, i64, i64, ctypes.c_int, p, p, p, ctypes.c_int]
     lib.qgemm_find.restype = i64
+    f32 = ctypes.c_float
+    lib.lean_attn_in.argtypes = [p, p, i64, i64, f32, p, p, i64, i64, i64, p, p, p, ctypes.c_int]
+    lib.lean_attn_in.restype = ctypes.c_int
+    lib.lean_attn_out.argtypes = [p, p, i64, i64, f32, p, i64, i64, i64, p, i64, i64, p, i64, i64, i64, p, f32, p,
+                                  i64, ctypes.c_int]
+    lib.lean_attn_out.restype = ctypes.c_int
     return lib
 
 
