@@ -134,7 +134,11 @@ void rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const floa
     // every row of x, in tiles of MT rows (the last ones one by one), by the NB blocks from b0
     int64_t m = 0;
     for (; m + MT <= M; m += MT) tile<BITS, MT, NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
-    for (; m < M; m++) tile<BITS, 1, NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
+    // the last rows in one tile too (a tile makes each weight once for all its rows)
+    if (MT > 3 && M - m == 3) tile<BITS, (MT > 3 ? 3 : 1), NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
+    else if (MT > 2 && M - m == 2) tile<BITS, (MT > 2 ? 2 : 1), NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
+    else
+        for (; m < M; m++) tile<BITS, 1, NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
 }
 
 // Many rows: the NB blocks' weights made once into a buffer (K x NB*16 floats, in L2), then MT
@@ -192,10 +196,11 @@ void product(const float* x, int64_t M, int64_t K, const uint8_t* codes, const f
              const float* offset, int64_t N, float* y, int64_t ldy, int threads) {
     const int64_t blocks = N / 16;
     // blocks per tile: the largest of 8, 4, 2, 1 dividing the blocks that leaves each thread
-    // several tiles (the last tiles of a thread are what the other waits on); 8 blocks by 2 rows
-    // for a few rows (more sums at once), else 4 by 4 (a block's weights made once for 4 rows;
-    // 16 sums in registers: 6 rows spilled, 1.2-1.5x slower from 16 rows on)
-    const int most = M >= 6 ? MOST_MANY : MOST_FEW;
+    // several tiles (the last tiles of a thread are what the other waits on); 8 blocks for one
+    // row (more sums at once), else 4 by 4 (a block's weights made once for 4 rows, the last 1-3
+    // rows in one tile too; 16 sums in registers: 6 rows spilled, 1.2-1.5x slower from 16 rows
+    // on). Two rows 8 by 2 took 1.1-1.3x, three 8 by 2 then 1 took 1.35-1.5x (benchmarks/README.md, session 27)
+    const int most = M >= 2 ? MOST_MANY : MOST_FEW;
     int nb = 1;
     for (int c : {8, 4, 2}) {
         if (c <= most && blocks % c == 0 && blocks / c >= 4 * threads) { nb = c; break; }
