@@ -46,10 +46,10 @@ def test_fused_layers_give_the_torch_calls_hidden_states(monkeypatch, counted):
     assert lean._fused.usable and lean._fused.table() is not None
     counted[0] = 0
     got = passes(model, lean)
-    assert counted[0] == 4  # (a prompt, new tokens on it, a tree-masked pass, its prompt; not the batch of 2)
+    assert counted[0] == 5  # (a prompt, new tokens on it, a ragged batch of 2, a tree-masked pass, its prompt)
     monkeypatch.setenv("GENLM_BYTES_FUSED", "0")
     want = passes(model, lean)
-    assert counted[0] == 4
+    assert counted[0] == 5
     own = passes(model, lambda *a: hf_hidden(model, *a))
     for g, w, o in zip(got, want, own):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
@@ -57,13 +57,14 @@ def test_fused_layers_give_the_torch_calls_hidden_states(monkeypatch, counted):
 
 
 def test_long_contexts_take_torch_s_attention_inside_the_fused_layers(monkeypatch, counted):
+    """(Passes of 3 tokens or more, above MAX_SCORES; set to 1 here: the tree pass and the prompts.)"""
     model = on_codes()
     lean = lean_decoder(model, packed=True, quantized=True)
     want = passes(model, lambda *a: hf_hidden(model, *a))
     monkeypatch.setattr(fused, "MAX_SCORES", 1)
     counted[0] = 0
     got = passes(model, lean)
-    assert counted[0] == 4
+    assert counted[0] == 5
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
@@ -122,4 +123,36 @@ async def test_the_embedded_engine_gives_the_same_distributions_fused_or_not(emb
     embedded_lm.clear_cache()
     for g, w in zip(got, want):
         assert float((g - w).abs().max()) < 1e-4  # (log-probs near -20: float32 sums in another order)
+        assert int(g.argmax()) == int(w.argmax())
+
+
+@pytest.mark.slow
+async def test_the_embedded_engine_s_batched_passes_run_fused_with_the_same_distributions(embedded_lm, monkeypatch,
+                                                                                          counted):
+    """Rows of very different past lengths in one batched pass (their pasts in buckets): each row's
+    next-token log-probs are those of the torch calls, up to the order of sums."""
+    import asyncio
+
+    text = ("In the old harbour town the fishermen mended their nets at dawn, and the gulls "
+            "circled above the boats while the bakers opened their shutters one by one. ") * 3
+    ids = list(embedded_lm.initial_context) + embedded_lm.encode_bytes(text.encode())
+    embedded_lm.clear_cache()
+    await embedded_lm.next_token_logprobs(ids[:120])  # (a long past cached, so the batch's pasts differ)
+    await embedded_lm.next_token_logprobs(ids[:3])
+    ctxs = [ids[:121], ids[:4], ids[:60] + [ids[7]], ids[:122]]
+
+    async def rows():
+        return [torch.as_tensor(r) for r in await asyncio.gather(*(embedded_lm.next_token_logprobs(c) for c in ctxs))]
+
+    counted[0] = 0
+    got = await rows()
+    assert counted[0] >= 1
+    monkeypatch.setenv("GENLM_BYTES_FUSED", "0")
+    embedded_lm.clear_cache()
+    await embedded_lm.next_token_logprobs(ids[:120])
+    await embedded_lm.next_token_logprobs(ids[:3])
+    want = await rows()
+    embedded_lm.clear_cache()
+    for g, w in zip(got, want):
+        assert float((g - w).abs().max()) < 1e-4
         assert int(g.argmax()) == int(w.argmax())

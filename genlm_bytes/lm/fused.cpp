@@ -1,11 +1,11 @@
-// A LLaMA decoder layer for one row of a few new tokens, in two calls (genlm_bytes/lm/fused.py
+// A LLaMA decoder layer for a few new tokens of a few rows, in three calls (genlm_bytes/lm/fused.py
 // says when it runs): everything but the cache's update, around the products by the weights'
 // codes (qgemm_product, qgemm.cpp; built into the same library).
 //
 //   lean_attn_in:  y = rms_norm(x); q, k, v = y by (q, k, v); q, k rotated
 //   (the caller's cache takes k and v, and gives back the layer's keys and values)
-//   lean_attn_out: o = attention(q, keys, values, mask); x += o by o_proj;
-//                  z = rms_norm(x); x += (silu(z by gate) * (z by up)) by down
+//   lean_attend:   o = attention(q, keys, values, mask), row by row
+//   lean_attn_out: x += o by o_proj; z = rms_norm(x); x += (silu(z by gate) * (z by up)) by down
 //
 // Each step is the operation transformers' modules (and lean.py's torch calls) compute, in float32,
 // with the same roundings where they are one operation each (the rotation: two products and a
@@ -15,6 +15,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -100,53 +101,51 @@ void rotate(const float* src, const float* cos, const float* sin, int64_t d, flo
 
 void attend(const float* q, int64_t T, int64_t h, int64_t hk, int64_t d, const float* K, int64_t ksh,
             int64_t ksl, const float* V, int64_t vsh, int64_t vsl, int64_t L, const float* mask, float scaling,
-            float* o) {
-    // o (T, h * d): per query head and token, softmax(q . keys * scaling + mask) by the values of its
-    // key/value head (query head i reads key/value head i / (h / hk)); d a multiple of 8
+            int64_t hq, float* o) {
+    // o (T, h * d), query head hq of one row: per token, softmax(q . keys * scaling + mask) by the
+    // values of its key/value head (hq / (h / hk)); d a multiple of 8; no key seen: zeros
     static thread_local std::vector<float> s;
     if ((int64_t)s.size() < L + 8) s.resize(L + 8);
-    const int64_t g = h / hk;
-    for (int64_t hq = 0; hq < h; hq++) {
-        const float* Kh = K + (hq / g) * ksh;
-        const float* Vh = V + (hq / g) * vsh;
-        for (int64_t t = 0; t < T; t++) {
-            const float* qt = q + (hq * T + t) * d;
-            const float* mt = mask ? mask + t * L : nullptr;
-            float top = -INFINITY;
-            for (int64_t l = 0; l < L; l++) {
-                const float* kl = Kh + l * ksl;
-                __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qt), _mm256_loadu_ps(kl));
-                for (int64_t j = 8; j < d; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qt + j), _mm256_loadu_ps(kl + j), acc);
-                float v = hsum8(acc) * scaling;
-                if (mt) v += mt[l];
-                s[l] = v;
-                top = v > top ? v : top;
-            }
-            int64_t l = 0;
-            __m256 tot = _mm256_setzero_ps();
-            for (; l + 8 <= L; l += 8) {
-                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(&s[l]), _mm256_set1_ps(top)));
-                _mm256_storeu_ps(&s[l], e);
-                tot = _mm256_add_ps(tot, e);
-            }
-            float sum = hsum8(tot);
-            if (l < L) {  // (the last keys, padded with hidden ones)
-                alignas(32) float tail[8];
-                for (int i = 0; i < 8; i++) tail[i] = l + i < L ? s[l + i] - top : -INFINITY;
-                __m256 e = exp8(_mm256_load_ps(tail));
-                _mm256_store_ps(tail, e);
-                for (int i = 0; l + i < L; i++) s[l + i] = tail[i], sum += tail[i];
-            }
-            float* ot = o + t * h * d + hq * d;
-            for (int64_t j = 0; j < d; j++) ot[j] = 0.0f;
-            for (l = 0; l < L; l++) {
-                const float p = s[l] / sum;
-                if (p == 0.0f) continue;
-                const float* vl = Vh + l * vsl;
-                const __m256 pb = _mm256_set1_ps(p);
-                for (int64_t j = 0; j < d; j += 8)
-                    _mm256_storeu_ps(ot + j, _mm256_fmadd_ps(pb, _mm256_loadu_ps(vl + j), _mm256_loadu_ps(ot + j)));
-            }
+    const float* Kh = K + (hq / (h / hk)) * ksh;
+    const float* Vh = V + (hq / (h / hk)) * vsh;
+    for (int64_t t = 0; t < T; t++) {
+        const float* qt = q + (hq * T + t) * d;
+        const float* mt = mask ? mask + t * L : nullptr;
+        float top = -INFINITY;
+        for (int64_t l = 0; l < L; l++) {
+            const float* kl = Kh + l * ksl;
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qt), _mm256_loadu_ps(kl));
+            for (int64_t j = 8; j < d; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qt + j), _mm256_loadu_ps(kl + j), acc);
+            float v = hsum8(acc) * scaling;
+            if (mt) v += mt[l];
+            s[l] = v;
+            top = v > top ? v : top;
+        }
+        float* ot = o + t * h * d + hq * d;
+        for (int64_t j = 0; j < d; j++) ot[j] = 0.0f;
+        if (!(top > -1e30f)) continue;  // (a padding token that sees no key)
+        int64_t l = 0;
+        __m256 tot = _mm256_setzero_ps();
+        for (; l + 8 <= L; l += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(&s[l]), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(&s[l], e);
+            tot = _mm256_add_ps(tot, e);
+        }
+        float sum = hsum8(tot);
+        if (l < L) {  // (the last keys, padded with hidden ones)
+            alignas(32) float tail[8];
+            for (int i = 0; i < 8; i++) tail[i] = l + i < L ? s[l + i] - top : -INFINITY;
+            __m256 e = exp8(_mm256_load_ps(tail));
+            _mm256_store_ps(tail, e);
+            for (int i = 0; l + i < L; i++) s[l + i] = tail[i], sum += tail[i];
+        }
+        for (l = 0; l < L; l++) {
+            const float p = s[l] / sum;
+            if (p == 0.0f) continue;
+            const float* vl = Vh + l * vsl;
+            const __m256 pb = _mm256_set1_ps(p);
+            for (int64_t j = 0; j < d; j += 8)
+                _mm256_storeu_ps(ot + j, _mm256_fmadd_ps(pb, _mm256_loadu_ps(vl + j), _mm256_loadu_ps(ot + j)));
         }
     }
 }
@@ -161,61 +160,71 @@ std::vector<float>& scratch(int i, int64_t n) {
 
 extern "C" {
 
-// x (T, H) -> q (h, T, d), k and v (hk, T, d); cos, sin (T, d). Returns 0, or -1 for shapes it
-// does not take.
-int lean_attn_in(const int64_t* tab, const float* x, int64_t T, int64_t H, float eps, const float* cos,
+// x (B * T, H) -> q (B, h, T, d), k and v (B, hk, T, d); cos, sin (B, T, d). Returns 0, or -1 for
+// shapes it does not take.
+int lean_attn_in(const int64_t* tab, const float* x, int64_t B, int64_t T, int64_t H, float eps, const float* cos,
                  const float* sin, int64_t h, int64_t hk, int64_t d, float* q, float* k, float* v, int threads) {
-    const int64_t N = tab[QKV_N];
-    if (H % 32 || d % 8 || N != (h + 2 * hk) * d || T < 1) return -1;
-    float* y = scratch(0, T * H).data();
-    float* qkv = scratch(1, T * N).data();
-    rms_norm(x, T, H, ptr<const float>(tab, NORM1), eps, y);
-    if (product(tab, QKV_CODES, y, T, H, N, qkv, threads)) return -1;
-    for (int64_t t = 0; t < T; t++) {
-        const float* row = qkv + t * N;
-        for (int64_t i = 0; i < h; i++) rotate(row + i * d, cos + t * d, sin + t * d, d, q + (i * T + t) * d);
-        for (int64_t i = 0; i < hk; i++) {
-            rotate(row + (h + i) * d, cos + t * d, sin + t * d, d, k + (i * T + t) * d);
-            const float* src = row + (h + hk + i) * d;
-            std::copy(src, src + d, v + (i * T + t) * d);
+    const int64_t N = tab[QKV_N], M = B * T;
+    if (H % 32 || d % 8 || N != (h + 2 * hk) * d || M < 1) return -1;
+    float* y = scratch(0, M * H).data();
+    float* qkv = scratch(1, M * N).data();
+    rms_norm(x, M, H, ptr<const float>(tab, NORM1), eps, y);
+    if (product(tab, QKV_CODES, y, M, H, N, qkv, threads)) return -1;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            const float* row = qkv + (b * T + t) * N;
+            const float *c = cos + (b * T + t) * d, *sn = sin + (b * T + t) * d;
+            for (int64_t i = 0; i < h; i++) rotate(row + i * d, c, sn, d, q + ((b * h + i) * T + t) * d);
+            for (int64_t i = 0; i < hk; i++) {
+                rotate(row + (h + i) * d, c, sn, d, k + ((b * hk + i) * T + t) * d);
+                const float* src = row + (h + hk + i) * d;
+                std::copy(src, src + d, v + ((b * hk + i) * T + t) * d);
+            }
         }
+    return 0;
+}
+
+// Attention of B rows: q (B, h, T, d); keys and values L per row and key/value head, at strides
+// (row, head, position) in floats, the last dimension contiguous; mask (B, T, L) added to the
+// scores, or null (every key seen); o (B, T, h * d).
+int lean_attend(const float* q, int64_t B, int64_t T, int64_t h, int64_t hk, int64_t d, const float* K,
+                int64_t ksb, int64_t ksh, int64_t ksl, const float* V, int64_t vsb, int64_t vsh, int64_t vsl,
+                int64_t L, const float* mask, float scaling, float* o, int threads) {
+    if (d % 8 || h % hk || B < 1 || T < 1) return -1;
+    const int64_t jobs = B * h;
+    const bool many = jobs > 1 && jobs * T * L * d > (1 << 18);  // (worth a parallel region)
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (many)
+    for (int64_t j = 0; j < jobs; j++) {
+        const int64_t b = j / h;
+        attend(q + b * h * T * d, T, h, hk, d, K + b * ksb, ksh, ksl, V + b * vsb, vsh, vsl, L,
+               mask ? mask + b * T * L : nullptr, scaling, j % h, o + b * T * h * d);
     }
     return 0;
 }
 
-// The rest of the layer on x (T, H), in place. Keys and values: L of each key/value head, at
-// strides (head, position) in floats, the last dimension contiguous. mask: (T, L) added to the
-// scores, or null (every key seen). o_in: the attention's output (T, h * d) if the caller computed
-// it (then q, the keys and values are not read). I: the MLP's width.
-int lean_attn_out(const int64_t* tab, float* x, int64_t T, int64_t H, float eps, const float* q, int64_t h,
-                  int64_t hk, int64_t d, const float* K, int64_t ksh, int64_t ksl, const float* V, int64_t vsh,
-                  int64_t vsl, int64_t L, const float* mask, float scaling, const float* o_in, int64_t I,
-                  int threads) {
-    if (H % 32 || I % 32 || d % 8 || h * d % 32 || tab[GU_N] != 2 * I || T < 1) return -1;
-    const float* o = o_in;
-    if (o == nullptr) {
-        float* ob = scratch(0, T * h * d).data();
-        attend(q, T, h, hk, d, K, ksh, ksl, V, vsh, vsl, L, mask, scaling, ob);
-        o = ob;
-    }
-    float* tmp = scratch(1, T * (H > 2 * I ? H : 2 * I)).data();
-    if (product(tab, O_CODES, o, T, h * d, H, tmp, threads)) return -1;
-    for (int64_t i = 0; i < T * H; i++) x[i] += tmp[i];
-    float* z = scratch(2, T * H).data();
-    rms_norm(x, T, H, ptr<const float>(tab, NORM2), eps, z);
-    if (product(tab, GU_CODES, z, T, H, 2 * I, tmp, threads)) return -1;
-    float* a = scratch(3, T * I).data();
-    for (int64_t t = 0; t < T; t++) {
-        const float* gt = tmp + t * 2 * I;
+// The rest of the layer on x (M, H), in place, from the attention's output o (M, h * d): the output
+// product and residual, the norm, the MLP (width I) and residual.
+int lean_attn_out(const int64_t* tab, float* x, int64_t M, int64_t H, float eps, const float* o, int64_t hd,
+                  int64_t I, int threads) {
+    if (H % 32 || I % 32 || hd % 32 || tab[GU_N] != 2 * I || M < 1) return -1;
+    float* tmp = scratch(1, M * (H > 2 * I ? H : 2 * I)).data();
+    if (product(tab, O_CODES, o, M, hd, H, tmp, threads)) return -1;
+    for (int64_t i = 0; i < M * H; i++) x[i] += tmp[i];
+    float* z = scratch(2, M * H).data();
+    rms_norm(x, M, H, ptr<const float>(tab, NORM2), eps, z);
+    if (product(tab, GU_CODES, z, M, H, 2 * I, tmp, threads)) return -1;
+    float* a = scratch(3, M * I).data();
+    for (int64_t r = 0; r < M; r++) {
+        const float* gt = tmp + r * 2 * I;
         for (int64_t j = 0; j < I; j += 8) {
             __m256 gv = _mm256_loadu_ps(gt + j);
             __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
             __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-            _mm256_storeu_ps(a + t * I + j, _mm256_mul_ps(silu, _mm256_loadu_ps(gt + I + j)));
+            _mm256_storeu_ps(a + r * I + j, _mm256_mul_ps(silu, _mm256_loadu_ps(gt + I + j)));
         }
     }
-    if (product(tab, DOWN_CODES, a, T, I, H, tmp, threads)) return -1;
-    for (int64_t i = 0; i < T * H; i++) x[i] += tmp[i];
+    if (product(tab, DOWN_CODES, a, M, I, H, tmp, threads)) return -1;
+    for (int64_t i = 0; i < M * H; i++) x[i] += tmp[i];
     return 0;
 }
 

@@ -1,22 +1,25 @@
-"""A lean pass of one row of a few new tokens in two C calls a layer.
+"""A lean pass of a few new tokens a row in three C calls a layer.
 
 With its products on the weights' codes (:mod:`genlm_bytes.lm.qgemm`), a one-token pass of the
-embedded SmolLM2 spends about as long in the lean decoder's other work as in its products:
-some 30 small torch calls a layer (norms, rotary embeddings, attention, SiLU, the residual
-sums), each a few microseconds of dispatch for a few hundred floats. A decode step, a guess of
-a few tokens and a small tree pass all have one row and a few new tokens. For them
-:class:`FusedLayers` runs each layer as two calls of the codes kernel's library
+embedded SmolLM2 spent about as long in the lean decoder's other work as in its products: some
+30 small torch calls a layer (norms, rotary embeddings, attention, SiLU, the residual sums),
+each a few microseconds of dispatch for a few hundred floats. Decode steps, guesses of a few
+tokens, small tree passes and a batch of beams' next tokens all have a few new tokens a row.
+For them :class:`FusedLayers` runs each layer as three calls of the codes kernel's library
 (``fused.cpp``): the norm, the (q, k, v) product and the rotation; then, once the pass's cache
-has taken the new keys and values and given the layer's back, attention, the output product,
-the residual, the norm and the MLP. The cache's protocol is the same, so the engine's stores,
-stops and arenas see nothing new.
+has taken the new keys and values and given the layer's back, attention row by row (one call
+per bucket of a batched pass); then the output product, the residual, the norm and the MLP.
+The cache's protocol is the same, so the engine's stores, stops, arenas and buckets see
+nothing new.
 
 Used only where every product of the pass is on codes, with no biases besides (the LLaMA
-layer of :class:`~genlm_bytes.lm.lean.LeanDecoder`, not Gemma 3's), for one row of at most
-:data:`MAX_TOKENS` new tokens; anything else runs the torch calls as before. Each step is the
-operation those calls compute, in float32; only sums run in another order (a row of a pass
-agrees with the torch calls' within ~1e-6 of its scale: ``tests/test_fused.py``).
-``GENLM_BYTES_FUSED=0`` turns it off.
+layer of :class:`~genlm_bytes.lm.lean.LeanDecoder`, not Gemma 3's), for at most
+:data:`MAX_TOKENS` new tokens a row; anything else runs the torch calls as before. Each step is
+the operation those calls compute, in float32; only sums run in another order (the hidden
+states agree with the torch calls' within ~1e-6 of their scale: ``tests/test_fused.py``).
+Measured (benchmarks/README.md, session 27): a one-token pass 0.57x the torch calls' time;
+greedy over 68 prompts 0.82x (geometric mean), the same bytes; 32 beams' passes of 8 rows or
+more 0.79x the time per row. ``GENLM_BYTES_FUSED=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from genlm_bytes.lm.gemm import _pack_of, packed_weight
 from genlm_bytes.models.layers import attend, group_mask, merge_heads
 
 MAX_TOKENS = 16  # new tokens of a pass it runs (a decode step, guesses, small tree passes)
-MAX_SCORES = 1 << 16  # query heads x tokens x keys its own attention takes; more go to torch's (blocked) kernel
+# Scores (rows x query heads x tokens x keys) its own attention takes for 3 tokens or more; more go to
+# torch's blocked kernel (2 threads: one token a row, its own took 0.55-0.78x torch's time at 64-4,096
+# keys; 4 tokens on 1,024 keys 1.2x, on 256 0.9x; benchmarks/README.md, session 27)
+MAX_SCORES = 1 << 15
 
 
 def enabled() -> bool:
@@ -96,59 +102,89 @@ class FusedLayers:
         return self._table
 
     def applies(self, x: torch.Tensor, buckets) -> bool:
-        return (self.usable and not buckets and x.shape[0] == 1 and x.shape[1] <= MAX_TOKENS and x.dtype is torch.float32
-                and x.device.type == "cpu" and qgemm.available() and enabled())
+        return (self.usable and x.shape[1] <= MAX_TOKENS and x.dtype is torch.float32 and x.device.type == "cpu"
+                and qgemm.available() and enabled())
 
     def run(self, x, cos, sin, attention_mask, cache, before_layer) -> torch.Tensor | None:
-        """``x`` (1, T, H) embedded tokens -> the last layer's output (1, T, H), or None (not on codes)."""
+        """``x`` (B, T, H) embedded tokens -> the last layer's output (B, T, H), or None (not on codes).
+        ``cache``: the pass's (``layers[i].update``; with ``buckets``, ``update_buckets``: see
+        :class:`~genlm_bytes.lm.lean.LeanCache`)."""
         tab = self.table()
         if tab is None:
             return None
         dec, lib = self.dec, qgemm._library()
         h, hk, d = dec.heads, dec.kv_heads, dec.head_dim
-        _, T, H = x.shape
-        x = x.contiguous().clone()  # (1, T, H): the residual stream, updated in place
-        cos, sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (T, d)
+        B, T, H = x.shape
+        x = x.contiguous().clone()  # (B, T, H): the residual stream, updated in place
+        cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, T, d)
+        o = torch.empty(B, T, h * d)  # (B, T, h * d): the attention's output, row by row
         threads = torch.get_num_threads()
-        mask = cmask = None
+        buckets = getattr(cache, "buckets", None)
+        masks = None
         row = tab.shape[1] * 8
         base = tab.data_ptr()
         for i, lw in enumerate(dec._weights):
-            eps1, eps2 = float(lw[1]), float(lw[11])
             if before_layer is not None:
                 before_layer()
-            q = torch.empty(1, h, T, d)  # (1, h, T, d)
-            kv = torch.empty(2, 1, hk, T, d)  # (k, v): (1, hk, T, d) each, kept by the cache
-            rc = lib.lean_attn_in(base + i * row, x.data_ptr(), T, H, eps1, cos.data_ptr(), sin.data_ptr(),
-                                  h, hk, d, q.data_ptr(), kv[0].data_ptr(), kv[1].data_ptr(), threads)
-            if rc:
-                raise ValueError("the fused layer does not take this model's shapes")
-            K, V = cache.layers[i].update(kv[0], kv[1])  # (1, hk, L, d)
-            L = K.shape[2]
-            if i == 0:
-                mask = dec._mask(attention_mask, 1, T, L, x.device)  # None or (1, 1, T, L)
-                cmask = _additive(mask, T, L)
-            o = None
-            if h * T * L > MAX_SCORES:  # (long contexts: torch's blocked attention)
-                o = merge_heads(attend(q, K, V, group_mask(mask, 1, dec.groups, T, L), dec.scaling)).contiguous()
-            if K.stride(-1) != 1 or V.stride(-1) != 1:
-                K, V = K.contiguous(), V.contiguous()
-            rc = lib.lean_attn_out(base + i * row, x.data_ptr(), T, H, eps2, q.data_ptr(), h, hk, d,
-                                   K.data_ptr(), K.stride(1), K.stride(2), V.data_ptr(), V.stride(1), V.stride(2), L,
-                                   None if cmask is None else cmask.data_ptr(), dec.scaling,
-                                   None if o is None else o.data_ptr(), self.inter, threads)
-            if rc:
-                raise ValueError("the fused layer does not take this model's shapes")
+            q = torch.empty(B, h, T, d)  # (B, h, T, d)
+            kv = torch.empty(2, B, hk, T, d)  # (k, v): (B, hk, T, d) each, kept by the cache
+            _check(lib.lean_attn_in(base + i * row, x.data_ptr(), B, T, H, float(lw[1]), cos.data_ptr(),
+                                    sin.data_ptr(), h, hk, d, q.data_ptr(), kv[0].data_ptr(), kv[1].data_ptr(),
+                                    threads))
+            if buckets:
+                kvs = cache.layers[i].update_buckets(kv[0], kv[1])  # per bucket (n, hk, Pb + T, d)
+            else:
+                kvs = [cache.layers[i].update(kv[0], kv[1])]  # (B, hk, L, d)
+            if masks is None:
+                masks = self._masks(attention_mask, buckets or [(0, B, kvs[0][0].shape[2] - T)], kvs, T)
+            for (r0, r1, _), (K, V), (m, cm) in zip(buckets or [(0, B, 0)], kvs, masks):
+                self._attend(lib, q[r0:r1], K, V, m, cm, o[r0:r1], threads)
+            _check(lib.lean_attn_out(base + i * row, x.data_ptr(), B * T, H, float(lw[11]), o.data_ptr(), h * d,
+                                     self.inter, threads))
         return x
 
+    def _masks(self, attention_mask, buckets, kvs, T: int) -> list:
+        """Per bucket ``(r0, r1, Pb)`` its mask for torch's attention (None, or broadcastable to
+        ``(n, 1, T, L)``) and the same additive ``(n, T, L)`` for the C attention (or None)."""
+        dec, out = self.dec, []
+        P = None if attention_mask is None or attention_mask.dim() != 2 else attention_mask.shape[1] - T
+        for (r0, r1, Pb), (K, _) in zip(buckets, kvs):
+            n, L = r1 - r0, K.shape[2]
+            am = attention_mask
+            if am is not None and am.dim() == 2:
+                am = am[r0:r1, P - Pb:]
+            elif am is not None and am.shape[0] > 1:
+                am = am[r0:r1]
+            m = dec._mask(am, n, T, L, K.device)  # None or (n | 1, 1, T, L)
+            out.append((m, _additive(m, n, T, L)))
+        return out
 
-def _additive(mask, T: int, L: int) -> torch.Tensor | None:
-    """``mask`` (None, or bool / additive broadcastable to ``(1, 1, T, L)``) as an additive float32
-    ``(T, L)`` (hidden: -inf), or None (every key seen)."""
+    def _attend(self, lib, q, K, V, m, cm, o, threads) -> None:
+        """Attention of rows ``q`` (n, h, T, d) on their keys and values (n, hk, L, d) into ``o`` (n, T, h * d)."""
+        dec = self.dec
+        n, h, T, d = q.shape
+        L = K.shape[2]
+        if T > 2 and h * T * L * n > MAX_SCORES:  # (several tokens on long pasts: torch's blocked attention)
+            o.copy_(merge_heads(attend(q, K, V, group_mask(m, n, dec.groups, T, L), dec.scaling)))
+            return
+        if K.stride(-1) != 1 or V.stride(-1) != 1:
+            K, V = K.contiguous(), V.contiguous()
+        _check(lib.lean_attend(q.data_ptr(), n, T, h, dec.kv_heads, d, K.data_ptr(), K.stride(0), K.stride(1),
+                               K.stride(2), V.data_ptr(), V.stride(0), V.stride(1), V.stride(2), L,
+                               None if cm is None else cm.data_ptr(), dec.scaling, o.data_ptr(), threads))
+
+
+def _check(rc: int) -> None:
+    if rc:
+        raise ValueError("the fused layers do not take this model's shapes")
+
+
+def _additive(mask, n: int, T: int, L: int) -> torch.Tensor | None:
+    """``mask`` (None, or bool / additive broadcastable to ``(n, 1, T, L)``) as an additive float32
+    ``(n, T, L)`` (hidden: -inf), or None (every key seen)."""
     if mask is None:
         return None
-    m = mask.expand(1, 1, T, L)[0, 0]
+    m = mask.expand(n, 1, T, L)[:, 0]
     if m.dtype == torch.bool:
-        return torch.zeros(T, L).masked_fill_(~m, float("-inf"))
+        return torch.zeros(n, T, L).masked_fill_(~m, float("-inf"))
     return m.to(torch.float32).contiguous()
-

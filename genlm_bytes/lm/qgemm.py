@@ -137,10 +137,12 @@ def _library(variant: str | None = ""):
     lib.qgemm_find.argtypes = [p, i64, i64, ctypes.c_int, p, p, p, ctypes.c_int]
     lib.qgemm_find.restype = i64
     f32 = ctypes.c_float
-    lib.lean_attn_in.argtypes = [p, p, i64, i64, f32, p, p, i64, i64, i64, p, p, p, ctypes.c_int]
+    lib.lean_attn_in.argtypes = [p, p, i64, i64, i64, f32, p, p, i64, i64, i64, p, p, p, ctypes.c_int]
     lib.lean_attn_in.restype = ctypes.c_int
-    lib.lean_attn_out.argtypes = [p, p, i64, i64, f32, p, i64, i64, i64, p, i64, i64, p, i64, i64, i64, p, f32, p,
-                                  i64, ctypes.c_int]
+    lib.lean_attend.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64, i64, p, f32, p,
+                                ctypes.c_int]
+    lib.lean_attend.restype = ctypes.c_int
+    lib.lean_attn_out.argtypes = [p, p, i64, i64, f32, p, i64, i64, ctypes.c_int]
     lib.lean_attn_out.restype = ctypes.c_int
     return lib
 
