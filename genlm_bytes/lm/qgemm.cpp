@@ -199,7 +199,7 @@ void product(const float* x, int64_t M, int64_t K, const uint8_t* codes, const f
     // several tiles (the last tiles of a thread are what the other waits on); 8 blocks for one
     // row (more sums at once), else 4 by 4 (a block's weights made once for 4 rows, the last 1-3
     // rows in one tile too; 16 sums in registers: 6 rows spilled, 1.2-1.5x slower from 16 rows
-    // on). Two rows 8 by 2 took 1.1-1.3x, three 8 by 2 then 1 took 1.35-1.5x (benchmarks/README.md, session 27)
+    // on). 8 by 2 then 1 took 1.35-1.5x the time of three rows this way (benchmarks/README.md, session 27)
     const int most = M >= 2 ? MOST_MANY : MOST_FEW;
     int nb = 1;
     for (int c : {8, 4, 2}) {
