@@ -52,15 +52,19 @@ def hf_generate(lm, ids: list[int], new_tokens: int) -> tuple[float, bytes]:
     return seconds, b"".join(lm.byte_vocab[t] for t in new)
 
 
-async def beam_greedy(lm, prompt: bytes, n_bytes: int) -> dict:
-    """Seconds and bytes of our greedy generation (prefill of the prompt included), cold cache."""
+async def beam_greedy(lm, prompt: bytes, n_bytes: int, token_prompt: int | None = None) -> dict:
+    """Seconds and bytes of our greedy generation (prefill of the prompt included), cold cache;
+    ``token_prompt``: the prompt's encoding but its last that many tokens as the context, those
+    as bytes (``genlm_bytes.token_prompt``)."""
     from genlm_bytes import ByteBeamState
+    from genlm_bytes import token_prompt as split
 
     lm.clear_cache()
     before = probes.counters(lm)
     t0 = time.perf_counter()
-    beam = await ByteBeamState.initial(lm, common.beam_params())
-    out = await beam.greedy(prompt, n_bytes)
+    context, tail = (None, prompt) if token_prompt is None else split(lm, prompt, token_prompt)
+    beam = await ByteBeamState.initial(lm, common.beam_params(), initial_context=context)
+    out = prompt[:len(prompt) - len(tail)] + await beam.greedy(tail, n_bytes)  # (the whole prompt, then)
     # A look-ahead pass may still run (the guess of what comes after the last byte): stop it, and
     # count the time until the model's thread is free, so it cannot slow the next measurement.
     await probes.wait_idle(lm)
@@ -81,7 +85,7 @@ async def measure(lm, prompt: dict, args) -> dict:
                 hf_t.append(hf_generate(lm, ids, args.new_tokens)[0])
             else:
                 with probes.PassCounter(lm) as counter:
-                    ours.append(await beam_greedy(lm, pb, n_bytes))
+                    ours.append(await beam_greedy(lm, pb, n_bytes, args.token_prompt))
                 passes.append(counter.summary())
     t_hf = common.median(hf_t)
     t_ours = common.median([o["seconds"] for o in ours])
@@ -135,6 +139,7 @@ async def main(args) -> dict:
         "settings": common.environment(args.threads, repeats=args.repeats, new_tokens=args.new_tokens,
                                        bytes=args.bytes, n_prompts=len(rows),
                                        draft_tokens=getattr(lm, "draft_tokens", None),
+                                       token_prompt=args.token_prompt,
                                        lean=getattr(lm, "lean", None) is not None),
         "rows": rows,
         "spread": s,
@@ -176,6 +181,9 @@ if __name__ == "__main__":
     parser.add_argument("--bytes", type=int, default=64,
                         help="bytes our greedy generates (0: as many as generate's tokens spell)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--token-prompt", type=int, default=None, metavar="N",
+                        help="condition on the prompt's encoding but its last N tokens, those as bytes "
+                             "(genlm_bytes.token_prompt; default: the whole prompt as bytes)")
     parser.add_argument("--threads", type=int, default=common.THREADS)
     parser.add_argument("--no-lean", action="store_true",
                         help="AsyncTransformer(lean=False): our passes run through transformers' modules")

@@ -13,6 +13,7 @@ from genlm_bytes.byte_lm import (
     LazyTrieState,
     StatefulByteLM,
     StatefulTokenizedLM,
+    token_prompt,
 )
 from genlm_bytes.dist import Chart, LazyByteProbs
 from genlm_bytes.lm.base import AsyncLM
@@ -88,4 +89,5 @@ __all__ = [
     "generate_tokens",
     "load_model",
     "smc",
+    "token_prompt",
 ]
