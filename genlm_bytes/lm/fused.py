@@ -1,12 +1,11 @@
-"""A lean pass of a few new tokens a row in three C calls a layer.
+"""A lean pass in three C calls a layer.
 
 With its products on the weights' codes (:mod:`genlm_bytes.lm.qgemm`), a one-token pass of the
 embedded SmolLM2 spent about as long in the lean decoder's other work as in its products: some
 30 small torch calls a layer (norms, rotary embeddings, attention, SiLU, the residual sums),
-each a few microseconds of dispatch for a few hundred floats. Decode steps, guesses of a few
-tokens, small tree passes and a batch of beams' next tokens all have a few new tokens a row.
-For them :class:`FusedLayers` runs each layer as three calls of the codes kernel's library
-(``fused.cpp``): the norm, the (q, k, v) product and the rotation; then, once the pass's cache
+each a few microseconds of dispatch for a few hundred floats. :class:`FusedLayers` runs each
+layer of a pass (decode steps, guesses, tree passes, a batch of beams' next tokens, a
+prefill's chunks) as three calls of the codes kernel's library (``fused.cpp``): the norm, the (q, k, v) product and the rotation; then, once the pass's cache
 has taken the new keys and values and given the layer's back, attention row by row (one call
 per bucket of a batched pass); then the output product, the residual, the norm and the MLP.
 The cache's protocol is the same, so the engine's stores, stops, arenas and buckets see
@@ -14,12 +13,13 @@ nothing new.
 
 Used only where every product of the pass is on codes, with no biases besides (the LLaMA
 layer of :class:`~genlm_bytes.lm.lean.LeanDecoder`, not Gemma 3's), for at most
-:data:`MAX_TOKENS` new tokens a row; anything else runs the torch calls as before. Each step is
-the operation those calls compute, in float32; only sums run in another order (the hidden
+:data:`MAX_TOKENS` new tokens a row; anything else runs the torch calls as before. Its buffers
+stay with the model's thread (512 tokens: about 12 MB). Each step is the operation those
+calls compute, in float32; only sums run in another order (the hidden
 states agree with the torch calls' within ~1e-6 of their scale: ``tests/test_fused.py``).
 Measured (benchmarks/README.md, session 27): a one-token pass 0.57x the torch calls' time;
-greedy over 68 prompts 0.82x (geometric mean), the same bytes; 32 beams' passes of 8 rows or
-more 0.79x the time per row. ``GENLM_BYTES_FUSED=0`` turns it off.
+greedy over 68 prompts 0.80x (geometric mean), the same bytes; 32 beams' passes of 8 rows or
+more 0.79x the time per row; prefill of 23 texts 0.95x. ``GENLM_BYTES_FUSED=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from genlm_bytes.lm import qgemm
 from genlm_bytes.lm.gemm import _pack_of, packed_weight
 from genlm_bytes.models.layers import attend, group_mask, merge_heads
 
-MAX_TOKENS = 16  # new tokens of a pass it runs (a decode step, guesses, small tree passes)
+MAX_TOKENS = 1024  # new tokens a row of a pass it runs (a long text's passes take 512 at most: every pass)
 # Scores (rows x query heads x tokens x keys) its own attention takes for 3 tokens or more; more go to
 # torch's blocked kernel (2 threads: one token a row, its own took 0.55-0.78x torch's time at 64-4,096
 # keys; 4 tokens on 1,024 keys 1.2x, on 256 0.9x; benchmarks/README.md, session 27)
