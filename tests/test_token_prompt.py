@@ -21,6 +21,14 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.slow
+def test_a_bad_initial_context_is_named(embedded_lm):
+    with pytest.raises(ValueError):
+        token_prompt(embedded_lm, b"hello", initial_context=[embedded_lm.vocab_size])
+    with pytest.raises(TypeError):
+        token_prompt(embedded_lm, b"hello", initial_context="hello")
+
+
+@pytest.mark.slow
 async def test_the_head_is_the_tokenizer_s_encoding_and_the_beam_starts_after_it(embedded_lm):
     prompt = b"Sur la table de la cuisine, il y avait trois pommes et une lettre pas encore ouv"
     ids = embedded_lm.encode_bytes(prompt)

@@ -20,7 +20,7 @@ other splits, almost always far less likely).
 
 from __future__ import annotations
 
-from genlm_bytes.lm.base import AsyncLM
+from genlm_bytes.lm.base import AsyncLM, check_token_ids
 
 
 def token_prompt(lm: AsyncLM, prompt: bytes, exact_tokens: int = 2,
@@ -28,7 +28,8 @@ def token_prompt(lm: AsyncLM, prompt: bytes, exact_tokens: int = 2,
     """``(context, tail)``: ``initial_context`` (default the model's) followed by the
     tokenizer's encoding of ``prompt`` without its last ``exact_tokens`` tokens, and the bytes
     of those tokens (``head + tail == prompt``). ValueError where the model has no tokenizer
-    encoding (``lm.encode_bytes`` gives None) or ``exact_tokens`` is negative."""
+    encoding (``lm.encode_bytes`` gives None), ``exact_tokens`` is negative, or
+    ``initial_context`` is not token ids of the model (TypeError for another type)."""
     if not isinstance(lm, AsyncLM):
         raise TypeError(f"lm must be an AsyncLM, got {type(lm).__name__}")
     if not isinstance(prompt, (bytes, bytearray)):
@@ -43,5 +44,6 @@ def token_prompt(lm: AsyncLM, prompt: bytes, exact_tokens: int = 2,
     head = b"".join(lm.byte_vocab[t] for t in ids[:cut])
     if not bytes(prompt).startswith(head):
         raise ValueError("the tokenizer's encoding of the prompt does not spell it")
-    start = list(lm.initial_context if initial_context is None else initial_context)
+    start = list(lm.initial_context) if initial_context is None else \
+        check_token_ids(initial_context, lm.vocab_size, allow_empty=True)
     return start + list(ids[:cut]), bytes(prompt)[len(head):]

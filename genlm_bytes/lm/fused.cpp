@@ -1,6 +1,6 @@
-// A LLaMA decoder layer for a few new tokens of a few rows, in three calls (genlm_bytes/lm/fused.py
-// says when it runs): everything but the cache's update, around the products by the weights'
-// codes (qgemm_product, qgemm.cpp; built into the same library).
+// A LLaMA decoder layer of a pass, in three calls (genlm_bytes/lm/fused.py says when it runs):
+// everything but the cache's update, around the products by the weights' codes (qgemm_product,
+// qgemm.cpp; built into the same library).
 //
 //   lean_attn_in:  y = rms_norm(x); q, k, v = y by (q, k, v); q, k rotated
 //   (the caller's cache takes k and v, and gives back the layer's keys and values)
@@ -11,7 +11,7 @@
 // with the same roundings where they are one operation each (the rotation: two products and a
 // sum; silu: x / (1 + exp(-x)), then the product); sums are in another order.
 //
-// A layer's weights come as a table of int64 (pointers and shapes, fused.py: Table).
+// A layer's weights come as a row of int64 (pointers and shapes: fused.py, FusedLayers.table).
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -43,7 +43,7 @@ int product(const int64_t* tab, int at, const float* x, int64_t M, int64_t K, in
                          ptr<const float>(tab, at + 2), N, bits, y, N, threads);
 }
 
-// exp of 8 lanes: 2^n * p(r), r = x - n ln 2 (Cephes' polynomial; within 2 ulp); 0 below -87.3
+// exp of 8 lanes: 2^n * p(r), r = x - n ln 2 (Cephes' polynomial); 0 below -87.3
 // (a hidden key's score: its weight is exactly 0), infinity above 88.7.
 inline __m256 exp8(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.7f);

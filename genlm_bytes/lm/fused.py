@@ -101,7 +101,7 @@ class FusedLayers:
             self._refs = (packs, norms)  # (what the pointers point into stays alive with the table)
         return self._table
 
-    def applies(self, x: torch.Tensor, buckets) -> bool:
+    def applies(self, x: torch.Tensor) -> bool:
         return (self.usable and x.shape[1] <= MAX_TOKENS and x.dtype is torch.float32 and x.device.type == "cpu"
                 and qgemm.available() and enabled())
 
@@ -115,8 +115,9 @@ class FusedLayers:
         dec, lib = self.dec, qgemm._library()
         h, hk, d = dec.heads, dec.kv_heads, dec.head_dim
         B, T, H = x.shape
-        x = x.contiguous().clone()  # (B, T, H): the residual stream, updated in place
+        x = x.clone(memory_format=torch.contiguous_format)  # (B, T, H): the residual stream, updated in place
         cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, T, d)
+        q = torch.empty(B, h, T, d)  # (B, h, T, d): a layer's queries
         o = torch.empty(B, T, h * d)  # (B, T, h * d): the attention's output, row by row
         threads = torch.get_num_threads()
         buckets = getattr(cache, "buckets", None)
@@ -126,7 +127,6 @@ class FusedLayers:
         for i, lw in enumerate(dec._weights):
             if before_layer is not None:
                 before_layer()
-            q = torch.empty(B, h, T, d)  # (B, h, T, d)
             kv = torch.empty(2, B, hk, T, d)  # (k, v): (B, hk, T, d) each, kept by the cache
             _check(lib.lean_attn_in(base + i * row, x.data_ptr(), B, T, H, float(lw[1]), cos.data_ptr(),
                                     sin.data_ptr(), h, hk, d, q.data_ptr(), kv[0].data_ptr(), kv[1].data_ptr(),
@@ -136,42 +136,50 @@ class FusedLayers:
             else:
                 kvs = [cache.layers[i].update(kv[0], kv[1])]  # (B, hk, L, d)
             if masks is None:
-                masks = self._masks(attention_mask, buckets or [(0, B, kvs[0][0].shape[2] - T)], kvs, T)
-            for (r0, r1, _), (K, V), (m, cm) in zip(buckets or [(0, B, 0)], kvs, masks):
-                self._attend(lib, q[r0:r1], K, V, m, cm, o[r0:r1], threads)
+                masks = self._masks(attention_mask, buckets, kvs, T)
+            for (r0, r1, _), (K, V), m in zip(buckets or [(0, B, 0)], kvs, masks):
+                self._attend(lib, q[r0:r1], K, V, m, o[r0:r1], threads)
             _check(lib.lean_attn_out(base + i * row, x.data_ptr(), B * T, H, float(lw[11]), o.data_ptr(), h * d,
                                      self.inter, threads))
         return x
 
     def _masks(self, attention_mask, buckets, kvs, T: int) -> list:
-        """Per bucket ``(r0, r1, Pb)`` its mask for torch's attention (None, or broadcastable to
-        ``(n, 1, T, L)``) and the same additive ``(n, T, L)`` for the C attention (or None)."""
-        dec, out = self.dec, []
-        P = None if attention_mask is None or attention_mask.dim() != 2 else attention_mask.shape[1] - T
-        for (r0, r1, Pb), (K, _) in zip(buckets, kvs):
-            n, L = r1 - r0, K.shape[2]
-            am = attention_mask
-            if am is not None and am.dim() == 2:
-                am = am[r0:r1, P - Pb:]
-            elif am is not None and am.shape[0] > 1:
-                am = am[r0:r1]
-            m = dec._mask(am, n, T, L, K.device)  # None or (n | 1, 1, T, L)
-            out.append((m, _additive(m, n, T, L)))
+        """Per bucket (or for the whole batch) ``(torch, mask)``: whether its attention is torch's
+        (:func:`_by_torch`) and its mask in that one's form, grouped for :func:`attend`, or
+        additive ``(n, T, L)`` for the C one (None: every key seen)."""
+        dec = self.dec
+        if buckets:
+            ms = dec._bucket_masks(attention_mask, buckets, T, kvs[0][0].device, grouped=False)
+            sizes = [(r1 - r0, K.shape[2]) for (r0, r1, _), (K, _) in zip(buckets, kvs)]
+        else:
+            n, L = kvs[0][0].shape[0], kvs[0][0].shape[2]
+            ms, sizes = [dec._mask(attention_mask, n, T, L, kvs[0][0].device)], [(n, L)]
+        out = []
+        for m, (n, L) in zip(ms, sizes):
+            torch_ = _by_torch(n, dec.heads, T, L)
+            out.append((torch_, group_mask(m, n, dec.groups, T, L) if torch_ else _additive(m, n, T, L)))
         return out
 
-    def _attend(self, lib, q, K, V, m, cm, o, threads) -> None:
-        """Attention of rows ``q`` (n, h, T, d) on their keys and values (n, hk, L, d) into ``o`` (n, T, h * d)."""
+    def _attend(self, lib, q, K, V, m, o, threads) -> None:
+        """Attention of rows ``q`` (n, h, T, d) on their keys and values (n, hk, L, d) into ``o``
+        (n, T, h * d); ``m``: from :meth:`_masks`."""
         dec = self.dec
         n, h, T, d = q.shape
-        L = K.shape[2]
-        if T > 2 and h * T * L * n > MAX_SCORES:  # (several tokens on long pasts: torch's blocked attention)
-            o.copy_(merge_heads(attend(q, K, V, group_mask(m, n, dec.groups, T, L), dec.scaling)))
+        torch_, mask = m
+        if torch_:
+            o.copy_(merge_heads(attend(q, K, V, mask, dec.scaling)))
             return
         if K.stride(-1) != 1 or V.stride(-1) != 1:
             K, V = K.contiguous(), V.contiguous()
         _check(lib.lean_attend(q.data_ptr(), n, T, h, dec.kv_heads, d, K.data_ptr(), K.stride(0), K.stride(1),
-                               K.stride(2), V.data_ptr(), V.stride(0), V.stride(1), V.stride(2), L,
-                               None if cm is None else cm.data_ptr(), dec.scaling, o.data_ptr(), threads))
+                               K.stride(2), V.data_ptr(), V.stride(0), V.stride(1), V.stride(2), K.shape[2],
+                               None if mask is None else mask.data_ptr(), dec.scaling, o.data_ptr(), threads))
+
+
+def _by_torch(n: int, h: int, T: int, L: int) -> bool:
+    """Whether the attention of ``n`` rows of ``T`` tokens on ``L`` keys runs in torch's blocked
+    kernel (3 tokens or more a row, above :data:`MAX_SCORES` scores) rather than the C one."""
+    return T > 2 and n * h * T * L > MAX_SCORES
 
 
 def _check(rc: int) -> None:

@@ -63,7 +63,7 @@ class LeanDecoder:
     """
 
     bucketed = True  # runs a batch's attention per bucket of rows (see LeanCache)
-    _fused = None  # FusedLayers: a row of a few tokens in two C calls a layer (lm/fused.py)
+    _fused = None  # FusedLayers: a pass in three C calls a layer, on the weights' codes (lm/fused.py)
 
     def __init__(self, body, linear=F.linear):
         if not all(hasattr(body, part) for part in _BODY_PARTS):
@@ -125,11 +125,13 @@ class LeanDecoder:
             return allowed[None, None]
         return allowed[None, None] & attention_mask[:, None, None, :].bool()
 
-    def _bucket_masks(self, attention_mask, buckets, T: int, device, sliding: bool = False) -> list:
+    def _bucket_masks(self, attention_mask, buckets, T: int, device, sliding: bool = False,
+                      grouped: bool = True) -> list:
         """Per bucket ``(r0, r1, Pb)``, the grouped mask of its rows: the 2-D ``attention_mask``
         ``(B, P + T)``'s rows ``[r0, r1)`` and last ``Pb + T`` slots (a row's past sits at the end of
         the batch's padding, and of its bucket's); ``sliding``: without the keys a window or more
-        behind their query (``_windowed``, by the slots' distances: the pasts are left-padded)."""
+        behind their query (``_windowed``, by the slots' distances: the pasts are left-padded);
+        ``grouped`` False: as :meth:`_mask` gives it (``(n, 1, T, L)``), not for :func:`attend`."""
         P = attention_mask.shape[1] - T
         out = []
         for r0, r1, Pb in buckets:
@@ -137,7 +139,7 @@ class LeanDecoder:
             m = self._mask(attention_mask[r0:r1, P - Pb:], n, T, L, device)
             if sliding:
                 m = self._windowed(m, T, L, None, None, device, False)
-            out.append(group_mask(m, n, self.groups, T, L))
+            out.append(group_mask(m, n, self.groups, T, L) if grouped else m)
         return out
 
     def _attend(self, layer, q, k, v, attention_mask, buckets, masks, sliding: bool = False):
@@ -160,7 +162,7 @@ class LeanDecoder:
         group = getattr(linear, "group", None)
         mask = None
         buckets = getattr(cache, "buckets", None)
-        if self._fused is not None and self._fused.applies(x, buckets):
+        if self._fused is not None and self._fused.applies(x):
             out = self._fused.run(x, cos, sin, attention_mask, cache, before_layer)
             if out is not None:
                 return rms_norm(out, body.norm.weight, body.norm.variance_epsilon)

@@ -131,14 +131,15 @@ void tile(const float* x, int64_t K, const uint8_t* codes, const float* scale, c
 template <int BITS, int MT, int NB>
 void rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* scale,
           const float* offset, int64_t b0, float* y, int64_t ldy) {
-    // every row of x, in tiles of MT rows (the last ones one by one), by the NB blocks from b0
+    // every row of x, in tiles of MT rows, by the NB blocks from b0; the last 2 or 3 rows in one
+    // tile too (a tile makes each weight once for all its rows), else one by one
     int64_t m = 0;
     for (; m + MT <= M; m += MT) tile<BITS, MT, NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
-    // the last rows in one tile too (a tile makes each weight once for all its rows)
-    if (MT > 3 && M - m == 3) tile<BITS, (MT > 3 ? 3 : 1), NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
-    else if (MT > 2 && M - m == 2) tile<BITS, (MT > 2 ? 2 : 1), NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
-    else
-        for (; m < M; m++) tile<BITS, 1, NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
+    if constexpr (MT > 3)
+        if (M - m == 3) return tile<BITS, 3, NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
+    if constexpr (MT > 2)
+        if (M - m == 2) return tile<BITS, 2, NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
+    for (; m < M; m++) tile<BITS, 1, NB>(x + m * K, K, codes, scale, offset, b0, y + m * ldy, ldy);
 }
 
 // Many rows: the NB blocks' weights made once into a buffer (K x NB*16 floats, in L2), then MT
